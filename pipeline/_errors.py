@@ -1,0 +1,41 @@
+"""Error vocabulary: the ``error_type`` of failed calls, and the exceptions llmtrail raises.
+
+Provider and network failures never raise out of ``execute_generation*``: they come back as a
+``GenerationResult`` with ``success=False`` and one of the :class:`ErrorType` values. What does
+raise is misuse: bad configuration (:class:`ConfigurationError`), and cancellation, which is
+always re-raised.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["ConfigurationError", "ErrorType", "LLMTrailError", "ServiceClosedError"]
+
+
+class ErrorType(StrEnum):
+    RATE_LIMITED = "rate_limited"  # 429 rate_limit_exceeded: retryable
+    QUOTA_EXCEEDED = "quota_exceeded"  # 429 insufficient_quota: not retryable
+    TIMEOUT = "timeout"  # the request timeout expired, or 408
+    CONNECTION = "connection"  # refused, reset, dropped
+    SERVER_ERROR = "server_error"  # 5xx
+    CONFLICT = "conflict"  # 409
+    BAD_REQUEST = "bad_request"  # 400, 404, 422
+    AUTH = "auth"  # 401, 403
+    INVALID_RESPONSE = "invalid_response"  # not JSON, no usage, schema mismatch
+    TOO_LARGE = "too_large"  # the request can never fit the configured TPM window
+    VALIDATION = "validation"  # the GenerationRequest itself is invalid
+    INTERNAL = "internal"  # a bug in llmtrail or in a sink: reported, never raised
+    CANCELLED = "cancelled"
+
+
+class LLMTrailError(Exception):
+    """Base class of the exceptions llmtrail raises."""
+
+
+class ConfigurationError(LLMTrailError, ValueError):
+    """A constructor argument or environment variable is invalid; the message names the fix."""
+
+
+class ServiceClosedError(LLMTrailError, RuntimeError):
+    """The service was used after ``aclose()`` / ``close()``."""
