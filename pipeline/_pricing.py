@@ -74,7 +74,10 @@ class PriceTable:
         return table
 
     def with_overrides(
-        self, overrides: Mapping[str, ModelPrice | Mapping[str, str | float]], *, version: str | None = None
+        self,
+        overrides: Mapping[str, ModelPrice | Mapping[str, str | float]],
+        *,
+        version: str | None = None,
     ) -> PriceTable:
         prices = dict(self._prices)
         for model, price in overrides.items():

@@ -61,7 +61,9 @@ class GenerationRequest:
                 if not isinstance(message, Mapping) or "content" not in message:
                     raise _bad(f"input[{i}]", message, "each message is a {role, content} dict")
                 if message.get("role", "user") not in _ROLES:
-                    raise _bad(f"input[{i}].role", message.get("role"), f"use one of {sorted(_ROLES)}")
+                    raise _bad(
+                        f"input[{i}].role", message.get("role"), f"use one of {sorted(_ROLES)}"
+                    )
                 if not isinstance(message["content"], str):
                     raise _bad(f"input[{i}].content", message["content"], "it must be a str")
         if self.max_output_tokens is not None and (
@@ -80,9 +82,12 @@ class GenerationRequest:
         if self.reasoning_effort is not None and self.reasoning_effort not in _EFFORTS:
             raise _bad("reasoning_effort", self.reasoning_effort, f"use one of {sorted(_EFFORTS)}")
         if self.response_schema is not None and not (
-            isinstance(self.response_schema, type) and hasattr(self.response_schema, "model_json_schema")
+            isinstance(self.response_schema, type)
+            and hasattr(self.response_schema, "model_json_schema")
         ):
-            raise _bad("response_schema", self.response_schema, "pass a pydantic BaseModel subclass")
+            raise _bad(
+                "response_schema", self.response_schema, "pass a pydantic BaseModel subclass"
+            )
         if not isinstance(self.metadata, Mapping):
             raise _bad("metadata", self.metadata, "use a dict of str -> str")
         for key, value in self.metadata.items():

@@ -138,8 +138,16 @@ class Provider(Protocol):
     server_port: int | None
 
     async def invoke(
-        self, request: GenerationRequest, *, model: str, timeout_s: float
-    ) -> ProviderResponse: ...
+        self,
+        request: GenerationRequest,
+        *,
+        model: str,
+        timeout_s: float,
+        client_request_id: str | None = None,
+    ) -> ProviderResponse:
+        """One HTTP attempt. ``client_request_id`` (``call_id:attempt``) is sent as
+        ``X-Client-Request-Id`` so the provider's logs can be joined with the event store."""
+        ...
 
     async def aclose(self) -> None: ...
 

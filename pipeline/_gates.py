@@ -1,0 +1,300 @@
+"""In-process sliding-window rate gates (RPM and TPM share this one class).
+
+Invariants:
+- ``acquire`` is one atomic check-and-reserve: between the check and the reservation there is
+  no ``await``, so two callers can never both see the last free slot.
+- Waiters are served strictly first-in, first-out. Only the head waiter is ever considered and
+  one timer is armed for the moment it can fit, so there is no thundering herd.
+- A reservation is *pending* until :meth:`SlidingWindowGate.mark_sent`; pending units count
+  against the window and never expire. Its window starts at the real send time plus
+  ``send_guard_s``: the provider counts a request when it arrives, so a window that started at
+  the reservation would free the slot before the provider does and the next window would burst
+  into 429s.
+- Cancellation anywhere leaves nothing behind: a cancelled waiter is removed, and a grant that
+  raced with the cancellation is given back.
+- ``used() == pending + sent-and-unexpired``, always; ``used() <= capacity`` after any grant,
+  unless a reconciliation raised a reservation above its estimate (the gate then believes
+  reality and admits nobody until the window has room again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ._errors import ConfigurationError
+from .typing import Clock, TimerHandle
+
+__all__ = ["GateRequestTooLarge", "GateReservation", "SlidingWindowGate", "parse_reset"]
+
+_PENDING, _SENT, _DONE = 0, 1, 2
+
+
+class GateRequestTooLarge(Exception):
+    """The request needs more units than the gate's whole window holds: it could never pass."""
+
+    def __init__(self, gate: str, amount: int, capacity: int) -> None:
+        super().__init__(
+            f"the {gate} gate holds {capacity} per window but this call needs {amount}: it can "
+            f"never be admitted; lower max_output_tokens or shorten the prompt, or raise max_{gate}"
+        )
+        self.gate = gate
+        self.amount = amount
+        self.capacity = capacity
+
+
+@dataclass(slots=True, eq=False)
+class GateReservation:
+    amount: int
+    state: int = _PENDING
+    expires_at: float = 0.0
+    waited_s: float = 0.0
+    waiters_ahead: int = 0
+
+    @property
+    def pending(self) -> bool:
+        """Reserved but not sent: counts against the window and never expires."""
+        return self.state == _PENDING
+
+    @property
+    def done(self) -> bool:
+        """Expired or released: no longer counts."""
+        return self.state == _DONE
+
+
+class SlidingWindowGate:
+    """``capacity`` units per rolling ``window_s`` seconds."""
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        window_s: float,
+        *,
+        clock: Clock,
+        send_guard_s: float = 0.02,
+    ) -> None:
+        if capacity < 1:
+            raise ConfigurationError(
+                f"{name} gate capacity is {capacity}: the limit times rpm_window_seconds / 60 "
+                "must allow at least 1 per window; raise the limit or the window"
+            )
+        if window_s <= 0:
+            raise ConfigurationError(f"{name} gate window is {window_s}s: use a window > 0")
+        self.name = name
+        self.capacity = capacity
+        self.window_s = window_s
+        self._clock = clock
+        self._guard = send_guard_s
+        self._log: deque[GateReservation] = deque()  # sent, ordered by expires_at
+        self._sent_units = 0
+        self._pending_units = 0
+        self._waiters: deque[tuple[int, asyncio.Future[GateReservation]]] = deque()
+        self._timer: TimerHandle | None = None
+        self._timer_at = 0.0
+        # What the provider's x-ratelimit headers told us, when it has less room than we think.
+        self._provider_room: int | None = None
+        self._provider_until = 0.0
+
+    # -- acquiring ----------------------------------------------------------------------
+
+    async def acquire(self, amount: int) -> GateReservation:
+        if amount > self.capacity:
+            raise GateRequestTooLarge(self.name, amount, self.capacity)
+        clock = self._clock
+        start = clock.now()
+        if not self._waiters and self._fits(amount, start):
+            return self._take(amount)
+        future: asyncio.Future[GateReservation] = asyncio.get_running_loop().create_future()
+        entry = (amount, future)
+        ahead = len(self._waiters)
+        self._waiters.append(entry)
+        self._pump()
+        try:
+            reservation = await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # Granted in the same tick as the cancellation: give the units back.
+                self.release(future.result())
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+                self._pump()
+            raise
+        reservation.waited_s = clock.now() - start
+        reservation.waiters_ahead = ahead
+        return reservation
+
+    def _take(self, amount: int) -> GateReservation:
+        self._pending_units += amount
+        if self._provider_room is not None:
+            self._provider_room -= amount
+        return GateReservation(amount)
+
+    def _expire(self, now: float) -> None:
+        log = self._log
+        while log and log[0].expires_at <= now:
+            done = log.popleft()
+            done.state = _DONE
+            self._sent_units -= done.amount
+        if self._provider_room is not None and now >= self._provider_until:
+            self._provider_room = None
+
+    def _fits(self, amount: int, now: float) -> bool:
+        self._expire(now)
+        if self._provider_room is not None and amount > self._provider_room:
+            return False
+        return self._pending_units + self._sent_units + amount <= self.capacity
+
+    def _pump(self) -> None:
+        """Grant head waiters while they fit; arm one timer for when the head can fit."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        now = self._clock.now()
+        while waiters:
+            amount, future = waiters[0]
+            if future.done():  # cancelled while queued
+                waiters.popleft()
+                continue
+            if not self._fits(amount, now):
+                break
+            waiters.popleft()
+            future.set_result(self._take(amount))
+        if waiters:
+            self._arm(self._next_fit_time(waiters[0][0], now))
+
+    def _next_fit_time(self, amount: int, now: float) -> float | None:
+        """When enough sent units expire for ``amount`` to fit; None if only a release helps."""
+        when: float | None = None
+        if self._provider_room is not None and amount > self._provider_room:
+            when = self._provider_until
+        excess = self._pending_units + self._sent_units + amount - self.capacity
+        if excess > 0:
+            freed = 0
+            for reservation in self._log:
+                freed += reservation.amount
+                if freed >= excess:
+                    when = max(when or 0.0, reservation.expires_at)
+                    break
+            else:
+                return when if when is not None and when > now else None
+        return when
+
+    def _arm(self, when: float | None) -> None:
+        if when is None:
+            return
+        if self._timer is not None:
+            if self._timer_at == when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._clock.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    # -- after acquiring ----------------------------------------------------------------
+
+    def mark_sent(self, reservation: GateReservation) -> None:
+        """Start the reservation's window now (the attempt is being handed to the SDK)."""
+        if reservation.state != _PENDING:
+            return
+        self._pending_units -= reservation.amount
+        reservation.state = _SENT
+        reservation.expires_at = self._clock.now() + self._guard + self.window_s
+        self._log.append(reservation)
+        self._sent_units += reservation.amount
+        if self._waiters:
+            self._pump()
+
+    def release(self, reservation: GateReservation) -> None:
+        """Give the units back: the provider never counted them."""
+        if reservation.state == _PENDING:
+            self._pending_units -= reservation.amount
+        elif reservation.state == _SENT:
+            try:
+                self._log.remove(reservation)
+            except ValueError:  # already expired
+                pass
+            else:
+                self._sent_units -= reservation.amount
+        reservation.state = _DONE
+        if self._waiters:
+            self._pump()
+
+    def reconcile(self, reservation: GateReservation, actual: int) -> None:
+        """Replace the estimate with what the provider really counted."""
+        delta = actual - reservation.amount
+        if delta == 0:
+            return
+        if reservation.state == _PENDING:
+            self._pending_units += delta
+        elif reservation.state == _SENT:
+            self._sent_units += delta
+        reservation.amount = actual
+        if delta < 0 and self._waiters:
+            self._pump()
+
+    def observe_provider(self, remaining: int | None, reset_s: float | None) -> None:
+        """Believe the provider when its headers show less room than the gate thinks it has."""
+        if remaining is None or reset_s is None:
+            return
+        now = self._clock.now()
+        self._expire(now)
+        ours = self.capacity - self._pending_units - self._sent_units
+        if remaining >= ours:
+            return
+        self._provider_room = max(remaining, 0)
+        self._provider_until = now + max(reset_s, 0.0) + self._guard
+
+    def preload(self, sent_ages: Iterable[tuple[float, int]]) -> int:
+        """Warm start: count sends that happened ``age`` seconds ago (oldest first)."""
+        now = self._clock.now()
+        loaded = 0
+        for age, amount in sorted(sent_ages, key=lambda item: -item[0]):
+            expires = now - age + self._guard + self.window_s
+            if expires <= now or amount <= 0:
+                continue
+            self._log.append(GateReservation(amount, _SENT, expires))
+            self._sent_units += amount
+            loaded += 1
+        return loaded
+
+    # -- figures ------------------------------------------------------------------------
+
+    def used(self) -> int:
+        self._expire(self._clock.now())
+        return self._pending_units + self._sent_units
+
+    def reserved(self) -> int:
+        """Units reserved by calls that have not been sent yet."""
+        return self._pending_units
+
+    def waiting(self) -> int:
+        return sum(1 for _, future in self._waiters if not future.done())
+
+
+_RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_reset(value: str | None) -> float | None:
+    """OpenAI's reset durations: ``"1s"``, ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"``."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    total = 0.0
+    matched = False
+    for number, unit in _RESET_PART.findall(value):
+        matched = True
+        total += float(number) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+    return total if matched else None
