@@ -83,3 +83,39 @@ def store_url(request: pytest.FixtureRequest) -> str:
 def redis_url() -> str:
     _require_or_skip("Redis", "LLMTRAIL_REQUIRE_REDIS", "127.0.0.1", 6379)
     return REDIS_URL
+
+
+class RecordingSink:
+    """An in-memory EventSink: every event, in emit order (a real sink, not a mock)."""
+
+    def __init__(self) -> None:
+        from pipeline import Event
+
+        self.events: list[Event] = []
+
+    def emit(self, event: object) -> bool:
+        self.events.append(event)  # type: ignore[arg-type]
+        return True
+
+    async def wait_for_room(self) -> None:
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def by_call(self) -> dict[str, list[object]]:
+        calls: dict[str, list[object]] = {}
+        for event in self.events:
+            calls.setdefault(event.call_id, []).append(event)
+        return calls
+
+    def types(self, call_id: str) -> list[str]:
+        return [str(e.type) for e in self.events if e.call_id == call_id]
+
+
+@pytest.fixture
+def recorder() -> RecordingSink:
+    return RecordingSink()

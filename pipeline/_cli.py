@@ -1,0 +1,301 @@
+"""The ``llmtrail`` command line.
+
+``demo`` and ``mock-server`` live here; every other command is registered by the package that
+owns it (storage, telemetry) through the ``llmtrail.commands`` entry points, so this module
+imports neither package.
+
+Exit codes: 0 success, 1 failure, 2 bad usage. Errors are one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import os
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+from ._errors import ConfigurationError, LLMTrailError
+from ._events import Event, EventType
+from ._types import GenerationRequest, GenerationResult
+
+__all__ = ["build_parser", "main"]
+
+_TOPICS = [
+    "the water cycle", "compound interest", "TCP congestion control", "photosynthesis",
+    "the Roman republic", "sourdough starters", "black holes", "vaccines", "jazz harmony",
+    "plate tectonics", "garbage collection", "the French revolution", "tidal energy",
+]
+_OPERATIONS = [
+    ("summarize", "Summarize {topic} in two sentences."),
+    ("classify", "Is this text about science, history or craft? Text: {topic}."),
+    ("explain", "Explain {topic} to a ten-year-old, briefly."),
+]
+_TENANTS = ("acme", "globex", "initech")
+
+
+class _Tally:
+    """A tiny event sink for the demo's summary: counts 429s and retries as they happen."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, event: Event) -> bool:
+        if event.type is EventType.ATTEMPT_FAILED:
+            self.counts[f"failed:{event.payload.get('error_type')}"] += 1
+        elif event.type is EventType.RETRY_SCHEDULED:
+            self.counts["retries"] += 1
+        elif event.type is EventType.SENT:
+            self.counts["sent"] += 1
+        return True
+
+    async def wait_for_room(self) -> None:
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _add_demo(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="run a real workload through the pipeline and print a usage summary",
+        description=(
+            "Runs N calls concurrently through BaseLLMService against the built-in local "
+            "OpenAI-compatible server (or OpenAI with --openai and OPENAI_API_KEY), records "
+            "every event in the store, and ends with a summary table."
+        ),
+    )
+    p.add_argument("--calls", type=int, default=200, help="number of calls (default 200)")
+    p.add_argument("--concurrency", type=int, default=50, help="max concurrent requests")
+    p.add_argument("--max-rpm", type=int, default=1200, help="RPM limit of the gate")
+    p.add_argument("--max-tpm", type=int, default=2_000_000, help="TPM limit of the gate")
+    p.add_argument("--window", type=float, default=2.0, help="rpm_window_seconds (default 2)")
+    p.add_argument("--model", default="gpt-4o-mini")
+    p.add_argument("--latency", type=float, default=0.05, help="local server latency, seconds")
+    p.add_argument("--fault-rate", type=float, default=0.03, help="local server 5xx share")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--store",
+        default=os.environ.get("LLMTRAIL_STORE_URL", "sqlite+aiosqlite:///llmtrail.db"),
+        help="event store URL (env LLMTRAIL_STORE_URL; default sqlite+aiosqlite:///llmtrail.db)",
+    )
+    p.add_argument("--no-store", action="store_true", help="do not persist events")
+    p.add_argument("--openai", action="store_true", help="call OpenAI (needs OPENAI_API_KEY)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.calls < 1 or args.concurrency < 1:
+        raise ConfigurationError("--calls and --concurrency must be >= 1")
+    if args.openai and not os.environ.get("OPENAI_API_KEY"):
+        raise ConfigurationError("--openai needs OPENAI_API_KEY in the environment")
+    summary = asyncio.run(_run_demo(args))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        _print_summary(summary)
+    return 0 if summary["failed"] == 0 or summary["succeeded"] > 0 else 1
+
+
+async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from ._mock_server import MockServer, MockServerConfig
+    from ._service import BaseLLMService
+
+    server: Any = None
+    base_url: str | None = None
+    api_key: str | None = None
+    if not args.openai:
+        server = MockServer(
+            MockServerConfig(
+                latency_s=args.latency,
+                latency_jitter_s=args.latency / 2,
+                rpm_limit=args.max_rpm,
+                tpm_limit=args.max_tpm,
+                window_s=args.window,
+                fault_500_rate=args.fault_rate / 2,
+                fault_503_rate=args.fault_rate / 2,
+                seed=args.seed,
+            )
+        )
+        base_url = f"{await server.start()}/v1"
+        api_key = "sk-local-demo"
+    tally = _Tally()
+    results: list[GenerationResult] = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with BaseLLMService(
+            args.model,
+            max_rpm=args.max_rpm,
+            max_tpm=args.max_tpm,
+            rpm_window_seconds=args.window,
+            max_concurrent_requests=args.concurrency,
+            base_url=base_url,
+            api_key=api_key,
+            store_url=None if args.no_store else args.store,
+            sinks=[tally],
+        ) as service:
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                transient=False,
+                disable=args.json or not sys.stderr.isatty(),
+            ) as progress:
+                task = progress.add_task("calls", total=args.calls)
+
+                async def one(i: int) -> None:
+                    op, template = _OPERATIONS[i % len(_OPERATIONS)]
+                    topic = _TOPICS[i % len(_TOPICS)]
+                    request = GenerationRequest(
+                        user_prompt=template.format(topic=topic),
+                        system_prompt="You are concise.",
+                        max_output_tokens=80,
+                        metadata={"tenant": _TENANTS[i % len(_TENANTS)], "demo": "1"},
+                        request_id=f"demo-{i}",
+                    )
+                    results.append(await service.execute_generation_async(request, op))
+                    progress.advance(task)
+
+                await asyncio.gather(*(one(i) for i in range(args.calls)))
+            await service.flush()
+        elapsed = loop.time() - started
+    finally:
+        server_429 = 0
+        if server is not None:
+            server_429 = sum(1 for r in server.log if r.status == 429)
+            await server.stop()
+    return _summarise(results, tally, elapsed, server_429, args)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def _summarise(
+    results: list[GenerationResult], tally: _Tally, elapsed: float, server_429: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    ok = [r for r in results if r.success]
+    totals = [r.timings.total_s for r in results]
+    cost = sum((r.usage.cost_usd for r in ok if r.usage.cost_usd is not None), Decimal(0))
+    errors = Counter(str(r.error_type) for r in results if not r.success)
+    return {
+        "calls": len(results),
+        "succeeded": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": dict(errors),
+        "http_attempts": tally.counts["sent"],
+        "retries": tally.counts["retries"],
+        "rate_limited_seen": tally.counts["failed:rate_limited"],
+        "server_429s": server_429,
+        "input_tokens": sum(r.usage.input_tokens for r in ok),
+        "output_tokens": sum(r.usage.output_tokens for r in ok),
+        "cost_usd": cost,
+        "elapsed_s": round(elapsed, 3),
+        "throughput_rpm": round(tally.counts["sent"] / elapsed * 60, 1) if elapsed else 0.0,
+        "rpm_limit": args.max_rpm,
+        "latency_p50_s": round(_percentile(totals, 50), 4),
+        "latency_p95_s": round(_percentile(totals, 95), 4),
+        "rpm_wait_mean_s": round(statistics.fmean(r.timings.rpm_wait_s for r in results), 4),
+        "tpm_wait_mean_s": round(statistics.fmean(r.timings.tpm_wait_s for r in results), 4),
+        "semaphore_wait_mean_s": round(
+            statistics.fmean(r.timings.semaphore_wait_s for r in results), 4
+        ),
+        "store": None if args.no_store else args.store,
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="llmtrail demo", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key.replace("_", " "), str(value))
+    console = Console()
+    console.print(table)
+    if summary.get("store"):
+        console.print(
+            f"Events are in {summary['store']}. Try: llmtrail usage --by operation, "
+            "llmtrail events --type attempt_failed, llmtrail projections status"
+        )
+
+
+def _add_mock_server(subparsers: Any) -> None:
+    from ._mock_server import add_arguments, run_from_args
+
+    p = subparsers.add_parser(
+        "mock-server",
+        help="run the local OpenAI-compatible server (POST /v1/responses)",
+        description="A local Responses API server with rate limits, latency and faults.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmtrail",
+        description="Rate-aware, observable LLM calls: events, traces, usage and replay.",
+    )
+    try:
+        version = importlib.metadata.version("llmtrail")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+        version = "unknown"
+    parser.add_argument("--version", action="version", version=f"llmtrail {version}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(subparsers)
+    _add_mock_server(subparsers)
+    for entry in sorted(
+        importlib.metadata.entry_points(group="llmtrail.commands"), key=lambda e: e.name
+    ):
+        try:
+            register = entry.load()
+        except ImportError as exc:  # a plugin that cannot load must not break the others
+            print(f"llmtrail: warning: commands from {entry.name!r} unavailable: {exc}",
+                  file=sys.stderr)
+            continue
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        code = func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (LLMTrailError, ValueError, OSError) as exc:
+        print(f"llmtrail {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigurationError) else 1
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
