@@ -19,7 +19,9 @@ Payload fields, by type (``None`` where unknown):
     operation_name, model, request_id, metadata (str -> str), estimated_input_tokens,
     max_output_tokens, reserved_tokens (what the TPM gate is asked for), rpm_at_start,
     tpm_at_start, parent_span_id (the caller's span, or None), temperature, reasoning_effort,
-    server_address, server_port, capture_content; with capture_content also ``input`` (the
+    server_address, server_port, capture_content, limits (the service's max_rpm, max_tpm,
+    window_s, max_concurrent_requests, max_attempts, default_max_output_tokens, send_guard_s:
+    what a replay needs to reproduce the run); with capture_content also ``input`` (the
     messages).
 ``gate_wait``
     gate ("rpm" | "tpm"), attempt (the HTTP attempt the slot is for; tpm is always 1), amount,

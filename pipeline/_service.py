@@ -285,6 +285,16 @@ class BaseLLMService:
                 self._sinks.append(sink)
         self._trace_http = any(hasattr(s, "instrument_http_client") for s in self._sinks)
         self._warm_start = warm_start
+        # The settings a replay needs to reproduce this run; shared by every trace_created.
+        self._limits = {
+            "max_rpm": self.max_rpm,
+            "max_tpm": self.max_tpm,
+            "window_s": self.rpm_window_seconds,
+            "max_concurrent_requests": max_concurrent_requests,
+            "max_attempts": max_attempts,
+            "default_max_output_tokens": default_max_output_tokens,
+            "send_guard_s": send_guard_s,
+        }
         self._meter = RateMeter()
         self._backlog: set[EventSink] = set()
         self._usage: dict[str, OperationUsage] = {}
@@ -606,6 +616,7 @@ class BaseLLMService:
             "server_address": self._provider.server_address,
             "server_port": self._provider.server_port,
             "capture_content": self.capture_content,
+            "limits": self._limits,
         }
         if self.capture_content:
             created["input"] = request.messages()
