@@ -1,0 +1,423 @@
+"""The projections as pure folds over stored events: no I/O, no clock, no SQL.
+
+A projection's state is a set of rows. Applying a batch of events is a *left fold*: each event
+updates the rows it touches, one event at a time, in position order, starting from the rows as
+they were after the previous batch. That is why splitting the log into batches cannot change
+the result, not even in the last bit of a float sum: the additions happen in the same order
+whatever the split.
+
+Invariants:
+- Money is ``Decimal``. Cost is recomputed from token counts with the given
+  :class:`~pipeline.PriceTable`, so replaying with a new table re-prices history. A model
+  without a price is *unpriced*: cost ``None`` and ``priced=False``, never ``Decimal(0)``.
+  Stored costs are quantized to 10 decimal places (``Numeric(20, 10)``); every increment is
+  quantized before it is added, so sums stay on that grid and storage never rounds them.
+- Tokens and cost count what the provider billed: the sum over a call's ``received`` events.
+- A call is ``interrupted`` until its ``completed`` event arrives; then it takes that outcome.
+- ``usage_daily`` files a call under the UTC day its ``trace_created`` occurred and the model
+  and operation named there. ``calls`` counts started calls, so
+  ``calls - succeeded - failed - cancelled`` is the number still open or interrupted.
+- ``metrics_minute`` files each event under the UTC minute of its ``occurred_at``; a wait is
+  filed under the minute it ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+from pipeline import Event, PriceTable
+
+__all__ = [
+    "COST_QUANTUM",
+    "CallRow",
+    "MetricsRow",
+    "StoredEvent",
+    "UsageKey",
+    "UsageRow",
+    "apply_calls",
+    "apply_metrics",
+    "apply_usage",
+    "call_usage_key",
+    "minute_of",
+    "quantize_cost",
+]
+
+COST_QUANTUM = Decimal("1e-10")
+_INTERRUPTED = "interrupted"
+_FINAL_OUTCOMES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class StoredEvent(NamedTuple):
+    """The fields of a stored event the folds read, with its store position."""
+
+    position: int
+    call_id: str
+    type: str
+    occurred_at: datetime
+    trace_id: str | None
+    instance: str | None
+    payload: Mapping[str, Any]
+
+    @classmethod
+    def from_event(cls, position: int, event: Event) -> StoredEvent:
+        return cls(
+            position,
+            event.call_id,
+            str(event.type),
+            event.occurred_at,
+            event.trace_id,
+            event.instance,
+            event.payload,
+        )
+
+
+def utc(value: datetime) -> datetime:
+    """Aware UTC; a naive value (SQLite drops the offset) is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def minute_of(value: datetime) -> datetime:
+    return utc(value).replace(second=0, microsecond=0)
+
+
+def quantize_cost(value: Decimal | None) -> Decimal | None:
+    return None if value is None else value.quantize(COST_QUANTUM)
+
+
+def _int(payload: Mapping[str, Any], name: str) -> int:
+    value = payload.get(name)
+    return int(value) if value is not None else 0
+
+
+def _float(payload: Mapping[str, Any], name: str) -> float:
+    value = payload.get(name)
+    return float(value) if value is not None else 0.0
+
+
+def _opt_float(payload: Mapping[str, Any], name: str) -> float | None:
+    value = payload.get(name)
+    return float(value) if value is not None else None
+
+
+def _opt_str(payload: Mapping[str, Any], name: str) -> str | None:
+    value = payload.get(name)
+    return str(value) if value is not None else None
+
+
+def _event_cost(
+    prices: PriceTable, model: str | None, payload: Mapping[str, Any]
+) -> Decimal | None:
+    if model is None:
+        return None
+    return quantize_cost(
+        prices.cost(
+            model,
+            input_tokens=_int(payload, "input_tokens"),
+            cached_tokens=_int(payload, "cached_tokens"),
+            output_tokens=_int(payload, "output_tokens"),
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# calls
+
+
+@dataclass(slots=True)
+class CallRow:
+    """One row of ``calls``; the field names are the column names."""
+
+    call_id: str
+    trace_id: str | None = None
+    operation_name: str | None = None
+    model: str | None = None
+    outcome: str = _INTERRUPTED
+    error_type: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: Decimal | None = None
+    priced: bool = False
+    rpm_wait_s: float = 0.0
+    tpm_wait_s: float = 0.0
+    semaphore_wait_s: float = 0.0
+    latency_s: float | None = None
+    total_s: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    instance: str | None = None
+    rate_limited: int = 0
+    last_position: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def reprice(self, prices: PriceTable) -> None:
+        """Cost is a function of (model, tokens): recomputed whenever either changes."""
+        cost = (
+            None
+            if self.model is None
+            else prices.cost(
+                self.model,
+                input_tokens=self.input_tokens,
+                cached_tokens=self.cached_tokens,
+                output_tokens=self.output_tokens,
+            )
+        )
+        self.priced = cost is not None
+        self.cost_usd = quantize_cost(cost)
+
+
+CALL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CallRow))
+
+
+def apply_calls(
+    rows: dict[str, CallRow], events: Iterable[StoredEvent], prices: PriceTable
+) -> set[str]:
+    """Fold ``events`` into ``rows`` (call_id -> row, the rows as stored so far, mutated in
+    place); returns the call_ids touched."""
+    touched: set[str] = set()
+    for event in events:
+        call_id = event.call_id
+        row = rows.get(call_id)
+        if row is None:
+            row = rows[call_id] = CallRow(call_id)
+        touched.add(call_id)
+        payload = event.payload
+        kind = event.type
+        if row.trace_id is None:
+            row.trace_id = event.trace_id
+        if row.instance is None:
+            row.instance = event.instance or None
+        if kind == "trace_created":
+            row.operation_name = _opt_str(payload, "operation_name")
+            row.model = _opt_str(payload, "model")
+            row.started_at = utc(event.occurred_at)
+            row.metadata = dict(payload.get("metadata") or {})
+            row.reprice(prices)
+        elif kind == "gate_wait":
+            if payload.get("gate") == "rpm":
+                row.rpm_wait_s += _float(payload, "waited_s")
+            elif payload.get("gate") == "tpm":
+                row.tpm_wait_s += _float(payload, "waited_s")
+        elif kind == "semaphore_acquired":
+            row.semaphore_wait_s += _float(payload, "waited_s")
+        elif kind == "sent":
+            row.attempts += 1
+        elif kind == "received":
+            row.input_tokens += _int(payload, "input_tokens")
+            row.cached_tokens += _int(payload, "cached_tokens")
+            row.output_tokens += _int(payload, "output_tokens")
+            row.reasoning_tokens += _int(payload, "reasoning_tokens")
+            latency = _opt_float(payload, "latency_s")
+            if latency is not None:
+                row.latency_s = latency
+            row.reprice(prices)
+        elif kind == "attempt_failed":
+            latency = _opt_float(payload, "latency_s")
+            if latency is not None:
+                row.latency_s = latency
+            if payload.get("error_type") == "rate_limited":
+                row.rate_limited += 1
+        elif kind == "completed":
+            outcome = payload.get("outcome")
+            row.outcome = outcome if outcome in _FINAL_OUTCOMES else _INTERRUPTED
+            row.error_type = _opt_str(payload, "error_type")
+            row.finished_at = utc(event.occurred_at)
+            row.total_s = _opt_float(payload, "total_s")
+            # A call that never reached `sent` (validation, cancelled in a gate) reports its
+            # attempts itself; otherwise both agree.
+            row.attempts = max(row.attempts, _int(payload, "attempts"))
+            if row.model is None and payload.get("model") is not None:
+                row.model = str(payload["model"])
+                row.reprice(prices)
+        row.last_position = event.position
+    return touched
+
+
+# --------------------------------------------------------------------------------------------
+# usage_daily
+
+
+class UsageKey(NamedTuple):
+    day: date
+    model: str
+    operation_name: str
+
+
+@dataclass(slots=True)
+class UsageRow:
+    """One row of ``usage_daily`` (without its key). ``cost_usd`` is ``None`` while every
+    call counted here is unpriced."""
+
+    calls: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    unpriced_calls: int = 0
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: Decimal | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def add(self, other: UsageRow) -> None:
+        """Every field is an integer or a Decimal, so adding is exact and associative."""
+        self.calls += other.calls
+        self.succeeded += other.succeeded
+        self.failed += other.failed
+        self.cancelled += other.cancelled
+        self.unpriced_calls += other.unpriced_calls
+        self.input_tokens += other.input_tokens
+        self.cached_tokens += other.cached_tokens
+        self.output_tokens += other.output_tokens
+        self.reasoning_tokens += other.reasoning_tokens
+        if other.cost_usd is not None:
+            self.cost_usd = other.cost_usd + (self.cost_usd or Decimal(0))
+
+
+USAGE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRow))
+
+
+def call_usage_key(event: StoredEvent) -> UsageKey:
+    """The ``usage_daily`` key of a call, from its ``trace_created`` event."""
+    payload = event.payload
+    return UsageKey(
+        utc(event.occurred_at).date(),
+        str(payload.get("model") or ""),
+        str(payload.get("operation_name") or ""),
+    )
+
+
+def apply_usage(
+    deltas: dict[UsageKey, UsageRow],
+    call_keys: dict[str, UsageKey],
+    events: Iterable[StoredEvent],
+    prices: PriceTable,
+) -> None:
+    """Fold ``events`` into ``deltas`` (the batch's effect per key, added to the stored rows
+    afterwards). ``call_keys`` maps the calls started before this batch to their key; the
+    calls started in it are added as their ``trace_created`` goes by. An event of a call with
+    no earlier ``trace_created`` has no key and is skipped."""
+    for event in events:
+        kind = event.type
+        if kind == "trace_created":
+            key = call_usage_key(event)
+            call_keys[event.call_id] = key
+            row = deltas.get(key)
+            if row is None:
+                row = deltas[key] = UsageRow()
+            row.calls += 1
+            if not key.model or prices.price(key.model) is None:
+                row.unpriced_calls += 1
+            continue
+        if kind != "received" and kind != "completed":
+            continue
+        found = call_keys.get(event.call_id)
+        if found is None:
+            continue
+        row = deltas.get(found)
+        if row is None:
+            row = deltas[found] = UsageRow()
+        payload = event.payload
+        if kind == "received":
+            row.input_tokens += _int(payload, "input_tokens")
+            row.cached_tokens += _int(payload, "cached_tokens")
+            row.output_tokens += _int(payload, "output_tokens")
+            row.reasoning_tokens += _int(payload, "reasoning_tokens")
+            cost = _event_cost(prices, found.model or None, payload)
+            if cost is not None:
+                row.cost_usd = cost + (row.cost_usd or Decimal(0))
+        else:
+            outcome = payload.get("outcome")
+            if outcome == "succeeded":
+                row.succeeded += 1
+            elif outcome == "failed":
+                row.failed += 1
+            elif outcome == "cancelled":
+                row.cancelled += 1
+
+
+# --------------------------------------------------------------------------------------------
+# metrics_minute
+
+
+@dataclass(slots=True)
+class MetricsRow:
+    """One row of ``metrics_minute`` (without its key)."""
+
+    requests_sent: int = 0
+    responses_received: int = 0
+    tokens: int = 0
+    rate_limited: int = 0
+    errors: int = 0
+    rpm_wait_s: float = 0.0
+    tpm_wait_s: float = 0.0
+    semaphore_wait_s: float = 0.0
+    latency_sum_s: float = 0.0
+    latency_count: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+METRICS_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(MetricsRow))
+_METRIC_TYPES = frozenset({"gate_wait", "semaphore_acquired", "sent", "received", "attempt_failed"})
+
+
+def metrics_minutes(events: Iterable[StoredEvent]) -> set[datetime]:
+    """The minutes a batch touches, so that their stored rows can be loaded first."""
+    return {minute_of(e.occurred_at) for e in events if e.type in _METRIC_TYPES}
+
+
+def apply_metrics(rows: dict[datetime, MetricsRow], events: Iterable[StoredEvent]) -> set[datetime]:
+    """Fold ``events`` into ``rows`` (minute -> row, the stored rows of every minute the batch
+    touches, mutated in place); returns the minutes touched. Float sums are a left fold onto
+    the stored value, never a batch subtotal added later, so they do not depend on the split."""
+    touched: set[datetime] = set()
+    for event in events:
+        kind = event.type
+        if kind not in _METRIC_TYPES:
+            continue
+        minute = minute_of(event.occurred_at)
+        row = rows.get(minute)
+        if row is None:
+            row = rows[minute] = MetricsRow()
+        touched.add(minute)
+        payload = event.payload
+        if kind == "sent":
+            row.requests_sent += 1
+        elif kind == "received":
+            row.responses_received += 1
+            total = payload.get("total_tokens")
+            row.tokens += (
+                int(total)
+                if total is not None
+                else _int(payload, "input_tokens") + _int(payload, "output_tokens")
+            )
+            latency = _opt_float(payload, "latency_s")
+            if latency is not None:
+                row.latency_sum_s += latency
+                row.latency_count += 1
+        elif kind == "attempt_failed":
+            row.errors += 1
+            if payload.get("error_type") == "rate_limited":
+                row.rate_limited += 1
+        elif kind == "gate_wait":
+            if payload.get("gate") == "rpm":
+                row.rpm_wait_s += _float(payload, "waited_s")
+            elif payload.get("gate") == "tpm":
+                row.tpm_wait_s += _float(payload, "waited_s")
+        else:  # semaphore_acquired
+            row.semaphore_wait_s += _float(payload, "waited_s")
+    return touched
