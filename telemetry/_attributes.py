@@ -1,0 +1,201 @@
+"""Every span, span-event, metric and attribute name llmtrail emits, in one place.
+
+Invariants:
+- GenAI and general semantic-convention names are imported from ``opentelemetry.semconv``,
+  never retyped, so a rename upstream is one import away.
+- Our own names all carry the ``llmtrail.`` prefix and are defined only here; the other
+  modules of this package refer to these constants, never to string literals.
+- Values of enumerated GenAI attributes are plain strings: the semconv enum classes are
+  marked deprecated (they moved to a separate repository) and would warn on use.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+    GEN_AI_INPUT_MESSAGES,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_OUTPUT_MESSAGES,
+    GEN_AI_PROVIDER_NAME,
+    GEN_AI_REQUEST_MAX_TOKENS,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_REQUEST_TEMPERATURE,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_RESPONSE_ID,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_TOKEN_TYPE,
+    GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+    GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
+)
+from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
+    GEN_AI_CLIENT_OPERATION_DURATION,
+    GEN_AI_CLIENT_TOKEN_USAGE,
+)
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
+from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME
+
+__all__ = [
+    "ERROR_TYPE",
+    "EVENT_RETRY_SCHEDULED",
+    "EVENT_UNMARKED",
+    "GEN_AI_CLIENT_OPERATION_DURATION",
+    "GEN_AI_CLIENT_TOKEN_USAGE",
+    "GEN_AI_INPUT_MESSAGES",
+    "GEN_AI_OPERATION_NAME",
+    "GEN_AI_OUTPUT_MESSAGES",
+    "GEN_AI_PROVIDER_NAME",
+    "GEN_AI_REQUEST_MAX_TOKENS",
+    "GEN_AI_REQUEST_MODEL",
+    "GEN_AI_REQUEST_TEMPERATURE",
+    "GEN_AI_RESPONSE_FINISH_REASONS",
+    "GEN_AI_RESPONSE_ID",
+    "GEN_AI_RESPONSE_MODEL",
+    "GEN_AI_TOKEN_TYPE",
+    "GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS",
+    "GEN_AI_USAGE_INPUT_TOKENS",
+    "GEN_AI_USAGE_OUTPUT_TOKENS",
+    "GEN_AI_USAGE_REASONING_OUTPUT_TOKENS",
+    "HTTP_RESPONSE_STATUS_CODE",
+    "INSTRUMENTATION_SCOPE",
+    "LLMTRAIL_AMOUNT",
+    "LLMTRAIL_ATTEMPT",
+    "LLMTRAIL_ATTEMPTS",
+    "LLMTRAIL_CALL_ID",
+    "LLMTRAIL_COST_USD",
+    "LLMTRAIL_ESTIMATED_INPUT_TOKENS",
+    "LLMTRAIL_GATE",
+    "LLMTRAIL_INSTANCE",
+    "LLMTRAIL_IN_FLIGHT",
+    "LLMTRAIL_LATENCY_S",
+    "LLMTRAIL_METADATA_PREFIX",
+    "LLMTRAIL_NEXT_ATTEMPT",
+    "LLMTRAIL_OPERATION_NAME",
+    "LLMTRAIL_OUTCOME",
+    "LLMTRAIL_PRICED",
+    "LLMTRAIL_PROVIDER_CODE",
+    "LLMTRAIL_PROVIDER_REQUEST_ID",
+    "LLMTRAIL_REASON",
+    "LLMTRAIL_REASONING_EFFORT",
+    "LLMTRAIL_REQUEST_ID",
+    "LLMTRAIL_RESERVED_TOKENS",
+    "LLMTRAIL_RETRYABLE",
+    "LLMTRAIL_RETRY_AFTER_S",
+    "LLMTRAIL_RPM_AT_START",
+    "LLMTRAIL_RPM_WAIT_S",
+    "LLMTRAIL_SEMAPHORE_WAIT_S",
+    "LLMTRAIL_TOTAL_S",
+    "LLMTRAIL_TPM_AT_START",
+    "LLMTRAIL_TPM_WAIT_S",
+    "LLMTRAIL_WAITED_S",
+    "LLMTRAIL_WAITERS_AHEAD",
+    "LLMTRAIL_WAIT_S",
+    "OPERATION_CHAT",
+    "PROVIDER_OPENAI",
+    "SERVER_ADDRESS",
+    "SERVER_PORT",
+    "SERVICE_NAME",
+    "SPAN_ATTEMPT",
+    "SPAN_RPM_GATE",
+    "SPAN_SEMAPHORE",
+    "SPAN_TPM_GATE",
+    "TOKEN_TYPE_INPUT",
+    "TOKEN_TYPE_OUTPUT",
+    "TOKEN_USAGE_BUCKETS",
+    "OPERATION_DURATION_BUCKETS",
+]
+
+# The tracer's and meter's instrumentation scope.
+INSTRUMENTATION_SCOPE: Final = "llmtrail"
+
+# --- GenAI attribute values ------------------------------------------------------------------
+# The Responses API is a chat-style generation; the semconv has no separate value for it.
+OPERATION_CHAT: Final = "chat"
+PROVIDER_OPENAI: Final = "openai"
+TOKEN_TYPE_INPUT: Final = "input"
+TOKEN_TYPE_OUTPUT: Final = "output"
+
+# --- Span and span-event names ---------------------------------------------------------------
+# The call span is named "{gen_ai.operation.name} {gen_ai.request.model}" (semconv rule).
+SPAN_RPM_GATE: Final = "rpm gate"
+SPAN_TPM_GATE: Final = "tpm gate"
+SPAN_SEMAPHORE: Final = "semaphore"
+SPAN_ATTEMPT: Final = "attempt {n}"
+EVENT_RETRY_SCHEDULED: Final = "retry_scheduled"
+EVENT_UNMARKED: Final = "unmarked"
+
+# --- llmtrail's own attributes ---------------------------------------------------------------
+# On the call span.
+LLMTRAIL_CALL_ID: Final = "llmtrail.call_id"
+LLMTRAIL_OPERATION_NAME: Final = "llmtrail.operation_name"
+LLMTRAIL_REQUEST_ID: Final = "llmtrail.request_id"
+LLMTRAIL_INSTANCE: Final = "llmtrail.instance"
+LLMTRAIL_ATTEMPTS: Final = "llmtrail.attempts"
+LLMTRAIL_COST_USD: Final = "llmtrail.cost_usd"
+LLMTRAIL_PRICED: Final = "llmtrail.priced"
+LLMTRAIL_RPM_WAIT_S: Final = "llmtrail.rpm_wait_s"
+LLMTRAIL_TPM_WAIT_S: Final = "llmtrail.tpm_wait_s"
+LLMTRAIL_SEMAPHORE_WAIT_S: Final = "llmtrail.semaphore_wait_s"
+LLMTRAIL_TOTAL_S: Final = "llmtrail.total_s"
+LLMTRAIL_OUTCOME: Final = "llmtrail.outcome"
+LLMTRAIL_ESTIMATED_INPUT_TOKENS: Final = "llmtrail.estimated_input_tokens"
+LLMTRAIL_RESERVED_TOKENS: Final = "llmtrail.reserved_tokens"
+LLMTRAIL_RPM_AT_START: Final = "llmtrail.rpm_at_start"
+LLMTRAIL_TPM_AT_START: Final = "llmtrail.tpm_at_start"
+LLMTRAIL_REASONING_EFFORT: Final = "llmtrail.reasoning_effort"
+# Request metadata becomes one attribute per key: llmtrail.metadata.<key>.
+LLMTRAIL_METADATA_PREFIX: Final = "llmtrail.metadata."
+# On gate and semaphore spans.
+LLMTRAIL_GATE: Final = "llmtrail.gate"
+LLMTRAIL_AMOUNT: Final = "llmtrail.amount"
+LLMTRAIL_WAITED_S: Final = "llmtrail.waited_s"
+LLMTRAIL_WAITERS_AHEAD: Final = "llmtrail.waiters_ahead"
+LLMTRAIL_IN_FLIGHT: Final = "llmtrail.in_flight"
+# On attempt spans (LLMTRAIL_OUTCOME too) and their span events.
+LLMTRAIL_ATTEMPT: Final = "llmtrail.attempt"
+LLMTRAIL_LATENCY_S: Final = "llmtrail.latency_s"
+LLMTRAIL_RETRYABLE: Final = "llmtrail.retryable"
+LLMTRAIL_RETRY_AFTER_S: Final = "llmtrail.retry_after_s"
+LLMTRAIL_PROVIDER_CODE: Final = "llmtrail.provider_code"
+LLMTRAIL_PROVIDER_REQUEST_ID: Final = "llmtrail.provider_request_id"
+LLMTRAIL_NEXT_ATTEMPT: Final = "llmtrail.next_attempt"
+LLMTRAIL_WAIT_S: Final = "llmtrail.wait_s"
+LLMTRAIL_REASON: Final = "llmtrail.reason"
+
+# --- Metric bucket boundaries (GenAI semantic conventions, explicit_bucket_boundaries) --------
+TOKEN_USAGE_BUCKETS: Final[tuple[float, ...]] = (
+    1,
+    4,
+    16,
+    64,
+    256,
+    1024,
+    4096,
+    16384,
+    65536,
+    262144,
+    1048576,
+    4194304,
+    16777216,
+    67108864,
+)
+OPERATION_DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
+)

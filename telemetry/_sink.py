@@ -1,0 +1,196 @@
+"""The tracing sink: lifecycle events in, one span tree (and GenAI metrics) per finished call out.
+
+Invariants:
+- ``emit`` buffers a call's events by ``call_id`` and, on ``completed``, builds the call's span
+  tree with :func:`plan_call_spans` (the function ``traces export`` uses on stored events) and
+  ends the spans into the provider's processors (a BatchSpanProcessor exports them off the
+  request path). ``emit`` does no I/O and always has room: ``wait_for_room`` returns at once.
+- A bug in span building never reaches the caller: it is logged and the call's events dropped.
+- At most ``max_pending_calls`` calls are buffered; beyond that the oldest is dropped with a
+  warning (only a call that never completes can stay that long, and the store keeps its
+  events for ``traces export``).
+- ``flush`` force-flushes the span processors (and metric readers); ``aclose`` flushes and
+  then shuts down only the providers this sink created, never a user's.
+- ``instrument_http_client`` instruments one httpx2 client (the SDK's) with the same tracer
+  provider, so its CLIENT span nests under the attempt span the pipeline makes current, and
+  masks any captured credential header on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, cast
+
+import structlog
+from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
+from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
+from opentelemetry.trace import Span
+
+from pipeline import Event, EventType
+
+from ._metrics import GenAIMetrics
+from ._redact import MASK, is_sensitive_key
+from ._spans import llmtrail_tracer, plan_call_spans, record_spans
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+
+__all__ = ["TracingSink"]
+
+_log = structlog.get_logger("llmtrail.telemetry")
+
+DEFAULT_MAX_PENDING_CALLS = 100_000
+
+
+def _mask_credential_headers(span: Span) -> None:
+    """Mask header attributes the user asked the instrumentation to capture (e.g. with
+    OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST=".*") when they hold a secret."""
+    if not isinstance(span, ReadableSpan) or not span.attributes:
+        return
+    for key in list(span.attributes):
+        if key.startswith("http.request.header.") and is_sensitive_key(key):
+            span.set_attribute(key, [MASK])
+
+
+def _sync_request_hook(span: Span, request: Any) -> None:
+    _mask_credential_headers(span)
+
+
+async def _async_request_hook(span: Span, request: Any) -> None:
+    _mask_credential_headers(span)
+
+
+class TracingSink:
+    """An :class:`pipeline.EventSink` that turns each finished call into spans and metrics.
+
+    Give a ``tracer_provider`` (an SDK one) for spans, a ``meter_provider`` for the GenAI
+    metrics, or both. ``owns_*`` says whether :meth:`aclose` shuts that provider down.
+    """
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        owns_tracer_provider: bool = False,
+        owns_meter_provider: bool = False,
+        max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
+    ) -> None:
+        if tracer_provider is None and meter_provider is None:
+            raise ValueError(
+                "TracingSink(tracer_provider=None, meter_provider=None) would record nothing: "
+                "pass an SDK TracerProvider, a MeterProvider, or both"
+            )
+        if max_pending_calls < 1:
+            raise ValueError(f"max_pending_calls={max_pending_calls!r} is invalid: use an int >= 1")
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self._tracer: Tracer | None = (
+            llmtrail_tracer(tracer_provider) if tracer_provider is not None else None
+        )
+        self._metrics = GenAIMetrics(meter_provider) if meter_provider is not None else None
+        self._owns_tracer_provider = owns_tracer_provider
+        self._owns_meter_provider = owns_meter_provider
+        self._max_pending = max_pending_calls
+        # emit() may run on several threads (the sync API); one lock guards the buffer.
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[str, list[Event]] = OrderedDict()
+        self._closed = False
+
+    # --- EventSink ---------------------------------------------------------------------------
+    def emit(self, event: Event) -> bool:
+        if self._closed:
+            return True
+        dropped: str | None = None
+        with self._lock:
+            buffered = self._pending.get(event.call_id)
+            if buffered is None:
+                buffered = self._pending[event.call_id] = []
+                if len(self._pending) > self._max_pending:
+                    dropped, _ = self._pending.popitem(last=False)
+            buffered.append(event)
+            if event.type is EventType.COMPLETED:
+                del self._pending[event.call_id]
+            else:
+                buffered = None
+        if dropped is not None:
+            _log.warning(
+                "tracing sink dropped an unfinished call",
+                dropped_call_id=dropped,
+                max_pending_calls=self._max_pending,
+            )
+        if buffered is not None:
+            self._finish(buffered)
+        return True
+
+    async def wait_for_room(self) -> None:
+        return None
+
+    async def flush(self) -> None:
+        await asyncio.to_thread(self._force_flush)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._shutdown)
+
+    # --- HTTP client instrumentation --------------------------------------------------------
+    def instrument_http_client(self, client: Any) -> None:
+        """Trace the HTTP requests of ``client`` (an ``httpx2.AsyncClient`` or ``httpx2.Client``,
+        the one the openai SDK sends with) on this sink's tracer provider.
+
+        Only this client is instrumented, so there is exactly one HTTP span per attempt.
+        """
+        if self.tracer_provider is None:
+            return
+        import httpx2
+        from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
+
+        if not isinstance(client, httpx2.AsyncClient | httpx2.Client):
+            raise TypeError(
+                f"instrument_http_client({type(client).__name__}) is unsupported: pass the "
+                "httpx2.AsyncClient or httpx2.Client the openai SDK uses"
+            )
+        hook = _async_request_hook if isinstance(client, httpx2.AsyncClient) else _sync_request_hook
+        HTTPX2ClientInstrumentor.instrument_client(
+            # Typed for httpx clients; the httpx2 instrumentor takes httpx2 ones at runtime.
+            cast(Any, client),
+            tracer_provider=self.tracer_provider,
+            meter_provider=self.meter_provider,
+            request_hook=hook,
+        )
+
+    # --- internals ---------------------------------------------------------------------------
+    def _finish(self, events: list[Event]) -> None:
+        try:
+            if self._tracer is not None:
+                record_spans(self._tracer, events[0].trace_id, plan_call_spans(events))
+            if self._metrics is not None:
+                received = None
+                for event in reversed(events):
+                    if event.type is EventType.RECEIVED:
+                        received = event.payload
+                        break
+                self._metrics.record(events[0], events[-1], received)
+        except Exception:
+            # Tracing is an observer: it must never fail the call it observes. The events
+            # stay in the store, so `llmtrail traces export` can still rebuild the tree.
+            _log.exception("tracing sink could not trace a call", call_id=events[-1].call_id)
+
+    def _force_flush(self) -> None:
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush()
+        if isinstance(self.meter_provider, SDKMeterProvider):
+            self.meter_provider.force_flush()
+
+    def _shutdown(self) -> None:
+        self._force_flush()
+        with self._lock:
+            self._pending.clear()
+        if self._owns_tracer_provider and self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self._owns_meter_provider and isinstance(self.meter_provider, SDKMeterProvider):
+            self.meter_provider.shutdown()
