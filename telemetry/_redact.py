@@ -40,14 +40,15 @@ _SENSITIVE_KEYS: Final = frozenset(
     }
 )
 
-_HEADER_VALUE = r"(?:(?:bearer|basic|token)\s+)?[^\s\"',;}\]]+"
+# The lookahead keeps redaction idempotent: the log formatter masks the rendered line again.
+_HEADER_VALUE = r"(?!\[REDACTED\])(?:(?:bearer|basic|token)\s+)?(?!\[REDACTED\])[^\s\"',;}\]]+"
 _PATTERNS: Final = (
     # "Authorization: Bearer x", "'authorization': 'Basic y'", "api-key=z".
     re.compile(
         r"(?i)\b((?:proxy-)?authorization|x-api-key|api[-_]?key)([\"']?\s*[:=]\s*[\"']?)"
         + _HEADER_VALUE
     ),
-    re.compile(r"(?i)\b(bearer)(\s+)[^\s\"',;}\]]+"),
+    re.compile(r"(?i)\b(bearer)(\s+)(?!\[REDACTED\])[^\s\"',;}\]]+"),
     # OpenAI secret keys (sk-..., sk-proj-...) and session keys (sess-...).
     re.compile(r"\b(sk|sess)(-)[A-Za-z0-9_\-]{3,}"),
 )
