@@ -1,0 +1,22 @@
+"""llmtrail's benchmarks: ``python -m benchmarks [--quick] [--only NAME ...]``.
+
+Speed is measured here, side by side with the bare openai SDK in the same run, never in the
+test suite. Each bench module has ``main(quick: bool) -> dict`` (see :mod:`benchmarks._harness`
+for the format) and runs in its own process; the results go to ``benchmarks/RESULTS.md``.
+
+Importing this package runs nothing.
+"""
+
+from __future__ import annotations
+
+#: name -> (module, title), in the order they run and appear in RESULTS.md.
+BENCHES: dict[str, tuple[str, str]] = {
+    "overhead": ("benchmarks.bench_overhead", "1. Overhead against a zero-latency server"),
+    "gates": ("benchmarks.bench_gates", "2. Gate efficiency"),
+    "store": ("benchmarks.bench_store", "3. Event store and projections"),
+    "replay": ("benchmarks.bench_replay", "4. Replay"),
+    "scale": ("benchmarks.bench_scale", "5. Scale: 10,000 concurrent calls"),
+    "scale_out": ("benchmarks.bench_scale_out", "6. Scale out"),
+}
+
+__all__ = ["BENCHES"]

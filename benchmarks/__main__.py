@@ -1,0 +1,86 @@
+"""``python -m benchmarks [--quick] [--only NAME ...] [--output PATH]``.
+
+Runs each bench in its own process, prints its table as soon as it ends, and writes every
+figure with the machine's description to RESULTS.md (``benchmarks/RESULTS.md`` by default).
+Exit code 0 when the run completed, even with misses (a miss is a finding, reported in the
+file), 1 when a bench raised or timed out, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import BENCHES
+from ._harness import Section, machine_info, print_section, render_markdown, run_bench_in_child
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="llmtrail side by side with the bare openai SDK; writes RESULTS.md.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer calls and 3 repetitions (about 1-2 min)"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(BENCHES),
+        metavar="NAME",
+        help=f"run only these benches ({', '.join(BENCHES)})",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="where to write the results (default benchmarks/RESULTS.md)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds before a bench is stopped (default 300 with --quick, 1800 otherwise)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = _parser().parse_args(argv)
+    # Wide enough for the tables when the output is a file or a pipe (rich defaults to 80).
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    names = [name for name in BENCHES if not args.only or name in args.only]
+    timeout = args.timeout or (300.0 if args.quick else 1800.0)
+    mode = "quick: 3 repetitions, reduced counts" if args.quick else "full"
+    machine = machine_info()
+    console.print(
+        f"[bold]llmtrail benchmarks[/] ({mode}) on {machine['cores']}, {machine['memory']}, "
+        f"load {machine['load average at start']}"
+    )
+    sections: list[Section] = []
+    started = time.perf_counter()
+    for name in names:
+        module, title = BENCHES[name]
+        with console.status(f"running {name} ..."):
+            section = run_bench_in_child(module, name, title, args.quick, timeout)
+        print_section(section, console)
+        sections.append(section)
+    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+    if args.only:
+        command += " --only " + " ".join(args.only)
+    machine["total run time"] = f"{time.perf_counter() - started:.0f} s"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render_markdown(sections, machine, command, mode))
+    console.print(f"results written to {args.output}")
+    failed = any(f.status == "ERROR" for s in sections for f in s.figures)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

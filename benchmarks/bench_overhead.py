@@ -1,0 +1,305 @@
+"""Overhead: the pipeline side by side with the bare openai SDK, zero-latency server, 50 workers.
+
+Variants, interleaved in every round:
+- server capacity: a raw aiohttp client (no SDK), to show the server is not the bottleneck;
+- bare SDK: ``AsyncOpenAI(max_retries=0)`` behind its own ``asyncio.Semaphore(50)``;
+- pipeline with no store and no tracing (``store_url=None, tracing=False``);
+- pipeline with the SQLite store;
+- pipeline with the SQLite store and OTLP tracing, batch-exported to a local receiver.
+
+Invariants:
+- Every variant sends the same prompts with the same ``max_output_tokens`` to the same server
+  process, by 50 closed-loop workers (each starts its next call when one ends), after an
+  untimed warm-up that opens the connections.
+- The timed window of a pipeline variant ends after ``service.flush()``: events committed and
+  spans exported are part of the cost, not deferred past the stopwatch.
+- The server and the OTLP receiver run in their own processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ._harness import (
+    API_KEY,
+    MODEL,
+    CpuMeter,
+    Figure,
+    Section,
+    Target,
+    closed_loop,
+    column,
+    median,
+    mock_server,
+    otlp_receiver,
+    paired_ratios,
+    pick,
+    prompt,
+    receiver_counts,
+    run_interleaved,
+    server_reset,
+)
+
+CONCURRENCY = 50
+MAX_OUTPUT_TOKENS = 64
+BARE = "bare SDK"
+NO_SINKS = "pipeline, no store, no tracing"
+STORE = "pipeline + SQLite store"
+TRACED = "pipeline + SQLite store + OTLP tracing"
+CAPACITY = "server capacity (raw aiohttp client)"
+
+Call = Callable[[int], Awaitable[bool]]
+
+
+def store_available() -> str | None:
+    """``None`` when the storage package provides its sink, else why not."""
+    try:
+        for entry in importlib.metadata.entry_points(group="llmtrail.sinks"):
+            if entry.name == "store":
+                entry.load()
+                return None
+    except (ImportError, AttributeError) as exc:
+        return f"the SQLite store is not available yet ({exc})"
+    return "no llmtrail.sinks 'store' entry point is installed"
+
+
+async def _timed(
+    n: int, warmup: int, call: Call, finish: Callable[[], Awaitable[None]] | None = None
+) -> dict[str, float]:
+    await closed_loop(warmup, CONCURRENCY, call)
+    meter = CpuMeter()
+    meter.start()
+
+    async def run() -> dict[str, float]:
+        result = await closed_loop(n, CONCURRENCY, call)
+        if finish is not None:
+            await finish()
+        return result
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await run()
+    elapsed = loop.time() - started
+    cpu_s, _ = meter.stop()
+    result["calls_per_s"] = n / elapsed  # flush included
+    result["cpu_ms_per_call"] = cpu_s / n * 1000
+    return result
+
+
+async def _raw_capacity(url: str, n: int, warmup: int) -> dict[str, float]:
+    import aiohttp
+
+    body = json.dumps(
+        {"model": MODEL, "input": prompt(0), "max_output_tokens": MAX_OUTPUT_TOKENS}
+    ).encode()
+    headers = {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"}
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def call(i: int) -> bool:
+            async with session.post(f"{url}/v1/responses", data=body, headers=headers) as r:
+                await r.read()
+                return r.status == 200
+
+        return await _timed(n, warmup, call)
+
+
+async def _bare(url: str, n: int, warmup: int) -> dict[str, float]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+
+    async def call(i: int) -> bool:
+        async with semaphore:
+            try:
+                await client.responses.create(
+                    model=MODEL, input=prompt(i), max_output_tokens=MAX_OUTPUT_TOKENS
+                )
+            except openai.APIError:
+                return False
+            return True
+
+    try:
+        return await _timed(n, warmup, call)
+    finally:
+        await client.close()
+
+
+async def _pipeline(
+    url: str, n: int, warmup: int, store_url: str | None, tracing: bool
+) -> dict[str, float]:
+    from pipeline import BaseLLMService, GenerationRequest
+
+    service = BaseLLMService(
+        model=MODEL,
+        base_url=f"{url}/v1",
+        api_key=API_KEY,
+        max_rpm=None,
+        max_tpm=None,
+        max_concurrent_requests=CONCURRENCY,
+        store_url=store_url,
+        tracing=tracing,
+        max_attempts=1,  # like the bare SDK's max_retries=0: one HTTP attempt per call
+    )
+
+    async def call(i: int) -> bool:
+        result = await service.execute_generation_async(
+            GenerationRequest(user_prompt=prompt(i), max_output_tokens=MAX_OUTPUT_TOKENS),
+            operation_name="bench",
+        )
+        return result.success
+
+    async with service:
+        return await _timed(n, warmup, call, service.flush)
+
+
+def main(quick: bool) -> dict[str, Any]:
+    return asyncio.run(_main(quick))
+
+
+async def _main(quick: bool) -> dict[str, Any]:
+    reps = pick(quick, 5, 3, 2)
+    n = pick(quick, 1000, 300, 30)
+    warmup = pick(quick, 100, 50, 10)
+    section = Section("overhead", "1. Overhead against a zero-latency server")
+    section.notes.append(
+        f"{n} timed calls per repetition after {warmup} warm-up calls, {CONCURRENCY} "
+        f"closed-loop workers, max_output_tokens={MAX_OUTPUT_TOKENS}, {reps} rounds; the "
+        "server (zero latency) and the OTLP receiver run in their own processes."
+    )
+    no_store = store_available()
+    if no_store is not None:
+        section.notes.append(f"store variants not run: {no_store}")
+    with (
+        tempfile.TemporaryDirectory(prefix="llmtrail-bench-") as tmp,
+        mock_server() as (url, server_pid),
+        otlp_receiver() as receiver,
+    ):
+        import telemetry
+
+        telemetry.configure(endpoint=receiver, service_name="llmtrail-bench")
+        runs = 0
+
+        def store_url() -> str:
+            nonlocal runs
+            runs += 1
+            return f"sqlite+aiosqlite:///{Path(tmp) / f'overhead-{runs}.db'}"
+
+        server_cpu: list[float] = []
+
+        async def bare() -> dict[str, float]:
+            meter = CpuMeter(server_pid) if server_pid else None
+            if meter is not None:
+                meter.start()
+            result = await _bare(url, n, warmup)
+            if meter is not None:
+                server_cpu.append(meter.stop()[1])
+            return result
+
+        variants: list[tuple[str, Callable[[], Awaitable[dict[str, float]]]]] = [
+            (CAPACITY, lambda: _raw_capacity(url, 2 * n, warmup)),
+            (BARE, bare),
+            (NO_SINKS, lambda: _pipeline(url, n, warmup, None, False)),
+        ]
+        if no_store is None:
+            variants.append((STORE, lambda: _pipeline(url, n, warmup, store_url(), False)))
+            variants.append((TRACED, lambda: _pipeline(url, n, warmup, store_url(), True)))
+
+        async def reset(_: int) -> None:
+            await server_reset(url)
+
+        results = await run_interleaved(variants, reps, on_round=reset)
+        exports = await receiver_counts(receiver)
+        telemetry.reset()
+
+    capacity = column(results[CAPACITY], "calls_per_s")
+    section.add(
+        Figure(
+            CAPACITY,
+            "calls/s",
+            capacity,
+            note="a lower bound: the single-process client is the limit, not the server",
+        )
+    )
+    bare_rate = column(results[BARE], "calls_per_s")
+    section.add(
+        Figure(
+            f"{BARE}: throughput",
+            "calls/s",
+            bare_rate,
+            baseline=CAPACITY,
+            ratio_samples=paired_ratios(bare_rate, capacity),
+            note=(
+                f"the server process used {median(server_cpu):.0%} of one core meanwhile"
+                if server_cpu
+                else ""
+            ),
+        )
+    )
+    for metric, label in (("p50_ms", "latency p50"), ("p99_ms", "latency p99")):
+        section.add(Figure(f"{BARE}: {label}", "ms", column(results[BARE], metric)))
+    section.add(
+        Figure(f"{BARE}: client CPU per call", "ms", column(results[BARE], "cpu_ms_per_call"))
+    )
+    targets = {
+        NO_SINKS: Target(">=", 0.90, "ratio", ">= 90% of bare SDK"),
+        STORE: Target(">=", 0.85, "ratio", ">= 85% of bare SDK"),
+        TRACED: Target(">=", 0.85, "ratio", ">= 85% of bare SDK"),
+    }
+    for name in (NO_SINKS, STORE, TRACED):
+        if name not in results:
+            continue
+        runs_ = results[name]
+        rate = column(runs_, "calls_per_s")
+        section.add(
+            Figure(
+                f"{name}: throughput",
+                "calls/s",
+                rate,
+                baseline=BARE,
+                ratio_samples=paired_ratios(rate, bare_rate),
+                target=targets[name],
+            )
+        )
+        for metric, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            mine = column(runs_, metric)
+            base = column(results[BARE], metric)
+            section.add(
+                Figure(
+                    f"{name}: added latency {label}",
+                    "ms",
+                    [a - b for a, b in zip(mine, base, strict=True)],
+                    baseline=BARE,
+                    ratio_samples=paired_ratios(mine, base),
+                    note=f"median {label} {median(mine):.1f} ms vs {median(base):.1f} ms bare",
+                )
+            )
+        cpu = column(runs_, "cpu_ms_per_call")
+        section.add(
+            Figure(
+                f"{name}: client CPU per call",
+                "ms",
+                cpu,
+                baseline=BARE,
+                ratio_samples=paired_ratios(cpu, column(results[BARE], "cpu_ms_per_call")),
+            )
+        )
+        failed = sum(column(runs_, "failures"))
+        if failed:
+            section.notes.append(f"{name}: {failed:.0f} calls failed (all runs together)")
+    failed_bare = sum(column(results[BARE], "failures"))
+    if failed_bare:
+        section.notes.append(f"{BARE}: {failed_bare:.0f} calls failed (all runs together)")
+    if TRACED in results:
+        section.notes.append(
+            f"the OTLP receiver accepted {exports['traces']} trace and {exports['metrics']} "
+            f"metric exports ({exports['bytes'] / 1e6:.1f} MB) during the run"
+        )
+    return section.to_dict()
