@@ -43,16 +43,16 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Self, Union, get_args, get_origin, get_type_hints
@@ -65,9 +65,12 @@ __all__ = [
     "MockServer",
     "MockServerConfig",
     "add_arguments",
+    "format_duration",
+    "max_arrivals_in_window",
     "run_from_args",
     "run_in_process",
     "running_in_process",
+    "running_in_thread",
     "serve",
 ]
 
@@ -93,7 +96,8 @@ class Fault(StrEnum):
     HTTP_500 = "http_500"  # 500, type server_error
     HTTP_503 = "http_503"  # 503, type server_error
     RATE_LIMIT_429 = "rate_limit_429"  # 429 rate_limit_exceeded with retry-after, not counted
-    SLOW = "slow"  # a normal answer, sent after slow_s instead of the latency
+    SLOW = "slow"  # a normal answer after slow_s instead of the latency (a stream stalls
+    # after response.in_progress)
     HANG = "hang"  # never answers; the handler waits until the client goes away
     DROP = "drop"  # the socket is closed without any response
     MALFORMED_JSON = "malformed_json"  # 200 with a truncated JSON body (or SSE event)
@@ -597,11 +601,28 @@ class _PrefixCache:
         return cached
 
 
+def max_arrivals_in_window(arrival_times: Iterable[float], window_s: float) -> int:
+    """The most arrivals in any half-open window ``[t, t + window_s)``.
+
+    Also usable on the ``arrival_monotonic`` values of ``GET /_mock/log`` from a child process.
+    """
+    times = sorted(arrival_times)
+    best = start = 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
 # ---------------------------------------------------------------- response bodies
 
 
+_ID_RANDOM = random.Random()  # seeded from the OS once; ids need uniqueness, not secrecy
+
+
 def _new_id(prefix: str, size: int = 24) -> str:
-    return prefix + os.urandom(size).hex()
+    return f"{prefix}{_ID_RANDOM.getrandbits(size * 8):0{size * 2}x}"
 
 
 def _error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -721,6 +742,7 @@ class MockServer:
         self._url: str | None = None
         self._closing = asyncio.Event()
         self._log: deque[LogRecord] = deque(maxlen=self._config.log_max_records)
+        self._arrival_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.reset()
 
     # -- public API
@@ -749,7 +771,6 @@ class MockServer:
         self._quota_used = 0
         self._next_index = 0
         self._rng = random.Random(self._config.seed)
-        self._arrival_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def update_config(self, **changes: Any) -> MockServerConfig:
         """Change the config at runtime (validated). A new seed restarts the fault sequence."""
@@ -782,13 +803,9 @@ class MockServer:
 
     def arrivals_in_any_window(self, window_s: float, *, counted_only: bool = False) -> int:
         """The most arrivals in any window ``[t, t + window_s)``, from the log."""
-        times = sorted(r.arrival_monotonic for r in self._log if r.counted or not counted_only)
-        best = start = 0
-        for end, t in enumerate(times):
-            while t - times[start] >= window_s:
-                start += 1
-            best = max(best, end - start + 1)
-        return best
+        return max_arrivals_in_window(
+            [r.arrival_monotonic for r in self._log if r.counted or not counted_only], window_s
+        )
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on ``host:port`` (0 picks a free port) and return the base URL."""
@@ -1120,7 +1137,12 @@ class MockServer:
         return response
 
     async def _handle_log(self, request: web.Request) -> web.Response:
-        since = int(request.query.get("since", "0"))
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            message = f"since={request.query['since']!r}: expected an arrival index (integer)"
+            body = _error_body(message, "invalid_request_error", None, "since")
+            return web.Response(status=400, body=body, content_type="application/json")
         records = [r.to_dict() for r in self._log if r.index >= since]
         return web.json_response({"records": records})
 
@@ -1291,6 +1313,29 @@ def running_in_process(config: MockServerConfig | None = None, **kwargs: Any) ->
         yield url
     finally:
         stop()
+
+
+@contextlib.contextmanager
+def running_in_thread(
+    config: MockServerConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[MockServer]:
+    """``with running_in_thread(config) as server:`` a server on its own loop in a thread.
+
+    For synchronous tests that also want ``server.log`` in process. Read the log from the
+    test thread only after the calls under test have returned.
+    """
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="llmtrail-mock-server", daemon=True)
+    thread.start()
+    server = MockServer(config)
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(host, port), loop).result(timeout=30)
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
 
 
 def _main() -> int:

@@ -20,8 +20,10 @@ from pipeline._mock_server import (
     MockServerConfig,
     add_arguments,
     format_duration,
+    max_arrivals_in_window,
     run_from_args,
     running_in_process,
+    running_in_thread,
 )
 from pipeline.testing import MockServerFactory
 
@@ -628,10 +630,25 @@ async def test_child_process_server_serves_the_sdk_with_its_config() -> None:
             with pytest.raises(openai.InternalServerError):
                 await c.responses.create(model="m", input=PROMPT)
             response = await c.responses.create(model="m", input=PROMPT)
-        async with aiohttp.ClientSession() as http, http.get(f"{url}/_mock/config") as answer:
-            served_config = await answer.json()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/_mock/config") as answer:
+                served_config = await answer.json()
+            async with http.get(f"{url}/_mock/log") as answer:
+                records = (await answer.json())["records"]
     assert response.usage is not None and response.status == "completed"
     assert served_config == config.to_dict()
+    assert [(r["status"], r["fault"]) for r in records] == [(503, "http_503"), (200, None)]
+    assert max_arrivals_in_window([r["arrival_monotonic"] for r in records], 60.0) == 2
+
+
+def test_thread_server_serves_the_sync_sdk() -> None:
+    with running_in_thread(MockServerConfig(rpm_limit=60, window_s=1.0)) as server:
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0) as c:
+            response = c.responses.create(model="m", input=PROMPT)
+            with pytest.raises(openai.RateLimitError):
+                c.responses.create(model="m", input=PROMPT)
+        assert [r.status for r in server.log] == [200, 429]
+    assert response.usage is not None
 
 
 async def test_stop_returns_while_a_request_hangs(mock_server_factory: MockServerFactory) -> None:
