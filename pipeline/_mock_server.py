@@ -31,7 +31,14 @@ capacity is ``limit * window_s / 60``. A request is counted when it arrives, cha
 Requests answered 429 (by the limits, the quota or the forced-429 fault), 400 or 401 are not
 counted; every other answer, faults included, is (the provider saw the request). Limits are
 global, not per model. ``remaining`` headers are what is left in the current window; ``reset``
-headers are the time until the window is empty again.
+headers are the time until the window is empty again. ``retry-after-ms`` on a 429 is the time
+until enough of the window has left for that request to fit. ``token_quota`` is a total over the
+server's life (until reset): once the tokens served reach it, every request gets 429
+``insufficient_quota``; the request that crosses it is still served.
+
+Faults: each arrival draws its fault and its jitter from ``Random(seed)`` (whatever then happens
+to it); the first ``len(fault_script)`` arrivals take their fault from the script. A fault applies
+only to a request that passed auth, validation, quota and the rate window.
 """
 
 from __future__ import annotations
@@ -82,8 +89,15 @@ _QUOTA_MESSAGE = (
     "information on this error, read the docs: "
     "https://platform.openai.com/docs/guides/error-codes/api-errors."
 )
-_REASONING_SHARE = {"none": 0.0, "minimal": 0.125, "low": 0.25, "medium": 0.5, "high": 0.75}
-_REASONING_SHARE["xhigh"] = 0.875
+# The share of the planned output that is reasoning, per reasoning.effort.
+_REASONING_SHARE = {
+    "none": 0.0,
+    "minimal": 0.125,
+    "low": 0.25,
+    "medium": 0.5,
+    "high": 0.75,
+    "xhigh": 0.875,
+}
 _CACHE_MIN_TOKENS = 1024
 _CACHE_STEP_CHARS = 128 * 4
 _CACHE_MAX_ENTRIES = 200_000  # the prefix set is cleared when it grows past this
@@ -96,8 +110,8 @@ class Fault(StrEnum):
     HTTP_500 = "http_500"  # 500, type server_error
     HTTP_503 = "http_503"  # 503, type server_error
     RATE_LIMIT_429 = "rate_limit_429"  # 429 rate_limit_exceeded with retry-after, not counted
-    SLOW = "slow"  # a normal answer after slow_s instead of the latency (a stream stalls
-    # after response.in_progress)
+    # A normal answer after slow_s instead of the latency; a stream stalls after in_progress.
+    SLOW = "slow"
     HANG = "hang"  # never answers; the handler waits until the client goes away
     DROP = "drop"  # the socket is closed without any response
     MALFORMED_JSON = "malformed_json"  # 200 with a truncated JSON body (or SSE event)
@@ -156,16 +170,17 @@ class MockServerConfig:
             value = getattr(self, f.name)
             if f.name == "fault_script":
                 continue
-            if isinstance(value, bool):
-                raise ValueError(f"{f.name}={value!r}: expected a number, not a bool")
+            optional = value is None and "None" in str(f.type)
             if f.name == "require_api_key":
-                if value is not None and (not isinstance(value, str) or not value):
-                    raise ValueError(f"require_api_key={value!r}: use a non-empty string or None")
-            elif f.type in ("int", "int | None"):
-                if not (isinstance(value, int) or (value is None and "None" in f.type)):
-                    raise ValueError(f"{f.name}={value!r}: expected an integer")
-            elif not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"{f.name}={value!r}: expected a finite number")
+                ok = optional or (isinstance(value, str) and value != "")
+                _check(f.name, ok, f"={value!r}: use a non-empty string, or None for no check")
+            elif isinstance(value, bool):
+                _check(f.name, False, f"={value!r}: expected a number, not a bool")
+            elif str(f.type).startswith("int"):
+                _check(f.name, optional or isinstance(value, int), f"={value!r}: expected an int")
+            else:
+                ok = isinstance(value, int | float) and math.isfinite(value)
+                _check(f.name, ok, f"={value!r}: expected a finite number")
         for name in ("latency_s", "latency_jitter_s", "slow_s", "fault_429_retry_after_s"):
             _check(name, getattr(self, name) >= 0, "must be >= 0")
         _check("output_tokens_min", self.output_tokens_min >= 1, "must be >= 1")
@@ -191,8 +206,8 @@ class MockServerConfig:
         total = sum(getattr(self, name) for name, _ in _FAULT_RATE_FIELDS)
         _check("fault_500_rate", total <= 1, f"the fault rates sum to {total}, more than 1")
         script = self.fault_script
-        if isinstance(script, str) or not all(isinstance(s, str) for s in script):
-            raise ValueError(f"fault_script={script!r}: expected a sequence of fault names")
+        ok = not isinstance(script, str) and all(isinstance(item, str) for item in script)
+        _check("fault_script", ok, f"={script!r}: expected a sequence of fault names")
         allowed = {f.value for f in Fault} | {"none", ""}
         for item in script:
             _check(
@@ -208,7 +223,8 @@ class MockServerConfig:
 
 def _check(name: str, ok: bool, problem: str) -> None:
     if not ok:
-        raise ValueError(f"MockServerConfig.{name} {problem}")
+        separator = "" if problem.startswith("=") else " "
+        raise ValueError(f"MockServerConfig.{name}{separator}{problem}")
 
 
 @dataclass(slots=True)
@@ -293,77 +309,23 @@ def _prompt_text(body: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def _build_corpus() -> tuple[str, list[int]]:
-    words = [
-        "the",
-        "a",
-        "an",
-        "and",
-        "or",
-        "of",
-        "to",
-        "in",
-        "on",
-        "for",
-        "with",
-        "from",
-        "by",
-        "as",
-        "at",
-        "this",
-        "that",
-        "it",
-        "is",
-        "are",
-        "was",
-        "be",
-        "can",
-        "will",
-        "rate",
-        "token",
-        "gate",
-        "queue",
-        "model",
-        "call",
-        "data",
-        "time",
-        "plan",
-        "note",
-        "list",
-        "test",
-        "sure",
-        "well",
-        "good",
-        "fast",
-        "slow",
-        "light",
-        "water",
-        "river",
-        "stone",
-        "cloud",
-        "field",
-        "paper",
-        "north",
-        "south",
-        "quiet",
-        "bright",
-    ]
-    rng = random.Random(0)
-    text = " ".join(rng.choice(words) for _ in range(12_000)) + " "
-    starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == " "][:-1]
-    return text, starts
-
-
-_CORPUS, _WORD_STARTS = _build_corpus()
+# The output text is a window into this paragraph, repeated; the prompt's hash picks the first
+# word, so the same prompt always gets the same text.
+_CORPUS = (
+    "Every call reserves a request slot and an estimate of its tokens before it is sent, and "
+    "the estimate is reconciled with the real usage when the answer arrives. Waiters are served "
+    "in order, a cancelled waiter leaves nothing behind, and a retry takes a new slot like any "
+    "other attempt. The server counts a request when it arrives, so a slot must not be freed "
+    "before the provider frees it, or the next window bursts into errors. "
+) * 8
+_WORD_STARTS = [0] + [i + 1 for i, ch in enumerate(_CORPUS) if ch == " "][:-1]
 
 
 def _text_of(length: int, seed: int) -> str:
     if length <= 0:
         return ""
     start = _WORD_STARTS[seed % len(_WORD_STARTS)]
-    source = _CORPUS
-    while len(source) - start < length:
-        source += _CORPUS
+    source = _CORPUS * ((start + length) // len(_CORPUS) + 1)
     return source[start : start + length]
 
 
@@ -411,7 +373,9 @@ def _plan(body: Any, config: MockServerConfig) -> _Plan:
         text = _text_of(4 * visible, digest)
     max_output = body.get("max_output_tokens")
     if max_output is not None and (
-        isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 16
+        isinstance(max_output, bool)
+        or not isinstance(max_output, int)
+        or max_output < _MIN_MAX_OUTPUT_TOKENS
     ):
         raise _BadRequest(
             "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
