@@ -1,0 +1,950 @@
+"""Rate gates shared by many processes and hosts through Redis (``rate_limit_url="redis://..."``).
+
+:class:`RedisSlidingWindowGate` has the semantics of the in-process
+:class:`~pipeline._gates.SlidingWindowGate`, with the budget held in Redis so that every replica
+using one API key draws from one window. Invariants:
+
+- Check-and-reserve is one Lua script (atomic on the server) and reads Redis ``TIME``, so every
+  host shares one clock. Sent units live in a sorted set scored by expiry; pending units in a
+  sorted set scored by a *lease* that the owning process renews every ``heartbeat_s``. A process
+  that dies holding pending units blocks them for one lease at most (default
+  ``max(2 * window_s, 30 s)``), never forever; a live process keeps them until ``mark_sent``.
+- Arrival order: a waiter takes a ticket (``HINCRBY``) into a queue; only the head ticket may
+  reserve, and the fast path is taken only when the queue is empty. Tickets carry a lease too, so
+  a dead waiter is skipped after ``queue_lease_s``. The head sleeps exactly until it can fit (the
+  script computes it) or until a pub/sub message names its ticket (a release, a send, a new head).
+- ``mark_sent``, ``release``, ``reconcile``, ``observe_provider`` and ``preload`` are sync (the
+  service calls ``release`` from cancellation cleanup, where awaiting is unsafe): they update
+  local state at once and queue the Redis round trip for one worker task per gate, which applies
+  operations in order and retries them while Redis is unreachable. :meth:`aclose` drains it.
+- A cancelled waiter leaves nothing behind: a script call in flight is shielded and, if it
+  granted or queued anything, that is given back when it lands; a queued ticket is removed.
+- Redis unreachable: ``fallback="fail_closed"`` raises :class:`RateLimitBackendUnavailable`;
+  ``fallback="local"`` serves from a local gate holding ``capacity // replicas`` (one warning),
+  probes Redis every ``probe_s`` and, on return, carries its local units into Redis plus a
+  placeholder for the other replicas' local shares for one window, so the budget is never
+  exceeded while replicas switch back one by one.
+- Keys: ``llmtrail:gate:{name}:{{key}}:<part>``; the braces are a Redis Cluster hash tag so one
+  gate's keys share a slot. All keys of a gate expire together when it is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+
+from ._errors import ConfigurationError, LLMTrailError
+from ._gates import _DONE, _PENDING, _SENT, GateRequestTooLarge, GateReservation, SlidingWindowGate
+from .typing import Clock
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+__all__ = [
+    "RateLimitBackendUnavailable",
+    "RedisGateReservation",
+    "RedisSlidingWindowGate",
+    "create_gate",
+    "mask_url",
+]
+
+_log = structlog.get_logger("llmtrail")
+Fallback = Literal["fail_closed", "local"]
+_FALLBACKS = ("fail_closed", "local")
+_OUTAGE_ID = "outage"  # the one placeholder entry for other replicas' local shares
+
+
+class RateLimitBackendUnavailable(LLMTrailError):
+    """The shared rate gate cannot reach Redis and ``rate_limit_fallback`` is ``fail_closed``."""
+
+    def __init__(self, gate: str, url: str, cause: BaseException) -> None:
+        super().__init__(
+            f"the {gate} rate gate cannot reach Redis at {url} ({cause}); the call is refused so "
+            "that the shared limit is not exceeded (rate_limit_fallback='fail_closed'). Start "
+            "Redis or fix rate_limit_url, or set rate_limit_fallback='local' to fall back to "
+            "1/N of the budget per process"
+        )
+        self.gate = gate
+        self.url = url
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+@dataclass(slots=True, eq=False)
+class RedisGateReservation(GateReservation):
+    """A reservation of a shared gate; ``inner`` is set when the local fallback granted it."""
+
+    rid: str = ""
+    inner: GateReservation | None = None
+
+    @property
+    def pending(self) -> bool:
+        if self.inner is not None:
+            return self.inner.pending
+        return self.state == _PENDING
+
+    @property
+    def done(self) -> bool:
+        if self.inner is not None:
+            return self.inner.done
+        if self.state == _SENT and time.monotonic() >= self.expires_at:
+            self.state = _DONE
+        return self.state == _DONE
+
+
+# -- Lua --------------------------------------------------------------------------------------
+# KEYS: sent, pending, amounts, state, queue, queue leases. ARGV[1] the wake channel, ARGV[2] the
+# keys' TTL (ms). Times are Redis TIME in ms. ``state`` holds used (units in sent + pending),
+# ticket (the last ticket handed out), room / room_until (what the provider reported).
+_PRELUDE = """
+local sent, pend, amt, state, queue, qlease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local function touch()
+  for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+end
+local function wake()
+  local head = redis.call('ZRANGE', queue, 0, 0)[1]
+  if head then redis.call('PUBLISH', ARGV[1], head) end
+end
+local function chunks(ids, fn)
+  for i = 1, #ids, 500 do fn({unpack(ids, i, math.min(i + 499, #ids))}) end
+end
+local function free(zkey, ids)
+  local total = 0
+  chunks(ids, function(c)
+    for _, a in ipairs(redis.call('HMGET', amt, unpack(c))) do
+      total = total + (tonumber(a) or 0)
+    end
+    redis.call('ZREM', zkey, unpack(c))
+    redis.call('HDEL', amt, unpack(c))
+  end)
+  if total ~= 0 then redis.call('HINCRBY', state, 'used', -total) end
+end
+local function purge()
+  free(sent, redis.call('ZRANGEBYSCORE', sent, '-inf', now))
+  free(pend, redis.call('ZRANGEBYSCORE', pend, '-inf', now))
+  local dead = redis.call('ZRANGEBYSCORE', qlease, '-inf', now)
+  chunks(dead, function(c)
+    redis.call('ZREM', queue, unpack(c))
+    redis.call('ZREM', qlease, unpack(c))
+  end)
+  if #dead > 0 then wake() end
+  local till = tonumber(redis.call('HGET', state, 'room_until'))
+  if till and now >= till then redis.call('HDEL', state, 'room', 'room_until') end
+  if redis.call('ZCARD', sent) + redis.call('ZCARD', pend) == 0 then
+    redis.call('HDEL', state, 'used')  -- self-healing: nothing held means nothing used
+  end
+  return tonumber(redis.call('HGET', state, 'used')) or 0
+end
+"""
+
+# ARGV: 3 rid, 4 amount, 5 ticket (0: none yet), 6 capacity, 7 pending lease, 8 queue lease.
+# Returns {granted, wait_ms (-1: unknown, wait for a message), used, rank, ticket}.
+_ACQUIRE = (
+    _PRELUDE
+    + """
+local used = purge()
+local rid, amount, ticket, cap = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local room = tonumber(redis.call('HGET', state, 'room'))
+local function fits() return used + amount <= cap and (room == nil or amount <= room) end
+local function grant()
+  redis.call('ZADD', pend, now + tonumber(ARGV[7]), rid)
+  redis.call('HSET', amt, rid, amount)
+  used = redis.call('HINCRBY', state, 'used', amount)
+  if room then redis.call('HINCRBY', state, 'room', -amount) end
+  touch()
+end
+local function wait_ms()
+  local when = -1
+  if room and amount > room then when = tonumber(redis.call('HGET', state, 'room_until')) end
+  local excess = used + amount - cap
+  if excess > 0 then
+    local freed, start = 0, 0
+    while true do
+      local batch = redis.call('ZRANGE', sent, start, start + 99, 'WITHSCORES')
+      if #batch == 0 then
+        if when > now then return math.ceil(when - now) end
+        return -1  -- only a send, a release or a lapsed lease can help
+      end
+      local ids = {}
+      for i = 1, #batch, 2 do ids[#ids + 1] = batch[i] end
+      local amounts = redis.call('HMGET', amt, unpack(ids))
+      for i = 1, #ids do
+        freed = freed + (tonumber(amounts[i]) or 0)
+        if freed >= excess then
+          when = math.max(when, tonumber(batch[2 * i]))
+          return math.ceil(math.max(when - now, 0))
+        end
+      end
+      start = start + 100
+    end
+  end
+  return math.ceil(math.max(when - now, 0))
+end
+if ticket == 0 then
+  if redis.call('ZCARD', queue) == 0 and fits() then grant(); return {1, 0, used, 0, 0} end
+  ticket = redis.call('HINCRBY', state, 'ticket', 1)
+end
+redis.call('ZADD', queue, ticket, ticket)  -- idempotent; puts back a ticket whose lease lapsed
+redis.call('ZADD', qlease, now + tonumber(ARGV[8]), ticket)
+touch()
+local rank = redis.call('ZRANK', queue, ticket)
+if rank > 0 then return {0, -1, used, rank, ticket} end
+if fits() then
+  grant()
+  redis.call('ZREM', queue, ticket)
+  redis.call('ZREM', qlease, ticket)
+  wake()
+  return {1, 0, used, 0, ticket}
+end
+return {0, wait_ms(), used, 0, ticket}
+"""
+)
+
+# ARGV: 3 rid, 4 amount, 5 lag ms (send to now), 6 guard ms, 7 window ms.
+_MARK_SENT = (
+    _PRELUDE
+    + """
+purge()
+local rid, amount = ARGV[3], tonumber(ARGV[4])
+local expires = now - tonumber(ARGV[5]) + tonumber(ARGV[6]) + tonumber(ARGV[7])
+if redis.call('ZSCORE', pend, rid) then
+  redis.call('ZREM', pend, rid)
+  redis.call('ZADD', sent, expires, rid)
+elseif not redis.call('ZSCORE', sent, rid) and expires > now then
+  -- Its pending lease lapsed, or it was granted by the local fallback: the send still counts.
+  redis.call('ZADD', sent, expires, rid)
+  redis.call('HSET', amt, rid, amount)
+  redis.call('HINCRBY', state, 'used', amount)
+end
+touch()
+wake()
+return tonumber(redis.call('HGET', state, 'used')) or 0
+"""
+)
+
+# ARGV: 3 rid.
+_RELEASE = (
+    _PRELUDE
+    + """
+purge()
+local rid = ARGV[3]
+local amount = tonumber(redis.call('HGET', amt, rid))
+if amount then
+  redis.call('ZREM', pend, rid)
+  redis.call('ZREM', sent, rid)
+  redis.call('HDEL', amt, rid)
+  redis.call('HINCRBY', state, 'used', -amount)
+  wake()
+end
+return tonumber(redis.call('HGET', state, 'used')) or 0
+"""
+)
+
+# ARGV: 3 rid, 4 actual.
+_RECONCILE = (
+    _PRELUDE
+    + """
+purge()
+local rid, actual = ARGV[3], tonumber(ARGV[4])
+local amount = tonumber(redis.call('HGET', amt, rid))
+if amount and amount ~= actual then
+  redis.call('HSET', amt, rid, actual)
+  redis.call('HINCRBY', state, 'used', actual - amount)
+  if actual < amount then wake() end
+end
+return tonumber(redis.call('HGET', state, 'used')) or 0
+"""
+)
+
+# ARGV: 3 ticket.
+_LEAVE = (
+    _PRELUDE
+    + """
+local head = redis.call('ZRANGE', queue, 0, 0)[1]
+redis.call('ZREM', queue, ARGV[3])
+redis.call('ZREM', qlease, ARGV[3])
+if head == ARGV[3] then wake() end
+return purge()
+"""
+)
+
+# ARGV: 3 remaining, 4 reset ms, 5 guard ms, 6 capacity.
+_OBSERVE = (
+    _PRELUDE
+    + """
+local used = purge()
+local remaining = tonumber(ARGV[3])
+if remaining >= tonumber(ARGV[6]) - used then return used end
+redis.call('HSET', state, 'room', math.max(remaining, 0),
+           'room_until', now + tonumber(ARGV[4]) + tonumber(ARGV[5]))
+touch()
+return used
+"""
+)
+
+# ARGV: 3 pending lease, 4 queue lease, 5 number of rids, then rids, then tickets.
+_RENEW = (
+    _PRELUDE
+    + """
+local n = tonumber(ARGV[5])
+for i = 6, 5 + n do redis.call('ZADD', pend, 'XX', now + tonumber(ARGV[3]), ARGV[i]) end
+for i = 6 + n, #ARGV do redis.call('ZADD', qlease, 'XX', now + tonumber(ARGV[4]), ARGV[i]) end
+touch()
+return purge()
+"""
+)
+
+# ARGV: 3 only if empty (1/0), 4 pending lease, then (rid, expires in ms, amount, pending 1/0)*.
+# An existing entry keeps the larger amount and the later expiry (the shared placeholder).
+_IMPORT = (
+    _PRELUDE
+    + """
+purge()
+if ARGV[3] == '1' and redis.call('ZCARD', sent) + redis.call('ZCARD', pend) > 0 then return 0 end
+local loaded = 0
+for i = 5, #ARGV, 4 do
+  local rid, ttl, amount = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local zkey, score = sent, now + ttl
+  if ARGV[i + 3] == '1' then zkey, score = pend, now + tonumber(ARGV[4]) end
+  if ttl > 0 and amount > 0 then
+    local old = tonumber(redis.call('HGET', amt, rid)) or 0
+    if amount > old then
+      redis.call('HSET', amt, rid, amount)
+      redis.call('HINCRBY', state, 'used', amount - old)
+    end
+    redis.call('ZADD', zkey, 'GT', score, rid)
+    loaded = loaded + 1
+  end
+end
+touch()
+wake()
+return loaded
+"""
+)
+
+_SCRIPTS = {
+    "acquire": _ACQUIRE,
+    "mark_sent": _MARK_SENT,
+    "release": _RELEASE,
+    "reconcile": _RECONCILE,
+    "leave": _LEAVE,
+    "observe": _OBSERVE,
+    "renew": _RENEW,
+    "import": _IMPORT,
+}
+_KEY_PARTS = ("sent", "pending", "amounts", "state", "queue", "qlease")
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    from redis import exceptions
+
+    return (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ReadOnlyError, OSError)
+
+
+class RedisSlidingWindowGate:
+    """``capacity`` units per rolling ``window_s`` seconds, shared through Redis.
+
+    Every replica must use the same ``capacity`` and ``window_s`` for one ``key``. The gate's
+    timing is Redis server time and real sleeps, so ``clock`` only measures waits and drives the
+    local fallback gate. Methods must be called on the event loop that awaits ``acquire``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        window_s: float,
+        *,
+        url: str,
+        key: str,
+        clock: Clock,
+        send_guard_s: float = 0.02,
+        fallback: Fallback = "fail_closed",
+        replicas: int = 1,
+        pending_lease_s: float | None = None,
+        queue_lease_s: float = 5.0,
+        probe_s: float = 1.0,
+        connect_timeout_s: float = 2.0,
+        command_timeout_s: float = 5.0,
+    ) -> None:
+        if capacity < 1:
+            raise ConfigurationError(
+                f"{name} gate capacity is {capacity}: the limit times rpm_window_seconds / 60 "
+                "must allow at least 1 per window; raise the limit or the window"
+            )
+        if window_s <= 0:
+            raise ConfigurationError(f"{name} gate window is {window_s}s: use a window > 0")
+        if fallback not in _FALLBACKS:
+            raise ConfigurationError(
+                f"rate_limit_fallback={fallback!r} is invalid: use 'fail_closed' or 'local'"
+            )
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ConfigurationError(
+                f"rate_limit_replicas={replicas!r} is invalid: use the number of processes "
+                "sharing this budget (an int >= 1)"
+            )
+        if fallback == "local" and capacity // replicas < 1:
+            raise ConfigurationError(
+                f"the {name} gate holds {capacity} per window, too little to split across "
+                f"{replicas} replicas for rate_limit_fallback='local'; use 'fail_closed', fewer "
+                "replicas, or a longer rpm_window_seconds"
+            )
+        self.name = name
+        self.capacity = capacity
+        self.window_s = window_s
+        self.url = url
+        self.key = key
+        self.fallback = fallback
+        self.replicas = replicas
+        self._clock = clock
+        self._guard = send_guard_s
+        self._pending_lease_s = (
+            pending_lease_s if pending_lease_s is not None else max(2.0 * window_s, 30.0)
+        )
+        self._queue_lease_s = queue_lease_s
+        self._heartbeat_s = min(1.0, self._pending_lease_s / 3, queue_lease_s / 3)
+        self._probe_s = probe_s
+        self._poll_s = min(max(window_s / 10, 0.02), 0.5)
+        self._timeouts = (connect_timeout_s, command_timeout_s)
+        base = f"llmtrail:gate:{name}:{{{key}}}"
+        self._keys = [f"{base}:{part}" for part in _KEY_PARTS]
+        self._channel = f"{base}:wake"
+        lease_ms = max(self._pending_lease_s, queue_lease_s, window_s + send_guard_s)
+        self._ttl_ms = int(2000 * lease_ms) + 1000
+        self._client: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._local = (
+            SlidingWindowGate(
+                name, capacity // replicas, window_s, clock=clock, send_guard_s=send_guard_s
+            )
+            if fallback == "local"
+            else None
+        )
+        self._on_local = False
+        self._local_live: set[RedisGateReservation] = set()
+        self._pending: set[RedisGateReservation] = set()  # Redis-granted, not sent yet
+        self._pending_units = 0
+        self._waiters = 0
+        self._tickets: dict[int, asyncio.Event] = {}
+        self._used = 0  # Redis's count at the last round trip
+        self._ops: deque[tuple[str, tuple[Any, ...], float]] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._worker: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _redis(self) -> Redis:
+        if self._client is None:
+            from redis.asyncio import Redis
+
+            connect, command = self._timeouts
+            # redis-py does not retry by default: a failed call is retried by the worker (in
+            # order) or reported by acquire, never repeated behind our back.
+            self._client = Redis.from_url(
+                self.url, socket_connect_timeout=connect, socket_timeout=command
+            )
+            self._scripts = {n: self._client.register_script(s) for n, s in _SCRIPTS.items()}
+        return self._client
+
+    async def _run(self, script: str, *args: Any) -> Any:
+        client = self._redis()
+        return await self._scripts[script](self._keys, [self._channel, self._ttl_ms, *args], client)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- acquiring ----------------------------------------------------------------------
+
+    async def acquire(self, amount: int) -> RedisGateReservation:
+        if amount > self.capacity:
+            raise GateRequestTooLarge(self.name, amount, self.capacity)
+        if self._closing:
+            raise RuntimeError(f"the {self.name} gate is closed; create a new one")
+        start = self._clock.now()
+        self._waiters += 1
+        try:
+            if not self._on_local:
+                try:
+                    return await self._acquire_shared(amount, start)
+                except _unavailable_errors() as exc:
+                    if self._local is None:
+                        raise RateLimitBackendUnavailable(
+                            self.name, mask_url(self.url), exc
+                        ) from exc
+                    self._go_local(exc)
+            return await self._acquire_local(amount, start)
+        finally:
+            self._waiters -= 1
+
+    async def _acquire_local(self, amount: int, start: float) -> RedisGateReservation:
+        assert self._local is not None
+        inner = await self._local.acquire(amount)
+        res = RedisGateReservation(amount, rid=os.urandom(8).hex(), inner=inner)
+        res.waited_s = self._clock.now() - start
+        res.waiters_ahead = inner.waiters_ahead
+        self._local_live.add(res)
+        return res
+
+    async def _acquire_shared(self, amount: int, start: float) -> RedisGateReservation:
+        res = RedisGateReservation(amount, rid=os.urandom(8).hex())
+        ticket = 0  # our place in the shared queue, once we have one
+        ahead = 0
+        event = asyncio.Event()  # set by the listener when a message names our ticket
+        try:
+            while True:
+                event.clear()
+                call = self._spawn(
+                    self._run(
+                        "acquire",
+                        res.rid,
+                        amount,
+                        ticket,
+                        self.capacity,
+                        int(self._pending_lease_s * 1000),
+                        int(self._queue_lease_s * 1000),
+                    )
+                )
+                try:
+                    granted, wait_ms, used, rank, got = await asyncio.shield(call)
+                except asyncio.CancelledError:
+                    # The script may still run, or have run: clean up once the call has landed.
+                    call.add_done_callback(functools.partial(self._abandoned, res.rid, ticket))
+                    self._tickets.pop(ticket, None)
+                    ticket = 0
+                    raise
+                self._used = int(used)
+                if granted:
+                    break
+                if ticket == 0:
+                    ticket, ahead = int(got), int(rank)
+                    self._tickets[ticket] = event
+                    self._ensure_listener()
+                    self._ensure_worker()  # its heartbeats keep the ticket's lease
+                if wait_ms >= 0 and rank == 0:
+                    timeout = wait_ms / 1000 + random.uniform(0.0005, 0.002)
+                else:  # a message wakes us; polling only covers a lost one
+                    timeout = self._poll_s * random.uniform(0.8, 1.2)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout)
+        except BaseException:
+            if ticket:  # cancelled while asleep, or Redis failed: leave the queue
+                self._tickets.pop(ticket, None)
+                self._enqueue("leave", ticket)
+            raise
+        self._tickets.pop(ticket, None)  # the script removed a granted ticket itself
+        res.waited_s = self._clock.now() - start
+        res.waiters_ahead = ahead
+        self._pending.add(res)
+        self._pending_units += amount
+        self._ensure_worker()
+        return res
+
+    def _abandoned(self, rid: str, ticket: int, call: asyncio.Task[Any]) -> None:
+        """A cancelled waiter's script call landed: give back whatever it took."""
+        if call.cancelled() or call.exception() is not None:
+            if ticket:
+                self._enqueue("leave", ticket)
+            return
+        granted, _, _, _, got = call.result()
+        if granted:
+            self._enqueue("release", rid)
+        elif int(got):
+            self._enqueue("leave", int(got))
+
+    # -- after acquiring (sync: local state now, Redis in order through the worker) --------
+
+    def _shared(self, reservation: GateReservation) -> RedisGateReservation:
+        if not isinstance(reservation, RedisGateReservation):
+            raise TypeError(
+                f"the {self.name} gate got a {type(reservation).__name__}; pass the reservation "
+                "this gate's acquire() returned"
+            )
+        return reservation
+
+    def _mirror(self, res: RedisGateReservation) -> bool:
+        """Whether Redis must hear about ``res``: always, unless it and we are both local."""
+        return res.inner is None or not self._on_local
+
+    def mark_sent(self, reservation: GateReservation) -> None:
+        """Start the reservation's window now (the attempt is being handed to the SDK)."""
+        res = self._shared(reservation)
+        if res.inner is not None:
+            self._local_gate().mark_sent(res.inner)
+        if res.state != _PENDING:
+            return
+        self._forget_pending(res)
+        res.state = _SENT
+        res.expires_at = time.monotonic() + self._guard + self.window_s
+        if self._mirror(res):
+            self._enqueue("mark_sent", res.rid, res.amount, time.monotonic())
+
+    def release(self, reservation: GateReservation) -> None:
+        """Give the units back: the provider never counted them."""
+        res = self._shared(reservation)
+        if res.inner is not None:
+            self._local_gate().release(res.inner)
+            self._local_live.discard(res)
+        if res.state == _DONE:
+            return
+        self._forget_pending(res)
+        res.state = _DONE
+        if self._mirror(res):
+            self._enqueue("release", res.rid)
+
+    def reconcile(self, reservation: GateReservation, actual: int) -> None:
+        """Replace the estimate with what the provider really counted."""
+        res = self._shared(reservation)
+        if res.inner is not None:
+            self._local_gate().reconcile(res.inner, actual)
+        if actual == res.amount:
+            return
+        if res.state == _PENDING and res in self._pending:
+            self._pending_units += actual - res.amount
+        res.amount = actual
+        if res.state != _DONE and self._mirror(res):
+            self._enqueue("reconcile", res.rid, actual)
+
+    def observe_provider(self, remaining: int | None, reset_s: float | None) -> None:
+        """Believe the provider when its headers show less room than the gate thinks it has."""
+        if remaining is None or reset_s is None:
+            return
+        if self._local is not None:
+            self._local.observe_provider(remaining // self.replicas, reset_s)
+        if not self._on_local:
+            self._enqueue(
+                "observe",
+                remaining,
+                int(max(reset_s, 0.0) * 1000),
+                int(self._guard * 1000),
+                self.capacity,
+            )
+
+    def preload(self, sent_ages: Iterable[tuple[float, int]]) -> int:
+        """Warm start from the store, applied in Redis only if the shared window is empty.
+
+        The store holds every replica's sends, and a live Redis already counts them: loading
+        them again would count them twice. After a Redis restart the window is empty, and this
+        is what brings it back. Returns how many sends fall inside the window.
+        """
+        entries: list[Any] = []
+        for age, amount in sent_ages:
+            remaining = self._guard + self.window_s - age
+            if remaining > 0 and amount > 0:
+                entries += [f"preload:{os.urandom(6).hex()}", int(remaining * 1000), amount, 0]
+        if entries:
+            self._enqueue("import", 1, int(self._pending_lease_s * 1000), *entries)
+        return len(entries) // 4
+
+    def _forget_pending(self, res: RedisGateReservation) -> None:
+        if res in self._pending:
+            self._pending.discard(res)
+            self._pending_units -= res.amount
+
+    def _local_gate(self) -> SlidingWindowGate:
+        assert self._local is not None
+        return self._local
+
+    # -- figures ------------------------------------------------------------------------
+
+    def used(self) -> int:
+        """Units held in the shared window at the last round trip (the local gate's when local)."""
+        if self._on_local and self._local is not None:
+            return self._local.used()
+        return self._used
+
+    def reserved(self) -> int:
+        """Units this process reserved and has not sent yet."""
+        local = sum(r.amount for r in self._local_live if r.pending)
+        return self._pending_units + local
+
+    def waiting(self) -> int:
+        """Callers of this process waiting in ``acquire``."""
+        return self._waiters
+
+    @property
+    def on_local_fallback(self) -> bool:
+        """True while Redis is unreachable and the local 1/N gate serves this process."""
+        return self._on_local
+
+    # -- the worker: Redis operations in order, heartbeats, probes -----------------------
+
+    def _enqueue(self, op: str, *args: Any) -> None:
+        self._ops.append((op, args, time.monotonic()))
+        self._idle.clear()
+        self._wake.set()
+        self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop yet (e.g. preload before start): applied on first use
+                return
+            self._worker = loop.create_task(self._work())
+
+    async def start(self) -> None:
+        """Connect and load the scripts now rather than on the first call.
+
+        Redis unreachable: raises :class:`RateLimitBackendUnavailable` with ``fail_closed``,
+        switches to the local share (with the one warning) with ``local``.
+        """
+        if self._on_local:
+            return
+        try:
+            client = self._redis()
+            await client.ping()
+            for script in self._scripts.values():
+                await client.script_load(script.script)
+        except _unavailable_errors() as exc:
+            if self._local is None:
+                raise RateLimitBackendUnavailable(self.name, mask_url(self.url), exc) from exc
+            self._go_local(exc)
+
+    async def flush(self) -> None:
+        """Return once every operation issued before the call has been applied in Redis.
+
+        That includes the clean-up of waiters cancelled while their script call was in flight.
+        While Redis is unreachable this waits until the operations are applied or dropped.
+        """
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        self._ensure_worker()
+        while self._ops:
+            await self._idle.wait()
+
+    async def _work(self) -> None:
+        unavailable = _unavailable_errors()
+        backoff = 0.05
+        next_beat = time.monotonic() + self._heartbeat_s
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:  # before the operations, so a steady stream cannot starve it
+                next_beat = now + (self._probe_s if self._on_local else self._heartbeat_s)
+                try:
+                    await (self._probe() if self._on_local else self._renew())
+                except unavailable:
+                    pass  # retried at the next beat
+                except Exception:
+                    _log.exception("shared gate heartbeat failed", gate=self.name)
+            if self._ops:
+                op, args, _ = self._ops[0]
+                try:
+                    await self._apply(op, args)
+                except unavailable:
+                    if time.monotonic() - self._ops[0][2] > self._pending_lease_s:
+                        # Moot by now: a pending lease lapsed, a sent entry expired.
+                        self._ops.popleft()
+                        _log.debug("shared gate operation dropped", gate=self.name, op=op)
+                    else:
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, 1.0)
+                    continue
+                except Exception:  # a bug: report it and keep the worker going
+                    _log.exception("shared gate operation failed", gate=self.name, op=op)
+                self._ops.popleft()
+                backoff = 0.05
+                continue
+            self._idle.set()
+            if self._closing or not (self._on_local or self._pending or self._tickets):
+                return  # idle: started again by the next operation or acquire
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), next_beat - now)
+
+    async def _apply(self, op: str, args: tuple[Any, ...]) -> None:
+        if op == "mark_sent":
+            rid, amount, sent_at = args
+            lag_ms = int((time.monotonic() - sent_at) * 1000)
+            result = await self._run(
+                op, rid, amount, lag_ms, int(self._guard * 1000), int(self.window_s * 1000)
+            )
+        else:
+            result = await self._run(op, *args)
+        if op != "import":  # every other script returns the shared count
+            self._used = int(result)
+
+    async def _renew(self) -> None:
+        rids = [r.rid for r in self._pending]
+        if not rids and not self._tickets:
+            return
+        self._used = int(
+            await self._run(
+                "renew",
+                int(self._pending_lease_s * 1000),
+                int(self._queue_lease_s * 1000),
+                len(rids),
+                *rids,
+                *self._tickets,
+            )
+        )
+
+    async def _probe(self) -> None:
+        """On the local fallback: is Redis back? Then carry our units over and switch back."""
+        await self._redis().ping()
+        now = self._clock.now()
+        entries: list[Any] = []
+        for res in list(self._local_live):
+            inner = res.inner
+            if inner is None or inner.done:
+                self._local_live.discard(res)
+                continue
+            if inner.pending:
+                entries += [res.rid, 1, res.amount, 1]
+            else:
+                entries += [res.rid, int((inner.expires_at - now) * 1000) + 1, res.amount, 0]
+        others = (self.replicas - 1) * (self.capacity // self.replicas)
+        if others:
+            # The other replicas may still be on their local share until their own probe.
+            hold_ms = int((self.window_s + self._guard + 2 * self._probe_s) * 1000)
+            entries += [_OUTAGE_ID, hold_ms, others, 0]
+        await self._run("import", 0, int(self._pending_lease_s * 1000), *entries)
+        for res in self._local_live:  # adopted as shared pending: renewed from now on
+            if res.pending:
+                self._pending.add(res)
+                self._pending_units += res.amount
+        self._local_live = {r for r in self._local_live if not r.pending}
+        self._on_local = False
+        _log.info("shared rate gate is back on Redis", gate=self.name, url=mask_url(self.url))
+
+    def _go_local(self, exc: BaseException) -> None:
+        if self._on_local:
+            return
+        self._on_local = True
+        _log.warning(
+            "Redis unreachable: rate gate falls back to a local share of the budget",
+            gate=self.name,
+            url=mask_url(self.url),
+            error=str(exc),
+            local_capacity=self.capacity // self.replicas,
+            replicas=self.replicas,
+        )
+        self._ensure_worker()  # probes Redis until it is back
+
+    # -- wake-ups -----------------------------------------------------------------------
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        """Wake the local waiter whose ticket a message names; runs while tickets wait."""
+        unavailable = _unavailable_errors()
+        while self._tickets and not self._closing:
+            pubsub = self._redis().pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                for event in self._tickets.values():  # messages before subscribing were missed
+                    event.set()
+                while self._tickets and not self._closing:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message is not None:
+                        woken = self._tickets.get(int(message["data"]))
+                        if woken is not None:
+                            woken.set()
+            except unavailable:
+                await asyncio.sleep(self._poll_s)  # waiters poll meanwhile
+            finally:
+                with contextlib.suppress(*unavailable):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Apply queued operations (up to ``timeout_s`` if Redis is down), then disconnect."""
+        self._closing = True
+        self._wake.set()
+        tasks = [t for t in (self._worker, self._listener, *self._tasks) if t is not None]
+        if self._ops and (self._worker is None or self._worker.done()):
+            self._ensure_worker()
+            tasks.append(self._worker)  # type: ignore[arg-type]
+        done, late = await asyncio.wait(tasks, timeout=timeout_s) if tasks else (set(), set())
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: errors were reported where they happened
+        if self._ops:
+            _log.warning(
+                "shared gate closed with operations not applied",
+                gate=self.name,
+                dropped=len(self._ops),
+            )
+            self._ops.clear()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def create_gate(
+    name: str,
+    capacity: int,
+    window_s: float,
+    *,
+    clock: Clock,
+    send_guard_s: float,
+    rate_limit_url: str | None,
+    key: str,
+    fallback: str = "fail_closed",
+    replicas: int = 1,
+) -> SlidingWindowGate | RedisSlidingWindowGate:
+    """The in-process gate when ``rate_limit_url`` is None, else the shared Redis gate.
+
+    ``key`` identifies the budget: ``"{provider}:{model}:{api-key fingerprint}"``.
+    """
+    if rate_limit_url is None:
+        return SlidingWindowGate(name, capacity, window_s, clock=clock, send_guard_s=send_guard_s)
+    scheme = urlsplit(rate_limit_url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigurationError(
+            f"rate_limit_url={mask_url(rate_limit_url)!r} is not a Redis URL: use "
+            "redis://host:6379/0 (rediss:// for TLS), or None for in-process gates"
+        )
+    if fallback not in _FALLBACKS:
+        raise ConfigurationError(
+            f"rate_limit_fallback={fallback!r} is invalid: use 'fail_closed' or 'local'"
+        )
+    return RedisSlidingWindowGate(
+        name,
+        capacity,
+        window_s,
+        url=rate_limit_url,
+        key=key,
+        clock=clock,
+        send_guard_s=send_guard_s,
+        fallback=fallback,  # type: ignore[arg-type]
+        replicas=replicas,
+    )
