@@ -1063,7 +1063,8 @@ class MockServer:
         ]
         await response.write(_sse(head, 0))
         if delay > 0 and not await self._sleep(delay):
-            return self._drop(request)
+            self._drop(request)
+            return response
         if fault is Fault.MALFORMED_JSON:
             await response.write(b'event: response.output_text.delta\ndata: {"type": "resp\n\n')
             await response.write_eof()

@@ -323,6 +323,22 @@ async def test_window_frees_when_the_oldest_arrival_leaves(
     assert server.arrivals_in_any_window(1.0, counted_only=True) == 2
 
 
+async def test_concurrent_arrivals_never_take_more_than_the_window_holds(
+    mock_server_factory: MockServerFactory,
+) -> None:
+    server = await mock_server_factory(clock=FakeClock(), rpm_limit=240, window_s=1.0)  # 4
+
+    async def post(http: aiohttp.ClientSession) -> int:
+        async with http.post(f"{server.url}/v1/responses", json={"model": "m", "input": "x"}) as r:
+            return r.status
+
+    async with aiohttp.ClientSession() as http:
+        statuses = await asyncio.gather(*(post(http) for _ in range(20)))
+    assert sorted(statuses) == [200] * 4 + [429] * 16
+    assert server.arrivals_in_any_window(1.0, counted_only=True) == 4
+    assert server.arrivals_in_any_window(1.0) == 20
+
+
 async def test_tpm_limit_charges_input_plus_max_output_at_arrival(
     mock_server_factory: MockServerFactory,
 ) -> None:
@@ -411,20 +427,26 @@ async def test_unlimited_server_reports_a_large_limit(client: AsyncOpenAI) -> No
         ("malformed_json", json.JSONDecodeError, 200),
     ],
 )
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_fault_as_the_sdk_sees_it(
     mock_server_factory: MockServerFactory,
     fault: str,
     error: type[Exception],
     status: int | None,
+    stream: bool,
 ) -> None:
     server = await mock_server_factory(fault_script=(fault,), slow_s=30.0)
     async with client_for(server, timeout=0.3) as c:
         with pytest.raises(error) as caught:
-            await c.responses.create(model="m", input=PROMPT)
+            if stream:
+                async for _ in await c.responses.create(model="m", input=PROMPT, stream=True):
+                    pass
+            else:
+                await c.responses.create(model="m", input=PROMPT)
         after = await c.responses.create(model="m", input=PROMPT)  # the script is over
     assert after.status == "completed"
     assert server.log[0].fault == fault and server.log[1].fault is None
-    if status is not None:
+    if status is not None and not (stream and fault == "slow"):
         assert server.log[0].status == status
     if isinstance(caught.value, openai.APIStatusError):
         assert caught.value.status_code == status
