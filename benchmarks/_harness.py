@@ -443,6 +443,7 @@ def _bench_child(
     # SIGTERM (a timeout in the parent) becomes SystemExit so that `finally` blocks stop the
     # servers this bench started, instead of leaving them orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    _quiet_logs()
     started = time.perf_counter()
     try:
         try:
@@ -463,6 +464,16 @@ def _bench_child(
     section.elapsed_s = time.perf_counter() - started
     conn.send(section.to_dict())
     conn.close()
+
+
+def _quiet_logs() -> None:
+    """Only errors reach the console: a bench's retries and 429s are counted, not logged."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    logging.basicConfig(level=logging.ERROR)
 
 
 def run_bench_in_child(module: str, key: str, title: str, quick: bool, timeout_s: float) -> Section:
