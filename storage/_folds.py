@@ -23,10 +23,11 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 from pipeline import Event, PriceTable
@@ -42,6 +43,8 @@ __all__ = [
     "apply_metrics",
     "apply_usage",
     "call_usage_key",
+    "event_minutes",
+    "metrics_minutes",
     "minute_of",
     "quantize_cost",
 ]
@@ -157,7 +160,11 @@ class CallRow:
     last_position: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return dict(zip(CALL_COLUMNS, _call_values(self), strict=True))
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        """The values in :data:`CALL_COLUMNS` order (the ``calls`` table's column order)."""
+        return _call_values(self)
 
     def reprice(self, prices: PriceTable) -> None:
         """Cost is a function of (model, tokens): recomputed whenever either changes."""
@@ -176,56 +183,49 @@ class CallRow:
 
 
 CALL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CallRow))
+_call_values = attrgetter(*CALL_COLUMNS)
 
 
 def apply_calls(
-    rows: dict[str, CallRow], events: Iterable[StoredEvent], prices: PriceTable
+    rows: dict[str, CallRow], events: Sequence[StoredEvent], prices: PriceTable
 ) -> set[str]:
     """Fold ``events`` into ``rows`` (call_id -> row, the rows as stored so far, mutated in
-    place); returns the call_ids touched."""
-    touched: set[str] = set()
+    place); returns the call_ids touched. ``trace_id`` and ``instance`` come from the first
+    event of the call."""
     for event in events:
-        call_id = event.call_id
-        row = rows.get(call_id)
+        row = rows.get(event.call_id)
         if row is None:
-            row = rows[call_id] = CallRow(call_id)
-        touched.add(call_id)
-        payload = event.payload
+            row = rows[event.call_id] = CallRow(
+                event.call_id, trace_id=event.trace_id, instance=event.instance or None
+            )
         kind = event.type
-        if row.trace_id is None:
-            row.trace_id = event.trace_id
-        if row.instance is None:
-            row.instance = event.instance or None
-        if kind == "trace_created":
-            row.operation_name = _opt_str(payload, "operation_name")
-            row.model = _opt_str(payload, "model")
-            row.started_at = utc(event.occurred_at)
-            row.metadata = dict(payload.get("metadata") or {})
-            row.reprice(prices)
-        elif kind == "gate_wait":
-            if payload.get("gate") == "rpm":
+        payload = event.payload
+        # Branches in the order of how often each type occurs.
+        if kind == "gate_wait":
+            gate = payload.get("gate")
+            if gate == "rpm":
                 row.rpm_wait_s += _float(payload, "waited_s")
-            elif payload.get("gate") == "tpm":
+            elif gate == "tpm":
                 row.tpm_wait_s += _float(payload, "waited_s")
-        elif kind == "semaphore_acquired":
-            row.semaphore_wait_s += _float(payload, "waited_s")
         elif kind == "sent":
             row.attempts += 1
+        elif kind == "semaphore_acquired":
+            row.semaphore_wait_s += _float(payload, "waited_s")
         elif kind == "received":
             row.input_tokens += _int(payload, "input_tokens")
             row.cached_tokens += _int(payload, "cached_tokens")
             row.output_tokens += _int(payload, "output_tokens")
             row.reasoning_tokens += _int(payload, "reasoning_tokens")
-            latency = _opt_float(payload, "latency_s")
+            latency = payload.get("latency_s")
             if latency is not None:
-                row.latency_s = latency
+                row.latency_s = float(latency)
             row.reprice(prices)
-        elif kind == "attempt_failed":
-            latency = _opt_float(payload, "latency_s")
-            if latency is not None:
-                row.latency_s = latency
-            if payload.get("error_type") == "rate_limited":
-                row.rate_limited += 1
+        elif kind == "trace_created":
+            row.operation_name = _opt_str(payload, "operation_name")
+            row.model = _opt_str(payload, "model")
+            row.started_at = utc(event.occurred_at)
+            row.metadata = dict(payload.get("metadata") or {})
+            row.reprice(prices)
         elif kind == "completed":
             outcome = payload.get("outcome")
             row.outcome = outcome if outcome in _FINAL_OUTCOMES else _INTERRUPTED
@@ -238,8 +238,14 @@ def apply_calls(
             if row.model is None and payload.get("model") is not None:
                 row.model = str(payload["model"])
                 row.reprice(prices)
+        elif kind == "attempt_failed":
+            latency = payload.get("latency_s")
+            if latency is not None:
+                row.latency_s = float(latency)
+            if payload.get("error_type") == "rate_limited":
+                row.rate_limited += 1
         row.last_position = event.position
-    return touched
+    return {event.call_id for event in events}
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,27 +379,60 @@ class MetricsRow:
 
 METRICS_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(MetricsRow))
 _METRIC_TYPES = frozenset({"gate_wait", "semaphore_acquired", "sent", "received", "attempt_failed"})
+_MINUTE = timedelta(minutes=1)
 
 
-def metrics_minutes(events: Iterable[StoredEvent]) -> set[datetime]:
-    """The minutes a batch touches, so that their stored rows can be loaded first."""
-    return {minute_of(e.occurred_at) for e in events if e.type in _METRIC_TYPES}
+def event_minutes(events: Sequence[StoredEvent]) -> list[datetime | None]:
+    """The ``metrics_minute`` key of each event (``None`` for a type it does not count).
 
-
-def apply_metrics(rows: dict[datetime, MetricsRow], events: Iterable[StoredEvent]) -> set[datetime]:
-    """Fold ``events`` into ``rows`` (minute -> row, the stored rows of every minute the batch
-    touches, mutated in place); returns the minutes touched. Float sums are a left fold onto
-    the stored value, never a batch subtotal added later, so they do not depend on the split."""
-    touched: set[datetime] = set()
+    Events come in time order, so most fall in the minute of the one before: checking that
+    range first saves building a datetime per event on a full rebuild."""
+    out: list[datetime | None] = []
+    append = out.append
+    low = high = key = None
     for event in events:
-        kind = event.type
-        if kind not in _METRIC_TYPES:
+        if event.type not in _METRIC_TYPES:
+            append(None)
             continue
-        minute = minute_of(event.occurred_at)
-        row = rows.get(minute)
-        if row is None:
-            row = rows[minute] = MetricsRow()
-        touched.add(minute)
+        at = event.occurred_at
+        if low is None or high is None or not (low <= at < high):
+            key = minute_of(at)
+            low, high = key, key + _MINUTE
+            if at.tzinfo is None:  # compare like with like
+                low, high = low.replace(tzinfo=None), high.replace(tzinfo=None)
+        append(key)
+    return out
+
+
+def metrics_minutes(events: Sequence[StoredEvent]) -> set[datetime]:
+    """The minutes a batch touches, so that their stored rows can be loaded first."""
+    return {m for m in event_minutes(events) if m is not None}
+
+
+def apply_metrics(
+    rows: dict[datetime, MetricsRow],
+    events: Sequence[StoredEvent],
+    minutes: Sequence[datetime | None] | None = None,
+) -> set[datetime]:
+    """Fold ``events`` into ``rows`` (minute -> row, the stored rows of every minute the batch
+    touches, mutated in place); returns the minutes touched. ``minutes`` is
+    :func:`event_minutes` of the batch, if already computed. Float sums are a left fold onto
+    the stored value, never a batch subtotal added later, so they do not depend on the split."""
+    if minutes is None:
+        minutes = event_minutes(events)
+    touched: set[datetime] = set()
+    current: datetime | None = None
+    row = MetricsRow()
+    for event, minute in zip(events, minutes, strict=True):
+        if minute is None:
+            continue
+        if minute != current:
+            found = rows.get(minute)
+            if found is None:
+                found = rows[minute] = MetricsRow()
+            row, current = found, minute
+            touched.add(minute)
+        kind = event.type
         payload = event.payload
         if kind == "sent":
             row.requests_sent += 1
@@ -405,18 +444,19 @@ def apply_metrics(rows: dict[datetime, MetricsRow], events: Iterable[StoredEvent
                 if total is not None
                 else _int(payload, "input_tokens") + _int(payload, "output_tokens")
             )
-            latency = _opt_float(payload, "latency_s")
+            latency = payload.get("latency_s")
             if latency is not None:
-                row.latency_sum_s += latency
+                row.latency_sum_s += float(latency)
                 row.latency_count += 1
         elif kind == "attempt_failed":
             row.errors += 1
             if payload.get("error_type") == "rate_limited":
                 row.rate_limited += 1
         elif kind == "gate_wait":
-            if payload.get("gate") == "rpm":
+            gate = payload.get("gate")
+            if gate == "rpm":
                 row.rpm_wait_s += _float(payload, "waited_s")
-            elif payload.get("gate") == "tpm":
+            elif gate == "tpm":
                 row.tpm_wait_s += _float(payload, "waited_s")
         else:  # semaphore_acquired
             row.semaphore_wait_s += _float(payload, "waited_s")
