@@ -18,6 +18,7 @@ from pipeline import (
     GenerationRequest,
     PriceTable,
 )
+from pipeline._mock_server import MockServerConfig, running_in_thread
 from tests.conftest import RecordingSink
 
 KEY = "sk-test-0123456789abcdef"
@@ -174,16 +175,8 @@ async def test_asyncio_timeout_around_a_call_completes_it_as_cancelled(
     assert events[-1].payload["outcome"] == "cancelled"
 
 
-def test_sync_path_holds_the_cap_from_many_threads(mock_server_factory: Any) -> None:
-    async def start() -> Any:
-        return await mock_server_factory(latency_s=0.01)
-
-    # The server runs on its own loop thread so the sync service can call it from threads.
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        server = asyncio.run_coroutine_threadsafe(start(), loop).result()
+def test_sync_path_holds_the_cap_from_many_threads() -> None:
+    with running_in_thread(MockServerConfig(latency_s=0.01)) as server:
         results: list[Any] = []
         with service_for(server.url, max_rpm=240, rpm_window_seconds=1.0) as service:
 
@@ -197,11 +190,6 @@ def test_sync_path_holds_the_cap_from_many_threads(mock_server_factory: Any) -> 
                 t.join(timeout=30)
         assert len(results) == 12 and all(r.success for r in results)
         assert server.arrivals_in_any_window(1.0) <= 4
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
 
 
 async def test_5xx_is_retried_and_each_attempt_is_recorded(
