@@ -1,1 +1,52 @@
-"""placeholder"""
+"""llmtrail's event store: the append-only SQL log of lifecycle events, and what reads it.
+
+- :class:`EventWriter` (built by :func:`open_store_sink`, the ``store`` sink) appends events
+  in batches, one writer per process; :class:`EventStore` reads them back in position order.
+- The schema is created only by the Alembic migrations in ``migrations/`` (:func:`migrate`,
+  ``llmtrail migrate``), and automatically when a writer opens a store that has none.
+- SQLite (aiosqlite, a file) by default; PostgreSQL (asyncpg) for many processes or hosts.
+
+Importing this package opens nothing and configures nothing.
+"""
+
+from __future__ import annotations
+
+from ._engine import (
+    DEFAULT_STORE_URL,
+    STORE_URL_ENV,
+    StoreClosedError,
+    StoreConfigError,
+    StoreError,
+    StoreSchemaError,
+    StoreUnavailableError,
+    create_engine,
+    mask_url,
+    store_url_from_environment,
+)
+from ._migrate import check_schema, ensure_schema, head_revision, migrate
+from ._reader import EventStore, StoredEvent
+from ._schema import events, metadata
+from ._writer import EventWriter, open_store_sink
+
+__all__ = [
+    "DEFAULT_STORE_URL",
+    "STORE_URL_ENV",
+    "EventStore",
+    "EventWriter",
+    "StoreClosedError",
+    "StoreConfigError",
+    "StoreError",
+    "StoreSchemaError",
+    "StoreUnavailableError",
+    "StoredEvent",
+    "check_schema",
+    "create_engine",
+    "ensure_schema",
+    "events",
+    "head_revision",
+    "mask_url",
+    "metadata",
+    "migrate",
+    "open_store_sink",
+    "store_url_from_environment",
+]

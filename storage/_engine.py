@@ -1,0 +1,252 @@
+"""Engines for the event store: URL validation, driver mapping and SQLite setup.
+
+Invariants:
+- Only two backends exist: SQLite through aiosqlite and PostgreSQL through asyncpg. Plain
+  ``sqlite:///x.db`` and ``postgresql://...`` (or ``postgres://``) are mapped to those async
+  drivers; any other URL raises :class:`StoreConfigError` naming the URL (password masked) and
+  the fix.
+- A SQLite store file is created by :func:`create_engine` with mode 0600 before SQLAlchemy ever
+  opens it (SQLite gives its -wal and -shm files the same mode), so events are private to the
+  owner from the first byte.
+- Every SQLite connection runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout.
+  SQLAlchemy, not the sqlite3 module, emits BEGIN: ``BEGIN IMMEDIATE`` on engines derived with
+  :func:`write_engine` (so a writer takes the write lock up front and never fails to upgrade a
+  read lock halfway through a batch), plain deferred ``BEGIN`` otherwise (WAL readers never
+  block the writer and are never blocked by it).
+- On PostgreSQL the same ``busy_timeout_ms`` becomes ``lock_timeout``, so a locked table is
+  reported as an error to retry rather than an unbounded wait.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from pipeline import ConfigurationError, LLMTrailError
+
+__all__ = [
+    "DEFAULT_STORE_URL",
+    "STORE_URL_ENV",
+    "StoreClosedError",
+    "StoreConfigError",
+    "StoreError",
+    "StoreSchemaError",
+    "StoreUnavailableError",
+    "create_engine",
+    "is_postgresql",
+    "is_sqlite",
+    "mask_url",
+    "normalize_store_url",
+    "store_url_from_environment",
+    "write_engine",
+]
+
+DEFAULT_STORE_URL = "sqlite+aiosqlite:///llmtrail.db"
+STORE_URL_ENV = "LLMTRAIL_STORE_URL"
+DEFAULT_BUSY_TIMEOUT_MS = 5_000
+
+_FIX = "use sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db"
+_SQLITE_DRIVERS = frozenset({"sqlite", "sqlite+aiosqlite"})
+_POSTGRES_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+# Execution option that marks an engine's transactions as writes (see write_engine()).
+_WRITE_OPTION = "llmtrail_write"
+
+
+class StoreError(LLMTrailError):
+    """Base class of the event store's errors."""
+
+
+class StoreConfigError(StoreError, ConfigurationError):
+    """The store URL or a store option is invalid; the message names the value and the fix."""
+
+
+class StoreSchemaError(StoreError):
+    """The store's schema is missing or at a revision this llmtrail does not know."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be reached or opened right now."""
+
+
+class StoreClosedError(StoreError, RuntimeError):
+    """The writer or reader was used after ``aclose()``."""
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL with its password replaced by ``***``, safe for logs and error messages."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    # A URL that does not parse may still hold a password: mask ``scheme://user:secret@``.
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def store_url_from_environment(url: str | None = None) -> str:
+    """``url`` if given, else ``$LLMTRAIL_STORE_URL``, else the SQLite file ``llmtrail.db``."""
+    return url or os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
+
+
+def normalize_store_url(url: str | URL) -> URL:
+    """Parse and validate a store URL, mapping sync driver names to the async drivers."""
+    if isinstance(url, URL):
+        parsed = url
+    else:
+        if not isinstance(url, str) or not url.strip():
+            raise StoreConfigError(f"store URL {url!r} is empty or not a string: {_FIX}")
+        try:
+            parsed = make_url(url.strip())
+        except (ArgumentError, ValueError) as exc:
+            raise StoreConfigError(
+                f"store URL {mask_url(url)!r} is malformed ({exc}): {_FIX}"
+            ) from None
+    driver = parsed.drivername
+    if driver in _SQLITE_DRIVERS:
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if driver in _POSTGRES_DRIVERS:
+        if not parsed.database:
+            raise StoreConfigError(f"store URL {mask_url(parsed)!r} names no database: {_FIX}")
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise StoreConfigError(
+        f"store URL {mask_url(parsed)!r} uses the unsupported driver {driver!r}: {_FIX}"
+    )
+
+
+def is_sqlite(engine: AsyncEngine | URL) -> bool:
+    url = engine.url if isinstance(engine, AsyncEngine) else engine
+    return url.drivername.startswith("sqlite")
+
+
+def is_postgresql(engine: AsyncEngine | URL) -> bool:
+    url = engine.url if isinstance(engine, AsyncEngine) else engine
+    return url.drivername.startswith("postgres")
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    """The database file of a SQLite URL, or None for in-memory and ``uri=true`` databases."""
+    database = url.database
+    if not database or database == ":memory:" or url.query.get("uri"):
+        return None
+    return Path(database)
+
+
+def _prepare_sqlite_file(url: URL, *, must_exist: bool) -> None:
+    path = _sqlite_file(url)
+    if path is None:
+        return
+    shown = mask_url(url)
+    if path.is_dir():
+        raise StoreConfigError(
+            f"store URL {shown!r} points at the directory {str(path)!r}: "
+            "name a file, e.g. sqlite+aiosqlite:///path/llmtrail.db"
+        )
+    if not path.exists():
+        if must_exist:
+            raise StoreConfigError(
+                f"no event store at {str(path)!r} (store URL {shown!r}): check --store or "
+                f"${STORE_URL_ENV}, or create the store with `llmtrail migrate --store URL`"
+            )
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise StoreConfigError(
+                f"cannot create the event store {str(path)!r}: the directory "
+                f"{str(parent)!r} does not exist; create it or choose another path"
+            )
+        try:
+            # O_EXCL: never chmod a file someone else just created; 0600 before first open.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreConfigError(
+                f"cannot create the event store {str(path)!r}: {exc.strerror}; "
+                "check the directory's permissions or choose another path"
+            ) from None
+        else:
+            os.close(fd)
+            return
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StoreConfigError(
+            f"the event store {str(path)!r} is not readable and writable by this user: "
+            "fix its permissions (chmod 600) or choose another path"
+        )
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise StoreConfigError(
+            f"cannot read the event store {str(path)!r}: {exc.strerror}; "
+            "check its permissions or choose another path"
+        ) from None
+    # An empty file is a valid, empty SQLite database (we create stores that way).
+    if header and header != _SQLITE_MAGIC:
+        raise StoreConfigError(
+            f"{str(path)!r} is not a SQLite database (store URL {shown!r}): "
+            "point --store at an llmtrail store or at a new file"
+        )
+
+
+def _install_sqlite_hooks(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    # SQLAlchemy's documented recipe for aiosqlite: take BEGIN away from the sqlite3 module
+    # (isolation_level=None) and emit it ourselves, so that writes can say BEGIN IMMEDIATE.
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(_WRITE_OPTION):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("BEGIN")
+
+
+def create_engine(
+    url: str | URL,
+    *,
+    must_exist: bool = False,
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    application_name: str = "llmtrail",
+    **engine_options: Any,
+) -> AsyncEngine:
+    """An :class:`AsyncEngine` for a validated store URL.
+
+    ``must_exist=True`` (readers) refuses to create a missing SQLite file. ``busy_timeout_ms``
+    is how long one statement waits for a lock before failing: SQLite's busy timeout,
+    PostgreSQL's ``lock_timeout``. ``application_name`` labels PostgreSQL sessions.
+    """
+    if isinstance(busy_timeout_ms, bool) or not isinstance(busy_timeout_ms, int):
+        raise StoreConfigError(f"busy_timeout_ms={busy_timeout_ms!r} is invalid: use an int >= 0")
+    if busy_timeout_ms < 0:
+        raise StoreConfigError(f"busy_timeout_ms={busy_timeout_ms!r} is invalid: use an int >= 0")
+    parsed = normalize_store_url(url)
+    if is_sqlite(parsed):
+        _prepare_sqlite_file(parsed, must_exist=must_exist)
+        engine = create_async_engine(parsed, **engine_options)
+        _install_sqlite_hooks(engine, busy_timeout_ms)
+        return engine
+    connect_args = dict(engine_options.pop("connect_args", {}))
+    server_settings = dict(connect_args.pop("server_settings", {}))
+    server_settings.setdefault("application_name", application_name)
+    # lock_timeout=0 would mean "wait forever" on PostgreSQL; keep 0 meaning "do not wait".
+    server_settings.setdefault("lock_timeout", str(max(busy_timeout_ms, 1)))
+    connect_args["server_settings"] = server_settings
+    return create_async_engine(parsed, connect_args=connect_args, **engine_options)
+
+
+def write_engine(engine: AsyncEngine) -> AsyncEngine:
+    """A view of ``engine`` (same pool) whose transactions are writes: BEGIN IMMEDIATE on SQLite."""
+    return engine.execution_options(**{_WRITE_OPTION: True})

@@ -1,0 +1,215 @@
+"""Running the Alembic migrations from code, inside a running event loop.
+
+Invariants:
+- Alembic is configured in code (no ini file is read), and ``logging.config.fileConfig`` is
+  never called, so the application's logging survives a migration.
+- Migrations run on an ``AsyncConnection`` through ``run_sync``: no nested ``asyncio.run``,
+  so they work from inside a service's loop.
+- One migration at a time per store: on PostgreSQL a transaction-level advisory lock, on
+  SQLite ``BEGIN IMMEDIATE``. Alembic reads the current revision after the lock is held, so
+  two processes opening a new store together migrate it once.
+- :func:`ensure_schema` migrates a store without a schema (or at an older revision this
+  llmtrail knows) and refuses one at an unknown revision with :class:`StoreSchemaError`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import migrations
+
+from ._engine import (
+    StoreSchemaError,
+    StoreUnavailableError,
+    create_engine,
+    is_postgresql,
+    mask_url,
+    write_engine,
+)
+
+__all__ = [
+    "SchemaState",
+    "alembic_config",
+    "check_schema",
+    "ensure_schema",
+    "head_revision",
+    "migrate",
+    "schema_state",
+]
+
+_log = structlog.get_logger("storage.migrate")
+
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+# pg_advisory_xact_lock key serialising migrations of one database across processes.
+_MIGRATION_LOCK_KEY = 0x6C6C6D7472616D01
+_VERSION_TABLE = "alembic_version"
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration, built in code: no alembic.ini, hence no fileConfig."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+@functools.lru_cache(maxsize=1)
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """The newest revision this llmtrail knows (the schema a store must have)."""
+    heads = _scripts().get_heads()
+    if len(heads) != 1:  # pragma: no cover - a packaging bug, not a user error
+        raise StoreSchemaError(f"migrations/ has {len(heads)} heads {heads}; expected one")
+    return heads[0]
+
+
+def _known(revision: str) -> bool:
+    try:
+        return _scripts().get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaState:
+    """A store's Alembic revision (None without one) and whether it has an ``events`` table."""
+
+    revision: str | None
+    has_tables: bool
+
+    @property
+    def empty(self) -> bool:
+        return self.revision is None and not self.has_tables
+
+
+def _read_state(connection: Connection) -> SchemaState:
+    # Read alembic_version directly: MigrationContext.configure() would log two INFO lines
+    # on every service start.
+    inspector = inspect(connection)
+    revision = None
+    if inspector.has_table(_VERSION_TABLE):
+        revision = connection.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalar()
+    return SchemaState(revision=revision, has_tables=inspector.has_table("events"))
+
+
+async def schema_state(engine: AsyncEngine) -> SchemaState:
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(_read_state)
+    except DBAPIError as exc:
+        raise StoreUnavailableError(
+            f"cannot open the event store {mask_url(engine.url)!r}: {exc.orig or exc}; "
+            "check that the database server is running and the URL is right"
+        ) from exc
+
+
+def _upgrade(connection: Connection, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)
+
+
+async def migrate(
+    engine_or_url: AsyncEngine | str, revision: str = "head"
+) -> tuple[str | None, str | None]:
+    """Upgrade the store to ``revision``; return its revision before and after.
+
+    Safe to call from a running event loop and from several processes at once.
+    """
+    if isinstance(engine_or_url, AsyncEngine):
+        engine, owned = engine_or_url, False
+    else:
+        engine, owned = create_engine(engine_or_url), True
+    try:
+        if revision != "head" and not _known(revision):
+            raise StoreSchemaError(
+                f"unknown revision {revision!r}: use 'head' or one of "
+                f"{sorted(s.revision for s in _scripts().walk_revisions())}"
+            )
+        async with write_engine(engine).begin() as connection:
+            if is_postgresql(engine):
+                await connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                )
+            before = await connection.run_sync(_read_state)
+            if before.revision is not None and not _known(before.revision):
+                raise _unknown_revision(engine, before.revision)
+            target = head_revision() if revision == "head" else revision
+            if before.revision == target:
+                return before.revision, before.revision
+            await connection.run_sync(_upgrade, revision)
+            after = await connection.run_sync(_read_state)
+        if before.revision != after.revision:
+            _log.info(
+                "event store migrated",
+                store=mask_url(engine.url),
+                from_revision=before.revision,
+                to_revision=after.revision,
+            )
+        return before.revision, after.revision
+    except DBAPIError as exc:
+        raise StoreUnavailableError(
+            f"cannot migrate the event store {mask_url(engine.url)!r}: {exc.orig or exc}; "
+            "check that the database server is running and the URL is right"
+        ) from exc
+    finally:
+        if owned:
+            await engine.dispose()
+
+
+def _unknown_revision(engine: AsyncEngine, found: str) -> StoreSchemaError:
+    return StoreSchemaError(
+        f"the event store {mask_url(engine.url)!r} is at schema revision {found!r}, which this "
+        f"llmtrail does not know (it expects {head_revision()!r}); the store was written by a "
+        "newer llmtrail: upgrade llmtrail and run `llmtrail migrate --store URL`, "
+        "or use another store"
+    )
+
+
+async def check_schema(engine: AsyncEngine) -> str:
+    """The store's revision, for readers: raise :class:`StoreSchemaError` if it has none or
+    one this llmtrail does not know. Never changes the store."""
+    state = await schema_state(engine)
+    if state.revision is None:
+        raise StoreSchemaError(
+            f"the event store {mask_url(engine.url)!r} has no schema (found revision None, "
+            f"expected {head_revision()!r}): run `llmtrail migrate --store URL`"
+        )
+    if not _known(state.revision):
+        raise _unknown_revision(engine, state.revision)
+    return state.revision
+
+
+async def ensure_schema(engine: AsyncEngine) -> None:
+    """Make the store usable: migrate it if it has no schema or an older one.
+
+    Raises :class:`StoreSchemaError` for a store at a revision this llmtrail does not know,
+    and for a database that holds tables but no llmtrail schema.
+    """
+    state = await schema_state(engine)
+    head = head_revision()
+    if state.revision == head:
+        return
+    if state.revision is None and state.has_tables:
+        raise StoreSchemaError(
+            f"the database {mask_url(engine.url)!r} has an events table but no llmtrail schema "
+            f"(found revision None, expected {head!r}): point --store at a new file or an "
+            "empty database"
+        )
+    if state.revision is not None and not _known(state.revision):
+        raise _unknown_revision(engine, state.revision)
+    await migrate(engine)

@@ -1,0 +1,266 @@
+"""Reading the event store back: pages, streams of one call or trace, filters, following.
+
+Invariants:
+- Every result is in ``position`` order, which is commit order: the writer serialises its
+  batches (BEGIN IMMEDIATE on SQLite, a transaction-level advisory lock on PostgreSQL), so a
+  reader paging with ``position > cursor`` never skips an event that commits later. Anything
+  else that appends to ``events`` must take the same lock (see ``storage._writer``).
+- Positions are monotonic, not contiguous (a failed batch on PostgreSQL burns sequence values).
+- Reading never changes the store: :meth:`EventStore.open` refuses a missing file or a store
+  without schema instead of creating or migrating one.
+- Timestamps come back timezone-aware, in UTC, on every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy import Select, and_, exists, func, select
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from pipeline import Event, EventType
+
+from ._engine import StoreClosedError, create_engine, mask_url
+from ._migrate import check_schema
+from ._schema import events
+
+__all__ = ["EventStore", "StoredEvent"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as stored: its global ``position`` and when the store recorded it."""
+
+    position: int
+    event: Event
+    recorded_at: datetime | None = None
+
+    @property
+    def call_id(self) -> str:
+        return self.event.call_id
+
+    @property
+    def type(self) -> EventType:
+        return self.event.type
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the event's fields plus ``position`` and ``recorded_at``."""
+        return {
+            "position": self.position,
+            **self.event.to_dict(),
+            "recorded_at": self.recorded_at.isoformat() if self.recorded_at else None,
+        }
+
+
+def _stored(row: Row[Any]) -> StoredEvent:
+    return StoredEvent(
+        position=row.position,
+        event=Event(
+            call_id=row.call_id,
+            seq=row.seq,
+            type=EventType(row.type),
+            occurred_at=row.occurred_at,
+            trace_id=row.trace_id or "",
+            span_id=row.span_id or "",
+            payload=row.payload if isinstance(row.payload, dict) else {},
+            instance=row.instance or "",
+            event_id=row.event_id,
+        ),
+        recorded_at=row.recorded_at,
+    )
+
+
+def _types(value: str | Iterable[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [str(EventType(value))]
+    return [str(EventType(item)) for item in value]
+
+
+class EventStore:
+    """Reads events from a store. Build it with :meth:`open` or from an engine you own."""
+
+    def __init__(self, engine: AsyncEngine, *, owns_engine: bool = False) -> None:
+        self._engine = engine
+        self._owns_engine = owns_engine
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str, *, busy_timeout_ms: int = 5_000) -> EventStore:
+        """Open an existing store for reading; raise ``StoreConfigError`` if it does not exist
+        and ``StoreSchemaError`` if it has no (known) schema."""
+        engine = create_engine(
+            url,
+            must_exist=True,
+            busy_timeout_ms=busy_timeout_ms,
+            application_name="llmtrail reader",
+            hide_parameters=True,
+        )
+        try:
+            await check_schema(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(engine, owns_engine=True)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def aclose(self) -> None:
+        """Dispose the engine if this store created it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_engine:
+            await self._engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _fetch(self, query: Select[Any]) -> list[StoredEvent]:
+        if self._closed:
+            raise StoreClosedError(f"event store {mask_url(self._engine.url)!r} is closed")
+        async with self._engine.connect() as connection:
+            result = await connection.execute(query)
+            return [_stored(row) for row in result]
+
+    async def read(self, after_position: int = 0, limit: int = 1_000) -> list[StoredEvent]:
+        """Up to ``limit`` events with ``position > after_position``, in position order."""
+        return await self.query(after_position=after_position, limit=limit)
+
+    async def events_for_call(self, call_id: str) -> list[StoredEvent]:
+        """Every event of one call, in order."""
+        return await self.query(call_id=call_id)
+
+    async def events_for_trace(self, trace_id: str) -> list[StoredEvent]:
+        """Every event carrying this OTel trace id (one call, or several sharing a trace)."""
+        return await self.query(trace_id=trace_id)
+
+    def _select(
+        self,
+        *,
+        type: str | Iterable[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        call_id: str | None = None,
+        trace_id: str | None = None,
+        after_position: int = 0,
+        limit: int | None = None,
+    ) -> Select[Any]:
+        query = select(events).where(events.c.position > after_position)
+        types = _types(type)
+        if types is not None:
+            query = query.where(events.c.type.in_(types))
+        if since is not None:
+            query = query.where(events.c.occurred_at >= since)
+        if until is not None:
+            query = query.where(events.c.occurred_at < until)
+        if call_id is not None:
+            query = query.where(events.c.call_id == call_id)
+        if trace_id is not None:
+            query = query.where(events.c.trace_id == trace_id)
+        query = query.order_by(events.c.position)
+        if limit is not None:
+            query = query.limit(limit)
+        return query
+
+    async def query(
+        self,
+        *,
+        type: str | Iterable[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        call_id: str | None = None,
+        trace_id: str | None = None,
+        after_position: int = 0,
+        limit: int | None = None,
+    ) -> list[StoredEvent]:
+        """Events matching every given filter, in position order.
+
+        ``type`` is one type or several; ``since`` is inclusive and ``until`` exclusive
+        (``occurred_at``); ``after_position`` pages; ``limit`` caps the result.
+        """
+        return await self._fetch(
+            self._select(
+                type=type,
+                since=since,
+                until=until,
+                call_id=call_id,
+                trace_id=trace_id,
+                after_position=after_position,
+                limit=limit,
+            )
+        )
+
+    async def scan(
+        self, *, after_position: int = 0, page_size: int = 1_000, **filters: Any
+    ) -> AsyncIterator[StoredEvent]:
+        """Every matching event, fetched ``page_size`` at a time (for large results)."""
+        cursor = after_position
+        while True:
+            page = await self.query(after_position=cursor, limit=page_size, **filters)
+            for stored in page:
+                yield stored
+            if len(page) < page_size:
+                return
+            cursor = page[-1].position
+
+    async def follow(
+        self,
+        after_position: int = 0,
+        *,
+        poll_s: float = 0.5,
+        page_size: int = 1_000,
+        **filters: Any,
+    ) -> AsyncIterator[StoredEvent]:
+        """Matching events after ``after_position``, then new ones as they commit; endless.
+
+        Polls every ``poll_s`` seconds once it has caught up.
+        """
+        cursor = after_position
+        while True:
+            page = await self.query(after_position=cursor, limit=page_size, **filters)
+            for stored in page:
+                cursor = stored.position
+                yield stored
+            if len(page) < page_size:
+                await asyncio.sleep(poll_s)
+
+    async def last_position(self) -> int:
+        """The highest position stored (0 for an empty store)."""
+        if self._closed:
+            raise StoreClosedError(f"event store {mask_url(self._engine.url)!r} is closed")
+        async with self._engine.connect() as connection:
+            value = await connection.scalar(select(func.max(events.c.position)))
+            return int(value or 0)
+
+    async def incomplete_calls(self) -> list[StoredEvent]:
+        """The ``trace_created`` event of every call that has no ``completed`` event.
+
+        These are calls in flight, or calls whose process died before finishing them.
+        """
+        done = events.alias("done")
+        finished = exists().where(
+            and_(done.c.call_id == events.c.call_id, done.c.type == str(EventType.COMPLETED))
+        )
+        return await self._fetch(
+            select(events)
+            .where(events.c.type == str(EventType.TRACE_CREATED), ~finished)
+            .order_by(events.c.position)
+        )

@@ -1,0 +1,639 @@
+"""The event writer: one per process, batching lifecycle events into the store.
+
+Invariants:
+- ``emit()`` never blocks on I/O, never drops, and is safe from any thread. On the loop's
+  thread it appends to an in-memory queue; from any other thread it appends to an inbox that
+  is handed to the loop with ``call_soon_threadsafe`` (one wake-up per burst). Events from
+  one thread keep their order.
+- The queue is bounded only by the caller's cooperation: ``emit()`` returns False once
+  ``max_queue`` events are waiting (emitted, not yet committed), and ``wait_for_room()``
+  returns once fewer are. Nothing is ever discarded to make room.
+- A single drain task writes whatever is queued, up to ``batch_size`` events per batch, as one
+  multi-row ``INSERT ... ON CONFLICT (event_id) DO NOTHING`` in one transaction. A batch is
+  therefore idempotent and is simply retried after a failure. The drain task never waits for a
+  timer while events are queued.
+- Batches commit in queue order, so ``flush()``/``aclose()`` can return as soon as as many
+  events have been committed as had been emitted when they were called.
+- A locked or unreachable database is retried with capped exponential backoff, forever; the
+  outage is logged once (warning) and its end once (info). A row the database refuses for its
+  content (a duplicate ``(call_id, seq)``, bad data) is logged as an error and counted in
+  ``rejected``, so one bad event cannot wedge the writer.
+- The batch is serialised to JSON once, in one C-level ``json.dumps`` call, and the database
+  unpacks it (``json_each`` on SQLite, ``jsonb_array_elements`` on PostgreSQL): Python does
+  little per event, and the loop is free while the database works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import structlog
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal_column,
+    select,
+    text,
+    true,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql import ColumnElement
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+
+from pipeline import Event, EventType
+from pipeline._events import default_instance
+
+from ._engine import (
+    DEFAULT_BUSY_TIMEOUT_MS,
+    StoreClosedError,
+    StoreConfigError,
+    StoreError,
+    create_engine,
+    is_postgresql,
+    mask_url,
+    normalize_store_url,
+    write_engine,
+)
+from ._migrate import ensure_schema
+from ._schema import events
+
+__all__ = ["EventWriter", "open_store_sink"]
+
+_log = structlog.get_logger("storage.writer")
+
+_T = TypeVar("_T")
+
+# Every writer of every process takes this transaction-level advisory lock before inserting.
+# Without it, two transactions can draw positions 10 and 11 and commit 11 first: a reader
+# paging with `position > cursor` would then read 11, move its cursor past 10, and skip it.
+_PG_APPEND_LOCK_KEY = 0x6C6C6D7472616C01
+
+_COLUMNS = (
+    "event_id",
+    "call_id",
+    "seq",
+    "type",
+    "occurred_at",
+    "trace_id",
+    "span_id",
+    "instance",
+    "payload",
+)
+_encode = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
+
+
+def _sqlite_insert() -> Any:
+    elements = func.json_each(bindparam("batch", type_=Text)).table_valued("value")
+    value = elements.c.value
+    # json_extract returns SQL values for scalars and minified JSON text for the payload.
+    fields = [func.json_extract(value, literal_column(f"'$[{i}]'")) for i in range(len(_COLUMNS))]
+    # "WHERE true" is required: without it SQLite parses ON CONFLICT as part of the join.
+    rows = select(*fields).select_from(elements).where(true())
+    return (
+        sqlite.insert(events)
+        .from_select(list(_COLUMNS), rows)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+    )
+
+
+def _postgresql_insert() -> Any:
+    elements = func.jsonb_array_elements(
+        cast(bindparam("batch", type_=Text), postgresql.JSONB)
+    ).table_valued("value")
+    value = elements.c.value
+
+    def field(i: int) -> ColumnElement[Any]:
+        return value.op("->>")(literal_column(str(i)))
+
+    rows = select(
+        field(0),
+        field(1),
+        cast(field(2), Integer),
+        field(3),
+        cast(field(4), DateTime(timezone=True)),
+        field(5),
+        field(6),
+        field(7),
+        value.op("->")(literal_column("8")),
+    ).select_from(elements)
+    return (
+        postgresql.insert(events)
+        .from_select(list(_COLUMNS), rows)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+    )
+
+
+def _utc(at: datetime) -> datetime:
+    if at.tzinfo is UTC:
+        return at
+    if at.tzinfo is None:  # the envelope says UTC; a naive value is taken at its word
+        return at.replace(tzinfo=UTC)
+    return at.astimezone(UTC)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by their names: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line description of a database error, without SQL or parameters."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    message = " ".join(str(cause).split()) or type(cause).__name__
+    if len(message) > 200:
+        message = message[:197] + "..."
+    return f"{type(cause).__name__}: {message}"
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the database is locked, unreachable or restarting.
+
+    Integrity and data errors are about the rows, not the database, and would fail forever.
+    """
+    if isinstance(exc, IntegrityError | DataError):
+        return False
+    return isinstance(exc, DBAPIError | OSError | TimeoutError)
+
+
+class EventWriter:
+    """Appends lifecycle events to the event store (an ``EventSink`` and ``UsageHistory``).
+
+    Build it with :func:`open_store_sink` (no I/O), then ``await writer.start()`` inside the
+    event loop that will own it: that opens the engine, migrates a new store and starts the
+    drain task. Events emitted before ``start()`` are kept and written after it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        instance: str | None = None,
+        max_queue: int = 10_000,
+        batch_size: int = 2_000,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        for name, value, low in (("max_queue", max_queue, 1), ("batch_size", batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise StoreConfigError(f"{name}={value!r} is invalid: use an int >= {low}")
+        if not (isinstance(max_backoff_s, int | float) and max_backoff_s > 0):
+            raise StoreConfigError(f"max_backoff_s={max_backoff_s!r} is invalid: use seconds > 0")
+        self._url = normalize_store_url(url)  # validates now: no I/O, no loop needed
+        self._shown_url = mask_url(self._url)
+        self._instance = instance if instance is not None else default_instance()
+        self._max_queue = max_queue
+        self._batch_size = batch_size
+        self._busy_timeout_ms = busy_timeout_ms
+        self._max_backoff_s = float(max_backoff_s)
+
+        self._buffer: deque[Event] = deque()  # owned by the loop thread
+        self._inbox: list[Event] = []  # other threads' emits, guarded by _inbox_lock
+        self._inbox_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._accepted = 0  # events moved into _buffer (loop thread only)
+        self._done = 0  # events committed or rejected (loop thread only)
+        self.written = 0
+        self.rejected = 0
+        self._idle = False
+        self._wake: asyncio.Event | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._outage_since: float | None = None
+
+        self._engine: AsyncEngine | None = None
+        self._writes: AsyncEngine | None = None
+        self._insert: Any = None
+        self._postgresql = False
+        self._start_task: asyncio.Future[None] | None = None
+        self._closing = False
+        self._closed = False
+        self._close_done: asyncio.Event | None = None
+        self._retrying = AsyncRetrying(
+            retry=retry_if_exception(_is_transient),
+            wait=wait_exponential_jitter(multiplier=0.05, max=self._max_backoff_s, jitter=0.05),
+            before_sleep=self._on_retry,
+            reraise=True,
+        )
+
+    # -- counters ------------------------------------------------------------------------
+
+    @property
+    def emitted(self) -> int:
+        """Events accepted by :meth:`emit` so far."""
+        return self._accepted + len(self._inbox)
+
+    @property
+    def pending(self) -> int:
+        """Events emitted but not yet committed (the queue the high-water mark applies to)."""
+        return self._accepted - self._done + len(self._inbox)
+
+    @property
+    def url(self) -> str:
+        """The store URL, password masked."""
+        return self._shown_url
+
+    # -- emitting ------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> bool:
+        """Queue ``event``; False once the queue is at the high-water mark (see class doc)."""
+        if self._closed:
+            raise StoreClosedError(
+                f"event writer for {self._shown_url!r} is closed: emit before aclose()"
+            )
+        if threading.get_ident() == self._loop_thread:
+            self._buffer.append(event)
+            self._accepted += 1
+            if self._idle:
+                self._idle = False
+                assert self._wake is not None
+                self._wake.set()
+            return self._accepted - self._done + len(self._inbox) < self._max_queue
+        with self._inbox_lock:
+            self._inbox.append(event)
+            first = len(self._inbox) == 1
+            loop = self._loop
+            waiting = self._accepted - self._done + len(self._inbox)
+        if first and loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._take_inbox)
+            except RuntimeError:  # the loop is closed: nothing will ever write this event
+                raise StoreClosedError(
+                    f"event writer for {self._shown_url!r} lost its event loop: "
+                    "emit before the loop stops and aclose() the writer in it"
+                ) from None
+        return waiting < self._max_queue
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            taken, self._inbox = self._inbox, []
+        if taken:
+            self._buffer.extend(taken)
+            self._accepted += len(taken)
+            if self._idle and self._wake is not None:
+                self._idle = False
+                self._wake.set()
+
+    async def wait_for_room(self) -> None:
+        """Return once fewer than ``max_queue`` events wait to be committed."""
+        if self._loop is None:
+            return  # not started: nothing drains yet, and the buffer is unbounded until then
+        if asyncio.get_running_loop() is not self._loop:
+            return await self._on_own_loop(self.wait_for_room)
+        while self.pending >= self._max_queue:
+            await self._progress()
+
+    async def flush(self) -> None:
+        """Return once every event emitted before this call is committed."""
+        if self._loop is None:
+            if not self.emitted:
+                return
+            await self.start()
+        if asyncio.get_running_loop() is not self._loop:
+            return await self._on_own_loop(self.flush)
+        self._take_inbox()
+        target = self._accepted
+        while self._done < target:
+            await self._progress()
+
+    async def _progress(self) -> None:
+        """Wait for the next committed batch; raise if the drain task died."""
+        self._raise_if_failed()
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        await waiter
+        self._raise_if_failed()
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise StoreError(
+                f"event writer for {self._shown_url!r} stopped after an internal error "
+                f"({_describe(self._failure)}); {self.pending} events are not written"
+            ) from self._failure
+
+    async def _on_own_loop(self, method: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        # Called from another event loop (e.g. a sync caller's thread): run it on ours.
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(method(), self._loop)
+        return await asyncio.wrap_future(future)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store (migrating a new one) and start the drain task. Idempotent."""
+        if self._closed:
+            raise StoreClosedError(f"event writer for {self._shown_url!r} is closed")
+        if self._start_task is None:
+            self._start_task = asyncio.ensure_future(self._start())
+        try:
+            await asyncio.shield(self._start_task)
+        except BaseException:
+            if self._start_task.done():
+                self._start_task = None  # a failed start may be retried
+            raise
+
+    async def _start(self) -> None:
+        engine = create_engine(
+            self._url,
+            busy_timeout_ms=self._busy_timeout_ms,
+            application_name="llmtrail writer",
+            hide_parameters=True,
+        )
+        try:
+            await ensure_schema(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        self._engine = engine
+        self._writes = write_engine(engine)
+        self._postgresql = is_postgresql(engine)
+        self._insert = _postgresql_insert() if self._postgresql else _sqlite_insert()
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._close_done = asyncio.Event()
+        with self._inbox_lock:
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+            taken, self._inbox = self._inbox, []
+        self._buffer.extend(taken)
+        self._accepted += len(taken)
+        self._task = loop.create_task(self._drain(), name="llmtrail event writer")
+
+    async def aclose(self) -> None:
+        """Write everything emitted so far, stop the drain task, dispose the engine.
+
+        Idempotent. If the caller cancels it (e.g. with a timeout during an outage), the
+        events not yet written are reported in one error line and the writer closes anyway.
+        """
+        if self._closing:
+            if self._close_done is not None and not self._closed:
+                await self._close_done.wait()
+            return
+        self._closing = True
+        try:
+            if self._loop is None and self.emitted:
+                await self.start()
+            if self._loop is not None:
+                if asyncio.get_running_loop() is not self._loop:
+                    return await self._on_own_loop(self._finish_close)
+                await self.flush()
+        finally:
+            if self._loop is None or asyncio.get_running_loop() is self._loop:
+                await self._finish_close()
+
+    async def _finish_close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        try:
+            if self._task is not None:
+                if self.pending:
+                    self._task.cancel()  # we are being cancelled or the task failed
+                elif self._wake is not None:
+                    self._wake.set()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # already reported by the drain task
+                    pass
+            if self._engine is not None:
+                await self._engine.dispose()
+        finally:
+            if self._close_done is not None:
+                self._close_done.set()
+
+    # -- draining ------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        buffer = self._buffer
+        assert self._wake is not None
+        wake = self._wake
+        try:
+            while True:
+                if self._inbox:
+                    self._take_inbox()
+                if not buffer:
+                    if self._closed:
+                        return
+                    self._idle = True
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                count = min(len(buffer), self._batch_size)
+                batch = [buffer.popleft() for _ in range(count)]
+                # A batch in flight stays counted in `pending` until it commits, so the
+                # count reported on cancellation below includes it.
+                await self._write(batch)
+                self._notify()
+        except asyncio.CancelledError:
+            if self.pending:
+                _log.error(
+                    "event writer stopped before writing all events",
+                    store=self._shown_url,
+                    unwritten=self.pending,
+                )
+            raise
+        except BaseException as exc:
+            self._failure = exc
+            _log.exception("event writer failed", store=self._shown_url, unwritten=self.pending)
+            self._notify()
+            raise
+
+    def _rows(self, batch: list[Event]) -> list[list[Any]]:
+        instance = self._instance or None
+        rows: list[list[Any]] = []
+        append = rows.append
+        if self._postgresql:
+            for e in batch:
+                append(
+                    [
+                        e.event_id,
+                        e.call_id,
+                        e.seq,
+                        e.type,
+                        _utc(e.occurred_at).isoformat(),
+                        e.trace_id or None,
+                        e.span_id or None,
+                        e.instance or instance,
+                        e.payload,
+                    ]
+                )
+        else:
+            for e in batch:
+                # SQLite keeps DateTime as naive UTC text in exactly this layout, so values
+                # written here compare and parse like the ones SQLAlchemy writes.
+                at = _utc(e.occurred_at).isoformat(" ", "microseconds")[:26]
+                append(
+                    [
+                        e.event_id,
+                        e.call_id,
+                        e.seq,
+                        e.type,
+                        at,
+                        e.trace_id or None,
+                        e.span_id or None,
+                        e.instance or instance,
+                        e.payload,
+                    ]
+                )
+        return rows
+
+    def _serialise(self, batch: list[Event]) -> str:
+        rows = self._rows(batch)
+        try:
+            return _encode(rows)
+        except ValueError:  # NaN or infinity somewhere in a payload
+            return _encode(_finite(rows))
+
+    async def _write(self, batch: list[Event]) -> None:
+        data = self._serialise(batch)
+        try:
+            await self._attempt(data)
+        except (IntegrityError, DataError):
+            # Some row is refused for its content; write the rows one by one to find it.
+            for event in batch:
+                try:
+                    await self._attempt(self._serialise([event]))
+                except (IntegrityError, DataError) as exc:
+                    self.rejected += 1
+                    self._done += 1
+                    _log.error(
+                        "event store refused an event",
+                        store=self._shown_url,
+                        error=_describe(exc),
+                        event_id=event.event_id,
+                        call_id=event.call_id,
+                        seq=event.seq,
+                        type=str(event.type),
+                    )
+                else:
+                    self.written += 1
+                    self._done += 1
+            return
+        self.written += len(batch)
+        self._done += len(batch)
+
+    async def _attempt(self, data: str) -> None:
+        async for attempt in self._retrying:
+            with attempt:
+                await self._insert_batch(data)
+        if self._outage_since is not None:
+            _log.info(
+                "event store available again",
+                store=self._shown_url,
+                outage_s=round(time.monotonic() - self._outage_since, 3),
+                queued=self.pending,
+            )
+            self._outage_since = None
+
+    async def _insert_batch(self, data: str) -> None:
+        assert self._writes is not None
+        async with self._writes.begin() as connection:
+            if self._postgresql:
+                await connection.execute(_ADVISORY_LOCK, {"key": _PG_APPEND_LOCK_KEY})
+            await connection.execute(self._insert, {"batch": data})
+
+    def _on_retry(self, state: RetryCallState) -> None:
+        if self._outage_since is not None:
+            return
+        self._outage_since = time.monotonic()
+        exc = state.outcome.exception() if state.outcome is not None else None
+        _log.warning(
+            "event store unavailable; retrying with backoff, events are kept in memory",
+            store=self._shown_url,
+            error=_describe(exc) if exc is not None else "unknown",
+            queued=self.pending,
+            max_queue=self._max_queue,
+        )
+
+    # -- reading back ---------------------------------------------------------------------
+
+    async def recent_sends(self, since: datetime) -> list[tuple[datetime, int]]:
+        """``(sent_at, tokens)`` per ``sent`` event at or after ``since``, oldest first.
+
+        ``tokens`` is the call's ``reserved_tokens`` (from its ``trace_created``) for attempt
+        1 and 0 for retries, which is what the TPM gate reserved for each attempt.
+        """
+        if self._engine is None:
+            raise StoreError(
+                f"event writer for {self._shown_url!r} is not started: await writer.start() first"
+            )
+        if asyncio.get_running_loop() is not self._loop:
+            return await self._on_own_loop(lambda: self.recent_sends(since))
+        sent = events.alias("sent")
+        created = events.alias("created")
+        tokens = case(
+            (
+                sent.c.payload["attempt"].as_integer() == 1,
+                func.coalesce(created.c.payload["reserved_tokens"].as_integer(), 0),
+            ),
+            else_=0,
+        )
+        query = (
+            select(sent.c.occurred_at, tokens)
+            .select_from(
+                sent.outerjoin(
+                    created,
+                    and_(
+                        created.c.call_id == sent.c.call_id,
+                        created.c.type == str(EventType.TRACE_CREATED),
+                    ),
+                )
+            )
+            .where(sent.c.type == str(EventType.SENT), sent.c.occurred_at >= since)
+            .order_by(sent.c.occurred_at)
+        )
+        async with self._engine.connect() as connection:
+            result = await connection.execute(query)
+            return [(row[0], int(row[1] or 0)) for row in result]
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+
+
+def open_store_sink(
+    url: str,
+    *,
+    instance: str | None = None,
+    max_queue: int = 10_000,
+    **options: Any,
+) -> EventWriter:
+    """The ``store`` sink (entry point ``llmtrail.sinks``): an un-started :class:`EventWriter`.
+
+    Validates ``url`` now and does no I/O; ``await writer.start()`` inside the service's loop
+    opens the store. ``options`` are :class:`EventWriter`'s (``batch_size``,
+    ``busy_timeout_ms``, ``max_backoff_s``).
+    """
+    return EventWriter(url, instance=instance, max_queue=max_queue, **options)
