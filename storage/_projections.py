@@ -54,6 +54,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import TypeEngine, UserDefinedType
 
@@ -455,23 +457,24 @@ async def _read_checkpoints(conn: AsyncConnection, names: Sequence[str]) -> dict
 
 
 async def _ensure_checkpoints(engine: AsyncEngine, names: Sequence[str]) -> None:
+    """Create missing checkpoint rows at position 0. The migration creates them for the
+    projections it knows; this covers a projection added later, and two runners racing to
+    create one (ON CONFLICT DO NOTHING)."""
     async with engine.connect() as conn:
         result = await conn.execute(
             select(projection_checkpoints.c.name).where(projection_checkpoints.c.name.in_(names))
         )
-        missing = [n for n in names if n not in set(result.scalars())]
+        present = set(result.scalars())
+    missing = [n for n in names if n not in present]
     if not missing:
         return
+    rows = [{"name": n, "position": 0, "updated_at": _now()} for n in missing]
     async with write_engine(engine).begin() as conn:
-        result = await conn.execute(
-            select(projection_checkpoints.c.name).where(projection_checkpoints.c.name.in_(missing))
+        dialect_insert = sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert
+        await conn.execute(
+            dialect_insert(projection_checkpoints).on_conflict_do_nothing(index_elements=["name"]),
+            rows,
         )
-        present = set(result.scalars())
-        rows = [
-            {"name": n, "position": 0, "updated_at": _now()} for n in missing if n not in present
-        ]
-        if rows:
-            await conn.execute(insert(projection_checkpoints), rows)
 
 
 def _now() -> datetime:

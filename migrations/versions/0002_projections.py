@@ -9,6 +9,8 @@ Revises: 0001_events
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
@@ -92,12 +94,22 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("minute", name="pk_metrics_minute"),
     )
 
-    op.create_table(
+    checkpoints = op.create_table(
         "projection_checkpoints",
         sa.Column("name", sa.Text(), nullable=False),
         sa.Column("position", sa.BigInteger(), nullable=False),
         sa.Column("updated_at", _TS, nullable=False),
         sa.PrimaryKeyConstraint("name", name="pk_projection_checkpoints"),
+    )
+    # Every projection starts at position 0; having the rows from the start means runners
+    # only ever update them (a compare-and-set), never race to insert them.
+    now = datetime.now(UTC)
+    op.bulk_insert(
+        checkpoints,
+        [
+            {"name": name, "position": 0, "updated_at": now}
+            for name in ("calls", "usage_daily", "metrics_minute")
+        ],
     )
 
 

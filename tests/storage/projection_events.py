@@ -225,3 +225,45 @@ def sample_specs() -> list[CallSpec]:
 
 def sample_log(seed: int = 7) -> list[Event]:
     return interleave([call_events(s) for s in sample_specs()], random.Random(seed))
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+async def open_store(url: str) -> Any:
+    """A migrated store's engine."""
+    from storage._engine import create_engine
+    from storage._migrate import migrate
+
+    engine = create_engine(url)
+    await migrate(engine)
+    return engine
+
+
+async def append(engine: Any, log: Sequence[Event]) -> None:
+    """Append events to the store in log order."""
+    from sqlalchemy import insert
+
+    from storage._schema import events
+
+    if not log:
+        return
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(events), [dict(e.to_dict(), occurred_at=e.occurred_at) for e in log]
+        )
+
+
+async def snapshot(engine: Any) -> dict[str, list[dict[str, Any]]]:
+    """Every projection row, in key order: what "the same result" means."""
+    from sqlalchemy import select
+
+    from storage._projections import calls, metrics_minute, usage_daily
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    async with engine.connect() as conn:
+        for table in (calls, usage_daily, metrics_minute):
+            order = [c for c in table.primary_key.columns]
+            result = await conn.execute(select(table).order_by(*order))
+            out[table.name] = [dict(row) for row in result.mappings()]
+    return out

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
-from projection_events import T0, CallSpec, call_events, sample_log
+import pytest
 
+import storage._projections as projections_module
 from pipeline import PriceTable
+from storage import _schema as schema
 from storage._folds import (
     CallRow,
     MetricsRow,
@@ -18,6 +21,23 @@ from storage._folds import (
     apply_metrics,
     apply_usage,
     metrics_minutes,
+)
+from storage._projections import (
+    PROJECTIONS,
+    ProjectionRunner,
+    UnknownProjectionError,
+    projection_status,
+    rebuild,
+    run_projections,
+)
+from tests.storage.projection_events import (
+    T0,
+    CallSpec,
+    append,
+    call_events,
+    open_store,
+    sample_log,
+    snapshot,
 )
 
 PRICES = PriceTable()
@@ -203,3 +223,217 @@ def test_fold_over_batches_equals_fold_over_the_whole_log():
         for start in range(0, len(log), size):
             apply_calls(rows, log[start : start + size], PRICES)
         assert rows == whole
+
+
+# -- the SQL runner, on both backends ----------------------------------------------------------
+
+
+@pytest.fixture
+async def engine(store_url):
+    engine = await open_store(store_url)
+    yield engine
+    await engine.dispose()
+
+
+def expected_rows(log):
+    """The rows of a full fold in memory, shaped like :func:`snapshot`."""
+    batch = stored(log)
+    call_rows = fold_calls(batch)
+    usage = fold_usage(batch)
+    metrics = fold_metrics(batch)
+    return {
+        "calls": [call_rows[k].as_dict() for k in sorted(call_rows)],
+        "usage_daily": [
+            {
+                "day": k.day,
+                "model": k.model,
+                "operation_name": k.operation_name,
+                **usage[k].as_dict(),
+            }
+            for k in sorted(usage)
+        ],
+        "metrics_minute": [{"minute": m, **metrics[m].as_dict()} for m in sorted(metrics)],
+    }
+
+
+async def test_run_projections_stores_exactly_the_rows_of_the_fold(engine):
+    log = sample_log()
+    await append(engine, log)
+    applied = await run_projections(engine, batch_size=5)
+    assert applied == {name: len(log) for name in PROJECTIONS}
+    got = await snapshot(engine)
+    want = expected_rows(log)
+    assert got == want
+    assert {r["call_id"]: r["outcome"] for r in got["calls"]}["c-died"] == "interrupted"
+
+
+async def test_money_survives_the_store_exactly(engine):
+    # 0.0000405 and 0.000675 would not survive a float sum exactly; Decimal columns must.
+    specs = [CallSpec(f"m{i}", model=("gpt-4o-mini", "gpt-4o")[i % 2]) for i in range(30)]
+    await append(engine, [e for s in specs for e in call_events(s)])
+    await run_projections(engine, batch_size=7)
+    got = await snapshot(engine)
+    total = sum(r["cost_usd"] for r in got["calls"])
+    assert total == Decimal("0.0000405") * 15 + Decimal("0.000675") * 15
+    assert sum(r["cost_usd"] for r in got["usage_daily"]) == total
+    assert all(isinstance(r["cost_usd"], Decimal) for r in got["calls"])
+
+
+async def test_incremental_runs_over_a_growing_log_equal_a_rebuild(engine):
+    log = sample_log(seed=3)
+    for start in range(0, len(log), 9):
+        await append(engine, log[start : start + 9])
+        await run_projections(engine, batch_size=4)
+    incremental = await snapshot(engine)
+    assert incremental == expected_rows(log)
+    await rebuild(engine)
+    assert await snapshot(engine) == incremental
+    assert await run_projections(engine) == dict.fromkeys(PROJECTIONS, 0)  # idempotent
+
+
+async def test_interrupted_call_takes_its_outcome_when_completed_arrives_later(engine):
+    log = call_events(CallSpec("late"))
+    await append(engine, log[:-1])
+    await run_projections(engine)
+    assert (await snapshot(engine))["calls"][0]["outcome"] == "interrupted"
+    await append(engine, log[-1:])
+    assert await run_projections(engine) == dict.fromkeys(PROJECTIONS, 1)
+    row = (await snapshot(engine))["calls"][0]
+    assert (row["outcome"], row["finished_at"]) == ("succeeded", log[-1].occurred_at)
+    day = (await snapshot(engine))["usage_daily"][0]
+    assert (day["calls"], day["succeeded"]) == (1, 1)
+
+
+async def test_a_failed_batch_changes_neither_rows_nor_checkpoint(engine, monkeypatch):
+    log = sample_log()
+    await append(engine, log[:20])
+    await run_projections(engine)
+    before = await snapshot(engine)
+    await append(engine, log[20:])
+
+    async def crash(conn, batch, prices):
+        raise RuntimeError("power cut")
+
+    # calls and usage_daily are written first in the same transaction, then this fails.
+    monkeypatch.setitem(projections_module._APPLY, "metrics_minute", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        await run_projections(engine)
+    assert await snapshot(engine) == before
+    assert [s.position for s in await projection_status(engine)] == [20, 20, 20]
+    monkeypatch.undo()
+    await run_projections(engine)
+    assert await snapshot(engine) == expected_rows(log)
+
+
+async def test_rebuild_applies_a_changed_price_table_to_history(engine):
+    await append(engine, call_events(CallSpec("p")))
+    await run_projections(engine)
+    pricier = PRICES.with_overrides(
+        {"gpt-4o-mini": {"input": "1", "cached_input": "0.5", "output": "2"}}
+    )
+    await rebuild(engine, prices=pricier)
+    got = await snapshot(engine)
+    assert got["calls"][0]["cost_usd"] == Decimal("0.00019")
+    assert got["usage_daily"][0]["cost_usd"] == Decimal("0.00019")
+
+
+async def test_rebuild_of_one_projection_leaves_the_others_alone(engine):
+    log = sample_log()
+    await append(engine, log)
+    await run_projections(engine)
+    before = await snapshot(engine)
+    assert await rebuild(engine, "usage_daily") == {"usage_daily": len(log)}
+    assert await snapshot(engine) == before
+
+
+async def test_status_reports_each_checkpoint_and_its_lag(engine):
+    log = sample_log()
+    await append(engine, log[:10])
+    await run_projections(engine, "calls")
+    await append(engine, log[10:])
+    status = {s.name: s for s in await projection_status(engine)}
+    assert (status["calls"].position, status["calls"].lag) == (10, len(log) - 10)
+    assert (status["usage_daily"].position, status["usage_daily"].lag) == (0, len(log))
+    assert status["metrics_minute"].head_position == len(log)
+    name, position, head, lag = status["calls"]
+    assert (name, position, head, lag) == ("calls", 10, len(log), len(log) - 10)
+
+
+async def test_two_runners_at_once_apply_each_event_exactly_once(store_url):
+    first, second = await open_store(store_url), await open_store(store_url)
+    try:
+        log = sample_log()
+        await append(first, log)
+        a, b = await asyncio.gather(
+            run_projections(first, batch_size=3), run_projections(second, batch_size=3)
+        )
+        for name in PROJECTIONS:
+            assert a[name] + b[name] == len(log)
+        assert await snapshot(first) == expected_rows(log)
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
+async def test_runner_run_once_applies_what_was_flushed_before_it(engine):
+    runner = ProjectionRunner(engine, batch_size=4)
+    assert await runner.run_once() == dict.fromkeys(PROJECTIONS, 0)
+    log = sample_log()
+    await append(engine, log[:30])
+    assert await runner.run_once() == dict.fromkeys(PROJECTIONS, 30)
+    await append(engine, log[30:])
+    assert await runner.run_once() == dict.fromkeys(PROJECTIONS, len(log) - 30)
+    assert await snapshot(engine) == expected_rows(log)
+
+
+async def test_runner_follow_stops_when_asked(engine):
+    runner = ProjectionRunner(engine)
+    await append(engine, sample_log())
+    stop = asyncio.Event()
+    seen = []
+
+    def applied(counts):
+        seen.append(counts)
+        stop.set()
+
+    await asyncio.wait_for(runner.follow(stop, interval_s=0.01, on_applied=applied), 30)
+    assert seen == [dict.fromkeys(PROJECTIONS, len(sample_log()))]
+
+
+async def test_unknown_projection_name_is_refused_with_the_valid_names(engine):
+    with pytest.raises(UnknownProjectionError, match="'cals'.*calls, usage_daily"):
+        await run_projections(engine, "cals")
+
+
+async def test_migrated_schema_matches_the_table_definitions(engine):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    def diff(sync_conn):
+        context = MigrationContext.configure(sync_conn)
+        return compare_metadata(context, schema.metadata)
+
+    async with engine.connect() as conn:
+        differences = await conn.run_sync(diff)
+    mine = {"calls", "usage_daily", "metrics_minute", "projection_checkpoints"}
+    relevant = [d for d in differences if _table_of(d) in mine]
+    assert relevant == []
+
+
+def _table_of(difference):
+    item = difference[0] if isinstance(difference, list) else difference
+    for part in item[1:]:
+        name = getattr(part, "name", None)
+        table = getattr(part, "table", None)
+        if table is not None:
+            return table.name
+        if isinstance(part, str) and part in {
+            "calls",
+            "usage_daily",
+            "metrics_minute",
+            "projection_checkpoints",
+        }:
+            return part
+        if name in {"calls", "usage_daily", "metrics_minute", "projection_checkpoints"}:
+            return name
+    return None
