@@ -67,31 +67,22 @@ __all__ = [
     "LLMTRAIL_ATTEMPTS",
     "LLMTRAIL_CALL_ID",
     "LLMTRAIL_COST_USD",
-    "LLMTRAIL_ESTIMATED_INPUT_TOKENS",
     "LLMTRAIL_GATE",
-    "LLMTRAIL_INSTANCE",
     "LLMTRAIL_IN_FLIGHT",
-    "LLMTRAIL_LATENCY_S",
     "LLMTRAIL_METADATA_PREFIX",
     "LLMTRAIL_NEXT_ATTEMPT",
     "LLMTRAIL_OPERATION_NAME",
     "LLMTRAIL_OUTCOME",
-    "LLMTRAIL_PRICED",
     "LLMTRAIL_PROVIDER_CODE",
     "LLMTRAIL_PROVIDER_REQUEST_ID",
     "LLMTRAIL_REASON",
     "LLMTRAIL_REASONING_EFFORT",
     "LLMTRAIL_REQUEST_ID",
-    "LLMTRAIL_RESERVED_TOKENS",
     "LLMTRAIL_RETRYABLE",
     "LLMTRAIL_RETRY_AFTER_S",
-    "LLMTRAIL_RPM_AT_START",
     "LLMTRAIL_RPM_WAIT_S",
     "LLMTRAIL_SEMAPHORE_WAIT_S",
-    "LLMTRAIL_TOTAL_S",
-    "LLMTRAIL_TPM_AT_START",
     "LLMTRAIL_TPM_WAIT_S",
-    "LLMTRAIL_WAITED_S",
     "LLMTRAIL_WAITERS_AHEAD",
     "LLMTRAIL_WAIT_S",
     "OPERATION_CHAT",
@@ -129,35 +120,27 @@ EVENT_RETRY_SCHEDULED: Final = "retry_scheduled"
 EVENT_UNMARKED: Final = "unmarked"
 
 # --- llmtrail's own attributes ---------------------------------------------------------------
-# On the call span.
+# On the call span. Deliberately few: every attribute costs on every call (the SDK validates
+# each one), and what a trace viewer does not need (estimates, rates at start) is in the store.
 LLMTRAIL_CALL_ID: Final = "llmtrail.call_id"
 LLMTRAIL_OPERATION_NAME: Final = "llmtrail.operation_name"
 LLMTRAIL_REQUEST_ID: Final = "llmtrail.request_id"
-LLMTRAIL_INSTANCE: Final = "llmtrail.instance"
 LLMTRAIL_ATTEMPTS: Final = "llmtrail.attempts"
 LLMTRAIL_COST_USD: Final = "llmtrail.cost_usd"
-LLMTRAIL_PRICED: Final = "llmtrail.priced"
 LLMTRAIL_RPM_WAIT_S: Final = "llmtrail.rpm_wait_s"
 LLMTRAIL_TPM_WAIT_S: Final = "llmtrail.tpm_wait_s"
 LLMTRAIL_SEMAPHORE_WAIT_S: Final = "llmtrail.semaphore_wait_s"
-LLMTRAIL_TOTAL_S: Final = "llmtrail.total_s"
 LLMTRAIL_OUTCOME: Final = "llmtrail.outcome"
-LLMTRAIL_ESTIMATED_INPUT_TOKENS: Final = "llmtrail.estimated_input_tokens"
-LLMTRAIL_RESERVED_TOKENS: Final = "llmtrail.reserved_tokens"
-LLMTRAIL_RPM_AT_START: Final = "llmtrail.rpm_at_start"
-LLMTRAIL_TPM_AT_START: Final = "llmtrail.tpm_at_start"
 LLMTRAIL_REASONING_EFFORT: Final = "llmtrail.reasoning_effort"
 # Request metadata becomes one attribute per key: llmtrail.metadata.<key>.
 LLMTRAIL_METADATA_PREFIX: Final = "llmtrail.metadata."
 # On gate and semaphore spans.
 LLMTRAIL_GATE: Final = "llmtrail.gate"
 LLMTRAIL_AMOUNT: Final = "llmtrail.amount"
-LLMTRAIL_WAITED_S: Final = "llmtrail.waited_s"
 LLMTRAIL_WAITERS_AHEAD: Final = "llmtrail.waiters_ahead"
 LLMTRAIL_IN_FLIGHT: Final = "llmtrail.in_flight"
 # On attempt spans (LLMTRAIL_OUTCOME too) and their span events.
 LLMTRAIL_ATTEMPT: Final = "llmtrail.attempt"
-LLMTRAIL_LATENCY_S: Final = "llmtrail.latency_s"
 LLMTRAIL_RETRYABLE: Final = "llmtrail.retryable"
 LLMTRAIL_RETRY_AFTER_S: Final = "llmtrail.retry_after_s"
 LLMTRAIL_PROVIDER_CODE: Final = "llmtrail.provider_code"

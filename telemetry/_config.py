@@ -94,8 +94,10 @@ def _signal_url(endpoint: str, path: str, protocol: str) -> str:
     return f"{endpoint.rstrip('/')}{path}"
 
 
-def otlp_span_exporter(endpoint: str | None = None, protocol: str | None = None) -> SpanExporter:
-    """An OTLP span exporter; ``endpoint=None`` lets it read the ``OTEL_*`` variables."""
+def otlp_span_exporter(
+    endpoint: str | None = None, protocol: str | None = None, *, timeout: float | None = None
+) -> SpanExporter:
+    """An OTLP span exporter; ``None`` arguments let it read the ``OTEL_*`` variables."""
     protocol = _protocol(protocol, "TRACES")
     if protocol == "grpc":
         # Optional dependency: only imported when asked for, and maybe not installed.
@@ -103,12 +105,12 @@ def otlp_span_exporter(endpoint: str | None = None, protocol: str | None = None)
             OTLPSpanExporter as GrpcSpanExporter,
         )
 
-        span_exporter: SpanExporter = GrpcSpanExporter(endpoint=endpoint)
+        span_exporter: SpanExporter = GrpcSpanExporter(endpoint=endpoint, timeout=timeout)
         return span_exporter
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     url = _signal_url(endpoint, "/v1/traces", protocol) if endpoint else None
-    return OTLPSpanExporter(endpoint=url)
+    return OTLPSpanExporter(endpoint=url, timeout=timeout)
 
 
 def _otlp_metric_exporter(endpoint: str | None, protocol: str | None) -> MetricExporter:

@@ -159,7 +159,9 @@ class TracingSink:
             # Typed for httpx clients; the httpx2 instrumentor takes httpx2 ones at runtime.
             cast(Any, client),
             tracer_provider=self.tracer_provider,
-            meter_provider=self.meter_provider,
+            # Not our meter provider: the instrumentation's http.client duration histogram
+            # costs about as much per request as its span, and the GenAI duration covers it.
+            # It goes to the global meter provider (a no-op unless the application set one).
             request_hook=hook,
         )
 

@@ -10,6 +10,8 @@ Invariants:
   :func:`child_key` (the pipeline uses the same keys when it parents the live HTTP span).
 - Times are integers in ns since the epoch, computed from ``occurred_at`` (microseconds) and
   the payloads' ``waited_s`` with integer arithmetic where possible, so they are reproducible.
+- A gate or semaphore wait gets a child span only when it lasted at least 1 ms
+  (``MIN_WAIT_SPAN_NS``); every wait is on the call span's ``llmtrail.*_wait_s`` anyway.
 - Prompt and response text appear only when ``trace_created.payload["capture_content"]`` is
   true; error messages pass through :func:`redact_text`, so no API key reaches a span.
 - :func:`record_spans` creates real SDK spans with exactly the planned ids through the public
@@ -53,6 +55,10 @@ __all__ = [
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Attributes = dict[str, AttributeValue]
+
+
+# Gate and semaphore waits shorter than this get no span of their own (see plan_call_spans).
+MIN_WAIT_SPAN_NS = 1_000_000
 
 
 class IncompleteCallError(ValueError):
@@ -186,11 +192,6 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     _put(attrs, A.LLMTRAIL_CALL_ID, created.call_id)
     _put(attrs, A.LLMTRAIL_OPERATION_NAME, start.get("operation_name"))
     _put(attrs, A.LLMTRAIL_REQUEST_ID, start.get("request_id"))
-    _put(attrs, A.LLMTRAIL_INSTANCE, created.instance or None)
-    _put(attrs, A.LLMTRAIL_ESTIMATED_INPUT_TOKENS, start.get("estimated_input_tokens"))
-    _put(attrs, A.LLMTRAIL_RESERVED_TOKENS, start.get("reserved_tokens"))
-    _put(attrs, A.LLMTRAIL_RPM_AT_START, start.get("rpm_at_start"))
-    _put(attrs, A.LLMTRAIL_TPM_AT_START, start.get("tpm_at_start"))
     _put(attrs, A.LLMTRAIL_REASONING_EFFORT, start.get("reasoning_effort"))
     metadata = start.get("metadata") or {}
     if isinstance(metadata, dict):
@@ -233,9 +234,10 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
         at = to_ns(event.occurred_at)
         if event.type is EventType.GATE_WAIT or event.type is EventType.SEMAPHORE_ACQUIRED:
             waited = _seconds_ns(p.get("waited_s"))
-            if waited == 0:
-                # Only a real wait gets a span: a zero-length span per gate and call would
-                # triple the export volume and say nothing the call span's totals don't.
+            if waited < MIN_WAIT_SPAN_NS:
+                # Only a real wait gets a span. An uncontended acquire still measures a few
+                # microseconds; a span for it on every call would double the export volume
+                # and say nothing the call span's wait attributes don't.
                 continue
             if event.type is EventType.SEMAPHORE_ACQUIRED:
                 name, key = A.SPAN_SEMAPHORE, A.SPAN_SEMAPHORE
@@ -250,7 +252,6 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
                 name, key = A.SPAN_TPM_GATE, A.SPAN_TPM_GATE
                 span_attrs = {A.LLMTRAIL_GATE: "tpm"}
                 _put(span_attrs, A.LLMTRAIL_AMOUNT, p.get("amount"))
-            _put(span_attrs, A.LLMTRAIL_WAITED_S, p.get("waited_s"))
             _put(span_attrs, A.LLMTRAIL_WAITERS_AHEAD, p.get("waiters_ahead"))
             children.append(
                 SpanPlan(
@@ -272,12 +273,10 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
             plan.end_ns = max(at, plan.start_ns)
             a = plan.attributes
             _put(a, A.HTTP_RESPONSE_STATUS_CODE, p.get("status"))
-            _put(a, A.LLMTRAIL_LATENCY_S, p.get("latency_s"))
             _put(a, A.LLMTRAIL_PROVIDER_REQUEST_ID, p.get("provider_request_id"))
             if event.type is EventType.RECEIVED:
                 last_received = p
                 a[A.LLMTRAIL_OUTCOME] = "succeeded"
-                _put(a, A.GEN_AI_RESPONSE_ID, p.get("response_id"))
             else:
                 error_type = p.get("error_type") or "error"
                 a[A.LLMTRAIL_OUTCOME] = "cancelled" if error_type == "cancelled" else "failed"
@@ -320,7 +319,6 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     _put(attrs, A.LLMTRAIL_RPM_WAIT_S, end.get("rpm_wait_s"))
     _put(attrs, A.LLMTRAIL_TPM_WAIT_S, end.get("tpm_wait_s"))
     _put(attrs, A.LLMTRAIL_SEMAPHORE_WAIT_S, end.get("semaphore_wait_s"))
-    _put(attrs, A.LLMTRAIL_TOTAL_S, end.get("total_s"))
     response = last_received or {}
     _put(attrs, A.GEN_AI_RESPONSE_MODEL, response.get("response_model"))
     _put(attrs, A.GEN_AI_RESPONSE_ID, end.get("response_id") or response.get("response_id"))
@@ -330,9 +328,7 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
         _put(attrs, A.GEN_AI_USAGE_OUTPUT_TOKENS, end.get("output_tokens"))
         _put(attrs, A.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, end.get("cached_tokens"))
         _put(attrs, A.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, end.get("reasoning_tokens"))
-        cost = _cost(end.get("cost_usd"))
-        _put(attrs, A.LLMTRAIL_COST_USD, cost)
-        attrs[A.LLMTRAIL_PRICED] = cost is not None
+        _put(attrs, A.LLMTRAIL_COST_USD, _cost(end.get("cost_usd")))
     if capture and "content" in response:
         attrs[A.GEN_AI_OUTPUT_MESSAGES] = _output_parts(
             response.get("content"), response.get("finish_reasons")

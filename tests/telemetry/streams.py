@@ -220,14 +220,19 @@ class StreamBuilder:
 
 # --- scenarios -----------------------------------------------------------------------------
 def success(**created: Any) -> StreamBuilder:
-    """Waits at the rpm gate and the semaphore, not at the tpm gate; one attempt succeeds."""
+    """Waits at the rpm gate and the semaphore, 0.3 ms at the tpm gate; one attempt succeeds."""
     capture = bool(created.get("capture_content"))
     b = StreamBuilder().created(**created)
-    b.gate("rpm", 0.25).gate("tpm", 0.0, amount=76).semaphore(0.1)
+    b.gate("rpm", 0.25).gate("tpm", 0.0003, amount=76).semaphore(0.1)
     b.sent(1).received(1, capture_content=capture)
     b.unmarked("tpm", "reconciled", amount=55)
     return b.completed(
-        "succeeded", attempts=1, rpm_wait_s=0.25, semaphore_wait_s=0.1, succeeded_usage=True
+        "succeeded",
+        attempts=1,
+        rpm_wait_s=0.25,
+        tpm_wait_s=0.0003,
+        semaphore_wait_s=0.1,
+        succeeded_usage=True,
     )
 
 
