@@ -92,8 +92,10 @@ def _stream(retry: bool) -> list[Event]:
                 "provider_code": "rate_limit_exceeded", "provider_request_id": "req_1",
                 "rate_limits": {},
             })  # fmt: skip
-            emit(EventType.RETRY_SCHEDULED, {"attempt": n, "next_attempt": n + 1, "wait_s": 0.1,
-                                             "reason": "rate_limited", "retry_after_s": 0.1})  # fmt: skip
+            emit(EventType.RETRY_SCHEDULED, {
+                "attempt": n, "next_attempt": n + 1, "wait_s": 0.1, "reason": "rate_limited",
+                "retry_after_s": 0.1,
+            })  # fmt: skip
         else:
             emit(EventType.RECEIVED, {
                 "attempt": n, "latency_s": 0.001, "status": 200, "response_id": "resp_1",
