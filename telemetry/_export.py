@@ -84,8 +84,8 @@ def export_traces(
     for start in range(0, len(spans), _BATCH):
         if exporter.export(spans[start : start + _BATCH]) is not SpanExportResult.SUCCESS:
             raise ExportError(
-                f"the exporter refused spans {start + 1}-{min(start + _BATCH, len(spans))} of "
-                f"{len(spans)}: check that the collector is up and the endpoint is right"
+                f"exporting spans {start + 1}-{min(start + _BATCH, len(spans))} of {len(spans)} "
+                "failed: check that the collector is up and the endpoint is right"
             )
     traces = len({span.context.trace_id for span in spans if span.context is not None})
     return ExportSummary(calls=calls, spans=len(spans), traces=traces, skipped=skipped)

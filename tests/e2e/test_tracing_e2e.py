@@ -315,3 +315,74 @@ async def test_live_spans_reach_a_real_otlp_receiver_as_one_tree_per_call(
     assert {"gen_ai.client.token.usage", "gen_ai.client.operation.duration"} <= (
         otlp_receiver.metric_names
     )
+
+
+async def test_traces_export_from_the_store_rebuilds_the_live_tree(
+    mock_server_factory: Any, otlp_receiver: Receiver, recorder: RecordingSink, sqlite_url: str
+) -> None:
+    from pipeline._cli import main as cli_main
+    from storage import EventStore
+
+    server = await mock_server_factory(
+        fault_script=("rate_limit_429",), fault_429_retry_after_s=0.01
+    )
+    telemetry.configure(endpoint=otlp_receiver.url, service_name="e2e")
+    results = await _run_calls(server.url, recorder, sqlite_url)
+    live = [s for s in otlp_receiver.spans if s.scope == "llmtrail"]
+    http = [s for s in otlp_receiver.spans if s.scope != "llmtrail"]
+    assert len(http) == 3, "one HTTP span per attempt: 2 + 1"
+
+    # The stored events carry the live ids.
+    async with await EventStore.open(sqlite_url) as store:
+        for key in ("in_span", "root"):
+            stored = await store.events_for_call(results[key].call_id)
+            assert stored and stored[-1].type is EventType.COMPLETED
+            call_span = next(s for s in live if s.span_id == stored[0].event.span_id)
+            assert call_span.trace_id == stored[0].event.trace_id == results[key].trace_id
+
+    otlp_receiver.spans.clear()
+    code = await asyncio.to_thread(
+        cli_main,
+        [
+            "traces", "export", "--store", sqlite_url, "--endpoint", otlp_receiver.url,
+            "--service-name", "e2e",
+        ],
+    )  # fmt: skip
+    assert code == 0
+    rebuilt = otlp_receiver.spans
+    assert sorted(s.fingerprint() for s in rebuilt) == sorted(s.fingerprint() for s in live)
+    assert {s.service_name for s in rebuilt} == {"e2e"}
+    # The HTTP spans' parents are spans of the rebuilt tree.
+    assert {s.parent_id for s in http} <= {s.span_id for s in rebuilt}
+
+    # One call, by id; and the summary line says what was sent.
+    otlp_receiver.spans.clear()
+    code = await asyncio.to_thread(
+        cli_main,
+        [
+            "traces", "export", "--store", sqlite_url, "--endpoint", otlp_receiver.url,
+            "--call", results["root"].call_id,
+        ],
+    )  # fmt: skip
+    assert code == 0
+    assert {s.trace_id for s in otlp_receiver.spans} == {results["root"].trace_id}
+
+
+async def test_traces_export_reports_a_collector_that_is_down_in_one_line(
+    mock_server: Any, recorder: RecordingSink, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline._cli import main as cli_main
+
+    await _run_calls(mock_server.url, recorder, sqlite_url, tracing=False)
+    code = await asyncio.to_thread(
+        cli_main,
+        [
+            "traces", "export", "--store", sqlite_url, "--endpoint", "http://127.0.0.1:9",
+            "--timeout", "1",
+        ],
+    )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if "traces export" in line]) == 1
+    assert "Traceback" not in "\n".join(err)
+    assert "collector" in err[-1]
