@@ -6,10 +6,16 @@ Invariants:
 - Waiters are served strictly first-in, first-out. Only the head waiter is ever considered and
   one timer is armed for the moment it can fit, so there is no thundering herd.
 - A reservation is *pending* until :meth:`SlidingWindowGate.mark_sent`; pending units count
-  against the window and never expire. Its window starts at the real send time plus
-  ``send_guard_s``: the provider counts a request when it arrives, so a window that started at
-  the reservation would free the slot before the provider does and the next window would burst
-  into 429s.
+  against the window and never expire. The provider counts a request when it *arrives*, so a
+  window that started at the reservation would free the slot before the provider does and the
+  next window would burst into 429s. Arrival lies somewhere between the send and the answer,
+  and under load it can be a second after the send (measured here: a starved event loop, the
+  connection pool and the provider's own queue all add to it). So a sent slot's window has
+  no end while the attempt is in flight, and :meth:`~SlidingWindowGate.mark_done` ends it at
+  ``answer + window``: an answer proves the request arrived before it. For an attempt that ended
+  without an answer (timeout, dropped connection, cancellation), the caller adds a guard. An
+  optional ``send_guard_s`` caps the in-flight end at ``send + send_guard_s + window`` for users
+  who prefer throughput on very slow calls to the guarantee.
 - Cancellation anywhere leaves nothing behind: a cancelled waiter is removed, and a grant that
   raced with the cancellation is given back.
 - ``used() == pending + sent-and-unexpired``, always; ``used() <= capacity`` after any grant,
@@ -21,6 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
+import math
 import re
 from collections import deque
 from collections.abc import Iterable
@@ -32,6 +41,10 @@ from .typing import Clock, TimerHandle
 __all__ = ["GateRequestTooLarge", "GateReservation", "SlidingWindowGate", "parse_reset"]
 
 _PENDING, _SENT, _DONE = 0, 1, 2
+# Added to every window end: the provider's clock ticks on its own and a boundary tie must
+# not be decided in our favour.
+_EPSILON_S = 0.001
+_SEQUENCE = itertools.count()
 
 
 class GateRequestTooLarge(Exception):
@@ -76,7 +89,7 @@ class SlidingWindowGate:
         window_s: float,
         *,
         clock: Clock,
-        send_guard_s: float = 0.02,
+        send_guard_s: float | None = None,
     ) -> None:
         if capacity < 1:
             raise ConfigurationError(
@@ -90,7 +103,10 @@ class SlidingWindowGate:
         self.window_s = window_s
         self._clock = clock
         self._guard = send_guard_s
-        self._log: deque[GateReservation] = deque()  # sent, ordered by expires_at
+        # Sent reservations as a heap of (expires_at, seq, reservation). An entry whose
+        # expires_at no longer matches its reservation's is stale (lowered by mark_done, or
+        # released) and is skipped when it surfaces: lazy deletion keeps every update O(log n).
+        self._log: list[tuple[float, int, GateReservation]] = []
         self._sent_units = 0
         self._pending_units = 0
         self._waiters: deque[tuple[int, asyncio.Future[GateReservation]]] = deque()
@@ -137,10 +153,16 @@ class SlidingWindowGate:
 
     def _expire(self, now: float) -> None:
         log = self._log
-        while log and log[0].expires_at <= now:
-            done = log.popleft()
-            done.state = _DONE
-            self._sent_units -= done.amount
+        while log:
+            expires_at, _, top = log[0]
+            if top.state != _SENT or top.expires_at != expires_at:
+                heapq.heappop(log)  # stale: keep the top live, so _next_fit_time can read it
+            elif expires_at <= now:
+                heapq.heappop(log)
+                top.state = _DONE
+                self._sent_units -= top.amount
+            else:
+                break
         if self._provider_room is not None and now >= self._provider_until:
             self._provider_room = None
 
@@ -175,11 +197,19 @@ class SlidingWindowGate:
             when = self._provider_until
         excess = self._pending_units + self._sent_units + amount - self.capacity
         if excess > 0:
+            log = self._log
+            if log and log[0][2].amount >= excess:  # the common case: O(1)
+                top = log[0][0]
+                return None if math.isinf(top) else max(when or 0.0, top)
             freed = 0
-            for reservation in self._log:
+            for expires_at, _, reservation in sorted(log):
+                if reservation.state != _SENT or reservation.expires_at != expires_at:
+                    continue  # stale entry
+                if math.isinf(expires_at):
+                    break  # in flight: only its answer (mark_done) can free it
                 freed += reservation.amount
                 if freed >= excess:
-                    when = max(when or 0.0, reservation.expires_at)
+                    when = max(when or 0.0, expires_at)
                     break
             else:
                 return when if when is not None and when > now else None
@@ -189,8 +219,8 @@ class SlidingWindowGate:
         if when is None:
             return
         if self._timer is not None:
-            if self._timer_at == when:
-                return
+            if self._timer_at <= when:
+                return  # an earlier timer re-arms on firing
             self._timer.cancel()
         self._timer_at = when
         self._timer = self._clock.call_at(when, self._on_timer)
@@ -202,28 +232,40 @@ class SlidingWindowGate:
     # -- after acquiring ----------------------------------------------------------------
 
     def mark_sent(self, reservation: GateReservation) -> None:
-        """Start the reservation's window now (the attempt is being handed to the SDK)."""
+        """The attempt is being handed to the SDK: its window ends by send + guard + window."""
         if reservation.state != _PENDING:
             return
         self._pending_units -= reservation.amount
         reservation.state = _SENT
-        reservation.expires_at = self._clock.now() + self._guard + self.window_s
-        self._log.append(reservation)
+        reservation.expires_at = (
+            math.inf
+            if self._guard is None
+            else self._clock.now() + self._guard + self.window_s + _EPSILON_S
+        )
+        heapq.heappush(self._log, (reservation.expires_at, next(_SEQUENCE), reservation))
         self._sent_units += reservation.amount
         if self._waiters:
             self._pump()
+
+    def mark_done(self, reservation: GateReservation, *, unanswered_guard_s: float = 0.0) -> None:
+        """The attempt is over. With an answer, the request arrived by now, so its window ends
+        at now + window; without one (timeout, dropped, cancelled) it may still arrive, so
+        the caller passes a guard. Idempotent; never moves a window end later."""
+        if reservation.state != _SENT:
+            return
+        ends = self._clock.now() + unanswered_guard_s + self.window_s + _EPSILON_S
+        if ends < reservation.expires_at:
+            reservation.expires_at = ends
+            heapq.heappush(self._log, (ends, next(_SEQUENCE), reservation))
+            if self._waiters:
+                self._pump()
 
     def release(self, reservation: GateReservation) -> None:
         """Give the units back: the provider never counted them."""
         if reservation.state == _PENDING:
             self._pending_units -= reservation.amount
         elif reservation.state == _SENT:
-            try:
-                self._log.remove(reservation)
-            except ValueError:  # already expired
-                pass
-            else:
-                self._sent_units -= reservation.amount
+            self._sent_units -= reservation.amount  # its heap entry is now stale
         reservation.state = _DONE
         if self._waiters:
             self._pump()
@@ -253,15 +295,17 @@ class SlidingWindowGate:
         self._provider_room = max(remaining, 0)
         self._provider_until = now + max(reset_s, 0.0) + self._guard
 
-    def preload(self, sent_ages: Iterable[tuple[float, int]]) -> int:
-        """Warm start: count sends that happened ``age`` seconds ago (oldest first)."""
+    def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int:
+        """Warm start: count sends that happened ``age`` seconds ago, as if each arrived up to
+        ``guard_s`` after it was sent (their answers are not known here)."""
         now = self._clock.now()
         loaded = 0
-        for age, amount in sorted(sent_ages, key=lambda item: -item[0]):
-            expires = now - age + self._guard + self.window_s
+        for age, amount in sent_ages:
+            expires = now - age + guard_s + self.window_s + _EPSILON_S
             if expires <= now or amount <= 0:
                 continue
-            self._log.append(GateReservation(amount, _SENT, expires))
+            entry = GateReservation(amount, _SENT, expires)
+            heapq.heappush(self._log, (expires, next(_SEQUENCE), entry))
             self._sent_units += amount
             loaded += 1
         return loaded

@@ -195,7 +195,8 @@ class BaseLLMService:
         clock: Clock | None = None,
         instance: str | None = None,
         default_max_output_tokens: int = 1024,
-        send_guard_s: float = 0.02,
+        send_guard_s: float | None = None,
+        unanswered_guard_s: float = 1.0,
         retry_backoff_base_s: float = 0.5,
         retry_backoff_max_s: float = 20.0,
         max_retry_wait_s: float = 60.0,
@@ -285,6 +286,7 @@ class BaseLLMService:
                 self._sinks.append(sink)
         self._trace_http = any(hasattr(s, "instrument_http_client") for s in self._sinks)
         self._warm_start = warm_start
+        self._unanswered_guard_s = unanswered_guard_s
         # The settings a replay needs to reproduce this run; shared by every trace_created.
         self._limits = {
             "max_rpm": self.max_rpm,
@@ -772,6 +774,7 @@ class BaseLLMService:
         if state.tpm_res is not None and tpm is not None:
             tpm.mark_sent(state.tpm_res)
         self._meter.on_send(sent_at)
+        answered = False
         token = None
         if self._trace_http:
             span_context = otel_trace.SpanContext(
@@ -793,6 +796,7 @@ class BaseLLMService:
             )
         except ProviderError as exc:
             state.latency = clock.now() - sent_at
+            answered = exc.status is not None
             if exc.reached_provider:
                 state.reached = True
             call.emit(
@@ -842,7 +846,16 @@ class BaseLLMService:
                 },
             )
             raise
+        else:
+            answered = True
         finally:
+            # An answer proves the request arrived: its window can end at now + window.
+            # Without one (timeout, dropped, cancelled) it may still arrive: add a guard.
+            guard = 0.0 if answered else self._unanswered_guard_s
+            if state.rpm_res is not None and rpm is not None:
+                rpm.mark_done(state.rpm_res, unanswered_guard_s=guard)
+            if state.tpm_res is not None and tpm is not None:
+                tpm.mark_done(state.tpm_res, unanswered_guard_s=guard)
             if token is not None:
                 otel_context.detach(token)
         state.reached = True

@@ -48,7 +48,7 @@ async def test_waiters_are_served_in_arrival_order() -> None:
     tasks = [asyncio.create_task(waiter(i)) for i in range(4)]
     await settle()
     for _ in range(4):
-        clock.advance(1.0)
+        clock.advance(1.01)
         await settle()
     assert order == [0, 1, 2, 3]
     await asyncio.gather(*tasks)
@@ -70,12 +70,12 @@ async def test_pending_reservation_never_expires_until_sent() -> None:
     assert blocked.done()
 
 
-async def test_window_starts_at_send_plus_guard() -> None:
+async def test_window_ends_by_send_plus_guard_while_no_answer_is_in() -> None:
     gate, clock = make_gate(capacity=1, window=1.0, guard=0.05)
     res = await gate.acquire(1)
     clock.advance(0.5)
     gate.mark_sent(res)
-    assert res.expires_at == pytest.approx(0.5 + 0.05 + 1.0)
+    assert res.expires_at == pytest.approx(0.5 + 0.05 + 1.0, abs=0.002)
     waiter = asyncio.create_task(gate.acquire(1))
     clock.advance(1.04)
     await settle()
@@ -83,6 +83,57 @@ async def test_window_starts_at_send_plus_guard() -> None:
     clock.advance(0.02)
     await settle()
     assert waiter.done()
+
+
+async def test_by_default_an_attempt_in_flight_holds_its_slot_until_its_answer() -> None:
+    clock = ManualClock()
+    gate = SlidingWindowGate("rpm", 1, 1.0, clock=clock)  # send_guard_s=None
+    res = await gate.acquire(1)
+    gate.mark_sent(res)
+    waiter = asyncio.create_task(gate.acquire(1))
+    clock.advance(30.0)  # a slow answer: the request may have arrived late, so keep counting
+    await settle()
+    assert not waiter.done()
+    gate.mark_done(res)  # answered at 30: it arrived by 30, its window ends by 31
+    clock.advance(0.99)
+    await settle()
+    assert not waiter.done()
+    clock.advance(0.02)
+    await settle()
+    assert waiter.done()
+
+
+async def test_an_attempt_without_answer_keeps_its_slot_a_guard_longer() -> None:
+    clock = ManualClock()
+    gate = SlidingWindowGate("rpm", 1, 1.0, clock=clock)
+    res = await gate.acquire(1)
+    gate.mark_sent(res)
+    gate.mark_done(res, unanswered_guard_s=1.0)  # timed out: it may still arrive within 1 s
+    assert res.expires_at == pytest.approx(2.0, abs=0.002)
+
+
+async def test_an_answer_ends_the_window_at_answer_plus_window() -> None:
+    gate, clock = make_gate(capacity=1, window=1.0, guard=0.5)
+    res = await gate.acquire(1)
+    gate.mark_sent(res)
+    clock.advance(0.1)
+    gate.mark_done(res)  # answered at 0.1: it arrived by 0.1, so its window ends by 1.1
+    waiter = asyncio.create_task(gate.acquire(1))
+    clock.advance(0.99)
+    await settle()
+    assert not waiter.done()
+    clock.advance(0.02)
+    await settle()
+    assert waiter.done()
+
+
+async def test_a_slow_answer_never_moves_the_window_end_later() -> None:
+    gate, clock = make_gate(capacity=1, window=1.0, guard=0.2)
+    res = await gate.acquire(1)
+    gate.mark_sent(res)
+    clock.advance(0.9)  # slower than the guard: we assume it arrived by 0.2
+    gate.mark_done(res)
+    assert res.expires_at == pytest.approx(1.2, abs=0.002)
 
 
 async def test_cancelled_waiter_leaves_nothing_behind() -> None:
@@ -96,7 +147,7 @@ async def test_cancelled_waiter_leaves_nothing_behind() -> None:
     await settle()
     assert doomed.cancelled()
     assert gate.waiting() == 1
-    clock.advance(1.0)
+    clock.advance(1.01)
     await settle()
     assert survivor.done()
     assert gate.used() == 1
@@ -109,7 +160,7 @@ async def test_grant_racing_with_cancellation_is_given_back() -> None:
     gate.mark_sent(held)
     task = asyncio.create_task(gate.acquire(1))
     await settle()
-    clock.advance(1.0)  # grants the waiter: its future is resolved ...
+    clock.advance(1.01)  # grants the waiter: its future is resolved ...
     task.cancel()  # ... and the task is cancelled before it resumes
     await settle()
     assert task.cancelled()
@@ -172,7 +223,7 @@ async def test_provider_report_with_more_room_is_ignored() -> None:
 
 async def test_preload_counts_recent_sends_until_they_age_out() -> None:
     gate, clock = make_gate(capacity=2, window=1.0)
-    assert gate.preload([(0.5, 1), (0.2, 1), (5.0, 1)]) == 2
+    assert gate.preload([(0.5, 1), (0.2, 1), (5.0, 1)], guard_s=0.0) == 2
     waiter = asyncio.create_task(gate.acquire(1))
     await settle()
     assert not waiter.done()
