@@ -12,6 +12,7 @@ from __future__ import annotations
 #: name -> (module, title), in the order they run and appear in RESULTS.md.
 BENCHES: dict[str, tuple[str, str]] = {
     "overhead": ("benchmarks.bench_overhead", "1. Overhead against a zero-latency server"),
+    "tracing_sink": ("benchmarks.bench_tracing_sink", "1b. Tracing sink cost per call"),
     "gates": ("benchmarks.bench_gates", "2. Gate efficiency"),
     "store": ("benchmarks.bench_store", "3. Event store and projections"),
     "replay": ("benchmarks.bench_replay", "4. Replay"),
