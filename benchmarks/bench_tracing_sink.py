@@ -8,14 +8,15 @@ service emits them: one attempt, no waits -> 2 spans; a 429 then success -> 4 sp
 - off: nothing configured, ``tracing_sink_from_environment()`` returns ``None``; the service
   then has no sink to call, so the per-call cost is the lookup, paid once per service;
 - emit only: ``emit()`` of every event of a call (span building and the batch processor's
-  enqueue), measured on the emitting thread only; the exporter discards;
+  enqueue), CPU time of the emitting thread; the exporter discards;
 - + OTLP encoding: the same plus the protobuf encoding of every span (the exporter encodes,
-  sends nothing), measured as wall time until ``force_flush`` returns;
+  sends nothing), CPU time of the process until ``force_flush`` returns;
 - + OTLP/HTTP export: spans sent to a local receiver in another process, until flushed;
 - + metrics: emit only, with the GenAI histograms recorded too.
 
-Invariants: no network beyond 127.0.0.1; medians of interleaved rounds; CPU of the
-receiver process is not counted.
+Invariants: no network beyond 127.0.0.1; medians of interleaved rounds; CPU time, not wall
+time; the receiver process's CPU is not counted. A calibration figure (``sum(range(1000))``)
+says how fast the machine was.
 """
 
 from __future__ import annotations
@@ -129,14 +130,20 @@ def _sink(exporter: SpanExporter | None, metrics: bool = False) -> TracingSink:
 
 
 def _run(sink: TracingSink, calls: list[list[Event]], until_flushed: bool) -> float:
-    """Microseconds per call: the emitting thread's time, or wall time until flushed."""
-    started = time.perf_counter()
+    """CPU microseconds per call: of the emitting thread, or of the whole process (the batch
+    processor's thread included) until everything is flushed.
+
+    CPU time rather than wall time: on a shared machine, wall time mostly measures the
+    neighbours.
+    """
+    clock = time.process_time if until_flushed else time.thread_time
+    started = clock()
     for events in calls:
         for event in events:
             sink.emit(event)
     if until_flushed and sink.tracer_provider is not None:
         sink.tracer_provider.force_flush()
-    elapsed = time.perf_counter() - started
+    elapsed = clock() - started
     if sink.tracer_provider is not None:
         sink.tracer_provider.shutdown()
     if sink.meter_provider is not None and isinstance(sink.meter_provider, MeterProvider):
@@ -145,10 +152,19 @@ def _run(sink: TracingSink, calls: list[list[Event]], until_flushed: bool) -> fl
 
 
 def _off(n: int) -> float:
-    started = time.perf_counter()
+    started = time.thread_time()
     for _ in range(n):
         assert tracing_sink_from_environment() is None
-    return (time.perf_counter() - started) / n * 1e6
+    return (time.thread_time() - started) / n * 1e6
+
+
+def _calibration(n: int = 2_000) -> float:
+    """CPU microseconds of ``sum(range(1000))``: how fast this machine is (about 8-10 us on a
+    current desktop core), to compare figures across machines."""
+    started = time.thread_time()
+    for _ in range(n):
+        sum(range(1000))
+    return (time.thread_time() - started) / n * 1e6
 
 
 def main(quick: bool = False) -> dict[str, Any]:
@@ -175,10 +191,11 @@ def main(quick: bool = False) -> dict[str, Any]:
                 for name, variant in variants.items():
                     samples[name].append(variant([_stream(retry) for _ in range(n)]))
             for name, values in samples.items():
-                section.add(Figure(f"{name} [{label}]", "us/call", values))
+                section.add(Figure(f"{name} [{label}]", "CPU us/call", values))
     section.add(
-        Figure("off (nothing configured): sink lookup, once per service", "us", [_off(1000)])
+        Figure("off (nothing configured): sink lookup, once per service", "CPU us", [_off(1000)])
     )
+    section.add(Figure("calibration: sum(range(1000))", "CPU us", [_calibration()]))
     section.notes.append(
         f"{n} calls per variant and round, {rounds} interleaved rounds, medians; "
         "synthetic streams shaped as the service emits them."
