@@ -28,9 +28,19 @@ from ._types import GenerationRequest, GenerationResult
 __all__ = ["build_parser", "main"]
 
 _TOPICS = [
-    "the water cycle", "compound interest", "TCP congestion control", "photosynthesis",
-    "the Roman republic", "sourdough starters", "black holes", "vaccines", "jazz harmony",
-    "plate tectonics", "garbage collection", "the French revolution", "tidal energy",
+    "the water cycle",
+    "compound interest",
+    "TCP congestion control",
+    "photosynthesis",
+    "the Roman republic",
+    "sourdough starters",
+    "black holes",
+    "vaccines",
+    "jazz harmony",
+    "plate tectonics",
+    "garbage collection",
+    "the French revolution",
+    "tidal energy",
 ]
 _OPERATIONS = [
     ("summarize", "Summarize {topic} in two sentences."),
@@ -191,7 +201,10 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _summarise(
-    results: list[GenerationResult], tally: _Tally, elapsed: float, server_429: int,
+    results: list[GenerationResult],
+    tally: _Tally,
+    elapsed: float,
+    server_429: int,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     ok = [r for r in results if r.success]
@@ -272,15 +285,27 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         try:
             register = entry.load()
-        except ImportError as exc:  # a plugin that cannot load must not break the others
-            print(f"llmtrail: warning: commands from {entry.name!r} unavailable: {exc}",
-                  file=sys.stderr)
+        except Exception as exc:  # a plugin that cannot load must not break the others
+            print(
+                f"llmtrail: warning: commands from {entry.name!r} unavailable: {exc}",
+                file=sys.stderr,
+            )
             continue
         register(subparsers)
     return parser
 
 
+def _setup_logging() -> None:
+    """Let the telemetry package (if installed) set up structlog: formats and redaction."""
+    for entry in importlib.metadata.entry_points(group="llmtrail.setup"):
+        try:
+            entry.load()()
+        except Exception as exc:
+            print(f"llmtrail: warning: setup {entry.name!r} failed: {exc}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

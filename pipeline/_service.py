@@ -100,7 +100,16 @@ def _load_plugin(name: str) -> Callable[..., Any] | None:
 class _Call:
     """One call's identity and its event stream."""
 
-    __slots__ = ("call_id", "trace_id", "span_id", "seq", "sinks", "instance", "backlog")
+    __slots__ = (
+        "call_id",
+        "trace_id",
+        "span_id",
+        "seq",
+        "sinks",
+        "instance",
+        "backlog",
+        "trace_flags",
+    )
 
     def __init__(
         self,
@@ -116,6 +125,8 @@ class _Call:
         self.sinks = sinks
         self.instance = instance
         self.backlog = backlog
+        # A caller's unsampled trace stays unsampled, so no orphan HTTP span is exported.
+        self.trace_flags = _SAMPLED
 
     def emit(self, type_: EventType, payload: dict[str, Any]) -> None:
         event = Event(
@@ -483,6 +494,8 @@ class BaseLLMService:
         call = _Call(
             self._sinks, self.instance, parent.trace_id if parent.is_valid else None, backlog
         )
+        if parent.is_valid:
+            call.trace_flags = parent.trace_flags
         self._active += 1
         if self._idle is not None:
             self._idle.clear()
@@ -781,7 +794,7 @@ class BaseLLMService:
                 int(call.trace_id, 16),
                 int(child_span_id(call.span_id, f"attempt/{n}"), 16),
                 is_remote=False,
-                trace_flags=_SAMPLED,
+                trace_flags=call.trace_flags,
             )
             token = otel_context.attach(
                 otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(span_context))
