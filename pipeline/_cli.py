@@ -299,7 +299,7 @@ def _setup_logging() -> None:
     """Let the telemetry package (if installed) set up structlog: formats and redaction."""
     for entry in importlib.metadata.entry_points(group="llmtrail.setup"):
         try:
-            entry.load()()
+            entry.load()(level=os.environ.get("LLMTRAIL_LOG_LEVEL", "WARNING"))
         except Exception as exc:
             print(f"llmtrail: warning: setup {entry.name!r} failed: {exc}", file=sys.stderr)
 
