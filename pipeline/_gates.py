@@ -293,7 +293,7 @@ class SlidingWindowGate:
         if remaining >= ours:
             return
         self._provider_room = max(remaining, 0)
-        self._provider_until = now + max(reset_s, 0.0) + self._guard
+        self._provider_until = now + max(reset_s, 0.0) + _EPSILON_S
 
     def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int:
         """Warm start: count sends that happened ``age`` seconds ago, as if each arrived up to
