@@ -192,7 +192,9 @@ def _prepare_sqlite_file(url: URL, *, must_exist: bool) -> None:
         )
 
 
-def _install_sqlite_hooks(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+def _install_sqlite_hooks(
+    engine: AsyncEngine, busy_timeout_ms: int, cache_size_kib: int | None
+) -> None:
     # SQLAlchemy's documented recipe for aiosqlite: take BEGIN away from the sqlite3 module
     # (isolation_level=None) and emit it ourselves, so that writes can say BEGIN IMMEDIATE.
     @event.listens_for(engine.sync_engine, "connect")
@@ -203,6 +205,10 @@ def _install_sqlite_hooks(engine: AsyncEngine, busy_timeout_ms: int) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
+            if cache_size_kib is not None:
+                # Negative means KiB. Index pages of random ids (event_id, call_id, trace_id)
+                # are touched all over; SQLite's 2 MiB default makes each one a read.
+                cursor.execute(f"PRAGMA cache_size = -{int(cache_size_kib)}")
         finally:
             cursor.close()
 
@@ -220,13 +226,15 @@ def create_engine(
     must_exist: bool = False,
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     application_name: str = "llmtrail",
+    cache_size_kib: int | None = None,
     **engine_options: Any,
 ) -> AsyncEngine:
     """An :class:`AsyncEngine` for a validated store URL.
 
     ``must_exist=True`` (readers) refuses to create a missing SQLite file. ``busy_timeout_ms``
     is how long one statement waits for a lock before failing: SQLite's busy timeout,
-    PostgreSQL's ``lock_timeout``. ``application_name`` labels PostgreSQL sessions.
+    PostgreSQL's ``lock_timeout``. ``application_name`` labels PostgreSQL sessions;
+    ``cache_size_kib`` sets SQLite's page cache per connection (default: SQLite's 2 MiB).
     """
     if isinstance(busy_timeout_ms, bool) or not isinstance(busy_timeout_ms, int):
         raise StoreConfigError(f"busy_timeout_ms={busy_timeout_ms!r} is invalid: use an int >= 0")
@@ -236,8 +244,9 @@ def create_engine(
     if is_sqlite(parsed):
         _prepare_sqlite_file(parsed, must_exist=must_exist)
         engine = create_async_engine(parsed, **engine_options)
-        _install_sqlite_hooks(engine, busy_timeout_ms)
+        _install_sqlite_hooks(engine, busy_timeout_ms, cache_size_kib)
         return engine
+    del cache_size_kib  # PostgreSQL sizes its shared buffers server-side
     connect_args = dict(engine_options.pop("connect_args", {}))
     server_settings = dict(connect_args.pop("server_settings", {}))
     server_settings.setdefault("application_name", application_name)
