@@ -300,15 +300,24 @@ async def run_interleaved(
     reps: int,
     *,
     on_round: Callable[[int], Awaitable[None]] | None = None,
+    budget_s: float | None = None,
+    min_reps: int = 3,
 ) -> dict[str, list[dict[str, float]]]:
     """Run ``reps`` rounds of every variant in order (A B C A B C ...).
 
     Each variant returns its metrics for one repetition. ``on_round`` runs before each round
     (e.g. to reset a server). Returns, per variant, the metrics of each round in order, so
     index i of two variants comes from the same round.
+
+    With ``budget_s``, no new round starts once that many seconds have passed and at least
+    ``min_reps`` rounds are done: a slow variant (a target badly missed) then costs 3 rounds
+    instead of 5, and the table shows how many there were.
     """
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in variants}
+    started = time.perf_counter()
     for round_ in range(reps):
+        if budget_s is not None and round_ >= min_reps and time.perf_counter() - started > budget_s:
+            break
         if on_round is not None:
             await on_round(round_)
         for name, run in variants:

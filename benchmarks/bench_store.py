@@ -51,6 +51,7 @@ from ._harness import (
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN_DSN = os.environ.get("LLMTRAIL_PG_ADMIN_DSN", f"postgresql://postgres@{PG_HOST}:{PG_PORT}")
 RAW_BATCH = 2_000
+FILL_BASE = 20_000
 
 
 # ---------------------------------------------------------------- events
@@ -246,20 +247,52 @@ async def _idle_lag(seconds: float) -> dict[str, float]:
 
 
 async def _populate(url: str, templates: list[list[Any]], n: int) -> float:
-    """Fill a store with ``n`` events through the writer; returns events/s."""
-    from storage import open_store_sink
+    """Fill a store with ``n`` events; returns events/s.
 
+    Up to ``FILL_BASE`` events go through the writer (the real path); the rest are copies of
+    those rows made by the database itself (``INSERT ... SELECT`` with suffixed ids), which
+    spares the bench minutes of Python-side event generation before a rebuild.
+    """
+    from sqlalchemy import func, select, text
+
+    from storage import create_engine, open_store_sink
+    from storage import events as table
+
+    base = min(n, FILL_BASE)
+    started = time.perf_counter()
     writer = open_store_sink(url, instance="bench:1")
     await writer.start()
     try:
-        started = time.perf_counter()
-        for event in synth_events(templates, n):
+        for event in synth_events(templates, base):
             if not writer.emit(event):
                 await writer.wait_for_room()
         await writer.flush()
-        return n / (time.perf_counter() - started)
     finally:
         await writer.aclose()
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            last = int(await conn.scalar(select(func.max(table.c.position))) or 0)
+        copy = 0
+        made = base
+        while made < n:
+            copy += 1
+            take = min(base, n - made)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO events (event_id, call_id, seq, type, occurred_at, "
+                        "trace_id, span_id, instance, payload) "
+                        "SELECT event_id || :suffix, call_id || :suffix, seq, type, "
+                        "occurred_at, trace_id, span_id, instance, payload FROM events "
+                        "WHERE position <= :last ORDER BY position LIMIT :take"
+                    ),
+                    {"suffix": f"-{copy}", "last": last, "take": take},
+                )
+            made += take
+    finally:
+        await engine.dispose()
+    return n / (time.perf_counter() - started)
 
 
 async def _rebuild(url: str, n: int) -> dict[str, float]:
@@ -287,7 +320,7 @@ def main(quick: bool) -> dict[str, Any]:
 
 async def _main(quick: bool) -> dict[str, Any]:
     reps = pick(quick, 5, 3, 2)
-    n_append = pick(quick, 200_000, 30_000, 2_000)
+    n_append = pick(quick, 100_000, 10_000, 2_000)
     n_rebuild = pick(quick, 1_000_000, 100_000, 5_000)
     section = Section("store", "3. Event store and projections")
     section.notes.append(
@@ -346,7 +379,9 @@ async def _main(quick: bool) -> dict[str, Any]:
         if pg is not None:
             fill["pg"] = await _populate(pg, templates, n_rebuild)
             rebuild_variants.append(("pg", lambda: _rebuild(pg, n_rebuild)))
-        rebuilt = await run_interleaved(rebuild_variants, reps)
+        rebuilt = await run_interleaved(
+            rebuild_variants, reps, budget_s=60 if quick else 240, min_reps=min(reps, 3)
+        )
 
     sqlite_rate = column(append["sqlite writer"], "events_per_s")
     sqlite_raw = column(append["sqlite raw"], "events_per_s")
@@ -403,7 +438,7 @@ async def _main(quick: bool) -> dict[str, Any]:
             "events/s",
             rates,
             target=Target(">=", 100_000, label=">= 100,000"),
-            note=f"store filled through the writer at {fill['sqlite']:,.0f} events/s",
+            note=f"store filled at {fill['sqlite']:,.0f} events/s (see _populate)",
         )
     )
     if "pg" in rebuilt:
@@ -415,7 +450,7 @@ async def _main(quick: bool) -> dict[str, Any]:
                 pg_rates,
                 baseline="SQLite",
                 ratio_samples=paired_ratios(pg_rates, rates),
-                note=f"store filled through the writer at {fill['pg']:,.0f} events/s",
+                note=f"store filled at {fill['pg']:,.0f} events/s (see _populate)",
             )
         )
     else:
