@@ -12,12 +12,17 @@ from __future__ import annotations
 #: name -> (module, title), in the order they run and appear in RESULTS.md.
 BENCHES: dict[str, tuple[str, str]] = {
     "overhead": ("benchmarks.bench_overhead", "1. Overhead against a zero-latency server"),
-    "tracing_sink": ("benchmarks.bench_tracing_sink", "1b. Tracing sink cost per call"),
     "gates": ("benchmarks.bench_gates", "2. Gate efficiency"),
     "store": ("benchmarks.bench_store", "3. Event store and projections"),
     "replay": ("benchmarks.bench_replay", "4. Replay"),
     "scale": ("benchmarks.bench_scale", "5. Scale: 10,000 concurrent calls"),
     "scale_out": ("benchmarks.bench_scale_out", "6. Scale out"),
+    # Micro-benchmarks of one component, for its engineer: run with --only NAME or --all.
+    "tracing_sink": ("benchmarks.bench_tracing_sink", "Extra: tracing sink cost per call"),
+    "store_writer": ("benchmarks.bench_store_writer", "Extra: event writer in detail"),
 }
 
-__all__ = ["BENCHES"]
+#: What runs without --only / --all: the figures the issues ask for.
+DEFAULT_BENCHES = ("overhead", "gates", "store", "replay", "scale", "scale_out")
+
+__all__ = ["BENCHES", "DEFAULT_BENCHES"]

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import BENCHES
+from . import BENCHES, DEFAULT_BENCHES
 from ._harness import Section, machine_info, print_section, render_markdown, run_bench_in_child
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(BENCHES),
         metavar="NAME",
         help=f"run only these benches ({', '.join(BENCHES)})",
+    )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="also run the extra micro-benchmarks ("
+        + ", ".join(n for n in BENCHES if n not in DEFAULT_BENCHES)
+        + ")",
     )
     parser.add_argument(
         "--output",
@@ -55,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Wide enough for the tables when the output is a file or a pipe (rich defaults to 80).
     console = Console() if sys.stdout.isatty() else Console(width=150)
-    names = [name for name in BENCHES if not args.only or name in args.only]
+    if args.only:
+        names = [name for name in BENCHES if name in args.only]
+    else:
+        names = [name for name in BENCHES if args.all or name in DEFAULT_BENCHES]
     timeout = args.timeout or (300.0 if args.quick else 1800.0)
     mode = "quick: 3 repetitions, reduced counts" if args.quick else "full"
     machine = machine_info()
@@ -74,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks" + (" --quick" if args.quick else "")
     if args.only:
         command += " --only " + " ".join(args.only)
+    elif args.all:
+        command += " --all"
     machine["total run time"] = f"{time.perf_counter() - started:.0f} s"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render_markdown(sections, machine, command, mode))
