@@ -282,7 +282,7 @@ def _replay_figures(section: Section, data: dict[str, Any]) -> None:
 
 def _unit_of(key: str) -> str:
     """The unit a flat dict's key names by its suffix (``extract_s`` -> s)."""
-    for suffix, unit in (("_ms", "ms"), ("_s", "s"), ("_mb", "MB"), ("_per_s", "/s")):
+    for suffix, unit in (("_per_s", "/s"), ("_ms", "ms"), ("_s", "s"), ("_mb", "MB")):
         if key.endswith(suffix):
             return unit
     return ""
