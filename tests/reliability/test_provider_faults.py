@@ -184,11 +184,6 @@ async def test_every_call_under_seeded_faults_ends_once_and_matches_the_server_l
         assert stored_sent == sorted(r.client_request_id for r in log)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SlidingWindowGate.observe_provider adds self._guard, None by default since "
-    "eb5c791: TypeError, and the answered call is reported as an internal failure",
-)
 async def test_provider_headers_showing_less_room_than_the_gate_do_not_fail_calls(
     mock_server_factory: Any, recorder: RecordingSink
 ) -> None:
