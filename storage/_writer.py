@@ -222,6 +222,7 @@ class EventWriter:
         self._done = 0  # events committed or rejected (loop thread only)
         self.written = 0
         self.rejected = 0
+        self.failed_attempts = 0  # batch attempts that failed and were retried
         self._idle = False
         self._wake: asyncio.Event | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -255,6 +256,11 @@ class EventWriter:
     def pending(self) -> int:
         """Events emitted but not yet committed (the queue the high-water mark applies to)."""
         return self._accepted - self._done + len(self._inbox)
+
+    @property
+    def in_outage(self) -> bool:
+        """True while the store is failing and batches are being retried."""
+        return self._outage_since is not None
 
     @property
     def url(self) -> str:
@@ -598,6 +604,7 @@ class EventWriter:
             await connection.execute(self._insert, {"batch": data})
 
     def _on_retry(self, state: RetryCallState) -> None:
+        self.failed_attempts += 1
         if self._outage_since is not None:
             return
         self._outage_since = time.monotonic()
