@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sqlite3
 import subprocess
@@ -27,18 +26,17 @@ import pytest
 from pipeline import BaseLLMService, ConfigurationError, GenerationRequest, LLMTrailError
 from pipeline._cli import main
 from tests.conftest import RecordingSink
-from tests.reliability._support import assert_streams_complete, completed, needs_store
+from tests.reliability._support import (
+    assert_streams_complete,
+    completed,
+    needs_commands,
+    needs_store,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 LLMTRAIL = Path(sys.executable).with_name("llmtrail")
 KEY = "sk-test-bad-input"
-
-
-needs_store_cli = pytest.mark.skipif(
-    importlib.util.find_spec("storage._cli") is None,
-    reason="the store's commands (storage._cli, issue 3) have not landed yet",
-)
 
 
 def one_line(message: str) -> str:
@@ -282,7 +280,7 @@ def test_the_demo_answers_bad_limits_with_exit_code_2_naming_the_option(
     )
 
 
-@needs_store_cli
+@needs_commands("events")
 def test_the_cli_refuses_unusable_stores_with_an_exit_code_and_one_error_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -294,9 +292,24 @@ def test_the_cli_refuses_unusable_stores_with_an_exit_code_and_one_error_line(
             (("demo", "--calls", "1", "--store", "not a url"), 2, "not a url"),
             (("events", "--store", "not a url"), 2, "not a url"),
             (("events", "--store", garbage), 2, "notes.db"),
-            (("usage", "--store", garbage), 2, "notes.db"),
             (("events", "--store", future), 1, "bogus_revision_9999"),
+        ],
+        capsys,
+    )
+
+
+@needs_commands("usage", "projections")
+def test_the_audit_commands_refuse_unusable_stores_with_an_exit_code_and_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = f"sqlite+aiosqlite:///{garbage_file(tmp_path)}"
+    future = asyncio.run(bogus_revision_store(tmp_path))
+    check_cli_cases(
+        [
+            (("usage", "--store", garbage), 2, "notes.db"),
+            (("usage", "--store", future), 1, "bogus_revision_9999"),
             (("projections", "status", "--store", future), 1, "bogus_revision_9999"),
+            (("projections", "rebuild", "--store", garbage), 2, "notes.db"),
         ],
         capsys,
     )
