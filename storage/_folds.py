@@ -36,7 +36,7 @@ __all__ = [
     "COST_QUANTUM",
     "CallRow",
     "MetricsRow",
-    "StoredEvent",
+    "FoldEvent",
     "UsageKey",
     "UsageRow",
     "apply_calls",
@@ -54,7 +54,7 @@ _INTERRUPTED = "interrupted"
 _FINAL_OUTCOMES = frozenset({"succeeded", "failed", "cancelled"})
 
 
-class StoredEvent(NamedTuple):
+class FoldEvent(NamedTuple):
     """The fields of a stored event the folds read, with its store position."""
 
     position: int
@@ -66,7 +66,7 @@ class StoredEvent(NamedTuple):
     payload: Mapping[str, Any]
 
     @classmethod
-    def from_event(cls, position: int, event: Event) -> StoredEvent:
+    def from_event(cls, position: int, event: Event) -> FoldEvent:
         return cls(
             position,
             event.call_id,
@@ -187,7 +187,7 @@ _call_values = attrgetter(*CALL_COLUMNS)
 
 
 def apply_calls(
-    rows: dict[str, CallRow], events: Sequence[StoredEvent], prices: PriceTable
+    rows: dict[str, CallRow], events: Sequence[FoldEvent], prices: PriceTable
 ) -> set[str]:
     """Fold ``events`` into ``rows`` (call_id -> row, the rows as stored so far, mutated in
     place); returns the call_ids touched. ``trace_id`` and ``instance`` come from the first
@@ -295,7 +295,7 @@ class UsageRow:
 USAGE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRow))
 
 
-def call_usage_key(event: StoredEvent) -> UsageKey:
+def call_usage_key(event: FoldEvent) -> UsageKey:
     """The ``usage_daily`` key of a call, from its ``trace_created`` event."""
     payload = event.payload
     return UsageKey(
@@ -308,7 +308,7 @@ def call_usage_key(event: StoredEvent) -> UsageKey:
 def apply_usage(
     deltas: dict[UsageKey, UsageRow],
     call_keys: dict[str, UsageKey],
-    events: Iterable[StoredEvent],
+    events: Iterable[FoldEvent],
     prices: PriceTable,
 ) -> None:
     """Fold ``events`` into ``deltas`` (the batch's effect per key, added to the stored rows
@@ -382,7 +382,7 @@ _METRIC_TYPES = frozenset({"gate_wait", "semaphore_acquired", "sent", "received"
 _MINUTE = timedelta(minutes=1)
 
 
-def event_minutes(events: Sequence[StoredEvent]) -> list[datetime | None]:
+def event_minutes(events: Sequence[FoldEvent]) -> list[datetime | None]:
     """The ``metrics_minute`` key of each event (``None`` for a type it does not count).
 
     Events come in time order, so most fall in the minute of the one before: checking that
@@ -404,14 +404,14 @@ def event_minutes(events: Sequence[StoredEvent]) -> list[datetime | None]:
     return out
 
 
-def metrics_minutes(events: Sequence[StoredEvent]) -> set[datetime]:
+def metrics_minutes(events: Sequence[FoldEvent]) -> set[datetime]:
     """The minutes a batch touches, so that their stored rows can be loaded first."""
     return {m for m in event_minutes(events) if m is not None}
 
 
 def apply_metrics(
     rows: dict[datetime, MetricsRow],
-    events: Sequence[StoredEvent],
+    events: Sequence[FoldEvent],
     minutes: Sequence[datetime | None] | None = None,
 ) -> set[datetime]:
     """Fold ``events`` into ``rows`` (minute -> row, the stored rows of every minute the batch

@@ -68,8 +68,8 @@ from ._folds import (
     METRICS_COLUMNS,
     USAGE_COLUMNS,
     CallRow,
+    FoldEvent,
     MetricsRow,
-    StoredEvent,
     UsageKey,
     UsageRow,
     apply_calls,
@@ -261,7 +261,7 @@ def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterable[Sequence[An
 
 
 async def _apply_calls(
-    conn: AsyncConnection, batch: Sequence[StoredEvent], prices: PriceTable
+    conn: AsyncConnection, batch: Sequence[FoldEvent], prices: PriceTable
 ) -> None:
     ids = sorted({e.call_id for e in batch})
     rows: dict[str, CallRow] = {}
@@ -282,7 +282,7 @@ async def _apply_calls(
 
 
 async def _apply_usage(
-    conn: AsyncConnection, batch: Sequence[StoredEvent], prices: PriceTable
+    conn: AsyncConnection, batch: Sequence[FoldEvent], prices: PriceTable
 ) -> None:
     # The key of a call started in an earlier batch comes from its trace_created event.
     started_here = {e.call_id for e in batch if e.type == "trace_created"}
@@ -340,7 +340,7 @@ async def _apply_usage(
 
 
 async def _apply_metrics(
-    conn: AsyncConnection, batch: Sequence[StoredEvent], prices: PriceTable
+    conn: AsyncConnection, batch: Sequence[FoldEvent], prices: PriceTable
 ) -> None:
     per_event = event_minutes(batch)
     minutes = sorted({m for m in per_event if m is not None})
@@ -365,7 +365,7 @@ async def _apply_metrics(
         )
 
 
-_Applier = Callable[[AsyncConnection, Sequence[StoredEvent], PriceTable], Awaitable[None]]
+_Applier = Callable[[AsyncConnection, Sequence[FoldEvent], PriceTable], Awaitable[None]]
 _APPLY: dict[str, _Applier] = {
     "calls": _apply_calls,
     "usage_daily": _apply_usage,
@@ -496,10 +496,10 @@ _EVENT_COLUMNS = (
 )
 
 
-def _decode(rows: Iterable[Sequence[Any]]) -> list[StoredEvent]:
+def _decode(rows: Iterable[Sequence[Any]]) -> list[FoldEvent]:
     loads = orjson.loads
     return [
-        StoredEvent(
+        FoldEvent(
             position,
             call_id,
             kind,
@@ -512,7 +512,7 @@ def _decode(rows: Iterable[Sequence[Any]]) -> list[StoredEvent]:
     ]
 
 
-async def _read_page(conn: AsyncConnection, after: int, limit: int) -> list[StoredEvent]:
+async def _read_page(conn: AsyncConnection, after: int, limit: int) -> list[FoldEvent]:
     result = await conn.execute(
         select(*_EVENT_COLUMNS)
         .where(events.c.position > after)
@@ -530,7 +530,7 @@ async def _apply_batch(
     engine: AsyncEngine,
     names: Sequence[str],
     seen: dict[str, int],
-    batch: Sequence[StoredEvent],
+    batch: Sequence[FoldEvent],
     prices: PriceTable,
 ) -> dict[str, int]:
     """Apply ``batch`` to every projection in ``names`` whose checkpoint it passes, in one
@@ -593,7 +593,7 @@ async def _run(
         cursor = min(seen.values())
         if cursor >= until:
             return totals
-        page: asyncio.Task[list[StoredEvent]] | None = asyncio.create_task(
+        page: asyncio.Task[list[FoldEvent]] | None = asyncio.create_task(
             _fetch(engine, cursor, batch_size)
         )
         try:
@@ -627,7 +627,7 @@ async def _run(
                     await page
 
 
-async def _fetch(engine: AsyncEngine, after: int, limit: int) -> list[StoredEvent]:
+async def _fetch(engine: AsyncEngine, after: int, limit: int) -> list[FoldEvent]:
     async with engine.connect() as conn:
         return await _read_page(conn, after, limit)
 

@@ -230,28 +230,35 @@ def sample_log(seed: int = 7) -> list[Event]:
 # -- the store -------------------------------------------------------------------------------
 
 
-async def open_store(url: str) -> Any:
-    """A migrated store's engine."""
-    from storage._engine import create_engine
-    from storage._migrate import migrate
+class LogStore:
+    """A migrated store, with the real :class:`~storage.EventWriter` appending to it."""
 
-    engine = create_engine(url)
-    await migrate(engine)
-    return engine
+    def __init__(self, engine: Any, writer: Any) -> None:
+        self.engine = engine
+        self.writer = writer
 
+    @classmethod
+    async def open(cls, url: str) -> LogStore:
+        from storage import open_store_sink
+        from storage._engine import create_engine
+        from storage._migrate import migrate
 
-async def append(engine: Any, log: Sequence[Event]) -> None:
-    """Append events to the store in log order."""
-    from sqlalchemy import insert
+        engine = create_engine(url)
+        await migrate(engine)
+        writer = open_store_sink(url, batch_size=50)
+        await writer.start()
+        return cls(engine, writer)
 
-    from storage._schema import events
+    async def append(self, log: Sequence[Event]) -> None:
+        """Write events in log order and wait until they are committed."""
+        for event in log:
+            while not self.writer.emit(event):
+                await self.writer.wait_for_room()
+        await self.writer.flush()
 
-    if not log:
-        return
-    async with engine.begin() as conn:
-        await conn.execute(
-            insert(events), [dict(e.to_dict(), occurred_at=e.occurred_at) for e in log]
-        )
+    async def aclose(self) -> None:
+        await self.writer.aclose()
+        await self.engine.dispose()
 
 
 async def snapshot(engine: Any) -> dict[str, list[dict[str, Any]]]:

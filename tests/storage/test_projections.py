@@ -11,10 +11,11 @@ import pytest
 import storage._projections as projections_module
 from pipeline import PriceTable
 from storage import _schema as schema
+from storage._engine import create_engine
 from storage._folds import (
     CallRow,
+    FoldEvent,
     MetricsRow,
-    StoredEvent,
     UsageKey,
     UsageRow,
     apply_calls,
@@ -33,9 +34,8 @@ from storage._projections import (
 from tests.storage.projection_events import (
     T0,
     CallSpec,
-    append,
+    LogStore,
     call_events,
-    open_store,
     sample_log,
     snapshot,
 )
@@ -44,7 +44,7 @@ PRICES = PriceTable()
 
 
 def stored(log):
-    return [StoredEvent.from_event(i + 1, e) for i, e in enumerate(log)]
+    return [FoldEvent.from_event(i + 1, e) for i, e in enumerate(log)]
 
 
 def fold_calls(batch, rows=None):
@@ -229,10 +229,10 @@ def test_fold_over_batches_equals_fold_over_the_whole_log():
 
 
 @pytest.fixture
-async def engine(store_url):
-    engine = await open_store(store_url)
-    yield engine
-    await engine.dispose()
+async def store(store_url):
+    store = await LogStore.open(store_url)
+    yield store
+    await store.aclose()
 
 
 def expected_rows(log):
@@ -256,60 +256,60 @@ def expected_rows(log):
     }
 
 
-async def test_run_projections_stores_exactly_the_rows_of_the_fold(engine):
+async def test_run_projections_stores_exactly_the_rows_of_the_fold(store):
     log = sample_log()
-    await append(engine, log)
-    applied = await run_projections(engine, batch_size=5)
+    await store.append(log)
+    applied = await run_projections(store.engine, batch_size=5)
     assert applied == {name: len(log) for name in PROJECTIONS}
-    got = await snapshot(engine)
+    got = await snapshot(store.engine)
     want = expected_rows(log)
     assert got == want
     assert {r["call_id"]: r["outcome"] for r in got["calls"]}["c-died"] == "interrupted"
 
 
-async def test_money_survives_the_store_exactly(engine):
+async def test_money_survives_the_store_exactly(store):
     # 0.0000405 and 0.000675 would not survive a float sum exactly; Decimal columns must.
     specs = [CallSpec(f"m{i}", model=("gpt-4o-mini", "gpt-4o")[i % 2]) for i in range(30)]
-    await append(engine, [e for s in specs for e in call_events(s)])
-    await run_projections(engine, batch_size=7)
-    got = await snapshot(engine)
+    await store.append([e for s in specs for e in call_events(s)])
+    await run_projections(store.engine, batch_size=7)
+    got = await snapshot(store.engine)
     total = sum(r["cost_usd"] for r in got["calls"])
     assert total == Decimal("0.0000405") * 15 + Decimal("0.000675") * 15
     assert sum(r["cost_usd"] for r in got["usage_daily"]) == total
     assert all(isinstance(r["cost_usd"], Decimal) for r in got["calls"])
 
 
-async def test_incremental_runs_over_a_growing_log_equal_a_rebuild(engine):
+async def test_incremental_runs_over_a_growing_log_equal_a_rebuild(store):
     log = sample_log(seed=3)
     for start in range(0, len(log), 9):
-        await append(engine, log[start : start + 9])
-        await run_projections(engine, batch_size=4)
-    incremental = await snapshot(engine)
+        await store.append(log[start : start + 9])
+        await run_projections(store.engine, batch_size=4)
+    incremental = await snapshot(store.engine)
     assert incremental == expected_rows(log)
-    await rebuild(engine)
-    assert await snapshot(engine) == incremental
-    assert await run_projections(engine) == dict.fromkeys(PROJECTIONS, 0)  # idempotent
+    await rebuild(store.engine)
+    assert await snapshot(store.engine) == incremental
+    assert await run_projections(store.engine) == dict.fromkeys(PROJECTIONS, 0)  # idempotent
 
 
-async def test_interrupted_call_takes_its_outcome_when_completed_arrives_later(engine):
+async def test_interrupted_call_takes_its_outcome_when_completed_arrives_later(store):
     log = call_events(CallSpec("late"))
-    await append(engine, log[:-1])
-    await run_projections(engine)
-    assert (await snapshot(engine))["calls"][0]["outcome"] == "interrupted"
-    await append(engine, log[-1:])
-    assert await run_projections(engine) == dict.fromkeys(PROJECTIONS, 1)
-    row = (await snapshot(engine))["calls"][0]
+    await store.append(log[:-1])
+    await run_projections(store.engine)
+    assert (await snapshot(store.engine))["calls"][0]["outcome"] == "interrupted"
+    await store.append(log[-1:])
+    assert await run_projections(store.engine) == dict.fromkeys(PROJECTIONS, 1)
+    row = (await snapshot(store.engine))["calls"][0]
     assert (row["outcome"], row["finished_at"]) == ("succeeded", log[-1].occurred_at)
-    day = (await snapshot(engine))["usage_daily"][0]
+    day = (await snapshot(store.engine))["usage_daily"][0]
     assert (day["calls"], day["succeeded"]) == (1, 1)
 
 
-async def test_a_failed_batch_changes_neither_rows_nor_checkpoint(engine, monkeypatch):
+async def test_a_failed_batch_changes_neither_rows_nor_checkpoint(store, monkeypatch):
     log = sample_log()
-    await append(engine, log[:20])
-    await run_projections(engine)
-    before = await snapshot(engine)
-    await append(engine, log[20:])
+    await store.append(log[:20])
+    await run_projections(store.engine)
+    before = await snapshot(store.engine)
+    await store.append(log[20:])
 
     async def crash(conn, batch, prices):
         raise RuntimeError("power cut")
@@ -317,41 +317,41 @@ async def test_a_failed_batch_changes_neither_rows_nor_checkpoint(engine, monkey
     # calls and usage_daily are written first in the same transaction, then this fails.
     monkeypatch.setitem(projections_module._APPLY, "metrics_minute", crash)
     with pytest.raises(RuntimeError, match="power cut"):
-        await run_projections(engine)
-    assert await snapshot(engine) == before
-    assert [s.position for s in await projection_status(engine)] == [20, 20, 20]
+        await run_projections(store.engine)
+    assert await snapshot(store.engine) == before
+    assert [s.position for s in await projection_status(store.engine)] == [20, 20, 20]
     monkeypatch.undo()
-    await run_projections(engine)
-    assert await snapshot(engine) == expected_rows(log)
+    await run_projections(store.engine)
+    assert await snapshot(store.engine) == expected_rows(log)
 
 
-async def test_rebuild_applies_a_changed_price_table_to_history(engine):
-    await append(engine, call_events(CallSpec("p")))
-    await run_projections(engine)
+async def test_rebuild_applies_a_changed_price_table_to_history(store):
+    await store.append(call_events(CallSpec("p")))
+    await run_projections(store.engine)
     pricier = PRICES.with_overrides(
         {"gpt-4o-mini": {"input": "1", "cached_input": "0.5", "output": "2"}}
     )
-    await rebuild(engine, prices=pricier)
-    got = await snapshot(engine)
+    await rebuild(store.engine, prices=pricier)
+    got = await snapshot(store.engine)
     assert got["calls"][0]["cost_usd"] == Decimal("0.00019")
     assert got["usage_daily"][0]["cost_usd"] == Decimal("0.00019")
 
 
-async def test_rebuild_of_one_projection_leaves_the_others_alone(engine):
+async def test_rebuild_of_one_projection_leaves_the_others_alone(store):
     log = sample_log()
-    await append(engine, log)
-    await run_projections(engine)
-    before = await snapshot(engine)
-    assert await rebuild(engine, "usage_daily") == {"usage_daily": len(log)}
-    assert await snapshot(engine) == before
+    await store.append(log)
+    await run_projections(store.engine)
+    before = await snapshot(store.engine)
+    assert await rebuild(store.engine, "usage_daily") == {"usage_daily": len(log)}
+    assert await snapshot(store.engine) == before
 
 
-async def test_status_reports_each_checkpoint_and_its_lag(engine):
+async def test_status_reports_each_checkpoint_and_its_lag(store):
     log = sample_log()
-    await append(engine, log[:10])
-    await run_projections(engine, "calls")
-    await append(engine, log[10:])
-    status = {s.name: s for s in await projection_status(engine)}
+    await store.append(log[:10])
+    await run_projections(store.engine, "calls")
+    await store.append(log[10:])
+    status = {s.name: s for s in await projection_status(store.engine)}
     assert (status["calls"].position, status["calls"].lag) == (10, len(log) - 10)
     assert (status["usage_daily"].position, status["usage_daily"].lag) == (0, len(log))
     assert status["metrics_minute"].head_position == len(log)
@@ -359,36 +359,35 @@ async def test_status_reports_each_checkpoint_and_its_lag(engine):
     assert (name, position, head, lag) == ("calls", 10, len(log), len(log) - 10)
 
 
-async def test_two_runners_at_once_apply_each_event_exactly_once(store_url):
-    first, second = await open_store(store_url), await open_store(store_url)
+async def test_two_runners_at_once_apply_each_event_exactly_once(store, store_url):
+    other = create_engine(store_url)
     try:
         log = sample_log()
-        await append(first, log)
+        await store.append(log)
         a, b = await asyncio.gather(
-            run_projections(first, batch_size=3), run_projections(second, batch_size=3)
+            run_projections(store.engine, batch_size=3), run_projections(other, batch_size=3)
         )
         for name in PROJECTIONS:
             assert a[name] + b[name] == len(log)
-        assert await snapshot(first) == expected_rows(log)
+        assert await snapshot(store.engine) == expected_rows(log)
     finally:
-        await first.dispose()
-        await second.dispose()
+        await other.dispose()
 
 
-async def test_runner_run_once_applies_what_was_flushed_before_it(engine):
-    runner = ProjectionRunner(engine, batch_size=4)
+async def test_runner_run_once_applies_what_was_flushed_before_it(store):
+    runner = ProjectionRunner(store.engine, batch_size=4)
     assert await runner.run_once() == dict.fromkeys(PROJECTIONS, 0)
     log = sample_log()
-    await append(engine, log[:30])
+    await store.append(log[:30])
     assert await runner.run_once() == dict.fromkeys(PROJECTIONS, 30)
-    await append(engine, log[30:])
+    await store.append(log[30:])
     assert await runner.run_once() == dict.fromkeys(PROJECTIONS, len(log) - 30)
-    assert await snapshot(engine) == expected_rows(log)
+    assert await snapshot(store.engine) == expected_rows(log)
 
 
-async def test_runner_follow_stops_when_asked(engine):
-    runner = ProjectionRunner(engine)
-    await append(engine, sample_log())
+async def test_runner_follow_stops_when_asked(store):
+    runner = ProjectionRunner(store.engine)
+    await store.append(sample_log())
     stop = asyncio.Event()
     seen = []
 
@@ -400,12 +399,12 @@ async def test_runner_follow_stops_when_asked(engine):
     assert seen == [dict.fromkeys(PROJECTIONS, len(sample_log()))]
 
 
-async def test_unknown_projection_name_is_refused_with_the_valid_names(engine):
+async def test_unknown_projection_name_is_refused_with_the_valid_names(store):
     with pytest.raises(UnknownProjectionError, match="'cals'.*calls, usage_daily"):
-        await run_projections(engine, "cals")
+        await run_projections(store.engine, "cals")
 
 
-async def test_migrated_schema_matches_the_table_definitions(engine):
+async def test_migrated_schema_matches_the_table_definitions(store):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
@@ -413,7 +412,7 @@ async def test_migrated_schema_matches_the_table_definitions(engine):
         context = MigrationContext.configure(sync_conn)
         return compare_metadata(context, schema.metadata)
 
-    async with engine.connect() as conn:
+    async with store.engine.connect() as conn:
         differences = await conn.run_sync(diff)
     mine = {"calls", "usage_daily", "metrics_minute", "projection_checkpoints"}
     relevant = [d for d in differences if _table_of(d) in mine]

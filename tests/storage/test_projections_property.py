@@ -19,10 +19,9 @@ from storage._projections import PROJECTIONS, rebuild, run_projections
 from tests.storage.projection_events import (
     T0,
     CallSpec,
-    append,
+    LogStore,
     call_events,
     interleave,
-    open_store,
     snapshot,
 )
 from tests.storage.test_projections import expected_rows
@@ -91,18 +90,19 @@ def crash_after_writes():
 
 
 async def play(url, log, schedule, rebuild_batch):
-    engine = await open_store(url)
+    store = await LogStore.open(url)
+    engine = store.engine
     try:
         cursor = 0
         for count, batch_size, crash in schedule:
             appended = log[cursor : cursor + count]
-            await append(engine, appended)
+            await store.append(appended)
             cursor += count
             if crash and appended:
                 with crash_after_writes(), pytest.raises(Crash):
                     await run_projections(engine, batch_size=batch_size)
             await run_projections(engine, batch_size=batch_size)
-        await append(engine, log[cursor:])
+        await store.append(log[cursor:])
         await run_projections(engine, batch_size=schedule[-1][1])
         incremental = await snapshot(engine)
 
@@ -114,7 +114,7 @@ async def play(url, log, schedule, rebuild_batch):
         await rebuild(engine, batch_size=rebuild_batch + 3)
         return incremental, rebuilt, await snapshot(engine)
     finally:
-        await engine.dispose()
+        await store.aclose()
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,8 @@ def template(tmp_path_factory):
     engine_url = f"sqlite+aiosqlite:///{path}"
 
     async def make():
-        engine = await open_store(engine_url)
-        await engine.dispose()
+        store = await LogStore.open(engine_url)
+        await store.aclose()
 
     asyncio.run(make())
     return path
