@@ -210,15 +210,15 @@ def _print_table(rows: list[StoredEvent], *, incomplete: bool) -> None:
     from rich.table import Table
 
     table = Table(title="calls without a completed event" if incomplete else None)
-    table.add_column("position", justify="right")
+    table.add_column("position", justify="right", no_wrap=True)
     table.add_column("occurred_at (UTC)", no_wrap=True)
     table.add_column("call_id", overflow="fold")
     if incomplete:
         table.add_column("operation")
         table.add_column("model")
     else:
-        table.add_column("seq", justify="right")
-        table.add_column("type")
+        table.add_column("seq", justify="right", no_wrap=True)
+        table.add_column("type", no_wrap=True)
         table.add_column("details", overflow="fold")
     for stored in rows:
         event = stored.event

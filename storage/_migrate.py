@@ -57,6 +57,15 @@ _MIGRATION_LOCK_KEY = 0x6C6C6D7472616D01
 _VERSION_TABLE = "alembic_version"
 
 
+# Connecting can fail outside SQLAlchemy's wrapping too (asyncpg raises OSError itself).
+_UNAVAILABLE = (DBAPIError, OSError, TimeoutError)
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return " ".join(str(cause).split()) or type(cause).__name__
+
+
 def alembic_config() -> Config:
     """Alembic's configuration, built in code: no alembic.ini, hence no fileConfig."""
     config = Config()
@@ -110,9 +119,9 @@ async def schema_state(engine: AsyncEngine) -> SchemaState:
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(_read_state)
-    except DBAPIError as exc:
+    except _UNAVAILABLE as exc:
         raise StoreUnavailableError(
-            f"cannot open the event store {mask_url(engine.url)!r}: {exc.orig or exc}; "
+            f"cannot open the event store {mask_url(engine.url)!r}: {_reason(exc)}; "
             "check that the database server is running and the URL is right"
         ) from exc
 
@@ -161,9 +170,9 @@ async def migrate(
                 to_revision=after.revision,
             )
         return before.revision, after.revision
-    except DBAPIError as exc:
+    except _UNAVAILABLE as exc:
         raise StoreUnavailableError(
-            f"cannot migrate the event store {mask_url(engine.url)!r}: {exc.orig or exc}; "
+            f"cannot migrate the event store {mask_url(engine.url)!r}: {_reason(exc)}; "
             "check that the database server is running and the URL is right"
         ) from exc
     finally:
