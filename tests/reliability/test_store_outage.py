@@ -202,3 +202,76 @@ async def test_postgresql_going_away_mid_run_loses_no_event(
     # be replaced before any batch notices, so there at most one.
     assert len(problems) == 1 if restart else len(problems) <= 1, problems
     assert all(p["event"].startswith(UNAVAILABLE) for p in problems), problems
+
+
+# ---------------------------------------------------------------- backpressure during an outage
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: BaseLLMService._execute pops the full sink from the shared backlog, so only "
+    "one caller waits for room and the next one is admitted (backpressure does not hold)",
+)
+async def test_when_the_store_queue_is_full_every_new_call_waits_for_room(
+    mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
+) -> None:
+    import storage
+
+    max_queue = 100
+    server = await mock_server_factory()
+    path = sqlite_path(sqlite_url)
+    service = BaseLLMService(
+        base_url=f"{server.url}/v1",
+        api_key="sk-test-backpressure",
+        store_url=sqlite_url,
+        sinks=[recorder],
+        tracing=False,
+        max_event_queue=max_queue,
+    )
+    with capture_logs():
+        async with service:
+            writer = next(s for s in service.sinks if isinstance(s, storage.EventWriter))
+            await service.execute_generation_async(GenerationRequest(user_prompt="warm"), "bp")
+            await service.flush()
+            locker = sqlite3.connect(path, timeout=30, isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                # Fill the queue: one call at a time until the writer is at its high-water mark.
+                for i in range(max_queue):
+                    if writer.pending >= max_queue:
+                        break
+                    await service.execute_generation_async(
+                        GenerationRequest(user_prompt=f"fill {i}"), "fill"
+                    )
+                assert writer.pending >= max_queue
+                started = len(recorder.events)
+
+                # Now every new call must wait before it starts, however many arrive at once,
+                # and one of them giving up (cancelled) must not let the others through.
+                waiting = [
+                    asyncio.create_task(
+                        service.execute_generation_async(
+                            GenerationRequest(user_prompt=f"wait {i}"), "wait"
+                        )
+                    )
+                    for i in range(20)
+                ]
+                for _ in range(5):  # each task runs up to its first suspension
+                    await asyncio.sleep(0)
+                waiting[0].cancel()
+                late = asyncio.create_task(
+                    service.execute_generation_async(GenerationRequest(user_prompt="late"), "late")
+                )
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                admitted = [e for e in recorder.events[started:] if e.type == "trace_created"]
+                assert admitted == [], f"{len(admitted)} calls started with the queue full"
+            finally:
+                locker.rollback()
+                locker.close()
+            async with asyncio.timeout(60):
+                done = await asyncio.gather(*waiting, late, return_exceptions=True)
+    assert isinstance(done[0], asyncio.CancelledError)
+    assert all(not isinstance(r, BaseException) and r.success for r in done[1:])
+    assert_streams_complete(recorder.events)
+    assert_store_equals_emitted(await stored_events(sqlite_url), recorder.events)
