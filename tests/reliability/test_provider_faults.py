@@ -205,3 +205,39 @@ async def test_provider_headers_showing_less_room_than_the_gate_do_not_fail_call
         ]
     assert [(r.success, r.error_message) for r in results] == [(True, None)] * 3
     assert_streams_complete(recorder.events)
+
+
+async def test_an_unreachable_provider_fails_fast_and_gives_every_reservation_back(
+    mock_server_factory: Any, recorder: RecordingSink
+) -> None:
+    server = await mock_server_factory()
+    url = server.url
+    await server.stop()  # nothing listens on that port now: every connection is refused
+    async with BaseLLMService(
+        base_url=f"{url}/v1",
+        api_key="sk-test-unreachable",
+        store_url=None,
+        sinks=[recorder],
+        tracing=False,
+        max_rpm=600,
+        max_tpm=600_000,
+        max_attempts=MAX_ATTEMPTS,
+        retry_backoff_base_s=0.01,
+        retry_backoff_max_s=0.02,
+    ) as service:
+        results = await asyncio.gather(
+            *(
+                service.execute_generation_async(GenerationRequest(user_prompt=f"anyone {i}"))
+                for i in range(20)
+            )
+        )
+        rpm, tpm = service.gates
+        assert rpm is not None and tpm is not None
+        # The provider counted nothing, so the gates hold nothing: not even for a window.
+        assert (rpm.used(), tpm.used(), rpm.reserved(), tpm.reserved()) == (0, 0, 0, 0)
+    calls = assert_streams_complete(recorder.events)
+    for result in results:
+        assert (result.success, str(result.error_type)) == (False, "connection")
+        assert result.attempts == MAX_ATTEMPTS
+        unmarked = Counter(e.payload["gate"] for e in calls[result.call_id] if e.type == "unmarked")
+        assert unmarked == {"rpm": MAX_ATTEMPTS, "tpm": 1}
