@@ -315,7 +315,7 @@ async def test_a_failed_batch_changes_neither_rows_nor_checkpoint(store, monkeyp
         raise RuntimeError("power cut")
 
     # calls and usage_daily are written first in the same transaction, then this fails.
-    monkeypatch.setitem(projections_module._APPLY, "metrics_minute", crash)
+    monkeypatch.setitem(projections_module.APPLY, "metrics_minute", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         await run_projections(store.engine)
     assert await snapshot(store.engine) == before

@@ -76,17 +76,17 @@ class Crash(Exception):
 @contextmanager
 def crash_after_writes():
     """Make the last projection of a batch fail after the others wrote their rows."""
-    real = projections_module._APPLY["metrics_minute"]
+    real = projections_module.APPLY["metrics_minute"]
 
     async def failing(conn, batch, prices):
         await real(conn, batch, prices)
         raise Crash("crash mid-batch")
 
-    projections_module._APPLY["metrics_minute"] = failing
+    projections_module.APPLY["metrics_minute"] = failing
     try:
         yield
     finally:
-        projections_module._APPLY["metrics_minute"] = real
+        projections_module.APPLY["metrics_minute"] = real
 
 
 async def play(url, log, schedule, rebuild_batch):
