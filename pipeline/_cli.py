@@ -106,8 +106,26 @@ def _add_demo(subparsers: Any) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.calls < 1 or args.concurrency < 1:
-        raise ConfigurationError("--calls and --concurrency must be >= 1")
+    for option, value in (
+        ("--calls", args.calls),
+        ("--concurrency", args.concurrency),
+        ("--max-rpm", args.max_rpm),
+        ("--max-tpm", args.max_tpm),
+    ):
+        if value < 1:
+            raise ConfigurationError(f"{option} {value} is invalid: use an integer >= 1")
+    for option, number in (("--window", args.window), ("--latency", args.latency)):
+        if not number >= 0 or (option == "--window" and number == 0):
+            raise ConfigurationError(f"{option} {number} is invalid: use a positive number")
+    if not 0 <= args.fault_rate <= 1:
+        raise ConfigurationError(
+            f"--fault-rate {args.fault_rate} is invalid: use a share in [0, 1]"
+        )
+    if args.max_rpm * args.window / 60 < 1:
+        raise ConfigurationError(
+            f"--max-rpm {args.max_rpm} with --window {args.window} allows less than one call "
+            "per window: raise --max-rpm or lengthen --window"
+        )
     if args.openai and not os.environ.get("OPENAI_API_KEY"):
         raise ConfigurationError("--openai needs OPENAI_API_KEY in the environment")
     summary = asyncio.run(_run_demo(args))

@@ -489,8 +489,11 @@ class BaseLLMService:
             await self.start()
         backlog = self._backlog
         while backlog:  # backpressure: wait here, before the call holds any slot or permit
-            sink = backlog.pop()
-            await sink.wait_for_room()
+            # Every caller waits on the full sink (it stays in the backlog until it has room
+            # again); popping it would let the next caller through while the queue is full.
+            for sink in list(backlog):
+                await sink.wait_for_room()
+                backlog.discard(sink)
         call = _Call(
             self._sinks, self.instance, parent.trace_id if parent.is_valid else None, backlog
         )
