@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._call import estimate_input_tokens
 from ._clock import LoopClock, ManualClock, VirtualTimeLoop, run_virtual
 from ._errors import ConfigurationError, ErrorType, LLMTrailError, ServiceClosedError
 from ._events import Event, EventType, Outcome, child_span_id
@@ -10,7 +11,7 @@ from ._pricing import ModelPrice, PriceTable
 from ._provider import OpenAIResponsesProvider
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
-from ._service import BaseLLMService, estimate_input_tokens
+from ._service import BaseLLMService
 from ._stats import OperationUsage, ServiceStats
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
 from .typing import EventSink, ProviderError, ProviderResponse

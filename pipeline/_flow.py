@@ -1,0 +1,591 @@
+"""The flow of one call: gates, semaphore, attempts with retries, and the terminal event.
+
+``CallFlow`` is a mixin of :class:`~pipeline.BaseLLMService`; it reads the parts the service
+composes (gates, semaphore, provider, retry policy, meter, sinks) and holds no state of its own.
+
+Invariants:
+- ``completed`` is always the last event of a call, and always emitted: on success, provider
+  failure, validation failure, an exception in our own code, and cancellation (which is then
+  re-raised, never swallowed).
+- Every HTTP attempt holds an RPM slot; a reservation the provider never counted is returned
+  with an ``unmarked`` event. The semaphore permit is released in ``finally``.
+- An attempt's slots end their windows one window after its answer (``mark_done``), or a
+  guard later when it ended without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+
+from ._call import CallState, CallStream, estimate_input_tokens, money, to_int
+from ._errors import ErrorType
+from ._events import EventType, Outcome, child_span_id
+from ._gates import GateRequestTooLarge, SlidingWindowGate, parse_reset
+from ._pricing import PriceTable
+from ._retry import RetryPolicy
+from ._semaphore import FairSemaphore
+from ._stats import OperationUsage, RateMeter
+from ._types import GenerationRequest, GenerationResult, Timings, Usage
+from .typing import Clock, Provider, ProviderError, ProviderResponse
+
+__all__ = ["CallFlow"]
+
+_log = structlog.get_logger("llmtrail")
+
+
+class CallFlow:
+    """The request path of one call, as methods of the service that composes its parts."""
+
+    model: str
+    request_timeout_s: float
+    capture_content: bool
+    default_max_output_tokens: int
+    prices: PriceTable
+    _clock: Clock
+    _rpm: SlidingWindowGate | None
+    _tpm: SlidingWindowGate | None
+    _semaphore: FairSemaphore
+    _provider: Provider
+    _retry: RetryPolicy
+    _meter: RateMeter
+    _usage: dict[str, OperationUsage]
+    _limits: dict[str, Any]
+    _trace_http: bool
+    _unanswered_guard_s: float
+
+    async def _guarded(
+        self,
+        call: CallStream,
+        request: Any,
+        operation_name: str | None,
+        parent: otel_trace.SpanContext,
+    ) -> GenerationResult:
+        clock = self._clock
+        t0 = clock.now()
+        state = CallState()
+        if not isinstance(request, GenerationRequest):
+            try:
+                request = (
+                    GenerationRequest(**request)
+                    if isinstance(request, Mapping)
+                    else GenerationRequest(user_prompt=request)
+                    if isinstance(request, str)
+                    else _reject(request)
+                )
+            except (TypeError, ValueError) as exc:
+                op = operation_name or "generation"
+                return self._fail_early(
+                    call, op, self.model, None, ErrorType.VALIDATION, str(exc), t0
+                )
+        op = operation_name or request.operation_name or "generation"
+        model = request.model or self.model
+        try:
+            return await self._run(call, state, request, op, model, parent, t0)
+        except asyncio.CancelledError:
+            self._give_back(call, state, "cancelled")
+            self._complete(
+                call,
+                state,
+                request,
+                op,
+                model,
+                None,
+                ErrorType.CANCELLED,
+                "the call was cancelled by its caller",
+                t0,
+                Outcome.CANCELLED,
+            )
+            raise
+        except Exception as exc:  # a bug of ours: report it as a result, never leak slots
+            _log.exception("llmtrail internal error", error=repr(exc))
+            self._give_back(call, state, "not_sent")
+            return self._complete(
+                call,
+                state,
+                request,
+                op,
+                model,
+                None,
+                ErrorType.INTERNAL,
+                f"internal error in llmtrail: {exc!r}",
+                t0,
+                Outcome.FAILED,
+            )
+
+    def _fail_early(
+        self,
+        call: CallStream,
+        op: str,
+        model: str,
+        request_id: str | None,
+        error_type: ErrorType,
+        message: str,
+        t0: float,
+    ) -> GenerationResult:
+        call.emit(
+            EventType.TRACE_CREATED,
+            {
+                "operation_name": op,
+                "model": model,
+                "request_id": request_id,
+                "metadata": {},
+                "estimated_input_tokens": 0,
+                "max_output_tokens": None,
+                "reserved_tokens": 0,
+                "rpm_at_start": 0,
+                "tpm_at_start": 0,
+                "parent_span_id": None,
+                "temperature": None,
+                "reasoning_effort": None,
+                "server_address": self._provider.server_address,
+                "server_port": self._provider.server_port,
+                "capture_content": False,
+            },
+        )
+        return self._complete(
+            call, CallState(), None, op, model, None, error_type, message, t0, Outcome.FAILED
+        )
+
+    async def _run(
+        self,
+        call: CallStream,
+        state: CallState,
+        request: GenerationRequest,
+        op: str,
+        model: str,
+        parent: otel_trace.SpanContext,
+        t0: float,
+    ) -> GenerationResult:
+        clock = self._clock
+        now = t0
+        est_input = estimate_input_tokens(request)
+        max_out = request.max_output_tokens
+        reserve = est_input + (max_out or self.default_max_output_tokens)
+        rpm_now = state.rpm_now = self._meter.rpm(now)
+        tpm_now = state.tpm_now = self._meter.tpm(now)
+        created: dict[str, Any] = {
+            "operation_name": op,
+            "model": model,
+            "request_id": request.request_id,
+            "metadata": dict(request.metadata),
+            "estimated_input_tokens": est_input,
+            "max_output_tokens": max_out,
+            "reserved_tokens": reserve,
+            "rpm_at_start": rpm_now,
+            "tpm_at_start": tpm_now,
+            "parent_span_id": f"{parent.span_id:016x}" if parent.is_valid else None,
+            "temperature": request.temperature,
+            "reasoning_effort": request.reasoning_effort,
+            "server_address": self._provider.server_address,
+            "server_port": self._provider.server_port,
+            "capture_content": self.capture_content,
+            "limits": self._limits,
+        }
+        if self.capture_content:
+            created["input"] = request.messages()
+        call.emit(EventType.TRACE_CREATED, created)
+
+        rpm, tpm = self._rpm, self._tpm
+        try:
+            if rpm is not None:
+                state.rpm_res = await rpm.acquire(1)
+                state.rpm_wait = state.rpm_res.waited_s
+            call.emit(
+                EventType.GATE_WAIT,
+                {
+                    "gate": "rpm",
+                    "attempt": 1,
+                    "amount": 1,
+                    "waited_s": state.rpm_wait,
+                    "waiters_ahead": state.rpm_res.waiters_ahead if state.rpm_res else 0,
+                },
+            )
+            if tpm is not None:
+                state.tpm_res = await tpm.acquire(reserve)
+                state.tpm_wait = state.tpm_res.waited_s
+            call.emit(
+                EventType.GATE_WAIT,
+                {
+                    "gate": "tpm",
+                    "attempt": 1,
+                    "amount": reserve,
+                    "waited_s": state.tpm_wait,
+                    "waiters_ahead": state.tpm_res.waiters_ahead if state.tpm_res else 0,
+                },
+            )
+        except GateRequestTooLarge as exc:
+            self._give_back(call, state, "not_sent")
+            return self._complete(
+                call,
+                state,
+                request,
+                op,
+                model,
+                None,
+                ErrorType.TOO_LARGE,
+                str(exc),
+                t0,
+                Outcome.FAILED,
+            )
+
+        sem = self._semaphore
+        sem_start = clock.now()
+        ahead = await sem.acquire()
+        try:
+            state.sem_wait = clock.now() - sem_start
+            call.emit(
+                EventType.SEMAPHORE_ACQUIRED,
+                {
+                    "waited_s": state.sem_wait,
+                    "in_flight": sem.in_flight(),
+                    "waiters_ahead": ahead,
+                },
+            )
+            response: ProviderResponse | None = None
+            error: ProviderError | None = None
+            try:
+                response = await self._attempts(call, state, request, model)
+            except ProviderError as exc:
+                error = exc
+        finally:
+            sem.release()
+
+        if response is None:
+            assert error is not None
+            if not state.reached:
+                self._give_back(call, state, "connection_refused")
+            return self._complete(
+                call,
+                state,
+                request,
+                op,
+                model,
+                None,
+                error.error_type,
+                error.message,
+                t0,
+                Outcome.FAILED,
+            )
+        if state.tpm_res is not None and tpm is not None:
+            # The provider's TPM counts real input plus max_output_tokens when given.
+            counted = response.input_tokens + (max_out or response.output_tokens)
+            tpm.reconcile(state.tpm_res, counted)
+        return self._complete(
+            call, state, request, op, model, response, None, None, t0, Outcome.SUCCEEDED
+        )
+
+    async def _attempts(
+        self, call: CallStream, state: CallState, request: GenerationRequest, model: str
+    ) -> ProviderResponse:
+        def before_sleep(retry_state: Any) -> None:
+            outcome = retry_state.outcome
+            exc = outcome.exception() if outcome is not None else None
+            call.emit(
+                EventType.RETRY_SCHEDULED,
+                {
+                    "attempt": retry_state.attempt_number,
+                    "next_attempt": retry_state.attempt_number + 1,
+                    "wait_s": retry_state.upcoming_sleep,
+                    "reason": str(getattr(exc, "error_type", "unknown")),
+                    "retry_after_s": getattr(exc, "retry_after_s", None),
+                },
+            )
+            _log.warning(
+                "retrying",
+                attempt=retry_state.attempt_number,
+                error_type=str(getattr(exc, "error_type", "")),
+                wait_s=round(retry_state.upcoming_sleep, 3),
+            )
+
+        retrying = self._retry.retrying(sleep=self._clock.sleep, before_sleep=before_sleep)
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(
+                    call, state, request, model, attempt.retry_state.attempt_number
+                )
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    async def _attempt(
+        self, call: CallStream, state: CallState, request: GenerationRequest, model: str, n: int
+    ) -> ProviderResponse:
+        clock = self._clock
+        rpm, tpm = self._rpm, self._tpm
+        if n > 1:
+            waited = 0.0
+            ahead = 0
+            if rpm is not None:
+                state.rpm_res = await rpm.acquire(1)
+                waited, ahead = state.rpm_res.waited_s, state.rpm_res.waiters_ahead
+                state.rpm_wait += waited
+            call.emit(
+                EventType.GATE_WAIT,
+                {
+                    "gate": "rpm",
+                    "attempt": n,
+                    "amount": 1,
+                    "waited_s": waited,
+                    "waiters_ahead": ahead,
+                },
+            )
+        state.attempts = n
+        call.emit(EventType.SENT, {"attempt": n})
+        sent_at = clock.now()
+        if state.rpm_res is not None and rpm is not None:
+            rpm.mark_sent(state.rpm_res)
+        if state.tpm_res is not None and tpm is not None:
+            tpm.mark_sent(state.tpm_res)
+        self._meter.on_send(sent_at)
+        answered = False
+        token = None
+        if self._trace_http:
+            span_context = otel_trace.SpanContext(
+                int(call.trace_id, 16),
+                int(child_span_id(call.span_id, f"attempt/{n}"), 16),
+                is_remote=False,
+                trace_flags=call.trace_flags,
+            )
+            token = otel_context.attach(
+                otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(span_context))
+            )
+        try:
+            invoke: Any = self._provider.invoke
+            response: ProviderResponse = await invoke(
+                request,
+                model=model,
+                timeout_s=self.request_timeout_s,
+                client_request_id=f"{call.call_id}:{n}",
+            )
+        except ProviderError as exc:
+            state.latency = clock.now() - sent_at
+            answered = exc.status is not None
+            if exc.reached_provider:
+                state.reached = True
+            call.emit(
+                EventType.ATTEMPT_FAILED,
+                {
+                    "attempt": n,
+                    "latency_s": state.latency,
+                    "error_type": str(exc.error_type),
+                    "status": exc.status,
+                    "retryable": exc.retryable and self._retry.should_retry(exc),
+                    "retry_after_s": exc.retry_after_s,
+                    "message": exc.message,
+                    "provider_code": exc.provider_code,
+                    "provider_request_id": exc.provider_request_id,
+                    "rate_limits": exc.rate_limits,
+                },
+            )
+            self._observe(exc.rate_limits)
+            if not exc.reached_provider and state.rpm_res is not None and rpm is not None:
+                rpm.release(state.rpm_res)
+                call.emit(
+                    EventType.UNMARKED,
+                    {
+                        "gate": "rpm",
+                        "attempt": n,
+                        "amount": 1,
+                        "reason": "connection_refused",
+                    },
+                )
+            raise
+        except asyncio.CancelledError:
+            state.latency = clock.now() - sent_at
+            state.reached = True  # it may have arrived: keep its slots, conservatively
+            call.emit(
+                EventType.ATTEMPT_FAILED,
+                {
+                    "attempt": n,
+                    "latency_s": state.latency,
+                    "error_type": str(ErrorType.CANCELLED),
+                    "status": None,
+                    "retryable": False,
+                    "retry_after_s": None,
+                    "message": "cancelled while in flight",
+                    "provider_code": None,
+                    "provider_request_id": None,
+                    "rate_limits": {},
+                },
+            )
+            raise
+        else:
+            answered = True
+        finally:
+            # An answer proves the request arrived: its window can end at now + window.
+            # Without one (timeout, dropped, cancelled) it may still arrive: add a guard.
+            guard = 0.0 if answered else self._unanswered_guard_s
+            if state.rpm_res is not None and rpm is not None:
+                rpm.mark_done(state.rpm_res, unanswered_guard_s=guard)
+            if state.tpm_res is not None and tpm is not None:
+                tpm.mark_done(state.tpm_res, unanswered_guard_s=guard)
+            if token is not None:
+                otel_context.detach(token)
+        state.reached = True
+        state.latency = clock.now() - sent_at
+        received: dict[str, Any] = {
+            "attempt": n,
+            "latency_s": state.latency,
+            "status": response.status,
+            "response_id": response.response_id,
+            "response_model": response.response_model,
+            "finish_reasons": response.finish_reasons,
+            "input_tokens": response.input_tokens,
+            "cached_tokens": response.cached_tokens,
+            "output_tokens": response.output_tokens,
+            "reasoning_tokens": response.reasoning_tokens,
+            "total_tokens": response.input_tokens + response.output_tokens,
+            "cost_usd": money(self._cost(model, response)),
+            "provider_request_id": response.provider_request_id,
+            "rate_limits": response.rate_limits,
+        }
+        if self.capture_content:
+            received["content"] = response.raw_content
+        call.emit(EventType.RECEIVED, received)
+        self._observe(response.rate_limits)
+        return response
+
+    def _observe(self, rate_limits: Mapping[str, str]) -> None:
+        if not rate_limits:
+            return
+        if self._rpm is not None:
+            self._rpm.observe_provider(
+                to_int(rate_limits.get("x-ratelimit-remaining-requests")),
+                parse_reset(rate_limits.get("x-ratelimit-reset-requests")),
+            )
+        if self._tpm is not None:
+            self._tpm.observe_provider(
+                to_int(rate_limits.get("x-ratelimit-remaining-tokens")),
+                parse_reset(rate_limits.get("x-ratelimit-reset-tokens")),
+            )
+
+    def _cost(self, model: str, response: ProviderResponse) -> Decimal | None:
+        """Priced by the model that answered, else by the model asked for; None if unpriced."""
+        priced_as = response.response_model
+        if not priced_as or self.prices.price(priced_as) is None:
+            priced_as = model
+        return self.prices.cost(
+            priced_as,
+            input_tokens=response.input_tokens,
+            cached_tokens=response.cached_tokens,
+            output_tokens=response.output_tokens,
+        )
+
+    def _give_back(self, call: CallStream, state: CallState, reason: str) -> None:
+        """Return the reservations the provider never counted.
+
+        Pending ones (never sent) always; sent ones only when no attempt reached the provider
+        (every connection was refused). Anything that may have arrived stays counted.
+        """
+        never_arrived = reason == "connection_refused" and not state.reached
+        for gate_name, gate, res in (
+            ("rpm", self._rpm, state.rpm_res),
+            ("tpm", self._tpm, state.tpm_res),
+        ):
+            if gate is None or res is None or res.done:
+                continue
+            if res.pending or never_arrived:
+                amount = res.amount
+                gate.release(res)
+                call.emit(
+                    EventType.UNMARKED,
+                    {
+                        "gate": gate_name,
+                        "attempt": max(state.attempts, 1),
+                        "amount": amount,
+                        "reason": reason,
+                    },
+                )
+
+    def _complete(
+        self,
+        call: CallStream,
+        state: CallState,
+        request: GenerationRequest | None,
+        op: str,
+        model: str,
+        response: ProviderResponse | None,
+        error_type: ErrorType | None,
+        message: str | None,
+        t0: float,
+        outcome: Outcome,
+    ) -> GenerationResult:
+        total = self._clock.now() - t0
+        usage = Usage()
+        cost: Decimal | None = None
+        if response is not None:
+            cost = self._cost(model, response)
+            usage = Usage(
+                response.input_tokens,
+                response.cached_tokens,
+                response.output_tokens,
+                response.reasoning_tokens,
+                cost,
+            )
+            self._meter.on_tokens(self._clock.now(), usage.total_tokens)
+        call.emit(
+            EventType.COMPLETED,
+            {
+                "outcome": str(outcome),
+                "error_type": str(error_type) if error_type else None,
+                "error_message": message,
+                "attempts": state.attempts,
+                "input_tokens": usage.input_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "output_tokens": usage.output_tokens,
+                "reasoning_tokens": usage.reasoning_tokens,
+                "total_tokens": usage.total_tokens,
+                "cost_usd": money(cost),
+                "model": (response.response_model if response else None) or model,
+                "response_id": response.response_id if response else None,
+                "rpm_wait_s": state.rpm_wait,
+                "tpm_wait_s": state.tpm_wait,
+                "semaphore_wait_s": state.sem_wait,
+                "latency_s": state.latency,
+                "total_s": total,
+            },
+        )
+        result = GenerationResult(
+            success=outcome is Outcome.SUCCEEDED,
+            call_id=call.call_id,
+            trace_id=call.trace_id,
+            operation_name=op,
+            model=model,
+            request_id=request.request_id if request is not None else None,
+            content=response.content if response else None,
+            raw_content=response.raw_content if response else None,
+            response_id=response.response_id if response else None,
+            usage=usage,
+            error_type=error_type,
+            error_message=message,
+            attempts=state.attempts,
+            timings=Timings(state.rpm_wait, state.tpm_wait, state.sem_wait, state.latency, total),
+            rpm_at_start=state.rpm_now,
+            tpm_at_start=state.tpm_now,
+        )
+        if outcome is not Outcome.CANCELLED:
+            totals = self._usage.get(op)
+            if totals is None:
+                totals = self._usage[op] = OperationUsage()
+            totals.add(result)
+        else:
+            totals = self._usage.setdefault(op, OperationUsage())
+            totals.calls += 1
+            totals.cancelled += 1
+        if error_type is not None and outcome is Outcome.FAILED:
+            _log.warning(
+                "llm call failed", operation=op, error_type=str(error_type), attempts=state.attempts
+            )
+        return result
+
+
+def _reject(request: object) -> GenerationRequest:
+    raise TypeError(
+        f"execute_generation got a {type(request).__name__}; pass a GenerationRequest, e.g. "
+        "GenerationRequest(user_prompt='...')"
+    )
