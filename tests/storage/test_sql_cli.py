@@ -1,0 +1,143 @@
+"""``llmtrail sql``: read-only by construction, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+
+import pytest
+
+from pipeline._cli import main
+from storage._projections import run_projections
+from tests.storage.projection_events import LogStore, sample_log
+
+
+@pytest.fixture
+def populated(store_url):
+    async def fill():
+        store = await LogStore.open(store_url)
+        try:
+            await store.append(sample_log())
+            await run_projections(store.engine)
+        finally:
+            await store.aclose()
+
+    asyncio.run(fill())
+    return store_url
+
+
+def sql(url, statement, *options):
+    return main(["sql", "--store", url, statement, *options])
+
+
+def counts(url, capsys):
+    capsys.readouterr()
+    assert (
+        sql(
+            url,
+            "SELECT (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM calls) AS calls",
+            "--format",
+            "json",
+        )
+        == 0
+    )
+    return json.loads(capsys.readouterr().out)
+
+
+def error_line(capsys, prefix="llmtrail sql: error:"):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_select_returns_rows_as_json(populated, capsys):
+    assert (
+        sql(populated, "SELECT call_id, outcome FROM calls ORDER BY call_id", "--format", "json")
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["call_id"]: r["outcome"] for r in rows} == {
+        "c-cancel": "cancelled",
+        "c-died": "interrupted",
+        "c-fail": "failed",
+        "c-invalid": "failed",
+        "c-ok-1": "succeeded",
+        "c-ok-2": "succeeded",
+        "c-retry": "succeeded",
+        "c-unpriced": "succeeded",
+    }
+
+
+def test_select_returns_rows_as_csv_and_table(populated, capsys):
+    assert (
+        sql(populated, "SELECT model, calls FROM usage_daily ORDER BY model", "--format", "csv")
+        == 0
+    )
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows == [
+        ["model", "calls"],
+        ["gpt-4o", "1"],
+        ["gpt-4o-mini", "6"],
+        ["my-local-llama", "1"],
+    ]
+    assert sql(populated, "SELECT count(*) AS n FROM events") == 0
+    out = capsys.readouterr().out
+    assert "n" in out and str(len(sample_log())) in out
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO events (event_id, call_id, seq, type, occurred_at) "
+        "VALUES ('x', 'x', 0, 'sent', '2025-01-01 00:00:00')",
+        "UPDATE calls SET outcome = 'succeeded'",
+        "DELETE FROM calls",
+        "DROP TABLE events",
+        "SELECT 1; DROP TABLE events",
+        "WITH doomed AS (SELECT call_id FROM calls) DELETE FROM calls "
+        "WHERE call_id IN (SELECT call_id FROM doomed)",
+    ],
+    ids=["insert", "update", "delete", "drop", "stacked", "cte-delete"],
+)
+def test_a_statement_that_writes_is_refused_and_changes_nothing(populated, capsys, statement):
+    before = counts(populated, capsys)
+    assert sql(populated, statement) == 1
+    line = error_line(capsys)
+    assert "refused: llmtrail sql is read-only" in line
+    assert counts(populated, capsys) == before
+
+
+def test_a_write_hidden_in_a_select_is_refused_on_postgresql(pg_url, capsys):
+    async def fill():
+        store = await LogStore.open(pg_url)
+        await store.append(sample_log())
+        await store.aclose()
+
+    asyncio.run(fill())
+    before = counts(pg_url, capsys)
+    statement = "WITH gone AS (DELETE FROM events RETURNING 1) SELECT count(*) FROM gone"
+    assert sql(pg_url, statement) == 1
+    assert "read-only" in error_line(capsys)
+    assert counts(pg_url, capsys) == before
+
+
+def test_an_sql_error_is_one_line_and_exit_1(populated, capsys):
+    assert sql(populated, "SELECT * FROM no_such_table") == 1
+    line = error_line(capsys)
+    assert "SQL error" in line and "no_such_table" in line
+
+
+def test_a_missing_sqlite_store_is_a_usage_error_and_is_not_created(tmp_path, capsys):
+    path = tmp_path / "absent.db"
+    assert sql(f"sqlite+aiosqlite:///{path}", "SELECT 1") == 2
+    assert "no event store" in error_line(capsys)
+    assert not path.exists()
+
+
+def test_an_empty_statement_is_a_usage_error(populated, capsys):
+    assert sql(populated, "   ") == 2
+    assert "empty" in error_line(capsys)
