@@ -9,6 +9,7 @@ file), 1 when a bench raised or timed out, 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.all:
         command += " --all"
     machine["total run time"] = f"{time.perf_counter() - started:.0f} s"
+    # Other work on a shared machine moves every figure; the load says how much there was.
+    machine["load average at end"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(render_markdown(sections, machine, command, mode))
     console.print(f"results written to {args.output}")

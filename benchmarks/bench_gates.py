@@ -173,8 +173,8 @@ def main(quick: bool) -> dict[str, Any]:
 
 async def _main(quick: bool) -> dict[str, Any]:
     reps = pick(quick, 5, 3, 2)
-    n_rpm = pick(quick, 400, 100, 30)
-    n_tpm = pick(quick, 200, 60, 30)
+    n_rpm = pick(quick, 400, 60, 30)
+    n_tpm = pick(quick, 200, 40, 30)
     section = Section("gates", "2. Gate efficiency")
     section.notes.append(
         f"server and pipeline limits equal, 1 s sliding window; RPM case: {RPM:,} RPM "

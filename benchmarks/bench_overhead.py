@@ -166,8 +166,8 @@ def main(quick: bool) -> dict[str, Any]:
 
 async def _main(quick: bool) -> dict[str, Any]:
     reps = pick(quick, 5, 3, 2)
-    n = pick(quick, 1000, 300, 30)
-    warmup = pick(quick, 100, 50, 10)
+    n = pick(quick, 1000, 200, 30)
+    warmup = pick(quick, 100, 30, 10)
     section = Section("overhead", "1. Overhead against a zero-latency server")
     section.notes.append(
         f"{n} timed calls per repetition after {warmup} warm-up calls, {CONCURRENCY} "

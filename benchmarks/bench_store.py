@@ -320,7 +320,7 @@ def main(quick: bool) -> dict[str, Any]:
 
 async def _main(quick: bool) -> dict[str, Any]:
     reps = pick(quick, 5, 3, 2)
-    n_append = pick(quick, 100_000, 10_000, 2_000)
+    n_append = pick(quick, 50_000, 10_000, 2_000)
     n_rebuild = pick(quick, 1_000_000, 100_000, 5_000)
     section = Section("store", "3. Event store and projections")
     section.notes.append(
