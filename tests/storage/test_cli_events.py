@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import Event, EventType
-from storage import open_store_sink
+from storage import EventStore, open_store_sink
 from storage._cli import add_store_argument, parse_time, register
 from tests.storage.test_store_contract import LIFECYCLE, T0, call_events, interleave
 
@@ -127,31 +127,28 @@ def test_events_incomplete_lists_calls_that_never_completed(
 
 
 def test_events_follow_prints_new_events_as_they_are_stored(
-    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+    sqlite_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     old = call_events("old")
     new = call_events("new")
     populate(sqlite_url, old)
     capsys.readouterr()  # the migration's log line
+    following = threading.Event()
+    last_position = EventStore.last_position
+
+    async def observed(self: EventStore) -> int:
+        position = await last_position(self)
+        following.set()  # the command has found the end of the log it follows from
+        return position
+
+    monkeypatch.setattr(EventStore, "last_position", observed)
+    argv = ["events", "--store", sqlite_url, "--follow", "--poll", "0.01", "--json"]
     result: list[int] = []
     follower = threading.Thread(
-        target=lambda: result.append(
-            run(
-                [
-                    "events",
-                    "--store",
-                    sqlite_url,
-                    "--follow",
-                    "--poll",
-                    "0.01",
-                    "--json",
-                    "--limit",
-                    str(len(new)),
-                ]
-            )
-        )
+        target=lambda: result.append(run([*argv, "--limit", str(len(new))]))
     )
     follower.start()
+    assert following.wait(30)
     populate(sqlite_url, new)  # written while the command follows the end of the log
     follower.join(30)
 
