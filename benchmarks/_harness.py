@@ -657,7 +657,10 @@ def render_markdown(
     ]
     lines += [f"| {k} | {v} |" for k, v in machine.items()]
     misses = [
-        (s.title, f.name) for s in sections for f in s.figures if f.status in ("MISS", "ERROR")
+        (f.status, s.title, f.name)
+        for s in sections
+        for f in s.figures
+        if f.status in ("MISS", "ERROR")
     ]
     lines += ["", "## Summary", ""]
     targets = [f for s in sections for f in s.figures if f.target is not None]
@@ -665,7 +668,7 @@ def render_markdown(
     lines.append(f"{passed} of {len(targets)} targets met.")
     if misses:
         lines.append("")
-        lines += [f"- MISS/ERROR: {title}: {name}" for title, name in misses]
+        lines += [f"- {status}: {title}: {name}" for status, title, name in misses]
     for section in sections:
         elapsed = f" ({section.elapsed_s:.0f} s)" if section.elapsed_s is not None else ""
         lines += ["", f"## {section.title}{elapsed}", ""]
