@@ -197,7 +197,7 @@ def _run_command(args: argparse.Namespace) -> int:
         names = _projection_name(args.name)
         batch_size = _batch_size(args.batch_size)
         if args.interval <= 0:
-            raise UsageError(f"--interval {args.interval} is invalid: use seconds > 0")
+            raise UsageError(f"--interval {args.interval:g} is invalid: use seconds > 0")
         engine = await _open_for_writing(args.store)
         try:
             if not args.follow:

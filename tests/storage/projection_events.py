@@ -81,7 +81,7 @@ def call_events(spec: CallSpec) -> list[Event]:
     if spec.outcome != "validation":
         add(
             EventType.GATE_WAIT,
-            {"gate": "tpm", "attempt": 1, "waited_s": spec.tpm_wait_s},
+            {"gate": "tpm", "attempt": 1, "waited_s": spec.tpm_wait_s, "waiters_ahead": 0},
             spec.tpm_wait_s,
         )
         add(
@@ -95,7 +95,12 @@ def call_events(spec: CallSpec) -> list[Event]:
             attempts = attempt
             add(
                 EventType.GATE_WAIT,
-                {"gate": "rpm", "attempt": attempt, "waited_s": spec.rpm_wait_s},
+                {
+                    "gate": "rpm",
+                    "attempt": attempt,
+                    "waited_s": spec.rpm_wait_s,
+                    "waiters_ahead": 2,
+                },
                 spec.rpm_wait_s,
             )
             add(EventType.SENT, {"attempt": attempt}, spec.step_s)
@@ -126,6 +131,7 @@ def call_events(spec: CallSpec) -> list[Event]:
                         "error_type": error,
                         "status": 429 if error == "rate_limited" else 500,
                         "retryable": not last,
+                        "retry_after_s": 1.5 if error == "rate_limited" else None,
                         "message": f"attempt {attempt} failed: {error}",
                     },
                     spec.latency_s / 2,

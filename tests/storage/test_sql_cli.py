@@ -9,9 +9,16 @@ import json
 
 import pytest
 
-from pipeline._cli import main
+from pipeline._cli import build_parser
 from storage._projections import run_projections
 from tests.storage.projection_events import LogStore, sample_log
+
+
+def main(argv: list[str]) -> int:
+    """``llmtrail ARGV`` in-process, without the CLI's global logging setup (which would bind
+    the log handlers to this test's captured stderr)."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
 
 
 @pytest.fixture
