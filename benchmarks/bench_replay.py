@@ -1,0 +1,268 @@
+"""Replay speed: 100,000 recorded calls (about 800,000 events) extracted from SQLite and replayed.
+
+The store is filled first (not timed): through the storage writer when it is installed, else
+by direct multi-row inserts into the migrated ``events`` table. The events are synthesized the
+way the service emits them (same types, order and payload fields): Poisson arrivals at
+``rate`` calls/s, provider latency ~ lognormal, 3% of attempts answered 429 with retry-after and
+retried, 1% 5xx retried after backoff. The recorded limits make the run RPM- and
+concurrency-bound at times, so the gates queue and their timers work.
+
+Timed: ``load_workload`` (one SQL query per event type) and ``replay`` with the recorded
+settings (the same gates and semaphore as production, on virtual time). The target is
+<= 10 s for both together on the reference machine.
+
+``main(quick)`` returns the figures as a dict; ``python -m benchmarks.bench_replay [--quick]``
+prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pipeline import Event, EventType
+
+CALLS = 100_000
+QUICK_CALLS = 10_000
+RATE = 40.0  # calls per second: 100,000 calls over ~42 minutes
+LIMITS = {
+    "max_rpm": 2_700,
+    "max_tpm": 2_000_000,
+    "window_s": 60.0,
+    "max_concurrent_requests": 50,
+    "max_attempts": 3,
+    "default_max_output_tokens": 1024,
+    "send_guard_s": 0.02,
+}
+
+
+def synthesize(calls: int, *, seed: int = 1) -> Iterator[Event]:
+    """The event streams of ``calls`` calls, call after call (a plausible recording)."""
+    rng = random.Random(seed)
+    start = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    at = 0.0
+    free_at: list[float] = [0.0] * LIMITS["max_concurrent_requests"]  # crude concurrency model
+    for i in range(calls):
+        at += rng.expovariate(RATE)
+        call_id = f"{i:032x}"
+        trace_id = f"{rng.getrandbits(128):032x}"
+        span_id = f"{rng.getrandbits(64):016x}"
+        seq = 0
+
+        def emit(kind: EventType, t: float, payload: dict[str, Any]) -> Event:
+            nonlocal seq
+            event = Event(
+                call_id,
+                seq,
+                kind,
+                start + timedelta(seconds=t),
+                trace_id,
+                span_id,
+                payload,
+                "bench:1",
+                event_id=f"{i:024x}{seq:08x}",
+            )
+            seq += 1
+            return event
+
+        est = rng.randint(50, 800)
+        max_out = rng.choice((None, 256, 512))
+        reserve = est + (max_out or 1024)
+        yield emit(
+            EventType.TRACE_CREATED,
+            at,
+            {
+                "operation_name": rng.choice(("summarize", "classify", "explain")),
+                "model": "gpt-4o-mini",
+                "request_id": None,
+                "metadata": {"tenant": rng.choice(("acme", "globex"))},
+                "estimated_input_tokens": est,
+                "max_output_tokens": max_out,
+                "reserved_tokens": reserve,
+                "rpm_at_start": 0,
+                "tpm_at_start": 0,
+                "parent_span_id": None,
+                "temperature": None,
+                "reasoning_effort": None,
+                "server_address": "api.openai.com",
+                "server_port": 443,
+                "capture_content": False,
+                "limits": LIMITS,
+            },
+        )
+        slot = min(range(len(free_at)), key=free_at.__getitem__)
+        sem_wait = max(free_at[slot] - at, 0.0)
+        t = at + sem_wait
+        for gate, amount in (("rpm", 1), ("tpm", reserve)):
+            yield emit(
+                EventType.GATE_WAIT,
+                at,
+                {"gate": gate, "attempt": 1, "amount": amount, "waited_s": 0.0, "waiters_ahead": 0},
+            )
+        yield emit(
+            EventType.SEMAPHORE_ACQUIRED, t, {"waited_s": sem_wait, "in_flight": 1, "waiters_ahead": 0}
+        )
+        inp = est + rng.randint(-20, 20)
+        out = rng.randint(20, max_out or 600)
+        for attempt in (1, 2, 3):
+            if attempt > 1:
+                yield emit(
+                    EventType.GATE_WAIT,
+                    t,
+                    {"gate": "rpm", "attempt": attempt, "amount": 1, "waited_s": 0.0,
+                     "waiters_ahead": 0},
+                )
+            yield emit(EventType.SENT, t, {"attempt": attempt})
+            latency = rng.lognormvariate(math.log(0.8), 0.5)
+            draw = rng.random()
+            if attempt < 3 and draw < 0.04:
+                status, error, retry_after = (429, "rate_limited", 1.0) if draw < 0.03 else (
+                    503, "server_error", None
+                )
+                latency = min(latency, 0.2)
+                t += latency
+                yield emit(
+                    EventType.ATTEMPT_FAILED,
+                    t,
+                    {"attempt": attempt, "latency_s": latency, "error_type": error,
+                     "status": status, "retryable": True, "retry_after_s": retry_after,
+                     "message": "synthetic", "provider_code": None, "provider_request_id": None,
+                     "rate_limits": {}},
+                )
+                wait = retry_after if retry_after is not None else rng.uniform(0, 0.5 * 2**attempt)
+                yield emit(
+                    EventType.RETRY_SCHEDULED,
+                    t,
+                    {"attempt": attempt, "next_attempt": attempt + 1, "wait_s": wait,
+                     "reason": error, "retry_after_s": retry_after},
+                )
+                t += wait
+                continue
+            t += latency
+            yield emit(
+                EventType.RECEIVED,
+                t,
+                {"attempt": attempt, "latency_s": latency, "status": 200,
+                 "response_id": f"resp_{i:x}", "response_model": "gpt-4o-mini-2024-07-18",
+                 "finish_reasons": ["stop"], "input_tokens": inp, "cached_tokens": 0,
+                 "output_tokens": out, "reasoning_tokens": 0, "total_tokens": inp + out,
+                 "cost_usd": "0.0001", "provider_request_id": f"req_{i:x}",
+                 "rate_limits": {"x-ratelimit-remaining-requests": "2000"}},
+            )
+            break
+        free_at[slot] = t
+        yield emit(
+            EventType.COMPLETED,
+            t,
+            {"outcome": "succeeded", "error_type": None, "error_message": None,
+             "attempts": attempt, "input_tokens": inp, "cached_tokens": 0, "output_tokens": out,
+             "reasoning_tokens": 0, "total_tokens": inp + out, "cost_usd": "0.0001",
+             "model": "gpt-4o-mini-2024-07-18", "response_id": f"resp_{i:x}",
+             "rpm_wait_s": 0.0, "tpm_wait_s": 0.0, "semaphore_wait_s": sem_wait,
+             "latency_s": latency, "total_s": t - at},
+        )
+
+
+async def fill_store(url: str, calls: int) -> int:
+    """Write the synthesized events into the store at ``url``; returns the number of events."""
+    from sqlalchemy import insert
+
+    from storage._engine import create_engine, write_engine
+    from storage._migrate import ensure_schema
+    from storage._schema import events
+
+    engine = create_engine(url)
+    try:
+        await ensure_schema(engine)
+        count = 0
+        batch: list[dict[str, Any]] = []
+        writer = write_engine(engine)
+
+        async def flush() -> None:
+            async with writer.begin() as conn:
+                await conn.execute(insert(events), batch)
+            batch.clear()
+
+        for event in synthesize(calls):
+            batch.append(
+                {
+                    "event_id": event.event_id,
+                    "call_id": event.call_id,
+                    "seq": event.seq,
+                    "type": str(event.type),
+                    "occurred_at": event.occurred_at,
+                    "trace_id": event.trace_id,
+                    "span_id": event.span_id,
+                    "instance": event.instance,
+                    "payload": event.payload,
+                }
+            )
+            count += 1
+            if len(batch) >= 20_000:
+                await flush()
+        if batch:
+            await flush()
+        return count
+    finally:
+        await engine.dispose()
+
+
+async def _load(url: str) -> Any:
+    from storage._engine import create_engine
+    from storage._workload import load_workload
+
+    engine = create_engine(url, must_exist=True)
+    try:
+        return await load_workload(engine)
+    finally:
+        await engine.dispose()
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    from storage._replay import replay
+
+    calls = QUICK_CALLS if quick else CALLS
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite+aiosqlite:///{Path(tmp) / 'replay.db'}"
+        t = time.perf_counter()
+        n_events = asyncio.run(fill_store(url, calls))
+        fill_s = time.perf_counter() - t
+
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        workload = asyncio.run(_load(url))
+        cpu1, t1 = time.process_time(), time.perf_counter()
+        result = replay(workload)
+        cpu2, t2 = time.process_time(), time.perf_counter()
+    figures = result.figures
+    return {
+        "calls": calls,
+        "events": n_events,
+        "fill_s": round(fill_s, 2),
+        "extract_s": round(t1 - t0, 3),
+        "replay_s": round(t2 - t1, 3),
+        "total_s": round(t2 - t0, 3),
+        "total_cpu_s": round(cpu2 - cpu0, 3),
+        "extract_cpu_s": round(cpu1 - cpu0, 3),
+        "replay_cpu_s": round(cpu2 - cpu1, 3),
+        "target_s": 10.0,
+        "meets_target": (t2 - t0) <= 10.0,
+        "simulated_makespan_s": round(figures.makespan_s, 1),
+        "simulated_p95_s": round(figures.total_latency_s["p95"], 3),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_CALLS} calls instead")
+    print(json.dumps(main(parser.parse_args().quick), indent=2))
