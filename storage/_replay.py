@@ -44,6 +44,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import math
 import random
 import statistics
@@ -62,12 +64,13 @@ from pipeline import (
     FairSemaphore,
     GateRequestTooLarge,
     GateReservation,
+    LLMTrailError,
     LoopClock,
     PriceTable,
     ProviderError,
     RetryPolicy,
     SlidingWindowGate,
-    run_virtual,
+    VirtualTimeLoop,
 )
 
 from ._workload import RecordedCall, Workload
@@ -78,6 +81,7 @@ __all__ = [
     "ProviderModel",
     "Replay",
     "ReplaySettings",
+    "ReplayStalledError",
     "SweepRow",
     "cheapest_meeting",
     "recorded_figures",
@@ -88,6 +92,12 @@ __all__ = [
 
 _RATE_LIMITED = str(ErrorType.RATE_LIMITED)
 _SCALE_METHODS = ("compress", "resample")
+
+
+class ReplayStalledError(LLMTrailError, RuntimeError):
+    """Under these settings the calls end up waiting for each other and the replay cannot
+    finish: the production pipeline would hang the same way. The message says who holds
+    what."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,6 +574,8 @@ class _Simulation:
             else:
                 self._settle(recorded, rpm_res, tpm_res, False, reached)
                 self._finish(index, "cancelled" if error == "cancelled" else "failed", error)
+        except asyncio.CancelledError:  # torn down after a stall
+            raise
         except BaseException as exc:  # a bug here must stop the replay, not hang it
             self._fail(exc)
             raise
@@ -663,9 +675,36 @@ class _Simulation:
                 self._finish(index, "succeeded", None)
             else:
                 self._finish(index, "cancelled" if error == "cancelled" else "failed", error)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:
             self._fail(exc)
             raise
+
+    async def stall_report(self) -> str:
+        """Why nothing can move: who holds what, read from the gates and the semaphore."""
+        now, sem, rpm, tpm = self.loop.time(), self.sem, self.rpm, self.tpm
+        lines = [
+            f"the replay stalled at t={now:,.1f} s with {self.left:,} of {len(self.plan):,} "
+            "calls unfinished and nothing left that could move them",
+            f"semaphore: {sem.in_flight()} of {sem.limit} permits held, {sem.waiting():,} "
+            "calls waiting",
+        ]
+        for gate in (rpm, tpm):
+            if gate is not None:
+                lines.append(
+                    f"{gate.name} gate: {gate.used():,} of {gate.capacity:,} in use, "
+                    f"{gate.reserved():,} of them reserved by calls not sent yet, "
+                    f"{gate.waiting():,} calls waiting"
+                )
+        if rpm is not None and rpm.waiting() and rpm.reserved() and sem.in_flight() == sem.limit:
+            lines.append(
+                "the semaphore's holders wait at the RPM gate to retry while calls queued for "
+                "the semaphore hold the gate's slots as unsent reservations, which never "
+                "expire: the pipeline would deadlock the same way. Raise max_rpm or "
+                "max_concurrent_requests (or fix the retry path in pipeline/_flow.py)"
+            )
+        return "; ".join(lines)
 
     def _observe(self, now: float) -> None:
         """What production does with the x-ratelimit-* headers of every answer."""
@@ -740,11 +779,18 @@ def queue_timeline(run: Run) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]
         ends.append(extra[:, 1])
     start = np.concatenate(starts)
     end = np.concatenate(ends)
+    waited = end > start  # a call sent on arrival never queued
+    start, end = start[waited], end[waited]
     times = np.concatenate([start, end])
-    # Ends sort before starts at the same instant: a call sent on arrival never queues.
     delta = np.concatenate([np.ones_like(start), -np.ones_like(end)])
-    order = np.lexsort((delta, times))
-    return times[order], np.cumsum(delta[order])
+    if times.size == 0:
+        return times, delta
+    order = np.argsort(times, kind="stable")
+    times, delta = times[order], delta[order]
+    # One step per instant, after everything that happened at it: no transient dips or peaks
+    # from the order of simultaneous events.
+    instants, first = np.unique(times, return_index=True)
+    return instants, np.cumsum(np.add.reduceat(delta, first))
 
 
 def _cost(calls: Iterable[RecordedCall], prices: PriceTable) -> tuple[Decimal, int]:
@@ -851,7 +897,25 @@ def replay(
     settings = settings or ReplaySettings.recorded(workload)
     sim = _Simulation(scaled_calls(workload, settings), settings)
     sim.on_progress = on_progress
-    run: Run = run_virtual(sim.main())
+    loop = VirtualTimeLoop()
+    try:
+        try:
+            run: Run = loop.run_until_complete(sim.main())
+        except RuntimeError as exc:
+            if sim.left == 0:
+                raise
+            # The loop found nothing scheduled and nothing ready with calls unfinished: they
+            # wait for each other. Describe it, then cancel them so that nothing leaks.
+            report = loop.run_until_complete(sim.stall_report())
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(RuntimeError):
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            raise ReplayStalledError(report) from exc
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
     return Replay(settings, run, figures(run, prices))
 
 
@@ -861,10 +925,12 @@ def replay(
 @dataclass(slots=True)
 class SweepRow:
     knobs: dict[str, Any]
-    replay: Replay
+    replay: Replay | None  # None: the combination stalled
+    stalled: str | None = None  # why, when it stalled
 
     def to_dict(self) -> dict[str, Any]:
-        return {"knobs": self.knobs, **self.replay.figures.to_dict()}
+        figures = self.replay.figures.to_dict() if self.replay is not None else {}
+        return {"knobs": self.knobs, "stalled": self.stalled, **figures}
 
 
 def sweep(
@@ -873,9 +939,11 @@ def sweep(
     grid: Sequence[tuple[str, Sequence[Any]]],
     *,
     prices: PriceTable | None = None,
-    on_row: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[SweepRow]:
-    """One replay per combination of ``grid`` (knob name, values), in grid order."""
+    """One replay per combination of ``grid`` (knob name, values), in grid order (the last
+    knob varies fastest). ``on_progress(description, done, total)`` reports each replay's
+    calls and, as ``"sweep"``, the combinations done."""
     names = []
     for name, values in grid:
         if name not in KNOBS:
@@ -890,9 +958,16 @@ def sweep(
     for i, combo in enumerate(combos):
         knobs = dict(zip([name for name, _ in grid], combo, strict=True))
         settings = base.with_(**dict(zip(names, combo, strict=True)))
-        rows.append(SweepRow(knobs, replay(workload, settings, prices=prices)))
-        if on_row is not None:
-            on_row(i + 1, len(combos))
+        label = "replaying " + " ".join(f"{k}={v}" for k, v in knobs.items())
+        step = None if on_progress is None else functools.partial(on_progress, label)
+        try:
+            result = replay(workload, settings, prices=prices, on_progress=step)
+        except ReplayStalledError as exc:
+            rows.append(SweepRow(knobs, None, str(exc)))
+        else:
+            rows.append(SweepRow(knobs, result))
+        if on_progress is not None:
+            on_progress("sweep", i + 1, len(combos))
     return rows
 
 
@@ -907,5 +982,9 @@ def cheapest_meeting(rows: Sequence[SweepRow], target_p95_s: float) -> SweepRow 
     is the most significant (put the knob that costs most first), then the next, and so on;
     ``none`` (no limit) counts as infinite.
     """
-    meeting = [r for r in rows if r.replay.figures.total_latency_s["p95"] <= target_p95_s]
+    meeting = [
+        r
+        for r in rows
+        if r.replay is not None and r.replay.figures.total_latency_s["p95"] <= target_p95_s
+    ]
     return min(meeting, key=_order_key) if meeting else None
