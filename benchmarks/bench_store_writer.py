@@ -126,15 +126,26 @@ def _payload(kind: EventType, seq: int) -> dict[str, Any]:
     }
 
 
-def make_events(count: int, *, in_flight: int = 200, seed: int = 7) -> list[Event]:
-    """``count`` events of whole or partial calls, interleaved like concurrent calls."""
+def _ordered_id() -> str:
+    """A time-ordered 128-bit id (48-bit milliseconds, then 80 random bits), as hex."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+def make_events(
+    count: int, *, in_flight: int = 200, seed: int = 7, ordered_ids: bool = False
+) -> list[Event]:
+    """``count`` events of whole or partial calls, interleaved like concurrent calls.
+
+    ``ordered_ids`` draws call and event ids that grow with time instead of random ones.
+    """
     rng = random.Random(seed)
+    new_id = _ordered_id if ordered_ids else lambda: os.urandom(16).hex()
     start = datetime.now(UTC)
     calls: list[list[Any]] = []
     out: list[Event] = []
     while len(out) < count:
         while len(calls) < in_flight:
-            calls.append([os.urandom(16).hex(), os.urandom(16).hex(), os.urandom(8).hex(), 0])
+            calls.append([new_id(), os.urandom(16).hex(), os.urandom(8).hex(), 0])
         index = rng.randrange(len(calls))
         call = calls[index]
         seq = call[3]
@@ -148,6 +159,7 @@ def make_events(count: int, *, in_flight: int = 200, seed: int = 7) -> list[Even
                 trace_id=call[1],
                 span_id=call[2],
                 payload=_payload(kind, seq),
+                event_id=new_id(),
             )
         )
         call[3] += 1
@@ -169,11 +181,13 @@ async def _pg_database(action: str, name: str) -> None:
         await connection.close()
 
 
-async def measure(url: str, count: int, *, batch_size: int = 2_000) -> dict[str, float]:
+async def measure(
+    url: str, count: int, *, batch_size: int = 5_000, ordered_ids: bool = False
+) -> dict[str, float]:
     """One run: events/s and loop lag appending ``count`` events to a fresh store at ``url``."""
     from storage import open_store_sink
 
-    batch = make_events(count)
+    batch = make_events(count, ordered_ids=ordered_ids)
     writer = open_store_sink(url, batch_size=batch_size)
     await writer.start()  # migrates the fresh store outside the timed window
     try:
@@ -201,14 +215,16 @@ async def measure(url: str, count: int, *, batch_size: int = 2_000) -> dict[str,
 
 
 async def _run_backend(
-    backend: str, count: int, reps: int, batch_size: int = 2_000
+    backend: str, count: int, reps: int, batch_size: int = 5_000, ordered_ids: bool = False
 ) -> list[dict[str, float]]:
     runs: list[dict[str, float]] = []
     for _ in range(reps):
         if backend == "sqlite":
             with tempfile.TemporaryDirectory() as tmp:
                 url = f"sqlite+aiosqlite:///{Path(tmp) / 'b.db'}"
-                runs.append(await measure(url, count, batch_size=batch_size))
+                runs.append(
+                    await measure(url, count, batch_size=batch_size, ordered_ids=ordered_ids)
+                )
         else:
             name = f"llmtrail_bench_{uuid.uuid4().hex[:10]}"
             await _pg_database("create", name)
@@ -218,11 +234,19 @@ async def _run_backend(
                         f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}",
                         count,
                         batch_size=batch_size,
+                        ordered_ids=ordered_ids,
                     )
                 )
             finally:
                 await _pg_database("drop", name)
     return runs
+
+
+async def idle_lag(seconds: float = 2.0) -> dict[str, float]:
+    """The loop lag of an idle loop on this machine right now: the floor for the figures above."""
+    async with LagProbe() as lag:
+        await asyncio.sleep(seconds)
+    return lag.summary_ms()
 
 
 def _pg_reachable() -> bool:
@@ -261,6 +285,8 @@ def main(quick: bool = False) -> dict[str, Any]:
         )
         section.add(Figure(f"{backend} loop lag p99", "ms", [r["lag_p99_ms"] for r in runs]))
         section.add(Figure(f"{backend} loop lag max", "ms", [r["lag_max_ms"] for r in runs]))
+    floor = asyncio.run(idle_lag())
+    section.add(Figure("idle loop lag p99 (machine floor)", "ms", [floor["lag_p99_ms"]]))
     section.notes.append(
         "Random 128-bit call and event ids, as the pipeline draws them; 200 calls in flight."
     )
@@ -271,12 +297,19 @@ def _cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_store_writer")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=2_000)
+    parser.add_argument("--batch-size", type=int, default=5_000)
+    parser.add_argument(
+        "--ordered-ids", action="store_true", help="time-ordered call/event ids instead of random"
+    )
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     args = parser.parse_args()
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    floor = asyncio.run(idle_lag())
+    print(f"idle loop lag now: p99 {floor['lag_p99_ms']:.1f} ms, max {floor['lag_max_ms']:.1f} ms")
     for backend in backends:
-        runs = asyncio.run(_run_backend(backend, args.events, args.reps, args.batch_size))
+        runs = asyncio.run(
+            _run_backend(backend, args.events, args.reps, args.batch_size, args.ordered_ids)
+        )
         for key in runs[0]:
             values = [r[key] for r in runs]
             print(
