@@ -235,9 +235,8 @@ class EventWriter:
         self._insert: Any = None
         self._postgresql = False
         self._start_task: asyncio.Future[None] | None = None
-        self._closing = False
         self._closed = False
-        self._close_done: asyncio.Event | None = None
+        self._close_done: asyncio.Event | None = None  # set by aclose(), done when closed
         self._retrying = AsyncRetrying(
             retry=retry_if_exception(_is_transient),
             wait=wait_exponential_jitter(multiplier=0.05, max=self._max_backoff_s, jitter=0.05),
@@ -392,7 +391,6 @@ class EventWriter:
         self._insert = _postgresql_insert() if self._postgresql else _sqlite_insert()
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._close_done = asyncio.Event()
         with self._inbox_lock:
             self._loop = loop
             self._loop_thread = threading.get_ident()
@@ -404,47 +402,41 @@ class EventWriter:
     async def aclose(self) -> None:
         """Write everything emitted so far, stop the drain task, dispose the engine.
 
-        Idempotent. If the caller cancels it (e.g. with a timeout during an outage), the
-        events not yet written are reported in one error line and the writer closes anyway.
+        Idempotent; ``emit()`` raises from the moment it starts. If the caller cancels it
+        (e.g. a timeout during an outage), the events not yet written are reported in one
+        error line and the writer closes anyway.
         """
-        if self._closing:
-            if self._close_done is not None and not self._closed:
-                await self._close_done.wait()
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            return await self._on_own_loop(self.aclose)
+        if self._close_done is not None:  # closing or closed already
+            await self._close_done.wait()
             return
-        self._closing = True
+        self._close_done = asyncio.Event()
         try:
             if self._loop is None and self.emitted:
                 await self.start()
-            if self._loop is not None:
-                if asyncio.get_running_loop() is not self._loop:
-                    return await self._on_own_loop(self._finish_close)
-                await self.flush()
-        finally:
-            if self._loop is None or asyncio.get_running_loop() is self._loop:
-                await self._finish_close()
-
-    async def _finish_close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._closing = True
-        try:
+            self._closed = True
             if self._task is not None:
-                if self.pending:
-                    self._task.cancel()  # we are being cancelled or the task failed
-                elif self._wake is not None:
-                    self._wake.set()
+                self._take_inbox()
+                assert self._wake is not None
+                self._idle = False
+                self._wake.set()
                 try:
+                    # The drain task writes what is queued and returns. Cancelling us
+                    # cancels it too: that is how a caller gives up during an outage.
                     await self._task
                 except asyncio.CancelledError:
-                    pass
-                except Exception:  # already reported by the drain task
-                    pass
+                    raise
+                except Exception:
+                    self._raise_if_failed()
+                    raise
+        finally:
+            self._closed = True
+            if self._task is not None and not self._task.done():  # start() raced a cancel
+                self._task.cancel()
             if self._engine is not None:
                 await self._engine.dispose()
-        finally:
-            if self._close_done is not None:
-                self._close_done.set()
+            self._close_done.set()
 
     # -- draining ------------------------------------------------------------------------
 

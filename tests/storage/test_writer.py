@@ -163,6 +163,31 @@ async def test_flush_and_emit_from_a_thread_with_its_own_loop(sqlite_url: str) -
     assert [s.event.event_id for s in stored] == [e.event_id for e in events]
 
 
+async def test_aclose_from_a_thread_with_its_own_loop_writes_everything(sqlite_url: str) -> None:
+    writer = await started_writer(sqlite_url)
+    events = [e for i in range(20) for e in call_events(f"closing{i}")]
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        async def main() -> None:
+            for event in events:
+                writer.emit(event)
+            await writer.aclose()  # on the writer's loop, awaited from this one
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    await asyncio.to_thread(thread.join, 30)
+
+    assert not failures
+    assert writer.written == len(events)
+    assert len(await read_all(sqlite_url)) == len(events)
+
+
 async def test_emits_from_a_thread_before_start_are_kept(sqlite_url: str) -> None:
     writer = open_store_sink(sqlite_url)
     events = call_events("pre")
