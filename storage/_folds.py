@@ -23,7 +23,9 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import gc
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -46,6 +48,7 @@ __all__ = [
     "event_minutes",
     "metrics_minutes",
     "minute_of",
+    "paused_gc",
     "quantize_cost",
 ]
 
@@ -76,6 +79,24 @@ class FoldEvent(NamedTuple):
             event.instance,
             event.payload,
         )
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector around a synchronous fold of one batch.
+
+    A batch allocates tens of thousands of short-lived dicts and tuples; with the collector on,
+    each batch pays for several full scans of them (a quarter of a rebuild's CPU). Nothing here
+    creates reference cycles, and the pause never spans an ``await``, so other code in the
+    process only sees its collections deferred by a few milliseconds."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def utc(value: datetime) -> datetime:

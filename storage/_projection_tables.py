@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -63,6 +63,7 @@ from ._folds import (
     apply_usage,
     call_usage_key,
     event_minutes,
+    paused_gc,
 )
 from ._schema import UTCDateTime, events, metadata
 
@@ -262,9 +263,10 @@ async def _apply_calls(
         for found in result.mappings():
             rows[found["call_id"]] = CallRow(**{c: found[c] for c in CALL_COLUMNS})
     existing = set(rows)
-    touched = apply_calls(rows, batch, prices)
-    new = [rows[i].as_tuple() for i in sorted(touched - existing)]
-    old = [rows[i].as_dict() for i in sorted(touched & existing)]
+    with paused_gc():
+        touched = apply_calls(rows, batch, prices)
+        new = [rows[i].as_tuple() for i in sorted(touched - existing)]
+        old = [rows[i].as_dict() for i in sorted(touched & existing)]
     if new:
         await _insert_rows(conn, calls, new)
     if old:
@@ -291,7 +293,8 @@ async def _apply_usage(
         for event in decode_events(result.all()):
             call_keys[event.call_id] = call_usage_key(event)
     deltas: dict[UsageKey, UsageRow] = {}
-    apply_usage(deltas, call_keys, batch, prices)
+    with paused_gc():
+        apply_usage(deltas, call_keys, batch, prices)
     if not deltas:
         return
     keys = sorted(deltas)
@@ -346,7 +349,8 @@ async def _apply_metrics(
         for found in result.mappings():
             rows[found["minute"]] = MetricsRow(**{c: found[c] for c in METRICS_COLUMNS})
     existing = set(rows)
-    touched = apply_metrics(rows, batch, per_event)
+    with paused_gc():
+        touched = apply_metrics(rows, batch, per_event)
     new = [(m, *rows[m].as_dict().values()) for m in sorted(touched - existing)]
     old = [{"minute": m, **rows[m].as_dict()} for m in sorted(touched & existing)]
     if new:
@@ -388,13 +392,38 @@ def _insert_plan(table: Table, dialect: Dialect) -> _InsertPlan | None:
             columns = list(table.c.keys())
             processors = []
             for index, name in enumerate(names):
-                process = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+                process = _bind_processor(table.c[name].type, dialect)
                 if process is not None:
                     processors.append((index, process))
             order = tuple(columns.index(name) for name in names)
             plan = _InsertPlan(compiled.string, order, tuple(processors))
         _INSERT_PLANS[key] = plan
     return _INSERT_PLANS[key]
+
+
+def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """SQLAlchemy's bind processor for the type, except for two that dominate a rebuild's
+    inserts, replaced by C-speed equivalents that produce the same stored value: JSON (orjson)
+    and, on SQLite, UTC datetimes (SQLite's naive ``YYYY-MM-DD HH:MM:SS.ffffff`` text, the
+    layout SQLAlchemy and the event writer use)."""
+    impl = type_.dialect_impl(dialect)
+    if isinstance(impl, JSON):
+        return _json_text
+    if dialect.name == "sqlite" and isinstance(type_, UTCDateTime):
+        return _sqlite_utc_text
+    return impl.bind_processor(dialect)
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _sqlite_utc_text(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is not None and value.utcoffset():
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 async def _insert_rows(conn: AsyncConnection, table: Table, rows: Sequence[Sequence[Any]]) -> None:
@@ -410,11 +439,12 @@ async def _insert_rows(conn: AsyncConnection, table: Table, rows: Sequence[Seque
         return
     order, processors = plan.order, plan.processors
     params: list[tuple[Any, ...]] = []
-    for row in rows:
-        values = [row[i] for i in order]
-        for index, process in processors:
-            values[index] = process(values[index])
-        params.append(tuple(values))
+    with paused_gc():
+        for row in rows:
+            values = [row[i] for i in order]
+            for index, process in processors:
+                values[index] = process(values[index])
+            params.append(tuple(values))
     await conn.exec_driver_sql(plan.sql, params)
 
 

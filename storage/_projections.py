@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from pipeline import ConfigurationError, PriceTable
 
 from ._engine import StoreError, write_engine
-from ._folds import FoldEvent
+from ._folds import FoldEvent, paused_gc
 from ._projection_tables import (
     APPLY,
     EVENT_COLUMNS,
@@ -136,7 +136,8 @@ async def _read_page(conn: AsyncConnection, after: int, limit: int) -> list[Fold
         .order_by(events.c.position)
         .limit(limit)
     )
-    return decode_events(result.all())
+    with paused_gc():
+        return decode_events(result.all())
 
 
 class _Moved(Exception):
