@@ -71,6 +71,25 @@ async def test_a_new_store_is_migrated_when_a_writer_starts(store_url: str) -> N
         assert len(await store.read()) == 1
 
 
+async def test_a_store_at_an_older_known_revision_is_upgraded_on_first_use(
+    sqlite_url: str,
+) -> None:
+    assert await migrate(sqlite_url, "0001_events") == (None, "0001_events")
+    if head_revision() == "0001_events":  # pragma: no cover - nothing newer to upgrade to
+        pytest.skip("0001_events is the only revision")
+
+    writer = open_store_sink(sqlite_url)
+    await writer.start()
+    await writer.aclose()
+
+    assert (await migrate(sqlite_url))[0] == head_revision()
+
+
+async def test_an_unknown_target_revision_is_refused(sqlite_url: str) -> None:
+    with pytest.raises(StoreSchemaError, match="unknown revision 'bogus'"):
+        await migrate(sqlite_url, "bogus")
+
+
 async def test_concurrent_first_uses_migrate_the_store_once(store_url: str) -> None:
     engines = [create_engine(store_url) for _ in range(3)]
     try:
