@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import io
 import json
@@ -204,8 +205,6 @@ def _run_command(args: argparse.Namespace) -> int:
                 applied = await run_projections(engine, names, batch_size)
                 _print_applied(applied)
                 return 0
-            import asyncio
-
             runner = ProjectionRunner(engine, names, batch_size=batch_size)
             print(
                 f"applying new events to {', '.join(runner.names)} every {args.interval:g}s; "
@@ -276,7 +275,7 @@ def _status_command(args: argparse.Namespace) -> int:
             if revision != head_revision():
                 raise StoreConfigError(
                     f"the store {mask_url(engine.url)!r} is at schema revision {revision!r}, "
-                    f"before the projections ({head_revision()!r}): run "
+                    f"older than this llmtrail's {head_revision()!r}: run "
                     "`llmtrail migrate --store URL`"
                 )
             rows = [
