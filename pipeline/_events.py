@@ -28,7 +28,8 @@ Payload fields, by type (``None`` where unknown):
     waited_s, waiters_ahead. ``occurred_at`` is when the wait ended; it began ``waited_s``
     earlier.
 ``semaphore_acquired``
-    waited_s, in_flight (after acquiring), waiters_ahead.
+    attempt, waited_s, in_flight (after acquiring), waiters_ahead. One per attempt: the permit
+    is released between attempts, so a retry never waits at a gate holding one.
 ``sent``
     attempt. ``occurred_at`` is when the attempt was handed to the SDK.
 ``received``

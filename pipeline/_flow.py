@@ -163,7 +163,6 @@ class CallFlow:
         parent: otel_trace.SpanContext,
         t0: float,
     ) -> GenerationResult:
-        clock = self._clock
         now = t0
         est_input = estimate_input_tokens(request)
         max_out = request.max_output_tokens
@@ -235,27 +234,12 @@ class CallFlow:
                 Outcome.FAILED,
             )
 
-        sem = self._semaphore
-        sem_start = clock.now()
-        ahead = await sem.acquire()
+        response: ProviderResponse | None = None
+        error: ProviderError | None = None
         try:
-            state.sem_wait = clock.now() - sem_start
-            call.emit(
-                EventType.SEMAPHORE_ACQUIRED,
-                {
-                    "waited_s": state.sem_wait,
-                    "in_flight": sem.in_flight(),
-                    "waiters_ahead": ahead,
-                },
-            )
-            response: ProviderResponse | None = None
-            error: ProviderError | None = None
-            try:
-                response = await self._attempts(call, state, request, model)
-            except ProviderError as exc:
-                error = exc
-        finally:
-            sem.release()
+            response = await self._attempts(call, state, request, model)
+        except ProviderError as exc:
+            error = exc
 
         if response is None:
             assert error is not None
@@ -316,7 +300,7 @@ class CallFlow:
         self, call: CallStream, state: CallState, request: GenerationRequest, model: str, n: int
     ) -> ProviderResponse:
         clock = self._clock
-        rpm, tpm = self._rpm, self._tpm
+        rpm = self._rpm
         if n > 1:
             waited = 0.0
             ahead = 0
@@ -334,6 +318,35 @@ class CallFlow:
                     "waiters_ahead": ahead,
                 },
             )
+        # The permit is taken per attempt, after the attempt's RPM slot, and never held while
+        # waiting at a gate or in a retry's backoff: a retry that waited for an RPM slot while
+        # holding a permit could deadlock against calls holding (pending) slots while queued
+        # for a permit. Gates first, then the semaphore, for every attempt.
+        sem = self._semaphore
+        sem_start = clock.now()
+        ahead = await sem.acquire()
+        try:
+            waited = clock.now() - sem_start
+            state.sem_wait += waited
+            call.emit(
+                EventType.SEMAPHORE_ACQUIRED,
+                {
+                    "attempt": n,
+                    "waited_s": waited,
+                    "in_flight": sem.in_flight(),
+                    "waiters_ahead": ahead,
+                },
+            )
+            return await self._send(call, state, request, model, n)
+        finally:
+            sem.release()
+
+    async def _send(
+        self, call: CallStream, state: CallState, request: GenerationRequest, model: str, n: int
+    ) -> ProviderResponse:
+        """One HTTP attempt, holding its RPM slot and a semaphore permit."""
+        clock = self._clock
+        rpm, tpm = self._rpm, self._tpm
         state.attempts = n
         call.emit(EventType.SENT, {"attempt": n})
         sent_at = clock.now()

@@ -67,7 +67,8 @@ class IncompleteCallError(ValueError):
 
 def child_key(kind: str, attempt: int | None = None) -> str:
     """The name a child span id is derived from: ``rpm gate/{n}``, ``tpm gate``,
-    ``semaphore`` or ``attempt/{n}`` (the pipeline derives the live HTTP parent the same way).
+    ``semaphore`` (``semaphore/{n}`` for a retry's permit) or ``attempt/{n}`` (the pipeline
+    derives the live HTTP parent the same way).
     """
     if kind == A.SPAN_RPM_GATE:
         return f"{A.SPAN_RPM_GATE}/{attempt}"
@@ -240,8 +241,12 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
                 # and say nothing the call span's wait attributes don't.
                 continue
             if event.type is EventType.SEMAPHORE_ACQUIRED:
-                name, key = A.SPAN_SEMAPHORE, A.SPAN_SEMAPHORE
+                # One permit per attempt: the first keeps the plain key, retries get their own.
+                sem_attempt = p.get("attempt") or 1
+                name = A.SPAN_SEMAPHORE
+                key = A.SPAN_SEMAPHORE if sem_attempt == 1 else child_key(name, sem_attempt)
                 span_attrs: Attributes = {}
+                _put(span_attrs, A.LLMTRAIL_ATTEMPT, sem_attempt)
                 _put(span_attrs, A.LLMTRAIL_IN_FLIGHT, p.get("in_flight"))
             elif p.get("gate") == "rpm":
                 name, key = A.SPAN_RPM_GATE, child_key(A.SPAN_RPM_GATE, p.get("attempt") or 1)
