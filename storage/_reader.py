@@ -152,34 +152,6 @@ class EventStore:
         """Every event carrying this OTel trace id (one call, or several sharing a trace)."""
         return await self.query(trace_id=trace_id)
 
-    def _select(
-        self,
-        *,
-        type: str | Iterable[str] | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        call_id: str | None = None,
-        trace_id: str | None = None,
-        after_position: int = 0,
-        limit: int | None = None,
-    ) -> Select[Any]:
-        query = select(events).where(events.c.position > after_position)
-        types = _types(type)
-        if types is not None:
-            query = query.where(events.c.type.in_(types))
-        if since is not None:
-            query = query.where(events.c.occurred_at >= since)
-        if until is not None:
-            query = query.where(events.c.occurred_at < until)
-        if call_id is not None:
-            query = query.where(events.c.call_id == call_id)
-        if trace_id is not None:
-            query = query.where(events.c.trace_id == trace_id)
-        query = query.order_by(events.c.position)
-        if limit is not None:
-            query = query.limit(limit)
-        return query
-
     async def query(
         self,
         *,
@@ -196,17 +168,22 @@ class EventStore:
         ``type`` is one type or several; ``since`` is inclusive and ``until`` exclusive
         (``occurred_at``); ``after_position`` pages; ``limit`` caps the result.
         """
-        return await self._fetch(
-            self._select(
-                type=type,
-                since=since,
-                until=until,
-                call_id=call_id,
-                trace_id=trace_id,
-                after_position=after_position,
-                limit=limit,
-            )
-        )
+        query = select(events).where(events.c.position > after_position)
+        types = _types(type)
+        if types is not None:
+            query = query.where(events.c.type.in_(types))
+        if since is not None:
+            query = query.where(events.c.occurred_at >= since)
+        if until is not None:
+            query = query.where(events.c.occurred_at < until)
+        if call_id is not None:
+            query = query.where(events.c.call_id == call_id)
+        if trace_id is not None:
+            query = query.where(events.c.trace_id == trace_id)
+        query = query.order_by(events.c.position)
+        if limit is not None:
+            query = query.limit(limit)
+        return await self._fetch(query)
 
     async def scan(
         self, *, after_position: int = 0, page_size: int = 1_000, **filters: Any

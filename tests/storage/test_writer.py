@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import sqlite3
 import threading
+from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -136,18 +137,11 @@ async def test_concurrent_acloses_both_return_after_the_events_are_written(
     assert writer.written == len(call_events("c"))
 
 
-async def test_flush_and_emit_from_a_thread_with_its_own_loop(sqlite_url: str) -> None:
-    """The sync path: a thread emits and flushes through its own event loop."""
-    writer = await started_writer(sqlite_url)
-    events = call_events("threaded")
+async def in_a_thread_with_its_own_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main`` as the sync path would: in another thread, under its own event loop."""
     failures: list[BaseException] = []
 
     def worker() -> None:
-        async def main() -> None:
-            for event in events:
-                writer.emit(event)
-            await writer.flush()  # runs on the writer's loop, awaited from this one
-
         try:
             asyncio.run(main())
         except BaseException as exc:  # pragma: no cover - reported below
@@ -156,7 +150,19 @@ async def test_flush_and_emit_from_a_thread_with_its_own_loop(sqlite_url: str) -
     thread = threading.Thread(target=worker)
     thread.start()
     await asyncio.to_thread(thread.join, 30)
-    assert not failures
+    assert not thread.is_alive() and not failures, failures
+
+
+async def test_flush_and_emit_from_a_thread_with_its_own_loop(sqlite_url: str) -> None:
+    writer = await started_writer(sqlite_url)
+    events = call_events("threaded")
+
+    async def main() -> None:
+        for event in events:
+            writer.emit(event)
+        await writer.flush()  # runs on the writer's loop, awaited from this one
+
+    await in_a_thread_with_its_own_loop(main)
     async with await EventStore.open(sqlite_url) as store:
         stored = await store.events_for_call("threaded")
     await writer.aclose()
@@ -166,24 +172,13 @@ async def test_flush_and_emit_from_a_thread_with_its_own_loop(sqlite_url: str) -
 async def test_aclose_from_a_thread_with_its_own_loop_writes_everything(sqlite_url: str) -> None:
     writer = await started_writer(sqlite_url)
     events = [e for i in range(20) for e in call_events(f"closing{i}")]
-    failures: list[BaseException] = []
 
-    def worker() -> None:
-        async def main() -> None:
-            for event in events:
-                writer.emit(event)
-            await writer.aclose()  # on the writer's loop, awaited from this one
+    async def main() -> None:
+        for event in events:
+            writer.emit(event)
+        await writer.aclose()  # on the writer's loop, awaited from this one
 
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # pragma: no cover - reported below
-            failures.append(exc)
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    await asyncio.to_thread(thread.join, 30)
-
-    assert not failures
+    await in_a_thread_with_its_own_loop(main)
     assert writer.written == len(events)
     assert len(await read_all(sqlite_url)) == len(events)
 
