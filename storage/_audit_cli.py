@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from datetime import time as dtime
 from decimal import Decimal
@@ -44,6 +44,7 @@ from ._engine import (
     mask_url,
     normalize_store_url,
 )
+from ._folds import USAGE_COLUMNS, UsageRow
 from ._migrate import check_schema, ensure_schema, head_revision
 from ._projections import (
     PROJECTIONS,
@@ -300,36 +301,19 @@ def _status_command(args: argparse.Namespace) -> int:
 
 
 @dataclass(slots=True)
-class UsageLine:
-    """One group of ``llmtrail usage``. ``cost_usd`` is the exact sum over the priced calls
-    (``None`` when every call in the group is unpriced)."""
+class UsageLine(UsageRow):
+    """One group of ``llmtrail usage``: a :class:`UsageRow` with its key. ``cost_usd`` is the
+    exact sum over the priced calls (``None`` when every call in the group is unpriced)."""
 
-    key: str
-    calls: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    unpriced_calls: int = 0
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: Decimal | None = None
-    _extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    key: str = ""
 
     @property
     def interrupted(self) -> int:
         """Calls started but not completed: still running, or their process died."""
         return self.calls - self.succeeded - self.failed - self.cancelled
 
-    def add_cost(self, cost: Decimal | None) -> None:
-        if cost is not None:
-            self.cost_usd = cost + (self.cost_usd or Decimal(0))
-
     def as_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        out["interrupted"] = self.interrupted
-        return out
+        return {**UsageRow.as_dict(self), "interrupted": self.interrupted}
 
 
 _COUNTERS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
@@ -365,7 +349,7 @@ async def usage_report(
     def line(key: str) -> UsageLine:
         found = lines.get(key)
         if found is None:
-            found = lines[key] = UsageLine(key)
+            found = lines[key] = UsageLine(key=key)
         return found
 
     async with engine.connect() as conn:
@@ -377,15 +361,7 @@ async def usage_report(
                 query = query.where(usage_daily.c.day < until.date())
             column = {"day": "day", "model": "model", "operation": "operation_name"}[by]
             for row in (await conn.execute(query)).mappings():
-                target = line(str(row[column]))
-                target.calls += row["calls"]
-                target.succeeded += row["succeeded"]
-                target.failed += row["failed"]
-                target.cancelled += row["cancelled"]
-                target.unpriced_calls += row["unpriced_calls"]
-                for name in _COUNTERS:
-                    setattr(target, name, getattr(target, name) + row[name])
-                target.add_cost(row["cost_usd"])
+                line(str(row[column])).add(UsageRow(**{c: row[c] for c in USAGE_COLUMNS}))
         else:
             key_name = by.removeprefix("metadata.") if by.startswith("metadata.") else None
             columns = [
@@ -416,20 +392,18 @@ async def usage_report(
                     key = row["model"] or ""
                 else:
                     key = row["operation_name"] or ""
-                target = line(key)
-                target.calls += 1
                 outcome = row["outcome"]
-                if outcome == "succeeded":
-                    target.succeeded += 1
-                elif outcome == "failed":
-                    target.failed += 1
-                elif outcome == "cancelled":
-                    target.cancelled += 1
-                if not row["priced"]:
-                    target.unpriced_calls += 1
-                for name in _COUNTERS:
-                    setattr(target, name, getattr(target, name) + row[name])
-                target.add_cost(row["cost_usd"])
+                line(key).add(
+                    UsageRow(
+                        calls=1,
+                        succeeded=int(outcome == "succeeded"),
+                        failed=int(outcome == "failed"),
+                        cancelled=int(outcome == "cancelled"),
+                        unpriced_calls=int(not row["priced"]),
+                        cost_usd=row["cost_usd"],
+                        **{name: row[name] for name in _COUNTERS},
+                    )
+                )
     return [lines[key] for key in sorted(lines)]
 
 
@@ -462,18 +436,9 @@ def _usage_command(args: argparse.Namespace) -> int:
         ]
         footer = None
         if args.format == "table" and len(report) > 1:
-            total = UsageLine("total")
+            total = UsageLine(key="total")
             for item in report:
-                for name in (
-                    "calls",
-                    "succeeded",
-                    "failed",
-                    "cancelled",
-                    "unpriced_calls",
-                    *_COUNTERS,
-                ):
-                    setattr(total, name, getattr(total, name) + getattr(item, name))
-                total.add_cost(item.cost_usd)
+                total.add(item)
             footer = [total.as_dict()[h] if h != args.by else "total" for h in header]
         _emit(header, rows, args.format, title="usage", footer=footer)
         return 0
