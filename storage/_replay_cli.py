@@ -387,36 +387,36 @@ def _fmt(value: float, unit: str = "") -> str:
     return f"{value:,.2f}"
 
 
+def _seconds(value: float) -> str:
+    if not math.isfinite(value):
+        return "-"
+    return f"{value:.3f}" if value < 100 else f"{value:,.1f}"
+
+
+def _mean_p95(p: dict[str, float]) -> str:
+    return f"{_seconds(p['mean'])} / {_seconds(p['p95'])} s"
+
+
+def _three(p: dict[str, float]) -> str:
+    return " / ".join(_seconds(p[k]) for k in ("p50", "p95", "p99")) + " s"
+
+
 def _figure_rows(f: Figures) -> list[tuple[str, str]]:
     q, t, g = f.queue_delay_s, f.total_latency_s, f.gate_wait_s
+    cost = f"${f.cost_usd:.4f}" + (f" (+{f.unpriced_calls} unpriced)" if f.unpriced_calls else "")
     return [
         ("calls (succeeded / failed)", f"{f.calls:,} ({f.succeeded:,} / {f.failed:,})"),
         ("HTTP requests", _fmt(f.requests)),
         ("throughput, calls/s", _fmt(f.throughput_cps)),
         ("throughput, requests/min", _fmt(f.requests_per_min)),
         ("makespan", _fmt(f.makespan_s, "s")),
-        ("time to drain (after the last arrival)", _fmt(f.drain_s, "s")),
-        (
-            "queueing delay p50 / p95 / p99",
-            " / ".join(_fmt(q[k], "s") for k in ("p50", "p95", "p99")),
-        ),
-        (
-            "total latency p50 / p95 / p99",
-            " / ".join(_fmt(t[k], "s") for k in ("p50", "p95", "p99")),
-        ),
-        *(
-            (
-                f"{gate} wait mean / p95",
-                f"{_fmt(g[gate]['mean'], 's')} / {_fmt(g[gate]['p95'], 's')}",
-            )
-            for gate in ("rpm", "tpm", "semaphore")
-        ),
-        ("peak queue (waiting at gates + semaphore)", _fmt(f.peak_queue)),
+        ("time to drain", _fmt(f.drain_s, "s")),
+        ("queueing delay p50 / p95 / p99", _three(q)),
+        ("latency p50 / p95 / p99", _three(t)),
+        *((f"{gate} wait mean / p95", _mean_p95(g[gate])) for gate in ("rpm", "tpm", "semaphore")),
+        ("peak queue (gates + semaphore)", _fmt(f.peak_queue)),
         ("429 answers", _fmt(f.rate_limited)),
-        (
-            "cost at today's prices",
-            f"${f.cost_usd:.4f}" + (f" (+{f.unpriced_calls} unpriced)" if f.unpriced_calls else ""),
-        ),
+        ("cost at today's prices", cost),
     ]
 
 
@@ -449,14 +449,14 @@ def _print_single(
         f"{workload.start:%Y-%m-%d %H:%M:%S} UTC over {workload.span_s:,.1f} s",
         caption=f"simulated with {_knobs_line(shown.settings)}",
     )
-    table.add_column("figure")
+    table.add_column("figure", no_wrap=True)
     table.add_column("recorded", justify="right")
     table.add_column("simulated", justify="right")
     for (name, rec), (_, sim) in zip(
         _figure_rows(recorded), _figure_rows(shown.figures), strict=True
     ):
         if name == "429 answers" and shown.settings.provider_model:
-            name = "429 answers (simulated: predicted by the provider model)"
+            name = "429 answers (predicted)"
         table.add_row(name, rec, sim)
     console.print(table)
     if shown.figures.synthesized:
@@ -595,10 +595,10 @@ def plot_replay(workload: Workload, result: Replay, path: str) -> None:
         (result.run, "simulated", "tab:orange"),
     ):
         times, length = _peaks(*queue_timeline(run), bins=1500)
-        if times.size:  # from an empty queue at the first arrival
-            times = np.concatenate([[min(run.arrival)], times])
-            length = np.concatenate([[0], length])
-            queue_ax.step(times, length, where="post", label=label, color=color, linewidth=1)
+        # From an empty queue at the first arrival (a run that never queued stays at 0).
+        times = np.concatenate([[min(run.arrival)], times])
+        length = np.concatenate([[0], length])
+        queue_ax.step(times, length, where="post", label=label, color=color, linewidth=1)
         centres, p50, p95 = _binned_latency(run.arrival, run.finished, 60)
         latency_ax.plot(centres, p95, label=f"{label} p95", color=color, linewidth=1.5)
         latency_ax.plot(centres, p50, label=f"{label} p50", color=color, linestyle="--")

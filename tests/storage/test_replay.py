@@ -1,0 +1,642 @@
+"""Replay: workload extraction, the virtual-time simulation and its knobs, sweeps, the CLI.
+
+Workloads are built from event streams shaped exactly as the service emits them (the
+``Recording`` helper below), so extraction is exercised by every test. Expected figures are
+derived by hand from the gates' documented rules (a slot's window ends one window after its
+answer; capacity = limit x window / 60), not read back from the implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import Event, EventType, PriceTable
+from pipeline._cli import main as cli_main
+from storage import EventStore, open_store_sink
+from storage._replay import (
+    ProviderModel,
+    ReplaySettings,
+    ReplayStalledError,
+    cheapest_meeting,
+    recorded_figures,
+    replay,
+    scaled_calls,
+    sweep,
+)
+from storage._workload import EmptyWorkloadError, extract_workload, load_workload
+
+T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+LIMITS = {
+    "max_rpm": None,
+    "max_tpm": None,
+    "window_s": 60.0,
+    "max_concurrent_requests": 100,
+    "max_attempts": 3,
+    "default_max_output_tokens": 1024,
+    "send_guard_s": None,
+    "unanswered_guard_s": 1.0,
+}
+
+
+class Recording:
+    """Event streams of calls as ``BaseLLMService`` records them (no gates waited)."""
+
+    def __init__(self, **limits: Any) -> None:
+        self.limits = {**LIMITS, **limits}
+        self.events: list[Event] = []
+        self._n = 0
+
+    def call(
+        self,
+        at: float,
+        attempts: list[dict[str, Any]] | None = None,
+        *,
+        model: str = "gpt-4o-mini",
+        input_tokens: int = 100,
+        output_tokens: int = 50,
+        max_output_tokens: int | None = None,
+        reserved: int | None = None,
+        error_type: str | None = None,
+        unsent: bool = False,
+    ) -> str:
+        """One call arriving ``at`` seconds after T0. ``attempts``: dicts with ``latency``
+        and optionally ``error`` (+ ``status``, ``retry_after``, ``wait``, ``refused``)."""
+        call_id = f"call{self._n:04d}"
+        self._n += 1
+        seq = iter(range(100))
+        attempts = [{"latency": 1.0}] if attempts is None and not unsent else attempts or []
+
+        def emit(kind: EventType, t: float, payload: dict[str, Any]) -> None:
+            self.events.append(
+                Event(
+                    call_id,
+                    next(seq),
+                    kind,
+                    T0 + timedelta(seconds=t),
+                    "0" * 31 + "1",
+                    "0" * 15 + "1",
+                    payload,
+                )
+            )
+
+        emit(
+            EventType.TRACE_CREATED,
+            at,
+            {
+                "operation_name": "summarize",
+                "model": model,
+                "estimated_input_tokens": input_tokens,
+                "max_output_tokens": max_output_tokens,
+                "reserved_tokens": reserved
+                if reserved is not None
+                else input_tokens + (max_output_tokens or 1024),
+                "limits": self.limits,
+            },
+        )
+        t = at
+        total_wait = 0.0
+        answer: dict[str, Any] | None = None
+        for n, attempt in enumerate(attempts, start=1):
+            emit(EventType.SENT, t, {"attempt": n})
+            latency = attempt.get("latency", 1.0)
+            t += latency
+            error = attempt.get("error")
+            if error is None:
+                answer = {
+                    "attempt": n,
+                    "latency_s": latency,
+                    "status": 200,
+                    "response_model": f"{model}-2024-07-18" if model == "gpt-4o-mini" else model,
+                    "input_tokens": input_tokens,
+                    "cached_tokens": 0,
+                    "output_tokens": output_tokens,
+                    "reasoning_tokens": 0,
+                }
+                emit(EventType.RECEIVED, t, answer)
+                break
+            emit(
+                EventType.ATTEMPT_FAILED,
+                t,
+                {
+                    "attempt": n,
+                    "latency_s": latency,
+                    "error_type": error,
+                    "status": attempt.get("status", 429 if error == "rate_limited" else None),
+                    "retry_after_s": attempt.get("retry_after"),
+                },
+            )
+            if attempt.get("refused"):
+                emit(
+                    EventType.UNMARKED,
+                    t,
+                    {"gate": "rpm", "attempt": n, "amount": 1, "reason": "connection_refused"},
+                )
+            if "wait" in attempt:
+                emit(
+                    EventType.RETRY_SCHEDULED,
+                    t,
+                    {"attempt": n, "next_attempt": n + 1, "wait_s": attempt["wait"]},
+                )
+                t += attempt["wait"]
+                total_wait += attempt["wait"]
+        outcome = "succeeded" if answer is not None else "failed"
+        emit(
+            EventType.COMPLETED,
+            t,
+            {
+                "outcome": outcome,
+                "error_type": None if answer else (error_type or attempts[-1].get("error")),
+                "attempts": len(attempts),
+                "model": answer["response_model"] if answer else model,
+                "total_s": t - at,
+                "rpm_wait_s": 0.0,
+                "tpm_wait_s": 0.0,
+                "semaphore_wait_s": 0.0,
+            },
+        )
+        return call_id
+
+    def workload(self, **kwargs: Any) -> Any:
+        return extract_workload(self.events, **kwargs)
+
+
+def burst(n: int, latency: float = 1.0, **limits: Any) -> Any:
+    """``n`` calls arriving together at t=0, each answered after ``latency``."""
+    rec = Recording(**limits)
+    for _ in range(n):
+        rec.call(0.0, [{"latency": latency}])
+    return rec.workload()
+
+
+# -- extraction -----------------------------------------------------------------------------
+
+
+def test_extraction_reads_arrivals_attempts_waits_tokens_and_limits() -> None:
+    rec = Recording(max_rpm=600, max_concurrent_requests=7)
+    rec.call(2.0, [{"latency": 0.5}], input_tokens=120, output_tokens=30, max_output_tokens=64)
+    rec.call(
+        3.0,
+        [
+            {"latency": 0.1, "error": "rate_limited", "retry_after": 1.5, "wait": 1.5},
+            {"latency": 0.2, "error": "connection", "refused": True, "wait": 0.25},
+            {"latency": 0.7},
+        ],
+    )
+    rec.call(4.0, unsent=True, error_type="validation")
+    rec.events.append(  # a call still in flight: started, never completed
+        Event("open", 0, EventType.TRACE_CREATED, T0 + timedelta(seconds=5), "1" * 32, "1" * 16, {})
+    )
+    workload = rec.workload()
+
+    assert workload.start == T0 + timedelta(seconds=2)
+    assert workload.incomplete == 1
+    assert workload.settings.max_rpm == 600
+    assert workload.settings.max_tpm is None
+    assert workload.settings.max_concurrent_requests == 7
+    first, second, third = workload.calls
+    assert (first.arrival_s, second.arrival_s, third.arrival_s) == (0.0, 1.0, 2.0)
+    assert first.model == "gpt-4o-mini" and first.response_model == "gpt-4o-mini-2024-07-18"
+    assert (first.input_tokens, first.output_tokens) == (120, 30)
+    assert first.reserved_tokens == 120 + 64
+    assert first.tpm_counted == 120 + 64  # input + max_output_tokens, as the provider counts
+    assert first.attempts[0].latency_s == 0.5 and first.attempts[0].error_type is None
+    a1, a2, a3 = second.attempts
+    assert (a1.error_type, a1.retry_after_s, a1.wait_s, a1.reached, a1.answered) == (
+        "rate_limited",
+        1.5,
+        1.5,
+        True,
+        True,
+    )
+    assert (a2.error_type, a2.reached, a2.answered, a2.wait_s) == ("connection", False, False, 0.25)
+    assert a3.error_type is None and a3.wait_s is None
+    assert second.tpm_counted == 100 + 50  # no max_output_tokens: input + output
+    assert third.attempts == () and third.error_type == "validation"
+
+
+def test_extraction_keeps_only_calls_started_in_the_range() -> None:
+    rec = Recording()
+    for at in (0.0, 10.0, 20.0, 30.0):
+        rec.call(at)
+    workload = rec.workload(since=T0 + timedelta(seconds=10), until=T0 + timedelta(seconds=30))
+    assert [c.arrival_s for c in workload.calls] == [0.0, 10.0]
+    assert workload.start == T0 + timedelta(seconds=10)
+
+
+def test_an_empty_range_raises_empty_workload_error() -> None:
+    rec = Recording()
+    rec.call(0.0)
+    with pytest.raises(EmptyWorkloadError, match="no completed call"):
+        rec.workload(since=T0 + timedelta(hours=1))
+
+
+async def _write(url: str, events: list[Event]) -> None:
+    writer = open_store_sink(url)
+    await writer.start()
+    for event in events:
+        if not writer.emit(event):
+            await writer.wait_for_room()
+    await writer.flush()
+    await writer.aclose()
+
+
+async def _load(url: str, **kwargs: Any) -> Any:
+    store = await EventStore.open(url)
+    try:
+        return await load_workload(store.engine, **kwargs)
+    finally:
+        await store.aclose()
+
+
+async def test_the_store_reader_extracts_what_the_event_reader_does(store_url: str) -> None:
+    rec = Recording(max_rpm=120, max_tpm=90_000, window_s=2.0)
+    rec.call(0.0, [{"latency": 0.5}], max_output_tokens=32)
+    rec.call(
+        0.25,
+        [
+            {"latency": 0.1, "error": "server_error", "status": 503, "wait": 0.8},
+            {"latency": 0.2, "error": "connection", "refused": True, "wait": 0.4},
+            {"latency": 0.3},
+        ],
+    )
+    rec.call(1.0, unsent=True, error_type="too_large")
+    rec.call(9.0)
+    await _write(store_url, rec.events)
+
+    expected = rec.workload(until=T0 + timedelta(seconds=5))
+    loaded = await _load(store_url, until=T0 + timedelta(seconds=5))
+    assert loaded.settings == expected.settings
+    assert loaded.start == expected.start
+    assert len(loaded.calls) == 3
+    for got, want in zip(loaded.calls, expected.calls, strict=True):
+        assert got._replace(arrival_s=0, finished_s=0, first_sent_s=0) == want._replace(
+            arrival_s=0, finished_s=0, first_sent_s=0
+        )
+        assert got.arrival_s == pytest.approx(want.arrival_s, abs=1e-6)
+        assert got.finished_s == pytest.approx(want.finished_s, abs=1e-6)
+
+
+async def test_the_store_reader_says_how_to_fix_an_empty_range(sqlite_url: str) -> None:
+    rec = Recording()
+    rec.call(0.0)
+    await _write(sqlite_url, rec.events)
+    with pytest.raises(EmptyWorkloadError, match="widen --since/--until"):
+        await _load(sqlite_url, since=T0 + timedelta(days=1))
+
+
+# -- the simulation -------------------------------------------------------------------------
+
+
+def test_recorded_settings_reproduce_an_unconstrained_recording_exactly() -> None:
+    rec = Recording()
+    for i in range(20):
+        rec.call(i * 0.3, [{"latency": 0.5 + (i % 5) * 0.1}])
+    workload = rec.workload()
+    result = replay(workload)
+    recorded = recorded_figures(workload)
+    assert result.figures.makespan_s == pytest.approx(recorded.makespan_s, abs=1e-9)
+    assert result.figures.total_latency_s == pytest.approx(recorded.total_latency_s, abs=1e-9)
+    assert result.figures.requests == recorded.requests == 20
+
+
+def test_concurrency_limit_queues_calls_in_waves() -> None:
+    workload = burst(10, latency=1.0)
+    result = replay(workload, ReplaySettings.recorded(workload, max_concurrent_requests=2))
+    f = result.figures
+    assert f.makespan_s == pytest.approx(5.0)  # 5 waves of 2
+    assert f.peak_queue == 8
+    assert f.queue_delay_s["p50"] == pytest.approx(2.0)  # waits of 0,0,1,1,2,2,3,3,4,4
+    assert f.gate_wait_s["semaphore"]["mean"] == pytest.approx(2.0)
+    assert sorted(result.run.first_sent) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_rpm_gate_admits_a_window_after_each_answer() -> None:
+    # capacity = 120 x 1 s / 60 = 2 per window; a slot frees one window (1 s) after its
+    # answer, so pairs are sent at 0, 1.5, 3, 4.5 and 6 (plus the gate's 1 ms tie-breaking
+    # margin per wave, hence the tolerance).
+    workload = burst(10, latency=0.5)
+    settings = ReplaySettings.recorded(workload, max_rpm=120, window_s=1.0)
+    result = replay(workload, settings)
+    sends = sorted(result.run.first_sent)
+    assert sends == pytest.approx([0, 0, 1.5, 1.5, 3, 3, 4.5, 4.5, 6, 6], abs=0.01)
+    assert result.figures.makespan_s == pytest.approx(6.5, abs=0.01)
+    assert result.figures.gate_wait_s["rpm"]["p95"] == pytest.approx(6.0, abs=0.01)
+
+
+def test_doubling_max_rpm_halves_the_waves() -> None:
+    workload = burst(12, latency=0.5)
+    slow = replay(workload, ReplaySettings.recorded(workload, max_rpm=120, window_s=1.0))
+    fast = replay(workload, ReplaySettings.recorded(workload, max_rpm=240, window_s=1.0))
+    assert slow.figures.makespan_s == pytest.approx(5 * 1.5 + 0.5, abs=0.01)
+    assert fast.figures.makespan_s == pytest.approx(2 * 1.5 + 0.5, abs=0.01)
+
+
+def test_tpm_gate_reserves_the_estimate_and_reconciles_to_real_usage() -> None:
+    # Each call reserves 100 + 1024 tokens; TPM 2,400 per 1 s window admits 2 at a time. An
+    # answered call's reservation shrinks to input + output = 150: the first reconciliation
+    # (at 0.5 s) makes room for the third call, the fourth fits when the third is answered.
+    rec = Recording()
+    for _ in range(4):
+        rec.call(0.0, [{"latency": 0.5}])
+    workload = rec.workload()
+    result = replay(workload, ReplaySettings.recorded(workload, max_tpm=2_400 * 60, window_s=1.0))
+    sends = sorted(result.run.first_sent)
+    assert sends == pytest.approx([0.0, 0.0, 0.5, 1.0], abs=0.01)
+    assert result.figures.gate_wait_s["tpm"]["mean"] == pytest.approx(0.375, abs=0.01)
+
+
+def test_a_call_larger_than_the_tpm_window_fails_as_too_large() -> None:
+    rec = Recording()
+    rec.call(0.0, reserved=5_000)
+    rec.call(0.0, reserved=100)
+    workload = rec.workload()
+    result = replay(workload, ReplaySettings.recorded(workload, max_tpm=1_000, window_s=60.0))
+    assert sorted(result.run.outcome) == ["failed", "succeeded"]
+    assert "too_large" in result.run.error_type
+    assert result.figures.requests == 1
+
+
+def test_recorded_failures_and_retry_waits_replay_as_recorded() -> None:
+    rec = Recording()
+    rec.call(
+        0.0,
+        [
+            {"latency": 0.2, "error": "rate_limited", "retry_after": 2.0, "wait": 2.0},
+            {"latency": 0.3, "error": "server_error", "status": 500, "wait": 0.5},
+            {"latency": 1.0},
+        ],
+    )
+    rec.call(0.0, [{"latency": 0.4, "error": "bad_request", "status": 400}])
+    workload = rec.workload()
+    result = replay(workload)
+    f = result.figures
+    assert f.requests == 4
+    assert f.rate_limited == 1  # replayed as recorded
+    assert sorted(result.run.finished) == pytest.approx([0.4, 0.2 + 2.0 + 0.3 + 0.5 + 1.0])
+    assert sorted(result.run.outcome) == ["failed", "succeeded"]
+
+
+def test_a_refused_connection_gives_its_rpm_slot_back() -> None:
+    # capacity 1 per 10 s window: the refused first attempt must not hold the only slot, or
+    # the retry and the next call would wait 10 s.
+    rec = Recording()
+    rec.call(0.0, [{"latency": 0.1, "error": "connection", "refused": True, "wait": 0.1}, {}])
+    workload = rec.workload()
+    result = replay(workload, ReplaySettings.recorded(workload, max_rpm=6, window_s=10.0))
+    assert result.figures.makespan_s == pytest.approx(0.1 + 0.1 + 1.0, abs=0.01)
+
+
+def test_traffic_scale_by_time_compression_divides_arrival_times() -> None:
+    rec = Recording()
+    for i in range(10):
+        rec.call(i * 2.0)
+    workload = rec.workload()
+    settings = ReplaySettings.recorded(workload, scale=4.0)
+    assert [at for at, _ in scaled_calls(workload, settings)] == [i * 0.5 for i in range(10)]
+    result = replay(workload, settings)
+    assert result.figures.calls == 10
+    assert result.figures.makespan_s == pytest.approx(4.5 + 1.0)
+
+
+def test_traffic_scale_by_resampling_keeps_the_span_and_is_seeded() -> None:
+    rec = Recording()
+    for i in range(50):
+        rec.call(i * 1.0, [{"latency": 1.0 + i / 100}])
+    workload = rec.workload()
+    settings = ReplaySettings.recorded(workload, scale=3.0, scale_method="resample", seed=7)
+    plan = scaled_calls(workload, settings)
+    assert len(plan) == 150
+    arrivals = [at for at, _ in plan]
+    assert arrivals == sorted(arrivals)
+    assert arrivals[0] >= 0.0 and arrivals[-1] <= 49.0
+    # The profile is kept: about a third of the calls in each third of the span.
+    thirds = [sum(1 for a in arrivals if k * 49 / 3 <= a < (k + 1) * 49 / 3) for k in range(3)]
+    assert all(30 <= n <= 70 for n in thirds), thirds
+    assert scaled_calls(workload, settings) == plan  # same seed, same draw
+    assert scaled_calls(workload, settings.with_(seed=8)) != plan
+
+
+def test_provider_model_answers_429_over_its_limit_and_the_retry_policy_waits() -> None:
+    # The provider takes 2 per 1 s window, our gates are off: of 6 calls at t=0, 4 get a
+    # 429 with a retry-after, retry when told, and the model counts each request on arrival.
+    workload = burst(6, latency=0.5)
+    settings = ReplaySettings.recorded(
+        workload, provider_rpm=120, provider_window_s=1.0, provider_429_latency_s=0.0
+    )
+    result = replay(workload, settings)
+    f = result.figures
+    assert f.rate_limited >= 4
+    assert f.succeeded + f.failed == 6
+    assert f.requests == 6 + f.rate_limited
+    # Nobody succeeds before the provider's window lets it in: 2 per second at most.
+    run = result.run
+    done = sorted(t for t, o in zip(run.finished, run.outcome, strict=True) if o == "succeeded")
+    for i, t in enumerate(done):
+        assert t >= (i // 2) * 1.0 + 0.5 - 1e-6
+
+
+def test_provider_model_drops_recorded_429s_and_keeps_other_failures() -> None:
+    rec = Recording()
+    rec.call(0.0, [{"latency": 0.2, "error": "rate_limited", "wait": 3.0}, {"latency": 1.0}])
+    rec.call(0.0, [{"latency": 0.3, "error": "server_error", "status": 500, "wait": 0.5}, {}])
+    workload = rec.workload()
+    generous = ReplaySettings.recorded(workload, provider_rpm=10_000)
+    result = replay(workload, generous)
+    assert result.figures.rate_limited == 0
+    # The first call's recorded 429 and its 3 s wait are gone; the 500 and its wait stay.
+    assert sorted(result.run.finished) == pytest.approx([1.0, 0.3 + 0.5 + 1.0])
+
+
+def test_provider_model_window_counts_requests_and_tokens() -> None:
+    model = ProviderModel(rpm=120, tpm=600, window_s=1.0)  # 2 requests, 10 tokens per second
+    assert model.arrive(0.0, 4) == (True, None)
+    assert model.arrive(0.1, 4) == (True, None)
+    admitted, retry_after = model.arrive(0.2, 1)
+    assert not admitted and retry_after == pytest.approx(0.8)
+    assert model.arrive(1.0, 4) == (True, None)
+    assert model.arrive(1.05, 20) == (False, None)  # larger than the window: never fits
+    remaining_requests, remaining_tokens, reset = model.headers(1.05)
+    assert (remaining_requests, remaining_tokens) == (0, 2)
+    assert reset == pytest.approx(0.95)
+
+
+def test_cost_is_priced_on_real_tokens_and_unpriced_models_are_counted() -> None:
+    rec = Recording()
+    rec.call(0.0, input_tokens=1_000_000, output_tokens=1_000_000)
+    rec.call(0.0, model="house-model-7b")
+    workload = rec.workload()
+    f = replay(workload).figures
+    price = PriceTable.default().price("gpt-4o-mini")
+    assert price is not None
+    assert f.cost_usd == price.input + price.output
+    assert f.unpriced_calls == 1
+    assert isinstance(f.cost_usd, Decimal)
+
+
+def test_a_retry_deadlock_is_reported_not_hung() -> None:
+    # One permit, one RPM slot per minute. The first call fails and must retry; the second
+    # holds the gate's slot as an unsent reservation while it waits for the permit, and the
+    # first waits at the gate behind it: the pipeline itself would hang here.
+    rec = Recording()
+    rec.call(0.0, [{"latency": 0.1, "error": "server_error", "status": 500, "wait": 0.1}, {}])
+    rec.call(0.0)
+    rec.call(0.0)
+    workload = rec.workload()
+    settings = ReplaySettings.recorded(workload, max_rpm=2, max_concurrent_requests=1)
+    with pytest.raises(ReplayStalledError, match="deadlock"):
+        replay(workload, settings)
+
+
+def test_invalid_knobs_are_rejected_with_the_fix() -> None:
+    workload = burst(1)
+    with pytest.raises(ValueError, match="max_rpm=0 is invalid"):
+        ReplaySettings.recorded(workload, max_rpm=0)
+    with pytest.raises(ValueError, match="scale_method"):
+        ReplaySettings.recorded(workload, scale_method="stretch")
+    with pytest.raises(ValueError, match="unknown replay setting"):
+        ReplaySettings.recorded(workload, max_rps=3)
+
+
+# -- sweeps ---------------------------------------------------------------------------------
+
+
+def test_sweep_replays_every_combination_and_names_the_cheapest_meeting_the_target() -> None:
+    workload = burst(12, latency=1.0)
+    base = ReplaySettings.recorded(workload, window_s=1.0)
+    rows = sweep(workload, base, [("max_concurrent", [2, 4, 12]), ("max_rpm", [360, 720])])
+    assert [tuple(r.knobs.values()) for r in rows] == [
+        (2, 360),
+        (2, 720),
+        (4, 360),
+        (4, 720),
+        (12, 360),
+        (12, 720),
+    ]
+    p95 = {tuple(r.knobs.values()): r.replay.figures.total_latency_s["p95"] for r in rows}
+    assert p95[(2, 360)] > p95[(4, 360)] > p95[(12, 720)]
+    # 12 permits, 6 slots per 1 s window: two waves, the second sent a window after the
+    # first's answers: p95 = 3 s. Four permits and 12 slots: three waves of 1 s, p95 = 3 s.
+    # Twelve permits and 12 slots: all at once, 1 s.
+    assert p95[(12, 360)] == pytest.approx(3.0, abs=0.01)
+    assert p95[(4, 720)] == pytest.approx(3.0, abs=0.01)
+    assert p95[(12, 720)] == pytest.approx(1.0, abs=0.01)
+    chosen = cheapest_meeting(rows, 3.01)
+    assert chosen is not None
+    # The first knob is the most significant: the fewest permits that make it, then the
+    # lowest RPM among those.
+    assert chosen.knobs == {"max_concurrent": 4, "max_rpm": 720}
+    assert cheapest_meeting(rows, 0.5) is None
+
+
+def test_a_stalled_combination_is_a_row_not_an_abort() -> None:
+    rec = Recording()
+    rec.call(0.0, [{"latency": 0.1, "error": "server_error", "status": 500, "wait": 0.1}, {}])
+    rec.call(0.0)
+    rec.call(0.0)
+    workload = rec.workload()
+    base = ReplaySettings.recorded(workload, max_concurrent_requests=1)
+    rows = sweep(workload, base, [("max_rpm", [2, 600])])
+    assert rows[0].replay is None and rows[0].stalled and "deadlock" in rows[0].stalled
+    assert rows[1].replay is not None and rows[1].stalled is None
+    assert cheapest_meeting(rows, 100.0) is rows[1]
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorded_store(sqlite_url: str) -> str:
+    rec = Recording(max_rpm=600, window_s=1.0, max_concurrent_requests=4)
+    for i in range(30):
+        rec.call(i * 0.05, [{"latency": 0.5 + (i % 3) * 0.1}])
+    asyncio.run(_write(sqlite_url, rec.events))
+    return sqlite_url
+
+
+def test_cli_json_report_compares_recorded_and_simulated(
+    recorded_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli_main(["replay", "--store", recorded_store, "--max-concurrent", "2", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["workload"]["calls"] == 30
+    assert doc["workload"]["recorded_settings"]["max_rpm"] == 600
+    assert doc["settings"]["max_concurrent_requests"] == 2
+    assert doc["settings"]["max_rpm"] == 600  # unchanged knobs keep the recorded value
+    assert doc["simulated"]["makespan_s"] > doc["recorded"]["makespan_s"]
+    for key in ("p50", "p95", "p99"):
+        assert doc["simulated"]["total_latency_s"][key] > 0
+        assert key in doc["simulated"]["queue_delay_s"]
+    assert set(doc["simulated"]["gate_wait_s"]) == {"rpm", "tpm", "semaphore"}
+    assert doc["simulated"]["peak_queue"] > 0
+    assert Decimal(doc["simulated"]["cost_usd"]) > 0
+
+
+def test_cli_sweep_with_target_names_the_cheapest_and_draws_a_png(
+    recorded_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png = tmp_path / "replay.png"
+    argv = ["replay", "--store", recorded_store, "--json", "--plot", str(png)]
+    argv += ["--sweep", "max_concurrent=1,4,30", "--sweep", "max_rpm=600,1800"]
+    code = cli_main([*argv, "--target-p95", "2.5"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert len(doc["rows"]) == 6
+    assert doc["cheapest_order"] == ["max_concurrent", "max_rpm"]
+    chosen = doc["cheapest"]
+    assert chosen is not None
+    meeting = [r for r in doc["rows"] if r["total_latency_s"]["p95"] <= 2.5]
+    assert chosen == min(
+        (r["knobs"] for r in meeting), key=lambda k: (k["max_concurrent"], k["max_rpm"])
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+
+
+def test_cli_table_output(recorded_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["replay", "--store", recorded_store, "--scale", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "recorded" in out and "simulated" in out
+    assert "latency p50 / p95 / p99" in out
+    assert "scale=2" in out
+
+
+def test_cli_unmet_target_exits_1(recorded_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["replay", "--store", recorded_store, "--target-p95", "0.01", "--json"])
+    assert code == 1
+    assert json.loads(capsys.readouterr().out)["meets_target"] is False
+
+
+def test_cli_empty_range_is_one_line_with_the_fix(
+    recorded_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli_main(["replay", "--store", recorded_store, "--since", "2030-01-01T00:00:00"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "widen --since/--until" in err
+
+
+def test_cli_bad_sweep_is_usage_error(
+    recorded_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli_main(["replay", "--store", recorded_store, "--sweep", "max_rps=1,2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is not a knob" in err and "max_rpm" in err
+
+
+def test_cli_missing_store_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'nothing.db'}"
+    code = cli_main(["replay", "--store", url])
+    err = capsys.readouterr().err
+    assert code in (1, 2)
+    assert "Traceback" not in err and err.startswith("llmtrail replay: error:")
