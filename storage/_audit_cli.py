@@ -47,7 +47,9 @@ from ._engine import (
 from ._folds import USAGE_COLUMNS, UsageRow
 from ._migrate import check_schema, ensure_schema, head_revision
 from ._projections import (
+    DEFAULT_BATCH_SIZE,
     PROJECTIONS,
+    REBUILD_BATCH_SIZE,
     ProjectionRunner,
     calls,
     projection_status,
@@ -84,7 +86,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--interval", metavar="S", type=float, default=1.0, help="--follow poll interval (1.0)"
     )
-    run.add_argument("--batch-size", metavar="N", type=int, default=5000, help="events per batch")
+    run.add_argument(
+        "--batch-size", metavar="N", type=int, default=DEFAULT_BATCH_SIZE, help="events per batch"
+    )
     run.set_defaults(func=_run_command)
 
     rebuild_parser = actions.add_parser(
@@ -96,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_store_argument(rebuild_parser)
     rebuild_parser.add_argument("name", nargs="?", metavar="NAME", help=names)
     rebuild_parser.add_argument(
-        "--batch-size", metavar="N", type=int, default=20_000, help="events per batch"
+        "--batch-size", metavar="N", type=int, default=REBUILD_BATCH_SIZE, help="events per batch"
     )
     rebuild_parser.set_defaults(func=_rebuild_command)
 
