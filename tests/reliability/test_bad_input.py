@@ -265,11 +265,6 @@ def test_the_cli_answers_bad_usage_with_exit_code_2_and_one_error_line(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: pipeline/_cli.py does not validate demo's --max-rpm/--max-tpm/--window; "
-    "MockServerConfig's ValueError surfaces as exit 1 naming MockServerConfig.rpm_limit",
-)
 def test_the_demo_answers_bad_limits_with_exit_code_2_naming_the_option(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

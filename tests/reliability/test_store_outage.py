@@ -207,11 +207,6 @@ async def test_postgresql_going_away_mid_run_loses_no_event(
 # ---------------------------------------------------------------- backpressure during an outage
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: BaseLLMService._execute pops the full sink from the shared backlog, so only "
-    "one caller waits for room and the next one is admitted (backpressure does not hold)",
-)
 async def test_when_the_store_queue_is_full_every_new_call_waits_for_room(
     mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
 ) -> None:
