@@ -283,6 +283,12 @@ class EventWriter:
                 self._wake.set()
             return self._accepted - self._done + len(self._inbox) < self._max_queue
         with self._inbox_lock:
+            # Checked under the lock that aclose() takes to set it: no event can slip into
+            # the inbox after aclose() took it for the last time.
+            if self._closed:
+                raise StoreClosedError(
+                    f"event writer for {self._shown_url!r} is closed: emit before aclose()"
+                )
             self._inbox.append(event)
             first = len(self._inbox) == 1
             loop = self._loop
@@ -332,6 +338,11 @@ class EventWriter:
     async def _progress(self) -> None:
         """Wait for the next committed batch; raise if the drain task died."""
         self._raise_if_failed()
+        if self._task is None or self._task.done():
+            raise StoreClosedError(
+                f"event writer for {self._shown_url!r} is closed with {self.pending} events "
+                "not written"
+            )
         assert self._loop is not None
         waiter = self._loop.create_future()
         self._waiters.append(waiter)
@@ -415,7 +426,8 @@ class EventWriter:
         try:
             if self._loop is None and self.emitted:
                 await self.start()
-            self._closed = True
+            with self._inbox_lock:
+                self._closed = True
             if self._task is not None:
                 self._take_inbox()
                 assert self._wake is not None
