@@ -22,6 +22,17 @@ _ROLES = frozenset({"system", "developer", "user", "assistant"})
 _EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
 
 
+def _is_unicode(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (it could never be sent as UTF-8)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _bad(field_name: str, value: object, fix: str) -> ValueError:
     return ValueError(f"GenerationRequest.{field_name}={value!r} is invalid: {fix}")
 
@@ -93,6 +104,20 @@ class GenerationRequest:
         for key, value in self.metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise _bad(f"metadata[{key!r}]", value, "metadata keys and values must be str")
+        texts: list[tuple[str, str | None]] = [
+            ("user_prompt", self.user_prompt),
+            ("system_prompt", self.system_prompt),
+        ]
+        texts += [(f"input[{i}].content", m["content"]) for i, m in enumerate(self.input or ())]
+        texts += [(f"metadata[{k!r}]", v) for k, v in self.metadata.items()]
+        for name, text in texts:
+            if text is not None and not _is_unicode(text):
+                raise _bad(
+                    name,
+                    text[:40],
+                    "it holds a lone surrogate, which is not valid Unicode and "
+                    "cannot be sent as UTF-8; decode your input with errors='replace'",
+                )
         for name in ("model", "operation_name", "request_id", "previous_response_id"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

@@ -344,11 +344,6 @@ async def test_an_answer_that_is_not_json_or_lacks_usage_is_an_invalid_response_
 # ---------------------------------------------------------------- text no database stores verbatim
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GenerationRequest accepts lone surrogates; the SDK's UTF-8 encoding then fails "
-    "inside the call: an `internal` failure with a logged traceback, prompt text in the message",
-)
 @pytest.mark.parametrize("field", ["user_prompt", "system_prompt", "metadata"])
 def test_text_that_is_not_valid_unicode_is_refused_naming_the_field(field: str) -> None:
     bad = "half an emoji \ud83d"
