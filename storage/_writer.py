@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -142,6 +143,16 @@ def _postgresql_insert() -> Any:
         .from_select(list(_COLUMNS), rows)
         .on_conflict_do_nothing(index_elements=["event_id"])
     )
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Events taken off the queue together: ``data`` is the JSON array of the valid ones."""
+
+    size: int  # events taken off the queue, valid or not
+    events: list[Event] = field(default_factory=list)
+    invalid: int = 0
+    data: str = "[]"
 
 
 def _utc(at: datetime) -> datetime:
@@ -456,7 +467,7 @@ class EventWriter:
         buffer = self._buffer
         assert self._wake is not None
         wake = self._wake
-        ahead: tuple[list[Event], str] | None = None
+        ahead: _Batch | None = None
         try:
             while True:
                 if self._inbox:
@@ -470,10 +481,9 @@ class EventWriter:
                         await wake.wait()
                         continue
                     ahead = await self._prepare()
-                batch, data = ahead
-                ahead = None
+                batch, ahead = ahead, None
                 # A batch in flight stays counted in `pending` until it commits.
-                write = asyncio.ensure_future(self._write(batch, data))
+                write = asyncio.ensure_future(self._write(batch))
                 try:
                     # Serialise the next batch while the database writes this one: the
                     # database works in its own thread (SQLite) or process (PostgreSQL).
@@ -500,77 +510,92 @@ class EventWriter:
             self._notify()
             raise
 
-    async def _prepare(self) -> tuple[list[Event], str]:
+    async def _prepare(self) -> _Batch:
         """Take the next batch off the queue and serialise it, yielding to the loop between
         slices so that a large batch never holds the loop for long."""
         buffer = self._buffer
         popleft = buffer.popleft
-        batch = [popleft() for _ in range(min(len(buffer), self._batch_size))]
-        if len(batch) <= _SLICE:
-            return batch, self._serialise(batch)
+        taken = [popleft() for _ in range(min(len(buffer), self._batch_size))]
+        batch = _Batch(size=len(taken))
         parts: list[str] = []
-        for start in range(0, len(batch), _SLICE):
-            parts.append(self._serialise(batch[start : start + _SLICE])[1:-1])
-            await asyncio.sleep(0)
-        return batch, "[" + ",".join(parts) + "]"
+        for start in range(0, len(taken), _SLICE):
+            if start:
+                await asyncio.sleep(0)
+            rows = self._rows(taken[start : start + _SLICE], batch)
+            try:
+                parts.append(_encode(rows)[1:-1])
+            except (TypeError, ValueError, RecursionError):  # some payload is not JSON
+                parts.extend(self._encode_row(row) for row in rows)
+        batch.data = "[" + ",".join(part for part in parts if part) + "]"
+        return batch
 
-    def _rows(self, batch: list[Event]) -> list[list[Any]]:
+    def _rows(self, chunk: list[Event], batch: _Batch) -> list[list[Any]]:
+        """The rows of ``chunk``; an event the store cannot hold is refused and logged."""
         instance = self._instance or None
+        postgresql = self._postgresql
         rows: list[list[Any]] = []
-        append = rows.append
-        if self._postgresql:
-            for e in batch:
-                append(
-                    [
-                        e.event_id,
-                        e.call_id,
-                        e.seq,
-                        e.type,
-                        _utc(e.occurred_at).isoformat(),
-                        e.trace_id or None,
-                        e.span_id or None,
-                        e.instance or instance,
-                        e.payload,
-                    ]
+        for e in chunk:
+            try:
+                at = _utc(e.occurred_at)
+                # PostgreSQL parses ISO 8601 with its offset. SQLite keeps DateTime as naive
+                # UTC text in exactly the second layout, so values written here compare and
+                # parse like the ones SQLAlchemy writes.
+                stamp = at.isoformat() if postgresql else at.isoformat(" ", "microseconds")[:26]
+                row = [
+                    e.event_id,
+                    e.call_id,
+                    e.seq,
+                    str(e.type),
+                    stamp,
+                    e.trace_id or None,
+                    e.span_id or None,
+                    e.instance or instance,
+                    e.payload,
+                ]
+            except Exception as exc:
+                batch.invalid += 1
+                _log.error(
+                    "event store refused an event",
+                    store=self._shown_url,
+                    error=f"{type(exc).__name__}: {exc}",
+                    refused=repr(e)[:500],
                 )
-        else:
-            for e in batch:
-                # SQLite keeps DateTime as naive UTC text in exactly this layout, so values
-                # written here compare and parse like the ones SQLAlchemy writes.
-                at = _utc(e.occurred_at).isoformat(" ", "microseconds")[:26]
-                append(
-                    [
-                        e.event_id,
-                        e.call_id,
-                        e.seq,
-                        e.type,
-                        at,
-                        e.trace_id or None,
-                        e.span_id or None,
-                        e.instance or instance,
-                        e.payload,
-                    ]
-                )
+            else:
+                rows.append(row)
+                batch.events.append(e)
         return rows
 
-    def _serialise(self, batch: list[Event]) -> str:
-        rows = self._rows(batch)
+    def _encode_row(self, row: list[Any]) -> str:
         try:
-            return _encode(rows)
-        except ValueError:  # NaN or infinity somewhere in a payload
-            return _encode(_finite(rows))
+            return _encode(row)
+        except (TypeError, ValueError, RecursionError):
+            pass
+        try:
+            return _encode(_finite(row))  # NaN and infinities have no JSON spelling
+        except (TypeError, ValueError, RecursionError):
+            pass
+        # Keep the event (never drop it) with its payload as text, and say so.
+        _log.error(
+            "event payload is not JSON-serialisable; stored as its repr",
+            store=self._shown_url,
+            event_id=row[0],
+            call_id=row[1],
+            seq=row[2],
+        )
+        return _encode([*row[:8], {"unserialisable_payload": repr(row[8])[:4000]}])
 
-    async def _write(self, batch: list[Event], data: str) -> None:
+    async def _write(self, batch: _Batch) -> None:
         try:
-            await self._attempt(data)
+            if batch.events:
+                await self._attempt(batch.data)
         except (IntegrityError, DataError):
             # Some row is refused for its content; write the rows one by one to find it.
-            for event in batch:
+            for event in batch.events:
+                (row,) = self._rows([event], _Batch(size=1))
                 try:
-                    await self._attempt(self._serialise([event]))
+                    await self._attempt("[" + self._encode_row(row) + "]")
                 except (IntegrityError, DataError) as exc:
                     self.rejected += 1
-                    self._done += 1
                     _log.error(
                         "event store refused an event",
                         store=self._shown_url,
@@ -582,10 +607,10 @@ class EventWriter:
                     )
                 else:
                     self.written += 1
-                    self._done += 1
-            return
-        self.written += len(batch)
-        self._done += len(batch)
+        else:
+            self.written += len(batch.events)
+        self.rejected += batch.invalid
+        self._done += batch.size
 
     async def _attempt(self, data: str) -> None:
         async for attempt in self._retrying:

@@ -216,6 +216,43 @@ async def test_payload_values_json_cannot_spell_are_stored_as_text(store_url: st
     assert stored.event.payload == {"cost": "0.10", "nan": "nan", "inf": "inf", "ok": 1.5}
 
 
+async def test_a_payload_json_cannot_hold_is_kept_as_text_and_reported(sqlite_url: str) -> None:
+    good, bad, after = call_events("p", types=(EventType.TRACE_CREATED,) * 3)
+    circular: dict[str, Any] = {"a": 1}
+    circular["self"] = circular
+    bad = dataclasses.replace(bad, payload={("tuple", "key"): 1, "loop": circular})
+    writer = await started_writer(sqlite_url)
+    with capture_logs() as logs:
+        for event in (good, bad, after):
+            writer.emit(event)
+        await writer.aclose()
+
+    stored = {s.event.event_id: s.event.payload for s in await read_all(sqlite_url)}
+    assert set(stored) == {good.event_id, bad.event_id, after.event_id}
+    assert "unserialisable_payload" in stored[bad.event_id]
+    assert [line["event_id"] for line in logs if line["log_level"] == "error"] == [bad.event_id]
+
+
+async def test_an_event_the_store_cannot_hold_is_refused_and_the_rest_written(
+    sqlite_url: str,
+) -> None:
+    good, broken, after = call_events("v", types=(EventType.TRACE_CREATED,) * 3)
+    broken = dataclasses.replace(broken, occurred_at=None)  # type: ignore[arg-type]
+    writer = await started_writer(sqlite_url)
+    with capture_logs() as logs:
+        for event in (good, broken, after):
+            writer.emit(event)
+        await writer.flush()  # returns: the refused event counts as done
+    await writer.aclose()
+
+    assert [s.event.event_id for s in await read_all(sqlite_url)] == [
+        good.event_id,
+        after.event_id,
+    ]
+    assert (writer.written, writer.rejected) == (2, 1)
+    assert len([line for line in logs if line["log_level"] == "error"]) == 1
+
+
 # -- how batches are written ----------------------------------------------------------
 
 
