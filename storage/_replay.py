@@ -86,6 +86,7 @@ __all__ = [
     "cheapest_meeting",
     "recorded_figures",
     "replay",
+    "replay_async",
     "scaled_calls",
     "sweep",
 ]
@@ -893,7 +894,20 @@ def replay(
     prices: PriceTable | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Replay:
-    """Re-run ``workload`` under ``settings`` (default: as recorded) on virtual time."""
+    """Re-run ``workload`` under ``settings`` (default: as recorded) on virtual time.
+
+    This runs its own event loop, so it cannot be called from async code: there, use
+    :func:`replay_async` (the same, in a worker thread).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "replay() runs its own virtual-time event loop and cannot run inside another: "
+            "use `await replay_async(...)` in async code"
+        )
     settings = settings or ReplaySettings.recorded(workload)
     sim = _Simulation(scaled_calls(workload, settings), settings)
     sim.on_progress = on_progress
@@ -917,6 +931,19 @@ def replay(
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     return Replay(settings, run, figures(run, prices))
+
+
+async def replay_async(
+    workload: Workload,
+    settings: ReplaySettings | None = None,
+    *,
+    prices: PriceTable | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Replay:
+    """:func:`replay` for async code: it runs in a worker thread, off the caller's loop."""
+    return await asyncio.to_thread(
+        replay, workload, settings, prices=prices, on_progress=on_progress
+    )
 
 
 # -- sweeps -----------------------------------------------------------------------------------
