@@ -17,10 +17,12 @@ Invariants:
 - A locked or unreachable database is retried with capped exponential backoff, forever; the
   outage is logged once (warning) and its end once (info). A row the database refuses for its
   content (a duplicate ``(call_id, seq)``, bad data) is logged as an error and counted in
-  ``rejected``, so one bad event cannot wedge the writer.
-- The batch is serialised to JSON once, in one C-level ``json.dumps`` call, and the database
-  unpacks it (``json_each`` on SQLite, ``jsonb_array_elements`` on PostgreSQL): Python does
-  little per event, and the loop is free while the database works.
+  ``rejected``, so one bad event cannot wedge the writer; a payload JSON cannot hold is kept
+  as its ``repr``, and logged.
+- A batch is serialised to one JSON array by the C encoder, in slices of ``_SLICE`` events per
+  loop turn, while the previous batch is being written; the database unpacks it (``json_each``
+  on SQLite, ``jsonb_array_elements`` on PostgreSQL) with the GIL released / in its own
+  process. Python does little per event, and the loop is free while the database works.
 """
 
 from __future__ import annotations
