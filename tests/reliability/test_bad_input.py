@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from pipeline import BaseLLMService, ConfigurationError, GenerationRequest, LLMTrailError
@@ -214,12 +216,26 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_main(args: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``llmtrail ARGS`` in this process (the console script costs seconds of imports)."""
+    """``llmtrail ARGS`` in this process (the console script costs seconds of imports).
+
+    ``main()`` sets up logging for the process, as an entry point should; it is put back
+    afterwards so that later tests do not log into this test's closed capture stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    structlog_config = structlog.get_config()
     capsys.readouterr()
     try:
         code = main(list(args))
     except SystemExit as exc:  # argparse's own exit for bad usage
         code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)  # a no-op unless main() replaced it
+        root.setLevel(level)
+        structlog.configure(**structlog_config)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -355,7 +371,8 @@ def test_text_that_is_not_valid_unicode_is_refused_naming_the_field(field: str) 
 
 
 async def close_or_abandon(service: BaseLLMService, timeout_s: float = 5.0) -> bool:
-    """Close the service; if a wedged sink keeps it from closing, cancel until it gives up.
+    """Close the service; if a wedged sink keeps it from closing, cancel until it gives up,
+    then close the HTTP client the abandoned close never reached (no socket is leaked).
 
     Returns whether it closed cleanly. Every wait is bounded."""
     closing = asyncio.ensure_future(service.aclose())
@@ -369,6 +386,8 @@ async def close_or_abandon(service: BaseLLMService, timeout_s: float = 5.0) -> b
         if done:
             break
     assert closing.done(), "the service could not even be abandoned"
+    async with asyncio.timeout(timeout_s):
+        await service.provider.aclose()
     return False
 
 
