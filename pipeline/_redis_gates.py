@@ -5,10 +5,14 @@
 using one API key draws from one window. Invariants:
 
 - Check-and-reserve is one Lua script (atomic on the server) and reads Redis ``TIME``, so every
-  host shares one clock. Sent units live in a sorted set scored by expiry; pending units in a
-  sorted set scored by a *lease* that the owning process renews every ``heartbeat_s``. A process
-  that dies holding pending units blocks them for one lease at most (default
-  ``max(2 * window_s, 30 s)``), never forever; a live process keeps them until ``mark_sent``.
+  host shares one clock. Units whose window end is known live in a sorted set scored by that
+  end; pending units (and, with ``send_guard_s=None``, units in flight until ``mark_done``) in
+  a sorted set scored by a *lease* that the owning process renews every ``heartbeat_s``. A
+  process that dies holding them blocks them for one lease at most (default
+  ``max(2 * window_s, 30 s)``), never forever; a live process keeps them as long as it needs.
+- Window ends follow the in-process gate: ``send + send_guard_s + window`` at ``mark_sent``
+  when a guard is set, lowered by ``mark_done`` to ``end of attempt + guard + window``, never
+  raised. Local times are carried to Redis as "so long ago" and applied to Redis ``TIME``.
 - Arrival order: a waiter takes a ticket (``HINCRBY``) into a queue; only the head ticket may
   reserve, and the fast path is taken only when the queue is empty. Tickets carry a lease too, so
   a dead waiter is skipped after ``queue_lease_s``. The head sleeps exactly until it can fit (the
@@ -33,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import random
 import time
@@ -225,18 +230,21 @@ return {0, wait_ms(), used, 0, ticket}
 """
 )
 
-# ARGV: 3 rid, 4 amount, 5 lag ms (send to now), 6 guard ms, 7 window ms.
-_MARK_SENT = (
+# ARGV: 3 rid, 4 amount, 5 lag ms (event to now), 6 guard ms, 7 window ms. Sets the window end
+# to event + guard + window (+1 ms: a tie at the boundary must not go our way); never later.
+_SETTLE = (
     _PRELUDE
     + """
 purge()
 local rid, amount = ARGV[3], tonumber(ARGV[4])
-local expires = now - tonumber(ARGV[5]) + tonumber(ARGV[6]) + tonumber(ARGV[7])
+local expires = now - tonumber(ARGV[5]) + tonumber(ARGV[6]) + tonumber(ARGV[7]) + 1
 if redis.call('ZSCORE', pend, rid) then
   redis.call('ZREM', pend, rid)
   redis.call('ZADD', sent, expires, rid)
-elseif not redis.call('ZSCORE', sent, rid) and expires > now then
-  -- Its pending lease lapsed, or it was granted by the local fallback: the send still counts.
+elseif redis.call('ZSCORE', sent, rid) then
+  redis.call('ZADD', sent, 'LT', expires, rid)
+elseif expires > now then
+  -- Its lease lapsed, or the local fallback granted it: the request still counts.
   redis.call('ZADD', sent, expires, rid)
   redis.call('HSET', amt, rid, amount)
   redis.call('HINCRBY', state, 'used', amount)
@@ -307,13 +315,22 @@ return used
 """
 )
 
-# ARGV: 3 pending lease, 4 queue lease, 5 number of rids, then rids, then tickets.
+# ARGV: 3 pending lease, 4 queue lease, 5 number of leased entries, then (rid, amount) pairs,
+# then tickets. A leased entry that lapsed (the process stalled) is put back: it still counts.
 _RENEW = (
     _PRELUDE
     + """
 local n = tonumber(ARGV[5])
-for i = 6, 5 + n do redis.call('ZADD', pend, 'XX', now + tonumber(ARGV[3]), ARGV[i]) end
-for i = 6 + n, #ARGV do redis.call('ZADD', qlease, 'XX', now + tonumber(ARGV[4]), ARGV[i]) end
+local lease = now + tonumber(ARGV[3])
+for i = 6, 4 + 2 * n, 2 do
+  local rid, amount = ARGV[i], tonumber(ARGV[i + 1])
+  if not redis.call('ZSCORE', pend, rid) then
+    redis.call('HSET', amt, rid, amount)
+    redis.call('HINCRBY', state, 'used', amount)
+  end
+  redis.call('ZADD', pend, lease, rid)
+end
+for i = 6 + 2 * n, #ARGV do redis.call('ZADD', qlease, 'XX', now + tonumber(ARGV[4]), ARGV[i]) end
 touch()
 return purge()
 """
@@ -349,7 +366,7 @@ return loaded
 
 _SCRIPTS = {
     "acquire": _ACQUIRE,
-    "mark_sent": _MARK_SENT,
+    "settle": _SETTLE,
     "release": _RELEASE,
     "reconcile": _RECONCILE,
     "leave": _LEAVE,
@@ -383,7 +400,7 @@ class RedisSlidingWindowGate:
         url: str,
         key: str,
         clock: Clock,
-        send_guard_s: float = 0.02,
+        send_guard_s: float | None = None,
         fallback: Fallback = "fail_closed",
         replicas: int = 1,
         pending_lease_s: float | None = None,
@@ -434,7 +451,7 @@ class RedisSlidingWindowGate:
         base = f"llmtrail:gate:{name}:{{{key}}}"
         self._keys = [f"{base}:{part}" for part in _KEY_PARTS]
         self._channel = f"{base}:wake"
-        lease_ms = max(self._pending_lease_s, queue_lease_s, window_s + send_guard_s)
+        lease_ms = max(self._pending_lease_s, queue_lease_s, window_s + (send_guard_s or 1.0))
         self._ttl_ms = int(2000 * lease_ms) + 1000
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -447,8 +464,10 @@ class RedisSlidingWindowGate:
         )
         self._on_local = False
         self._local_live: set[RedisGateReservation] = set()
-        self._pending: set[RedisGateReservation] = set()  # Redis-granted, not sent yet
-        self._pending_units = 0
+        # Held in Redis under a lease this process renews: pending, or in flight without a
+        # known window end (send_guard_s None, until mark_done).
+        self._leased: set[RedisGateReservation] = set()
+        self._pending_units = 0  # of the leased ones not sent yet
         self._waiters = 0
         self._tickets: dict[int, asyncio.Event] = {}
         self._used = 0  # Redis's count at the last round trip
@@ -557,8 +576,11 @@ class RedisSlidingWindowGate:
                     timeout = wait_ms / 1000 + random.uniform(0.0005, 0.002)
                 else:  # a message wakes us; polling only covers a lost one
                     timeout = self._poll_s * random.uniform(0.8, 1.2)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+                # lands as the event is set, and a cancelled waiter would then wait on.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await event.wait()
         except BaseException:
             if ticket:  # cancelled while asleep, or Redis failed: leave the queue
                 self._tickets.pop(ticket, None)
@@ -567,7 +589,7 @@ class RedisSlidingWindowGate:
         self._tickets.pop(ticket, None)  # the script removed a granted ticket itself
         res.waited_s = self._clock.now() - start
         res.waiters_ahead = ahead
-        self._pending.add(res)
+        self._leased.add(res)
         self._pending_units += amount
         self._ensure_worker()
         return res
@@ -599,17 +621,48 @@ class RedisSlidingWindowGate:
         return res.inner is None or not self._on_local
 
     def mark_sent(self, reservation: GateReservation) -> None:
-        """Start the reservation's window now (the attempt is being handed to the SDK)."""
+        """The attempt is being handed to the SDK: its window ends by send + guard + window.
+
+        With ``send_guard_s=None`` the window has no end while the attempt is in flight: the
+        entry stays under this process's lease in Redis until :meth:`mark_done`.
+        """
         res = self._shared(reservation)
         if res.inner is not None:
             self._local_gate().mark_sent(res.inner)
         if res.state != _PENDING:
             return
-        self._forget_pending(res)
+        if res in self._leased:
+            self._pending_units -= res.amount
         res.state = _SENT
+        if self._guard is None:
+            res.expires_at = math.inf
+            return
+        self._leased.discard(res)
         res.expires_at = time.monotonic() + self._guard + self.window_s
         if self._mirror(res):
-            self._enqueue("mark_sent", res.rid, res.amount, time.monotonic())
+            self._enqueue("settle", res.rid, res.amount, time.monotonic(), self._guard)
+
+    def mark_done(self, reservation: GateReservation, *, unanswered_guard_s: float = 0.0) -> None:
+        """The attempt is over: its window ends at now + guard + window, if that is earlier.
+
+        With an answer the request has arrived, so the guard is 0; without one (timeout,
+        dropped, cancelled) it may still arrive and the caller passes a guard. Idempotent.
+        """
+        res = self._shared(reservation)
+        if res.inner is not None:
+            # Through getattr: the in-process gate gained mark_done with send_guard_s=None.
+            local_done = getattr(self._local_gate(), "mark_done", None)
+            if local_done is not None:
+                local_done(res.inner, unanswered_guard_s=unanswered_guard_s)
+        if res.state != _SENT or res.done:
+            return
+        ends = time.monotonic() + unanswered_guard_s + self.window_s
+        if ends >= res.expires_at:
+            return
+        res.expires_at = ends
+        self._leased.discard(res)
+        if self._mirror(res):
+            self._enqueue("settle", res.rid, res.amount, time.monotonic(), unanswered_guard_s)
 
     def release(self, reservation: GateReservation) -> None:
         """Give the units back: the provider never counted them."""
@@ -619,7 +672,7 @@ class RedisSlidingWindowGate:
             self._local_live.discard(res)
         if res.state == _DONE:
             return
-        self._forget_pending(res)
+        self._unlease(res)
         res.state = _DONE
         if self._mirror(res):
             self._enqueue("release", res.rid)
@@ -631,7 +684,7 @@ class RedisSlidingWindowGate:
             self._local_gate().reconcile(res.inner, actual)
         if actual == res.amount:
             return
-        if res.state == _PENDING and res in self._pending:
+        if res.state == _PENDING and res in self._leased:
             self._pending_units += actual - res.amount
         res.amount = actual
         if res.state != _DONE and self._mirror(res):
@@ -648,30 +701,32 @@ class RedisSlidingWindowGate:
                 "observe",
                 remaining,
                 int(max(reset_s, 0.0) * 1000),
-                int(self._guard * 1000),
+                int((self._guard or 0.0) * 1000),
                 self.capacity,
             )
 
-    def preload(self, sent_ages: Iterable[tuple[float, int]]) -> int:
+    def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int:
         """Warm start from the store, applied in Redis only if the shared window is empty.
 
-        The store holds every replica's sends, and a live Redis already counts them: loading
-        them again would count them twice. After a Redis restart the window is empty, and this
-        is what brings it back. Returns how many sends fall inside the window.
+        Each send counts as if it arrived up to ``guard_s`` after it was sent. The store holds
+        every replica's sends, and a live Redis already counts them: loading them again would
+        count them twice. After a Redis restart the window is empty, and this is what brings it
+        back. Returns how many sends fall inside the window.
         """
         entries: list[Any] = []
         for age, amount in sent_ages:
-            remaining = self._guard + self.window_s - age
+            remaining = guard_s + self.window_s - age
             if remaining > 0 and amount > 0:
                 entries += [f"preload:{os.urandom(6).hex()}", int(remaining * 1000), amount, 0]
         if entries:
             self._enqueue("import", 1, int(self._pending_lease_s * 1000), *entries)
         return len(entries) // 4
 
-    def _forget_pending(self, res: RedisGateReservation) -> None:
-        if res in self._pending:
-            self._pending.discard(res)
-            self._pending_units -= res.amount
+    def _unlease(self, res: RedisGateReservation) -> None:
+        if res in self._leased:
+            self._leased.discard(res)
+            if res.state == _PENDING:
+                self._pending_units -= res.amount
 
     def _local_gate(self) -> SlidingWindowGate:
         assert self._local is not None
@@ -778,18 +833,19 @@ class RedisSlidingWindowGate:
                 backoff = 0.05
                 continue
             self._idle.set()
-            if self._closing or not (self._on_local or self._pending or self._tickets):
+            if self._closing or not (self._on_local or self._leased or self._tickets):
                 return  # idle: started again by the next operation or acquire
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), next_beat - now)
+                async with asyncio.timeout(next_beat - now):
+                    await self._wake.wait()
 
     async def _apply(self, op: str, args: tuple[Any, ...]) -> None:
-        if op == "mark_sent":
-            rid, amount, sent_at = args
-            lag_ms = int((time.monotonic() - sent_at) * 1000)
+        if op == "settle":
+            rid, amount, at, guard_s = args
+            lag_ms = int((time.monotonic() - at) * 1000)
             result = await self._run(
-                op, rid, amount, lag_ms, int(self._guard * 1000), int(self.window_s * 1000)
+                op, rid, amount, lag_ms, int(guard_s * 1000), int(self.window_s * 1000)
             )
         else:
             result = await self._run(op, *args)
@@ -797,16 +853,16 @@ class RedisSlidingWindowGate:
             self._used = int(result)
 
     async def _renew(self) -> None:
-        rids = [r.rid for r in self._pending]
-        if not rids and not self._tickets:
+        leased = [x for r in self._leased for x in (r.rid, r.amount)]
+        if not leased and not self._tickets:
             return
         self._used = int(
             await self._run(
                 "renew",
                 int(self._pending_lease_s * 1000),
                 int(self._queue_lease_s * 1000),
-                len(rids),
-                *rids,
+                len(leased) // 2,
+                *leased,
                 *self._tickets,
             )
         )
@@ -821,21 +877,21 @@ class RedisSlidingWindowGate:
             if inner is None or inner.done:
                 self._local_live.discard(res)
                 continue
-            if inner.pending:
+            if inner.pending or math.isinf(inner.expires_at):  # no window end yet: leased
                 entries += [res.rid, 1, res.amount, 1]
             else:
                 entries += [res.rid, int((inner.expires_at - now) * 1000) + 1, res.amount, 0]
         others = (self.replicas - 1) * (self.capacity // self.replicas)
         if others:
             # The other replicas may still be on their local share until their own probe.
-            hold_ms = int((self.window_s + self._guard + 2 * self._probe_s) * 1000)
+            hold_ms = int((self.window_s + (self._guard or 1.0) + 2 * self._probe_s) * 1000)
             entries += [_OUTAGE_ID, hold_ms, others, 0]
         await self._run("import", 0, int(self._pending_lease_s * 1000), *entries)
-        for res in self._local_live:  # adopted as shared pending: renewed from now on
-            if res.pending:
-                self._pending.add(res)
-                self._pending_units += res.amount
-        self._local_live = {r for r in self._local_live if not r.pending}
+        for res in self._local_live:  # adopted as leased entries: renewed from now on
+            if res.inner is not None and (res.pending or math.isinf(res.inner.expires_at)):
+                self._leased.add(res)
+                self._pending_units += res.amount if res.pending else 0
+        self._local_live -= self._leased
         self._on_local = False
         _log.info("shared rate gate is back on Redis", gate=self.name, url=mask_url(self.url))
 
@@ -886,6 +942,8 @@ class RedisSlidingWindowGate:
         """Apply queued operations (up to ``timeout_s`` if Redis is down), then disconnect."""
         self._closing = True
         self._wake.set()
+        if self._listener is not None:  # wake-ups only: nothing to drain
+            self._listener.cancel()
         tasks = [t for t in (self._worker, self._listener, *self._tasks) if t is not None]
         if self._ops and (self._worker is None or self._worker.done()):
             self._ensure_worker()
@@ -915,7 +973,7 @@ def create_gate(
     window_s: float,
     *,
     clock: Clock,
-    send_guard_s: float,
+    send_guard_s: float | None,
     rate_limit_url: str | None,
     key: str,
     fallback: str = "fail_closed",
