@@ -331,7 +331,8 @@ async def _main(quick: bool) -> dict[str, Any]:
     section = Section("store", "3. Event store and projections")
     section.notes.append(
         f"append: {n_append:,} events per run (real pipeline streams, cloned), {reps} rounds; "
-        f"rebuild: every projection over {n_rebuild:,} events, {reps} rounds."
+        f"rebuild: every projection over {n_rebuild:,} events, up to {reps} rounds (3 when a "
+        "round is slow; the reps column says how many ran)."
     )
     if n_rebuild != 1_000_000:
         section.notes.append(f"reduced run: rebuild over {n_rebuild:,} events, not 1,000,000")
