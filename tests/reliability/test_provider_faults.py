@@ -241,3 +241,48 @@ async def test_an_unreachable_provider_fails_fast_and_gives_every_reservation_ba
         assert result.attempts == MAX_ATTEMPTS
         unmarked = Counter(e.payload["gate"] for e in calls[result.call_id] if e.type == "unmarked")
         assert unmarked == {"rpm": MAX_ATTEMPTS, "tpm": 1}
+
+
+def test_the_sync_path_from_eight_threads_under_faults_stores_every_event(
+    sqlite_url: str, recorder: RecordingSink
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline._mock_server import MockServerConfig, running_in_thread
+
+    faults = {k: v for k, v in FAULTS.items() if k not in ("fault_slow_rate", "slow_s")}
+    with running_in_thread(MockServerConfig(**faults)) as server:
+        service = BaseLLMService(
+            base_url=f"{server.url}/v1",
+            api_key="sk-test-sync-threads",
+            store_url=sqlite_url,
+            sinks=[recorder],
+            tracing=False,
+            max_rpm=1_000_000,
+            max_tpm=10_000_000,
+            max_attempts=MAX_ATTEMPTS,
+            retry_backoff_base_s=0.01,
+            retry_backoff_max_s=0.05,
+        )
+        with capture_logs(), service:
+
+            def work(worker: int) -> list[Any]:
+                return [
+                    service.execute_generation(
+                        GenerationRequest(user_prompt=f"thread {worker} call {i}"), "sync"
+                    )
+                    for i in range(25)
+                ]
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                results = [r for batch in pool.map(work, range(8)) for r in batch]
+            stats = service.stats()
+        log = server.log
+    assert len(results) == 200 and sum(r.success for r in results) > 150
+    assert (stats.in_flight, stats.waiting, stats.reserved_tokens) == (0, 0, 0)
+    calls = assert_streams_complete(recorder.events)
+    assert set(calls) == {r.call_id for r in results}
+    stored = asyncio.run(stored_events(sqlite_url))
+    assert_store_equals_emitted(stored, recorder.events)
+    sent = sorted(f"{r.call_id}:{r.payload['attempt']}" for r in stored if r.type == "sent")
+    assert sent == sorted(r.client_request_id for r in log)
