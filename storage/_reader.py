@@ -28,7 +28,7 @@ from pipeline import Event, EventType
 
 from ._engine import StoreClosedError, create_engine, mask_url
 from ._migrate import check_schema
-from ._schema import events
+from ._schema import events, stored_payload
 
 __all__ = ["EventStore", "StoredEvent"]
 
@@ -68,7 +68,7 @@ def _stored(row: Row[Any]) -> StoredEvent:
             occurred_at=row.occurred_at,
             trace_id=row.trace_id or "",
             span_id=row.span_id or "",
-            payload=row.payload if isinstance(row.payload, dict) else {},
+            payload=stored_payload(row.payload),
             instance=row.instance or "",
             event_id=row.event_id,
         ),

@@ -10,10 +10,15 @@ Invariants:
   call, no duplicate step).
 - Timestamps read back from any backend are timezone-aware UTC; SQLite, which stores them as
   naive text, gets UTC written in and the zone attached on the way out by :class:`UTCDateTime`.
+- PostgreSQL's JSONB cannot hold the character U+0000. A payload that contains it is stored
+  with every string escaped (U+E000 -> U+E000 U+E000, U+0000 -> U+E000 "0") and the top-level
+  key ``llmtrail_nul_escaped: true``; :func:`stored_payload` undoes it, so a payload reads
+  back exactly as emitted. Nothing else is ever escaped.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +39,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-__all__ = ["UTCDateTime", "events", "metadata"]
+__all__ = [
+    "NUL_ESCAPED_KEY",
+    "UTCDateTime",
+    "escape_nul",
+    "events",
+    "metadata",
+    "stored_payload",
+]
 
 # Explicit constraint names keep the DDL identical on both backends and let later migrations
 # refer to the constraints by name.
@@ -108,3 +120,47 @@ events = Table(
     # if the newest row were ever deleted.
     sqlite_autoincrement=True,
 )
+
+
+NUL_ESCAPED_KEY = "llmtrail_nul_escaped"
+_ESC = "\ue000"  # a private-use character: the escape of the NUL encoding below
+_ESCAPED = re.compile("\ue000(.)", re.DOTALL)
+
+
+def _map_strings(value: Any, change: Any) -> Any:
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, change): _map_strings(v, change) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map_strings(item, change) for item in value]
+    return value
+
+
+def _escape(text: str) -> str:
+    return text.replace(_ESC, _ESC + _ESC).replace("\x00", _ESC + "0")
+
+
+def _unescape(text: str) -> str:
+    if _ESC not in text:
+        return text
+    return _ESCAPED.sub(lambda m: "\x00" if m.group(1) == "0" else m.group(1), text)
+
+
+def escape_nul(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` in the form PostgreSQL's JSONB can hold (see the module invariants)."""
+    escaped: dict[str, Any] = _map_strings(payload, _escape)
+    escaped[NUL_ESCAPED_KEY] = True
+    return escaped
+
+
+def stored_payload(value: Any) -> dict[str, Any]:
+    """A payload as read from the ``payload`` column, exactly as it was emitted."""
+    if not isinstance(value, dict):
+        return {}
+    if value.get(NUL_ESCAPED_KEY) is not True:
+        return value
+    restored: dict[str, Any] = _map_strings(
+        {k: v for k, v in value.items() if k != NUL_ESCAPED_KEY}, _unescape
+    )
+    return restored

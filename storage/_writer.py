@@ -74,7 +74,7 @@ from ._engine import (
     write_engine,
 )
 from ._migrate import ensure_schema
-from ._schema import events
+from ._schema import escape_nul, events
 
 __all__ = ["EventWriter", "open_store_sink"]
 
@@ -185,14 +185,42 @@ def _describe(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {message}"
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the database is locked, unreachable or restarting.
+def _sqlstate(exc: BaseException) -> str:
+    orig = exc.orig if isinstance(exc, DBAPIError) else None
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return ""
 
-    Integrity and data errors are about the rows, not the database, and would fail forever.
+
+def _is_refusal(exc: BaseException) -> bool:
+    """The database refuses the rows themselves: retrying the same rows would fail forever.
+
+    asyncpg's data errors (SQLSTATE class 22, e.g. a string JSONB cannot hold) reach us as a
+    plain ``DBAPIError``, so the SQLSTATE class decides, not only the exception class.
     """
     if isinstance(exc, IntegrityError | DataError):
+        return True
+    return isinstance(exc, DBAPIError) and _sqlstate(exc)[:2] in ("22", "23")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the database is locked, unreachable or restarting (anything that is
+    not a refusal of the rows themselves)."""
+    if _is_refusal(exc):
         return False
     return isinstance(exc, DBAPIError | OSError | TimeoutError)
+
+
+def _without_nul(row: list[Any]) -> list[Any]:
+    payload = row[8]
+    try:
+        if isinstance(payload, dict) and "\\u0000" in _encode(payload):
+            return [*row[:8], escape_nul(payload)]
+    except (TypeError, ValueError, RecursionError):  # _encode_row will store its repr
+        pass
+    return row
 
 
 class EventWriter:
@@ -523,13 +551,20 @@ class EventWriter:
         for start in range(0, len(taken), _SLICE):
             if start:
                 await asyncio.sleep(0)
-            rows = self._rows(taken[start : start + _SLICE], batch)
-            try:
-                parts.append(_encode(rows)[1:-1])
-            except (TypeError, ValueError, RecursionError):  # some payload is not JSON
-                parts.extend(self._encode_row(row) for row in rows)
+            parts.append(self._encode_rows(self._rows(taken[start : start + _SLICE], batch)))
         batch.data = "[" + ",".join(part for part in parts if part) + "]"
         return batch
+
+    def _encode_rows(self, rows: list[list[Any]]) -> str:
+        """The rows as the inside of a JSON array (no brackets)."""
+        try:
+            text = _encode(rows)[1:-1]
+        except (TypeError, ValueError, RecursionError):  # some payload is not JSON
+            text = ",".join(self._encode_row(row) for row in rows)
+        if self._postgresql and "\\u0000" in text:
+            # Rare: JSONB refuses U+0000, so those payloads are stored escaped (_schema).
+            text = ",".join(self._encode_row(_without_nul(row)) for row in rows)
+        return text
 
     def _rows(self, chunk: list[Event], batch: _Batch) -> list[list[Any]]:
         """The rows of ``chunk``; an event the store cannot hold is refused and logged."""
@@ -590,18 +625,22 @@ class EventWriter:
         try:
             if batch.events:
                 await self._attempt(batch.data)
-        except (IntegrityError, DataError):
+        except DBAPIError as exc:
+            if not _is_refusal(exc):
+                raise
             # Some row is refused for its content; write the rows one by one to find it.
             for event in batch.events:
-                (row,) = self._rows([event], _Batch(size=1))
+                row = self._encode_rows(self._rows([event], _Batch(size=1)))
                 try:
-                    await self._attempt("[" + self._encode_row(row) + "]")
-                except (IntegrityError, DataError) as exc:
+                    await self._attempt("[" + row + "]")
+                except DBAPIError as row_exc:
+                    if not _is_refusal(row_exc):
+                        raise
                     self.rejected += 1
                     _log.error(
                         "event store refused an event",
                         store=self._shown_url,
-                        error=_describe(exc),
+                        error=_describe(row_exc),
                         event_id=event.event_id,
                         call_id=event.call_id,
                         seq=event.seq,

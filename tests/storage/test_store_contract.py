@@ -465,3 +465,25 @@ async def test_an_event_reusing_a_taken_seq_is_refused_loudly_and_the_rest_are_w
     assert writer.rejected == 1
     errors = [line for line in logs if line["log_level"] == "error"]
     assert len(errors) == 1 and errors[0]["event_id"] == "f" * 32
+
+
+async def test_payload_text_with_nul_characters_reads_back_exactly(store_url: str) -> None:
+    first, second = call_events("nul", types=(EventType.TRACE_CREATED, EventType.RECEIVED))
+    with_nul = dataclasses.replace(
+        first,
+        payload={
+            "metadata": {"n": "a\x00b", "k\x00": "v"},
+            "input": [{"role": "user", "content": "nul \x00 inside \ue000 and \ue0000"}],
+        },
+    )
+    writer = await started_writer(store_url)
+    with capture_logs() as logs:
+        writer.emit(with_nul)
+        writer.emit(second)
+        async with asyncio.timeout(30):
+            await writer.flush()
+    await writer.aclose()
+
+    stored = await read_all(store_url)
+    assert [s.event for s in stored] == [as_stored(with_nul), as_stored(second)]
+    assert not [line for line in logs if line["log_level"] in ("warning", "error")]

@@ -356,6 +356,23 @@ async def test_writer_reconnects_after_its_connections_are_terminated(pg_url: st
     ]
 
 
+@pytest.mark.postgres
+async def test_a_row_postgresql_refuses_is_not_retried_forever(pg_url: str) -> None:
+    good, bad = call_events("ok", types=(EventType.TRACE_CREATED,) * 2)
+    bad = dataclasses.replace(bad, call_id="nul\x00id")  # TEXT cannot hold U+0000
+    writer = await started_writer(pg_url, max_backoff_s=0.05)
+    with capture_logs() as logs:
+        writer.emit(good)
+        writer.emit(bad)
+        async with asyncio.timeout(30):
+            await writer.flush()
+    await writer.aclose()
+
+    assert [s.event.event_id for s in await read_all(pg_url)] == [good.event_id]
+    assert (writer.written, writer.rejected, writer.failed_attempts) == (1, 1, 0)
+    assert [line["event_id"] for line in logs if line["log_level"] == "error"] == [bad.event_id]
+
+
 async def test_aclose_given_up_during_an_outage_reports_the_unwritten_events(
     sqlite_url: str,
 ) -> None:
