@@ -25,7 +25,7 @@ from ._engine import (
 )
 from ._migrate import check_schema, ensure_schema, head_revision, migrate
 from ._reader import EventStore, StoredEvent
-from ._schema import events, metadata
+from ._schema import events, metadata, stored_payload
 from ._writer import EventWriter, open_store_sink
 
 __all__ = [
@@ -49,4 +49,5 @@ __all__ = [
     "migrate",
     "open_store_sink",
     "store_url_from_environment",
+    "stored_payload",
 ]
