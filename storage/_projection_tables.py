@@ -284,13 +284,15 @@ async def _apply_usage(
     first = batch[0].position
     call_keys: dict[str, UsageKey] = {}
     for chunk in _chunks(need):
+        # No `type = 'trace_created'` in the WHERE clause: given one, SQLite picks the index on
+        # type and scans every call ever started; by call_id it reads a few rows per call.
         result = await conn.execute(
             select(*EVENT_COLUMNS)
             .where(events.c.call_id.in_(chunk))
-            .where(events.c.type == "trace_created")
             .where(events.c.position < first)
         )
-        for event in decode_events(result.all()):
+        started = [row for row in result.all() if row[2] == "trace_created"]
+        for event in decode_events(started):
             call_keys[event.call_id] = call_usage_key(event)
     deltas: dict[UsageKey, UsageRow] = {}
     with paused_gc():
