@@ -29,13 +29,17 @@ from ._errors import ErrorType
 from ._events import EventType, Outcome, child_span_id
 from ._gates import GateRequestTooLarge, SlidingWindowGate, parse_reset
 from ._pricing import PriceTable
+from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
 from ._stats import OperationUsage, RateMeter
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
 from .typing import Clock, Provider, ProviderError, ProviderResponse
 
-__all__ = ["CallFlow"]
+__all__ = ["AnyGate", "CallFlow"]
+
+# What the service holds: the in-process gate or the shared one (the same methods).
+AnyGate = SlidingWindowGate | RedisSlidingWindowGate
 
 _log = structlog.get_logger("llmtrail")
 
@@ -49,8 +53,8 @@ class CallFlow:
     default_max_output_tokens: int
     prices: PriceTable
     _clock: Clock
-    _rpm: SlidingWindowGate | None
-    _tpm: SlidingWindowGate | None
+    _rpm: AnyGate | None
+    _tpm: AnyGate | None
     _semaphore: FairSemaphore
     _provider: Provider
     _retry: RetryPolicy
@@ -219,7 +223,7 @@ class CallFlow:
                     "waiters_ahead": state.tpm_res.waiters_ahead if state.tpm_res else 0,
                 },
             )
-        except GateRequestTooLarge as exc:
+        except (GateRequestTooLarge, RateLimitBackendUnavailable) as exc:
             self._give_back(call, state, "not_sent")
             return self._complete(
                 call,
@@ -228,7 +232,9 @@ class CallFlow:
                 op,
                 model,
                 None,
-                ErrorType.TOO_LARGE,
+                ErrorType.TOO_LARGE
+                if isinstance(exc, GateRequestTooLarge)
+                else ErrorType.LIMITER_UNAVAILABLE,
                 str(exc),
                 t0,
                 Outcome.FAILED,
@@ -236,10 +242,27 @@ class CallFlow:
 
         response: ProviderResponse | None = None
         error: ProviderError | None = None
+        limiter_down: RateLimitBackendUnavailable | None = None
         try:
             response = await self._attempts(call, state, request, model)
         except ProviderError as exc:
             error = exc
+        except RateLimitBackendUnavailable as exc:  # a retry's RPM slot could not be had
+            limiter_down = exc
+        if limiter_down is not None:
+            self._give_back(call, state, "not_sent")
+            return self._complete(
+                call,
+                state,
+                request,
+                op,
+                model,
+                None,
+                ErrorType.LIMITER_UNAVAILABLE,
+                str(limiter_down),
+                t0,
+                Outcome.FAILED,
+            )
 
         if response is None:
             assert error is not None

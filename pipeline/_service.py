@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.metadata
 import math
 import os
@@ -40,10 +41,10 @@ from ._call import CallStream
 from ._clock import LoopClock
 from ._errors import ConfigurationError, ServiceClosedError
 from ._events import default_instance
-from ._flow import CallFlow
-from ._gates import SlidingWindowGate
+from ._flow import AnyGate, CallFlow
 from ._pricing import PriceTable
 from ._provider import OpenAIResponsesProvider
+from ._redis_gates import create_gate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
 from ._stats import OperationUsage, RateMeter, ServiceStats
@@ -120,6 +121,9 @@ class BaseLLMService(CallFlow):
         retry_backoff_max_s: float = 20.0,
         max_retry_wait_s: float = 60.0,
         max_event_queue: int = 10_000,
+        rate_limit_url: str | None = _UNSET,
+        rate_limit_fallback: str = "fail_closed",
+        rate_limit_replicas: int = 1,
         warm_start: bool = True,
     ) -> None:
         if not isinstance(model, str) or not model:
@@ -157,32 +161,39 @@ class BaseLLMService(CallFlow):
         )
         self._semaphore = FairSemaphore(max_concurrent_requests)
         self.max_concurrent_requests = max_concurrent_requests
-        scale = self.rpm_window_seconds / 60.0
-        self._rpm = (
-            SlidingWindowGate(
-                "rpm",
-                math.floor(self.max_rpm * scale),
-                self.rpm_window_seconds,
-                clock=self._clock,
-                send_guard_s=send_guard_s,
-            )
-            if self.max_rpm
-            else None
-        )
-        self._tpm = (
-            SlidingWindowGate(
-                "tpm",
-                math.floor(self.max_tpm * scale),
-                self.rpm_window_seconds,
-                clock=self._clock,
-                send_guard_s=send_guard_s,
-            )
-            if self.max_tpm
-            else None
-        )
         self._provider: Provider = provider or OpenAIResponsesProvider(
             api_key=api_key, base_url=base_url, max_connections=max_concurrent_requests
         )
+        if rate_limit_url is _UNSET:
+            rate_limit_url = os.environ.get("LLMTRAIL_RATE_LIMIT_URL") or None
+        self.rate_limit_url = rate_limit_url
+        # The budget belongs to the API key, so the shared gates are keyed by a fingerprint of
+        # it (never the key itself), the provider and the model.
+        secret = api_key or os.environ.get("OPENAI_API_KEY") or ""
+        fingerprint = hashlib.sha256(secret.encode()).hexdigest()[:16]
+        budget_key = f"{self._provider.name}:{model}:{fingerprint}"
+        scale = self.rpm_window_seconds / 60.0
+        self._rpm: AnyGate | None = None
+        self._tpm: AnyGate | None = None
+        for gate_name, limit in (("rpm", self.max_rpm), ("tpm", self.max_tpm)):
+            if not limit:
+                continue
+            gate = create_gate(
+                gate_name,
+                # The epsilon keeps 240 * 1 / 60 from flooring to 3 through float error.
+                math.floor(limit * scale + 1e-9),
+                self.rpm_window_seconds,
+                clock=self._clock,
+                send_guard_s=send_guard_s,
+                rate_limit_url=rate_limit_url,
+                key=budget_key,
+                fallback=rate_limit_fallback,
+                replicas=rate_limit_replicas,
+            )
+            if gate_name == "rpm":
+                self._rpm = gate
+            else:
+                self._tpm = gate
         self._owns_provider = provider is None
         self._sinks: list[EventSink] = list(sinks)
         if store_url is _UNSET:
@@ -286,6 +297,10 @@ class BaseLLMService(CallFlow):
                 await sink.aclose()
             if self._owns_provider:
                 await self._provider.aclose()
+            for gate in (self._rpm, self._tpm):
+                closer = getattr(gate, "aclose", None)
+                if closer is not None:
+                    await closer()
 
     async def flush(self) -> None:
         """Return once every event emitted so far is durable in every sink."""
@@ -451,7 +466,7 @@ class BaseLLMService(CallFlow):
         )
 
     @property
-    def gates(self) -> tuple[SlidingWindowGate | None, SlidingWindowGate | None]:
+    def gates(self) -> tuple[AnyGate | None, AnyGate | None]:
         """(rpm, tpm) gates, None where no limit is set."""
         return self._rpm, self._tpm
 

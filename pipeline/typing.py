@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -154,6 +154,14 @@ class Provider(Protocol):
 
 class Reservation(Protocol):
     amount: int
+    waited_s: float
+    waiters_ahead: int
+
+    @property
+    def pending(self) -> bool: ...
+
+    @property
+    def done(self) -> bool: ...
 
 
 class GateBackend(Protocol):
@@ -172,11 +180,15 @@ class GateBackend(Protocol):
 
     def mark_sent(self, reservation: Reservation) -> None: ...
 
+    def mark_done(self, reservation: Reservation, *, unanswered_guard_s: float = 0.0) -> None: ...
+
     def release(self, reservation: Reservation) -> None: ...
 
     def reconcile(self, reservation: Reservation, actual: int) -> None: ...
 
     def observe_provider(self, remaining: int | None, reset_s: float | None) -> None: ...
+
+    def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int: ...
 
     def used(self) -> int: ...
 

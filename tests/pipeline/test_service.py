@@ -395,3 +395,34 @@ def test_cost_arithmetic_bills_cached_and_reasoning_tokens_exactly() -> None:
     assert table.cost("nobody-knows", input_tokens=10) is None
     overridden = table.with_overrides({"nobody-knows": {"input": "1", "output": "2"}})
     assert overridden.cost("nobody-knows", input_tokens=10**6) == Decimal(1)
+
+
+async def test_shared_gates_on_redis_admit_calls(mock_server: Any, redis_url: str) -> None:
+    import uuid
+
+    async with service_for(
+        mock_server.url,
+        max_rpm=600,
+        rpm_window_seconds=1.0,
+        rate_limit_url=redis_url,
+        model=f"gpt-4o-mini-{uuid.uuid4().hex[:6]}",  # a budget of its own
+    ) as service:
+        results = await asyncio.gather(
+            *(
+                service.execute_generation_async(GenerationRequest(user_prompt=f"r{i}"))
+                for i in range(15)
+            )
+        )
+    assert all(r.success for r in results), [r.error_message for r in results]
+    assert mock_server.arrivals_in_any_window(1.0) <= 10
+
+
+async def test_unreachable_redis_fails_closed_without_sending(mock_server: Any) -> None:
+    async with service_for(
+        mock_server.url, max_rpm=60, rate_limit_url="redis://127.0.0.1:1/0"
+    ) as service:
+        result = await service.execute_generation_async(GenerationRequest(user_prompt="x"))
+        assert service.stats().in_flight == 0
+    assert result.error_type is ErrorType.LIMITER_UNAVAILABLE
+    assert "127.0.0.1:1" in str(result.error_message)
+    assert len(mock_server.log) == 0
