@@ -20,7 +20,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy import Select, and_, exists, func, select
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -168,19 +168,27 @@ class EventStore:
         ``type`` is one type or several; ``since`` is inclusive and ``until`` exclusive
         (``occurred_at``); ``after_position`` pages; ``limit`` caps the result.
         """
-        query = select(events).where(events.c.position > after_position)
+        query = select(events)
+        if after_position:  # left out at 0, or SQLite would scan by position, not by index
+            query = query.where(events.c.position > after_position)
         types = _types(type)
         if types is not None:
             query = query.where(events.c.type.in_(types))
+        order_by: ColumnElement[Any] = events.c.position
         if since is not None:
             query = query.where(events.c.occurred_at >= since)
+            if call_id is None and trace_id is None:
+                # Without statistics SQLite would rather scan the whole log in position order
+                # than use the index on occurred_at and sort; `position + 0` (same order)
+                # takes the free ordering away, so a recent window is read through the index.
+                order_by = events.c.position + 0
         if until is not None:
             query = query.where(events.c.occurred_at < until)
         if call_id is not None:
             query = query.where(events.c.call_id == call_id)
         if trace_id is not None:
             query = query.where(events.c.trace_id == trace_id)
-        query = query.order_by(events.c.position)
+        query = query.order_by(order_by)
         if limit is not None:
             query = query.limit(limit)
         return await self._fetch(query)
@@ -233,11 +241,14 @@ class EventStore:
         These are calls in flight, or calls whose process died before finishing them.
         """
         done = events.alias("done")
-        finished = exists().where(
-            and_(done.c.call_id == events.c.call_id, done.c.type == str(EventType.COMPLETED))
-        )
+        # NOT IN, not a correlated NOT EXISTS: SQLite would answer each row's EXISTS through
+        # the index on type (all completed events), which is quadratic; this runs once.
+        completed = select(done.c.call_id).where(done.c.type == str(EventType.COMPLETED))
         return await self._fetch(
             select(events)
-            .where(events.c.type == str(EventType.TRACE_CREATED), ~finished)
+            .where(
+                events.c.type == str(EventType.TRACE_CREATED),
+                events.c.call_id.not_in(completed),
+            )
             .order_by(events.c.position)
         )

@@ -715,13 +715,17 @@ class EventWriter:
             .select_from(
                 sent.outerjoin(
                     created,
+                    # trace_created is seq 0: the join is one lookup in the (call_id, seq) key.
                     and_(
                         created.c.call_id == sent.c.call_id,
+                        created.c.seq == 0,
                         created.c.type == str(EventType.TRACE_CREATED),
                     ),
                 )
             )
-            .where(sent.c.type == str(EventType.SENT), sent.c.occurred_at >= since)
+            # `type || ''` keeps SQLite off the index on type (every sent event ever) and on
+            # the index on occurred_at (the last window only).
+            .where(sent.c.type.concat("") == str(EventType.SENT), sent.c.occurred_at >= since)
             .order_by(sent.c.occurred_at)
         )
         async with self._engine.connect() as connection:
