@@ -8,6 +8,8 @@
   is not a database, a store at an unknown schema revision.
 - A provider answer that is not valid JSON, or has no usage, is an ``invalid_response`` failure
   of that call, not a crash, and it is not retried.
+- Text no database holds verbatim: lone surrogates are refused at the request; NUL characters
+  are stored on both backends and read back exactly, and never stop the writer.
 """
 
 from __future__ import annotations
