@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -203,7 +202,7 @@ async def _run(
     The next page is read while the current batch is applied: on SQLite each connection does
     its I/O in its own thread, so reading and writing overlap."""
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: use an int >= 1")
+        raise ConfigurationError(f"batch_size={batch_size!r} is invalid: use an int >= 1")
     await _ensure_checkpoints(engine, names)
     totals = dict.fromkeys(names, 0)
     if until is None:
@@ -244,9 +243,10 @@ async def _run(
                 ) from exc
         finally:
             if page is not None:
+                # A prefetch still running when a batch failed: stop it, and let its own
+                # outcome (even an error) give way to the batch's.
                 page.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await page
+                await asyncio.gather(page, return_exceptions=True)
 
 
 async def _fetch(engine: AsyncEngine, after: int, limit: int) -> list[FoldEvent]:
@@ -316,7 +316,7 @@ class ProjectionStatus:
     lag: int  # events after the checkpoint
     updated_at: datetime | None
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[str | int]:
         return iter((self.name, self.position, self.head_position, self.lag))
 
 
