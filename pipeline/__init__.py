@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._call import estimate_input_tokens
 from ._clock import LoopClock, ManualClock, VirtualTimeLoop, run_virtual
 from ._errors import ConfigurationError, ErrorType, LLMTrailError, ServiceClosedError
-from ._events import Event, EventType, Outcome, child_span_id
+from ._events import Event, EventType, Outcome, child_span_id, default_instance, new_event_id
 from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate
 from ._pricing import ModelPrice, PriceTable
 from ._provider import OpenAIResponsesProvider
@@ -46,6 +46,8 @@ __all__ = [
     "Usage",
     "VirtualTimeLoop",
     "child_span_id",
+    "default_instance",
     "estimate_input_tokens",
+    "new_event_id",
     "run_virtual",
 ]

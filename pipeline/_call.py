@@ -9,7 +9,6 @@ Invariants:
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ from typing import Any
 import structlog
 from opentelemetry import trace as otel_trace
 
-from ._events import Event, EventType
+from ._events import Event, EventType, new_event_id
 from ._gates import GateReservation
 from ._types import GenerationRequest
 from .typing import EventSink
@@ -61,7 +60,7 @@ class CallStream:
         parent_trace: int | None,
         backlog: set[EventSink],
     ) -> None:
-        self.call_id = os.urandom(16).hex()
+        self.call_id = new_event_id()  # time-ordered, like event ids: cheap to index
         self.trace_id = f"{parent_trace or random.getrandbits(128) or 1:032x}"
         self.span_id = f"{random.getrandbits(64) or 1:016x}"
         self.seq = 0

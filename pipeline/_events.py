@@ -57,6 +57,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -94,7 +95,12 @@ class Outcome(StrEnum):
 
 
 def new_event_id() -> str:
-    return os.urandom(16).hex()
+    """32 hex digits: a microsecond timestamp, then 72 random bits (UUIDv7-like).
+
+    Time-ordered ids land at the right edge of the store's unique b-tree instead of at
+    random pages; on SQLite that alone roughly tripled insert throughput.
+    """
+    return f"{time.time_ns() // 1000:014x}{os.urandom(9).hex()}"
 
 
 def default_instance() -> str:

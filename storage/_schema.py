@@ -112,7 +112,6 @@ events = Table(
     Column("recorded_at", UTCDateTime, server_default=func.now()),
     UniqueConstraint("event_id", name="uq_events_event_id"),
     UniqueConstraint("call_id", "seq", name="uq_events_call_id_seq"),
-    Index("ix_events_call_id", "call_id"),
     Index("ix_events_trace_id", "trace_id"),
     Index("ix_events_type", "type"),
     Index("ix_events_occurred_at", "occurred_at"),

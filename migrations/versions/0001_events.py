@@ -54,7 +54,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("call_id", "seq", name="uq_events_call_id_seq"),
         sqlite_autoincrement=True,
     )
-    op.create_index("ix_events_call_id", "events", ["call_id"])
+    # No separate call_id index: uq_events_call_id_seq leads with call_id and serves those
+    # lookups; a second b-tree on the same key only slowed every append.
     op.create_index("ix_events_trace_id", "events", ["trace_id"])
     op.create_index("ix_events_type", "events", ["type"])
     op.create_index("ix_events_occurred_at", "events", ["occurred_at"])
@@ -64,5 +65,4 @@ def downgrade() -> None:
     op.drop_index("ix_events_occurred_at", table_name="events")
     op.drop_index("ix_events_type", table_name="events")
     op.drop_index("ix_events_trace_id", table_name="events")
-    op.drop_index("ix_events_call_id", table_name="events")
     op.drop_table("events")
