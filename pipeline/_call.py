@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,9 +24,24 @@ from ._gates import GateReservation
 from ._types import GenerationRequest
 from .typing import EventSink
 
-__all__ = ["SAMPLED", "CallState", "CallStream", "estimate_input_tokens", "money", "to_int"]
+__all__ = [
+    "plain_traceback",
+    "SAMPLED",
+    "CallState",
+    "CallStream",
+    "estimate_input_tokens",
+    "money",
+    "to_int",
+]
 
 _log = structlog.get_logger("llmtrail")
+
+
+def plain_traceback() -> str:
+    """The current exception's traceback as text, without local variables (no prompt text)."""
+    return traceback.format_exc(limit=20)
+
+
 SAMPLED = otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)
 
 
@@ -87,7 +103,12 @@ class CallStream:
                 if sink.emit(event) is False:
                     self.backlog.add(sink)  # at its high-water mark: the next call waits
             except Exception:  # a broken sink must not break the call; it is reported
-                _log.exception("event sink failed", sink=type(sink).__name__, event_type=str(type_))
+                _log.error(
+                    "event sink failed",
+                    sink=type(sink).__name__,
+                    event_type=str(type_),
+                    traceback=plain_traceback(),
+                )
 
 
 class CallState:

@@ -24,7 +24,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from ._call import CallState, CallStream, estimate_input_tokens, money, to_int
+from ._call import CallState, CallStream, estimate_input_tokens, money, plain_traceback, to_int
 from ._errors import ErrorType
 from ._events import EventType, Outcome, child_span_id
 from ._gates import GateRequestTooLarge, SlidingWindowGate, parse_reset
@@ -108,7 +108,11 @@ class CallFlow:
             )
             raise
         except Exception as exc:  # a bug of ours: report it as a result, never leak slots
-            _log.exception("llmtrail internal error", error=repr(exc))
+            # The traceback without local variables: a renderer that shows locals would
+            # print the prompt, whatever capture_content says.
+            _log.error(
+                "llmtrail internal error", error=repr(exc)[:500], traceback=plain_traceback()
+            )
             self._give_back(call, state, "not_sent")
             return self._complete(
                 call,

@@ -212,7 +212,7 @@ def _print_table(rows: list[StoredEvent], *, incomplete: bool) -> None:
     table = Table(title="calls without a completed event" if incomplete else None)
     table.add_column("position", justify="right", no_wrap=True)
     table.add_column("occurred_at (UTC)", no_wrap=True)
-    table.add_column("call_id", overflow="fold")
+    table.add_column("call_id", no_wrap=True)  # whole, so `| grep <id>` finds it
     if incomplete:
         table.add_column("operation")
         table.add_column("model")
