@@ -123,7 +123,7 @@ class RedisGateReservation(GateReservation):
 # -- Lua --------------------------------------------------------------------------------------
 # KEYS: sent, pending, amounts, state, queue, queue leases. ARGV[1] the wake channel, ARGV[2] the
 # keys' TTL (ms). Times are Redis TIME in ms. ``state`` holds used (units in sent + pending),
-# ticket (the last ticket handed out), room / room_until (what the provider reported).
+# ticket (the last ticket handed out), deficit / deficit_until (what the provider reported).
 _PRELUDE = """
 local sent, pend, amt, state, queue, qlease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local t = redis.call('TIME')
@@ -158,8 +158,8 @@ local function purge()
     redis.call('ZREM', qlease, unpack(c))
   end)
   if #dead > 0 then wake() end
-  local till = tonumber(redis.call('HGET', state, 'room_until'))
-  if till and now >= till then redis.call('HDEL', state, 'room', 'room_until') end
+  local till = tonumber(redis.call('HGET', state, 'deficit_until'))
+  if till and now >= till then redis.call('HDEL', state, 'deficit', 'deficit_until') end
   if redis.call('ZCARD', sent) + redis.call('ZCARD', pend) == 0 then
     redis.call('HDEL', state, 'used')  -- self-healing: nothing held means nothing used
   end
@@ -174,40 +174,38 @@ _ACQUIRE = (
     + """
 local used = purge()
 local rid, amount, ticket, cap = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local room = tonumber(redis.call('HGET', state, 'room'))
-local function fits() return used + amount <= cap and (room == nil or amount <= room) end
+local deficit = tonumber(redis.call('HGET', state, 'deficit')) or 0
+local function fits() return used + amount <= cap - deficit end
 local function grant()
   redis.call('ZADD', pend, now + tonumber(ARGV[7]), rid)
   redis.call('HSET', amt, rid, amount)
   used = redis.call('HINCRBY', state, 'used', amount)
-  if room then redis.call('HINCRBY', state, 'room', -amount) end
   touch()
 end
+-- When to check again: enough sent units have ended, or the provider's deficit lapses.
 local function wait_ms()
   local when = -1
-  if room and amount > room then when = tonumber(redis.call('HGET', state, 'room_until')) end
-  local excess = used + amount - cap
-  if excess > 0 then
-    local freed, start = 0, 0
-    while true do
-      local batch = redis.call('ZRANGE', sent, start, start + 99, 'WITHSCORES')
-      if #batch == 0 then
-        if when > now then return math.ceil(when - now) end
-        return -1  -- only a send, a release or a lapsed lease can help
+  if deficit > 0 then when = tonumber(redis.call('HGET', state, 'deficit_until')) end
+  local excess = used + amount - (cap - deficit)
+  local freed, start = 0, 0
+  while excess > 0 do
+    local batch = redis.call('ZRANGE', sent, start, start + 99, 'WITHSCORES')
+    if #batch == 0 then break end  -- pending units hold the rest: a send or release helps
+    local ids = {}
+    for i = 1, #batch, 2 do ids[#ids + 1] = batch[i] end
+    local amounts = redis.call('HMGET', amt, unpack(ids))
+    for i = 1, #ids do
+      freed = freed + (tonumber(amounts[i]) or 0)
+      if freed >= excess then
+        local at = tonumber(batch[2 * i])
+        if when < 0 or at < when then when = at end
+        excess = 0
+        break
       end
-      local ids = {}
-      for i = 1, #batch, 2 do ids[#ids + 1] = batch[i] end
-      local amounts = redis.call('HMGET', amt, unpack(ids))
-      for i = 1, #ids do
-        freed = freed + (tonumber(amounts[i]) or 0)
-        if freed >= excess then
-          when = math.max(when, tonumber(batch[2 * i]))
-          return math.ceil(math.max(when - now, 0))
-        end
-      end
-      start = start + 100
     end
+    start = start + 100
   end
+  if when < 0 then return -1 end
   return math.ceil(math.max(when - now, 0))
 end
 if ticket == 0 then
@@ -301,15 +299,24 @@ return purge()
 """
 )
 
-# ARGV: 3 remaining, 4 reset ms, 5 guard ms, 6 capacity.
+# ARGV: 3 remaining, 4 reset ms, 5 guard ms, 6 capacity, 7 ms since the report.
 _OBSERVE = (
     _PRELUDE
     + """
+local at = now - tonumber(ARGV[7])
+local recent = 0
+chunks(redis.call('ZRANGEBYSCORE', sent, '(' .. at, now), function(c)
+  for _, a in ipairs(redis.call('HMGET', amt, unpack(c))) do
+    recent = recent + (tonumber(a) or 0)
+  end
+end)
 local used = purge()
-local remaining = tonumber(ARGV[3])
-if remaining >= tonumber(ARGV[6]) - used then return used end
-redis.call('HSET', state, 'room', math.max(remaining, 0),
-           'room_until', now + tonumber(ARGV[4]) + tonumber(ARGV[5]))
+-- Compared with what we held when the report was made: entries that ended since would make a
+-- report that was merely late look like a provider with less room than us.
+local deficit = tonumber(ARGV[6]) - used - recent - math.max(tonumber(ARGV[3]), 0)
+if deficit <= 0 then return used end
+redis.call('HSET', state, 'deficit', deficit,
+           'deficit_until', at + tonumber(ARGV[4]) + tonumber(ARGV[5]))
 touch()
 return used
 """
@@ -446,7 +453,9 @@ class RedisSlidingWindowGate:
         self._queue_lease_s = queue_lease_s
         self._heartbeat_s = min(1.0, self._pending_lease_s / 3, queue_lease_s / 3)
         self._probe_s = probe_s
-        self._poll_s = min(max(window_s / 10, 0.02), 0.5)
+        # Waiters are woken by messages; polling only covers a lost one (a pub/sub reconnect).
+        # Frequent polls by every queued waiter would cost more CPU than the calls themselves.
+        self._poll_s = min(max(window_s, 0.2), 1.0)
         self._timeouts = (connect_timeout_s, command_timeout_s)
         base = f"llmtrail:gate:{name}:{{{key}}}"
         self._keys = [f"{base}:{part}" for part in _KEY_PARTS]
@@ -691,7 +700,15 @@ class RedisSlidingWindowGate:
             self._enqueue("reconcile", res.rid, actual)
 
     def observe_provider(self, remaining: int | None, reset_s: float | None) -> None:
-        """Believe the provider when its headers show less room than the gate thinks it has."""
+        """Believe the provider when its headers show less room than the gate thinks it has.
+
+        The gate then holds back the difference (the *deficit*: someone else uses this key)
+        until the reported reset. Unlike the in-process gate, which admits only ``remaining``
+        more until the reset, units that end in the meantime still free room: each of our
+        windows ends no earlier than the provider's, so the provider has freed them too. A
+        report that is merely late (two replicas, a busy loop) then costs a few units for one
+        window rather than stalling every replica until the whole window has drained.
+        """
         if remaining is None or reset_s is None:
             return
         if self._local is not None:
@@ -703,6 +720,7 @@ class RedisSlidingWindowGate:
                 int(max(reset_s, 0.0) * 1000),
                 int((self._guard or 0.0) * 1000),
                 self.capacity,
+                time.monotonic(),
             )
 
     def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int:
@@ -847,6 +865,9 @@ class RedisSlidingWindowGate:
             result = await self._run(
                 op, rid, amount, lag_ms, int(guard_s * 1000), int(self.window_s * 1000)
             )
+        elif op == "observe":
+            *head, at = args
+            result = await self._run(op, *head, int((time.monotonic() - at) * 1000))
         else:
             result = await self._run(op, *args)
         if op != "import":  # every other script returns the shared count
@@ -931,7 +952,7 @@ class RedisSlidingWindowGate:
                         if woken is not None:
                             woken.set()
             except unavailable:
-                await asyncio.sleep(self._poll_s)  # waiters poll meanwhile
+                await asyncio.sleep(0.1)  # waiters poll meanwhile
             finally:
                 with contextlib.suppress(*unavailable):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -427,6 +427,22 @@ async def test_a_dead_process_holds_units_and_its_place_for_one_lease_only(
     assert shared.state.pending() == 1 and shared.state.queued() == 0
 
 
+async def test_a_provider_with_less_room_holds_back_only_the_difference(
+    shared: Backend,
+) -> None:
+    gate = shared.gate(capacity=4, window_s=30.0)
+    for _ in range(2):
+        gate.mark_sent(await gate.acquire(1))
+    gate.observe_provider(remaining=1, reset_s=30.0)  # we think 2 are free; it says 1
+    await shared.applied()
+    await asyncio.wait_for(gate.acquire(1), 10)
+    waiter = asyncio.create_task(shared.peer(gate).acquire(1))
+    await wait_until(lambda: shared.queued(gate) == 1)
+    await asyncio.sleep(0.1)
+    assert not waiter.done()
+    await finish([waiter])
+
+
 async def test_preload_fills_only_an_empty_shared_window(shared: Backend) -> None:
     a = shared.gate(capacity=5, window_s=5.0)
     assert a.preload([(0.1, 1), (1.0, 1), (60.0, 1)]) == 2

@@ -1,0 +1,255 @@
+"""Scale-out, end to end: four processes share one rate budget (Redis) and one store (PostgreSQL).
+
+Four worker processes each run a ``BaseLLMService`` with ``max_rpm=1200`` on a 1 s window
+(20 requests per window) against one local OpenAI-compatible server in its own process that
+enforces the same limit. Alone, each would send 20 per window; together, through the shared
+Redis gate, they must send 20 per window in all. Each worker first makes one warm-up call (the
+SDK's first call imports modules and opens connections), then waits for a common start signal.
+
+Utilisation is measured from the server's log as the issue defines it: ``arrivals / (makespan *
+20/s)``, the makespan running from the first to the last measured arrival. On a run of eight
+windows a perfect gate scores a little above 1 (the first window is full at its start: the
+strict bound is ``capacity * (makespan / window + 1)``, reported alongside). A slot stays taken
+until its answer plus one window, so what the client spends between the grant and the answer
+(CPU on a busy machine) is budget the processes cannot use: 0.9 leaves room for that.
+
+This file is also the worker: ``python test_scale_out.py '<json>'`` runs one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+WORKERS = 4
+CALLS = 40
+MAX_RPM = 1200
+WINDOW_S = 1.0
+CAPACITY = int(MAX_RPM * WINDOW_S / 60)  # 20 per window, shared by all four
+MODEL = "gpt-4o-mini"
+
+
+def budget_key(api_key: str) -> str:
+    """The key the service derives: provider, model and a fingerprint, never the key itself."""
+    return f"openai:{MODEL}:{hashlib.sha256(api_key.encode()).hexdigest()[:16]}"
+
+
+# -- the worker (a child process) -------------------------------------------------------------
+
+
+async def _work(config: dict[str, Any]) -> dict[str, Any]:
+    from pipeline import BaseLLMService, GenerationRequest, LoopClock
+    from pipeline._redis_gates import create_gate
+
+    kwargs: dict[str, Any] = {
+        "max_rpm": MAX_RPM,
+        "rpm_window_seconds": WINDOW_S,
+        "max_concurrent_requests": CALLS,
+        "base_url": config["base_url"],
+        "api_key": config["api_key"],
+        "store_url": config["store_url"],
+        "tracing": False,
+    }
+    wired = "rate_limit_url" in inspect.signature(BaseLLMService).parameters
+    if wired:
+        kwargs["rate_limit_url"] = config["redis_url"]
+    service = BaseLLMService(MODEL, **kwargs)
+    gate = None
+    if not wired:
+        # Until the service takes rate_limit_url, put the shared gate in by hand.
+        old = service.gates[0]
+        assert old is not None
+        gate = create_gate(
+            "rpm",
+            old.capacity,
+            old.window_s,
+            clock=LoopClock(),
+            send_guard_s=old._guard,
+            rate_limit_url=config["redis_url"],
+            key=budget_key(config["api_key"]),
+        )
+        service._rpm = gate  # type: ignore[assignment]
+    async with service:
+        warm = await service.execute_generation_async(
+            GenerationRequest(user_prompt="warm up"), operation_name="warm_up"
+        )
+        print(json.dumps({"ready": warm.success}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        results = await asyncio.gather(
+            *(
+                service.execute_generation_async(
+                    GenerationRequest(user_prompt=f"{service.instance} item {i}: one line."),
+                    operation_name="scale_out",
+                )
+                for i in range(CALLS)
+            )
+        )
+    if gate is not None:
+        await gate.aclose()  # type: ignore[union-attr]
+    return {
+        "instance": service.instance,
+        "succeeded": sum(r.success for r in results),
+        "errors": sorted({str(r.error_type) for r in results if not r.success}),
+        "wired": wired,
+    }
+
+
+def _worker_main(argv: list[str]) -> int:
+    result = asyncio.run(_work(json.loads(argv[1])))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv))
+
+
+# -- the test ---------------------------------------------------------------------------------
+
+import pytest  # noqa: E402  (the worker above must not need pytest)
+
+
+def _read_line(proc: subprocess.Popen[str], timeout_s: float, stderr: Path) -> dict[str, Any]:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        proc.kill()
+        proc.wait()
+        err = stderr.read_text()[-3000:]
+        raise AssertionError(f"worker {proc.pid} said nothing within {timeout_s}s:\n{err}")
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
+
+
+def _server_log(url: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}/_mock/log", timeout=30) as answer:
+        records: list[dict[str, Any]] = json.loads(answer.read())["records"]
+    return records
+
+
+async def _store_figures(store_url: str) -> dict[str, Any]:
+    from sqlalchemy import func, select
+
+    from storage import create_engine, events
+    from storage._projection_tables import calls, metrics_minute
+    from storage._projections import run_projections
+
+    engine = create_engine(store_url)
+    try:
+        await run_projections(engine)
+        async with engine.connect() as conn:
+            instances = {
+                row[0]
+                for row in await conn.execute(
+                    select(events.c.instance).where(events.c.type == "completed").distinct()
+                )
+            }
+            sent = await conn.scalar(select(func.count()).where(events.c.type == "sent"))
+            call_rows = await conn.scalar(select(func.count()).select_from(calls))
+            succeeded = await conn.scalar(
+                select(func.count()).select_from(calls).where(calls.c.outcome == "succeeded")
+            )
+            requests_sent = await conn.scalar(select(func.sum(metrics_minute.c.requests_sent)))
+            rate_limited = await conn.scalar(select(func.sum(metrics_minute.c.rate_limited)))
+    finally:
+        await engine.dispose()
+    return {
+        "instances": instances,
+        "sent_events": sent,
+        "calls": call_rows,
+        "succeeded": succeeded,
+        "requests_sent": requests_sent,
+        "rate_limited": rate_limited,
+    }
+
+
+@pytest.mark.slow
+async def test_four_processes_share_one_budget_and_one_store(
+    redis_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    from pipeline._mock_server import MockServerConfig, run_in_process
+    from storage import migrate
+
+    await migrate(pg_url)  # once, before four writers open the store
+    server_url, stop_server = run_in_process(
+        MockServerConfig(rpm_limit=MAX_RPM, window_s=WINDOW_S, output_tokens_max=30)
+    )
+    api_key = f"sk-test-{uuid.uuid4().hex}"
+    config = {
+        "base_url": f"{server_url}/v1",
+        "api_key": api_key,
+        "store_url": pg_url,
+        "redis_url": redis_url,
+    }
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    workers: list[subprocess.Popen[str]] = []
+    logs = [tmp_path / f"worker{i}.log" for i in range(WORKERS)]
+    try:
+        for path in logs:
+            with path.open("w") as stderr:  # a file, not a pipe: a full pipe would block it
+                workers.append(
+                    subprocess.Popen(
+                        [sys.executable, __file__, json.dumps(config)],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=stderr,
+                        text=True,
+                        env=env,
+                    )
+                )
+        for proc, path in zip(workers, logs, strict=True):
+            assert _read_line(proc, 120, path)["ready"]
+        time.sleep(WINDOW_S + 0.2)  # the warm-up slots age out of the shared window
+        go = time.monotonic()  # one clock for all processes on this host (CLOCK_MONOTONIC)
+        for proc in workers:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = [_read_line(p, 120, path) for p, path in zip(workers, logs, strict=True)]
+        for proc in workers:
+            proc.wait(timeout=60)
+        log = _server_log(server_url)
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+        stop_server()
+
+    assert [r["errors"] for r in results] == [[]] * WORKERS
+    assert sum(r["succeeded"] for r in results) == WORKERS * CALLS
+    statuses = [r["status"] for r in log]
+    assert statuses.count(429) == 0, "the shared gate let the four processes overshoot"
+    assert len(log) == WORKERS * (CALLS + 1)
+    measured = sorted(r["arrival_monotonic"] for r in log if r["arrival_monotonic"] >= go)
+    assert len(measured) == WORKERS * CALLS
+    makespan = measured[-1] - measured[0]
+    utilisation = len(measured) / (makespan * CAPACITY / WINDOW_S)
+    strict = len(measured) / (CAPACITY * (makespan / WINDOW_S + 1))
+    assert utilisation >= 0.9, (
+        f"only {utilisation:.0%} of the shared budget was used ({strict:.0%} counting the "
+        f"first window; {len(measured)} arrivals in {makespan:.2f} s)"
+    )
+
+    store = await _store_figures(pg_url)
+    assert store["instances"] == {r["instance"] for r in results}
+    assert len(store["instances"]) == WORKERS
+    assert store["sent_events"] == len(log)
+    assert store["calls"] == store["succeeded"] == WORKERS * (CALLS + 1)
+    assert store["requests_sent"] == len(log)
+    assert store["rate_limited"] == 0
