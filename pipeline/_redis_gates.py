@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import math
 import os
 import random
@@ -69,6 +70,8 @@ _log = structlog.get_logger("llmtrail")
 Fallback = Literal["fail_closed", "local"]
 _FALLBACKS = ("fail_closed", "local")
 _OUTAGE_ID = "outage"  # the one placeholder entry for other replicas' local shares
+_MAX_CONNECTIONS = 32  # per gate and process: scripts take well under a millisecond
+_BATCH = 256  # queued operations applied in one round trip
 
 
 class RateLimitBackendUnavailable(LLMTrailError):
@@ -493,14 +496,21 @@ class RedisSlidingWindowGate:
 
     def _redis(self) -> Redis:
         if self._client is None:
-            from redis.asyncio import Redis
+            from redis.asyncio import BlockingConnectionPool, Redis
 
             connect, command = self._timeouts
-            # redis-py does not retry by default: a failed call is retried by the worker (in
-            # order) or reported by acquire, never repeated behind our back.
-            self._client = Redis.from_url(
-                self.url, socket_connect_timeout=connect, socket_timeout=command
+            # A bounded pool that makes callers queue for a connection: 10,000 concurrent
+            # acquires must not open 10,000 connections (redis-py's default pool fails past
+            # 100). redis-py does not retry by default: a failed call is retried by the worker
+            # (in order) or reported by acquire, never repeated behind our back.
+            pool = BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=_MAX_CONNECTIONS,
+                timeout=2 * command,
+                socket_connect_timeout=connect,
+                socket_timeout=command,
             )
+            self._client = Redis.from_pool(pool)
             self._scripts = {n: self._client.register_script(s) for n, s in _SCRIPTS.items()}
         return self._client
 
@@ -833,21 +843,21 @@ class RedisSlidingWindowGate:
                 except Exception:
                     _log.exception("shared gate heartbeat failed", gate=self.name)
             if self._ops:
-                op, args, _ = self._ops[0]
+                batch = list(itertools.islice(self._ops, _BATCH))
                 try:
-                    await self._apply(op, args)
+                    await self._apply(batch)
                 except unavailable:
-                    if time.monotonic() - self._ops[0][2] > self._pending_lease_s:
+                    while self._ops and time.monotonic() - self._ops[0][2] > self._pending_lease_s:
                         # Moot by now: a pending lease lapsed, a sent entry expired.
-                        self._ops.popleft()
+                        op = self._ops.popleft()[0]
                         _log.debug("shared gate operation dropped", gate=self.name, op=op)
-                    else:
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, 1.0)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
                     continue
                 except Exception:  # a bug: report it and keep the worker going
-                    _log.exception("shared gate operation failed", gate=self.name, op=op)
-                self._ops.popleft()
+                    _log.exception("shared gate operations failed", gate=self.name)
+                for _ in batch:
+                    self._ops.popleft()
                 backoff = 0.05
                 continue
             self._idle.set()
@@ -858,20 +868,43 @@ class RedisSlidingWindowGate:
                 async with asyncio.timeout(next_beat - now):
                     await self._wake.wait()
 
-    async def _apply(self, op: str, args: tuple[Any, ...]) -> None:
-        if op == "settle":
-            rid, amount, at, guard_s = args
-            lag_ms = int((time.monotonic() - at) * 1000)
-            result = await self._run(
-                op, rid, amount, lag_ms, int(guard_s * 1000), int(self.window_s * 1000)
-            )
-        elif op == "observe":
-            *head, at = args
-            result = await self._run(op, *head, int((time.monotonic() - at) * 1000))
-        else:
-            result = await self._run(op, *args)
-        if op != "import":  # every other script returns the shared count
-            self._used = int(result)
+    async def _apply(self, batch: list[tuple[str, tuple[Any, ...], float]]) -> None:
+        """Apply queued operations in order, in one round trip (a pipeline, not a transaction:
+        each script is atomic by itself, and every operation is idempotent, so a batch that
+        failed half way is simply applied again)."""
+        from redis.exceptions import NoScriptError
+
+        client = self._redis()
+        keys = self._keys
+        window_ms = int(self.window_s * 1000)
+        for _ in range(2):
+            # EVALSHA straight into the pipeline: registering the scripts with it would cost
+            # a SCRIPT EXISTS round trip per batch. A server that lost its script cache
+            # (restarted) answers NOSCRIPT: load them and apply the batch again.
+            pipe = client.pipeline(transaction=False)
+            for op, args, _ in batch:
+                if op == "settle":
+                    rid, amount, at, guard_s = args
+                    lag_ms = int((time.monotonic() - at) * 1000)
+                    args = (rid, amount, lag_ms, int(guard_s * 1000), window_ms)
+                elif op == "observe":
+                    *head, at = args
+                    args = (*head, int((time.monotonic() - at) * 1000))
+                sha = self._scripts[op].sha
+                pipe.evalsha(sha, len(keys), *keys, self._channel, self._ttl_ms, *args)
+            results = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                break
+            for script in self._scripts.values():
+                await client.script_load(script.script)
+        unavailable = _unavailable_errors()
+        for (op, _, _), result in zip(batch, results, strict=True):
+            if isinstance(result, unavailable):
+                raise result
+            if isinstance(result, Exception):
+                _log.error("shared gate operation failed", gate=self.name, op=op, error=str(result))
+            elif op != "import":  # every other script returns the shared count
+                self._used = int(result)
 
     async def _renew(self) -> None:
         leased = [x for r in self._leased for x in (r.rid, r.amount)]
