@@ -24,21 +24,41 @@ from ._engine import (
     store_url_from_environment,
 )
 from ._migrate import check_schema, ensure_schema, head_revision, migrate
+from ._projections import (
+    PROJECTIONS,
+    ProjectionConflictError,
+    ProjectionRunner,
+    ProjectionStatus,
+    UnknownProjectionError,
+    calls,
+    metrics_minute,
+    projection_checkpoints,
+    projection_status,
+    rebuild,
+    run_projections,
+    usage_daily,
+)
 from ._reader import EventStore, StoredEvent
 from ._schema import events, metadata, stored_payload
 from ._writer import EventWriter, open_store_sink
 
 __all__ = [
     "DEFAULT_STORE_URL",
-    "STORE_URL_ENV",
     "EventStore",
     "EventWriter",
+    "PROJECTIONS",
+    "ProjectionConflictError",
+    "ProjectionRunner",
+    "ProjectionStatus",
+    "STORE_URL_ENV",
     "StoreClosedError",
     "StoreConfigError",
     "StoreError",
     "StoreSchemaError",
     "StoreUnavailableError",
     "StoredEvent",
+    "UnknownProjectionError",
+    "calls",
     "check_schema",
     "create_engine",
     "ensure_schema",
@@ -46,8 +66,14 @@ __all__ = [
     "head_revision",
     "mask_url",
     "metadata",
+    "metrics_minute",
     "migrate",
     "open_store_sink",
+    "projection_checkpoints",
+    "projection_status",
+    "rebuild",
+    "run_projections",
     "store_url_from_environment",
     "stored_payload",
+    "usage_daily",
 ]
