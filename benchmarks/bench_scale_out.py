@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -142,38 +143,20 @@ async def _overhead_section(section: Section, quick: bool) -> None:
 
 
 async def _worker(conn: multiprocessing.connection.Connection, config: dict[str, Any]) -> None:
-    from pipeline import BaseLLMService, GenerationRequest, LoopClock
-    from pipeline._redis_gates import RedisSlidingWindowGate, create_gate
+    from pipeline import BaseLLMService, GenerationRequest
 
-    url = config["redis_url"]
-    kwargs: dict[str, Any] = {
-        "max_rpm": BIG_RPM,
-        "rpm_window_seconds": 1.0,
-        "max_concurrent_requests": CONCURRENCY,
-        "base_url": config["base_url"],
-        "api_key": API_KEY,
-        "store_url": None,
-        "tracing": False,
-        "max_attempts": 1,
-    }
-    service = BaseLLMService(MODEL, **kwargs)
-    gate: RedisSlidingWindowGate | None = None
-    if url is not None:
-        # Until the service takes rate_limit_url itself: the shared gate, put in by hand.
-        old = service.gates[0]
-        assert old is not None
-        made = create_gate(
-            "rpm",
-            old.capacity,
-            old.window_s,
-            clock=LoopClock(),
-            send_guard_s=None,
-            rate_limit_url=url,
-            key=config["key"],
-        )
-        assert isinstance(made, RedisSlidingWindowGate)
-        gate = made
-        service._rpm = gate  # type: ignore[assignment]
+    service = BaseLLMService(
+        MODEL,
+        max_rpm=BIG_RPM,
+        rpm_window_seconds=1.0,
+        max_concurrent_requests=CONCURRENCY,
+        base_url=config["base_url"],
+        api_key=config["api_key"],
+        rate_limit_url=config["redis_url"],
+        store_url=None,
+        tracing=False,
+        max_attempts=1,
+    )
     async with service:
         await service.execute_generation_async(GenerationRequest(user_prompt="warm up"))
         conn.send("ready")
@@ -198,8 +181,6 @@ async def _worker(conn: multiprocessing.connection.Connection, config: dict[str,
             )
             ok = sum(r.success for r in results)
             conn.send({"start": started, "end": time.time(), "ok": ok, "errors": failed[:3]})
-    if gate is not None:
-        await gate.aclose()
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, config: dict[str, Any]) -> None:
@@ -268,14 +249,16 @@ async def _round(
 async def _throughput_section(section: Section, quick: bool) -> None:
     reps = pick(quick, 5, 3, 1)
     total = pick(quick, 4_000, 1_000, 80)
-    key = f"bench:{uuid.uuid4().hex}"
+    # One API key per run: the service keys its shared gate by the key's fingerprint.
+    api_key = f"{API_KEY}-{uuid.uuid4().hex}"
+    fingerprint = hashlib.sha256(api_key.encode()).hexdigest()[:16]
     with contextlib.ExitStack() as stack:
         url, _ = stack.enter_context(mock_server())
-        base = {"base_url": f"{url}/v1", "key": key}
+        base = {"base_url": f"{url}/v1", "api_key": api_key}
         local = stack.enter_context(_workers(1, {**base, "redis_url": None}))
         one = stack.enter_context(_workers(1, {**base, "redis_url": REDIS_URL}))
         four = stack.enter_context(_workers(4, {**base, "redis_url": REDIS_URL}))
-        stack.callback(_delete_keys, key)
+        stack.callback(_delete_keys, fingerprint)
         results = await run_interleaved(
             [
                 (ONE_LOCAL, lambda: _round(local, total)),

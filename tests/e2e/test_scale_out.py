@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import json
 import os
 import select
@@ -40,46 +39,23 @@ CAPACITY = int(MAX_RPM * WINDOW_S / 60)  # 20 per window, shared by all four
 MODEL = "gpt-4o-mini"
 
 
-def budget_key(api_key: str) -> str:
-    """The key the service derives: provider, model and a fingerprint, never the key itself."""
-    return f"openai:{MODEL}:{hashlib.sha256(api_key.encode()).hexdigest()[:16]}"
-
-
 # -- the worker (a child process) -------------------------------------------------------------
 
 
 async def _work(config: dict[str, Any]) -> dict[str, Any]:
-    from pipeline import BaseLLMService, GenerationRequest, LoopClock
-    from pipeline._redis_gates import create_gate
+    from pipeline import BaseLLMService, GenerationRequest
 
-    kwargs: dict[str, Any] = {
-        "max_rpm": MAX_RPM,
-        "rpm_window_seconds": WINDOW_S,
-        "max_concurrent_requests": CALLS,
-        "base_url": config["base_url"],
-        "api_key": config["api_key"],
-        "store_url": config["store_url"],
-        "tracing": False,
-    }
-    wired = "rate_limit_url" in inspect.signature(BaseLLMService).parameters
-    if wired:
-        kwargs["rate_limit_url"] = config["redis_url"]
-    service = BaseLLMService(MODEL, **kwargs)
-    gate = None
-    if not wired:
-        # Until the service takes rate_limit_url, put the shared gate in by hand.
-        old = service.gates[0]
-        assert old is not None
-        gate = create_gate(
-            "rpm",
-            old.capacity,
-            old.window_s,
-            clock=LoopClock(),
-            send_guard_s=old._guard,
-            rate_limit_url=config["redis_url"],
-            key=budget_key(config["api_key"]),
-        )
-        service._rpm = gate  # type: ignore[assignment]
+    service = BaseLLMService(
+        MODEL,
+        max_rpm=MAX_RPM,
+        rpm_window_seconds=WINDOW_S,
+        max_concurrent_requests=CALLS,
+        base_url=config["base_url"],
+        api_key=config["api_key"],
+        store_url=config["store_url"],
+        rate_limit_url=config["redis_url"],
+        tracing=False,
+    )
     async with service:
         warm = await service.execute_generation_async(
             GenerationRequest(user_prompt="warm up"), operation_name="warm_up"
@@ -95,13 +71,10 @@ async def _work(config: dict[str, Any]) -> dict[str, Any]:
                 for i in range(CALLS)
             )
         )
-    if gate is not None:
-        await gate.aclose()  # type: ignore[union-attr]
     return {
         "instance": service.instance,
         "succeeded": sum(r.success for r in results),
         "errors": sorted({str(r.error_type) for r in results if not r.success}),
-        "wired": wired,
     }
 
 
@@ -131,6 +104,19 @@ def _read_line(proc: subprocess.Popen[str], timeout_s: float, stderr: Path) -> d
         raise AssertionError(f"worker {proc.pid} said nothing within {timeout_s}s:\n{err}")
     parsed: dict[str, Any] = json.loads(line)
     return parsed
+
+
+def _delete_gate_keys(redis_url: str, api_key: str) -> None:
+    import redis
+
+    fingerprint = hashlib.sha256(api_key.encode()).hexdigest()[:16]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"llmtrail:gate:*{fingerprint}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def _server_log(url: str) -> list[dict[str, Any]]:
@@ -230,6 +216,7 @@ async def test_four_processes_share_one_budget_and_one_store(
                 if stream is not None:
                     stream.close()
         stop_server()
+        _delete_gate_keys(redis_url, api_key)
 
     assert [r["errors"] for r in results] == [[]] * WORKERS
     assert sum(r["succeeded"] for r in results) == WORKERS * CALLS
