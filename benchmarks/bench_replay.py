@@ -1,11 +1,17 @@
-"""Replay speed: 100,000 recorded calls (about 800,000 events) extracted from SQLite and replayed.
+"""Replay speed: 100,000 recorded calls (about 720,000 events) extracted from SQLite and replayed.
 
-The store is filled first (not timed): through the storage writer when it is installed, else
-by direct multi-row inserts into the migrated ``events`` table. The events are synthesized the
-way the service emits them (same types, order and payload fields): Poisson arrivals at
-``rate`` calls/s, provider latency ~ lognormal, 3% of attempts answered 429 with retry-after and
-retried, 1% 5xx retried after backoff. The recorded limits make the run RPM- and
-concurrency-bound at times, so the gates queue and their timers work.
+The store is filled first (not timed) through the storage writer, the service's own sink. The
+events are synthesized the way the service emits them (same types, order and payload fields):
+Poisson arrivals at ``RATE`` calls/s, provider latency ~ lognormal around 0.8 s, 3% of attempts
+answered 429 with a retry-after and retried, 1% 5xx retried after backoff. The recorded limits
+(about 75% of the TPM limit used, 50 permits) make the gates and the semaphore queue now and
+then, as a healthy production service does.
+
+A second figure, ``pressure_*``, replays a prefix of the same calls with the TPM limit cut so
+that the TPM gate queues all the time, once with the service's default in-flight windows
+(``send_guard_s=None``: a slot's window ends one window after its answer) and once with a
+finite ``send_guard_s``: it measures the gate's own cost under sustained pressure, which is the
+pipeline's (``SlidingWindowGate._next_fit_time``), not the replay's.
 
 Timed: ``load_workload`` (one SQL query per event type) and ``replay`` with the recorded
 settings (the same gates and semaphore as production, on virtual time). The target is
@@ -37,13 +43,37 @@ QUICK_CALLS = 10_000
 RATE = 40.0  # calls per second: 100,000 calls over ~42 minutes
 LIMITS = {
     "max_rpm": 2_700,
-    "max_tpm": 2_000_000,
+    "max_tpm": 2_500_000,
     "window_s": 60.0,
     "max_concurrent_requests": 50,
     "max_attempts": 3,
     "default_max_output_tokens": 1024,
-    "send_guard_s": 0.02,
+    "send_guard_s": None,
+    "unanswered_guard_s": 1.0,
 }
+
+
+class _Stream:
+    """One call's events: ``emit(kind, t, payload)`` numbers them in order."""
+
+    def __init__(self, index: int, trace_id: str, span_id: str, start: datetime) -> None:
+        self.index, self.trace_id, self.span_id, self.start = index, trace_id, span_id, start
+        self.seq = 0
+
+    def __call__(self, kind: EventType, t: float, payload: dict[str, Any]) -> Event:
+        event = Event(
+            f"{self.index:032x}",
+            self.seq,
+            kind,
+            self.start + timedelta(seconds=t),
+            self.trace_id,
+            self.span_id,
+            payload,
+            "bench:1",
+            event_id=f"{self.index:024x}{self.seq:08x}",
+        )
+        self.seq += 1
+        return event
 
 
 def synthesize(calls: int, *, seed: int = 1) -> Iterator[Event]:
@@ -54,27 +84,7 @@ def synthesize(calls: int, *, seed: int = 1) -> Iterator[Event]:
     free_at: list[float] = [0.0] * LIMITS["max_concurrent_requests"]  # crude concurrency model
     for i in range(calls):
         at += rng.expovariate(RATE)
-        call_id = f"{i:032x}"
-        trace_id = f"{rng.getrandbits(128):032x}"
-        span_id = f"{rng.getrandbits(64):016x}"
-        seq = 0
-
-        def emit(kind: EventType, t: float, payload: dict[str, Any]) -> Event:
-            nonlocal seq
-            event = Event(
-                call_id,
-                seq,
-                kind,
-                start + timedelta(seconds=t),
-                trace_id,
-                span_id,
-                payload,
-                "bench:1",
-                event_id=f"{i:024x}{seq:08x}",
-            )
-            seq += 1
-            return event
-
+        emit = _Stream(i, f"{rng.getrandbits(128):032x}", f"{rng.getrandbits(64):016x}", start)
         est = rng.randint(50, 800)
         max_out = rng.choice((None, 256, 512))
         reserve = est + (max_out or 1024)
@@ -110,7 +120,9 @@ def synthesize(calls: int, *, seed: int = 1) -> Iterator[Event]:
                 {"gate": gate, "attempt": 1, "amount": amount, "waited_s": 0.0, "waiters_ahead": 0},
             )
         yield emit(
-            EventType.SEMAPHORE_ACQUIRED, t, {"waited_s": sem_wait, "in_flight": 1, "waiters_ahead": 0}
+            EventType.SEMAPHORE_ACQUIRED,
+            t,
+            {"waited_s": sem_wait, "in_flight": 1, "waiters_ahead": 0},
         )
         inp = est + rng.randint(-20, 20)
         out = rng.randint(20, max_out or 600)
@@ -119,32 +131,50 @@ def synthesize(calls: int, *, seed: int = 1) -> Iterator[Event]:
                 yield emit(
                     EventType.GATE_WAIT,
                     t,
-                    {"gate": "rpm", "attempt": attempt, "amount": 1, "waited_s": 0.0,
-                     "waiters_ahead": 0},
+                    {
+                        "gate": "rpm",
+                        "attempt": attempt,
+                        "amount": 1,
+                        "waited_s": 0.0,
+                        "waiters_ahead": 0,
+                    },
                 )
             yield emit(EventType.SENT, t, {"attempt": attempt})
             latency = rng.lognormvariate(math.log(0.8), 0.5)
             draw = rng.random()
             if attempt < 3 and draw < 0.04:
-                status, error, retry_after = (429, "rate_limited", 1.0) if draw < 0.03 else (
-                    503, "server_error", None
+                status, error, retry_after = (
+                    (429, "rate_limited", 1.0) if draw < 0.03 else (503, "server_error", None)
                 )
                 latency = min(latency, 0.2)
                 t += latency
                 yield emit(
                     EventType.ATTEMPT_FAILED,
                     t,
-                    {"attempt": attempt, "latency_s": latency, "error_type": error,
-                     "status": status, "retryable": True, "retry_after_s": retry_after,
-                     "message": "synthetic", "provider_code": None, "provider_request_id": None,
-                     "rate_limits": {}},
+                    {
+                        "attempt": attempt,
+                        "latency_s": latency,
+                        "error_type": error,
+                        "status": status,
+                        "retryable": True,
+                        "retry_after_s": retry_after,
+                        "message": "synthetic",
+                        "provider_code": None,
+                        "provider_request_id": None,
+                        "rate_limits": {},
+                    },
                 )
                 wait = retry_after if retry_after is not None else rng.uniform(0, 0.5 * 2**attempt)
                 yield emit(
                     EventType.RETRY_SCHEDULED,
                     t,
-                    {"attempt": attempt, "next_attempt": attempt + 1, "wait_s": wait,
-                     "reason": error, "retry_after_s": retry_after},
+                    {
+                        "attempt": attempt,
+                        "next_attempt": attempt + 1,
+                        "wait_s": wait,
+                        "reason": error,
+                        "retry_after_s": retry_after,
+                    },
                 )
                 t += wait
                 continue
@@ -152,84 +182,85 @@ def synthesize(calls: int, *, seed: int = 1) -> Iterator[Event]:
             yield emit(
                 EventType.RECEIVED,
                 t,
-                {"attempt": attempt, "latency_s": latency, "status": 200,
-                 "response_id": f"resp_{i:x}", "response_model": "gpt-4o-mini-2024-07-18",
-                 "finish_reasons": ["stop"], "input_tokens": inp, "cached_tokens": 0,
-                 "output_tokens": out, "reasoning_tokens": 0, "total_tokens": inp + out,
-                 "cost_usd": "0.0001", "provider_request_id": f"req_{i:x}",
-                 "rate_limits": {"x-ratelimit-remaining-requests": "2000"}},
+                {
+                    "attempt": attempt,
+                    "latency_s": latency,
+                    "status": 200,
+                    "response_id": f"resp_{i:x}",
+                    "response_model": "gpt-4o-mini-2024-07-18",
+                    "finish_reasons": ["stop"],
+                    "input_tokens": inp,
+                    "cached_tokens": 0,
+                    "output_tokens": out,
+                    "reasoning_tokens": 0,
+                    "total_tokens": inp + out,
+                    "cost_usd": "0.0001",
+                    "provider_request_id": f"req_{i:x}",
+                    "rate_limits": {"x-ratelimit-remaining-requests": "2000"},
+                },
             )
             break
         free_at[slot] = t
         yield emit(
             EventType.COMPLETED,
             t,
-            {"outcome": "succeeded", "error_type": None, "error_message": None,
-             "attempts": attempt, "input_tokens": inp, "cached_tokens": 0, "output_tokens": out,
-             "reasoning_tokens": 0, "total_tokens": inp + out, "cost_usd": "0.0001",
-             "model": "gpt-4o-mini-2024-07-18", "response_id": f"resp_{i:x}",
-             "rpm_wait_s": 0.0, "tpm_wait_s": 0.0, "semaphore_wait_s": sem_wait,
-             "latency_s": latency, "total_s": t - at},
+            {
+                "outcome": "succeeded",
+                "error_type": None,
+                "error_message": None,
+                "attempts": attempt,
+                "input_tokens": inp,
+                "cached_tokens": 0,
+                "output_tokens": out,
+                "reasoning_tokens": 0,
+                "total_tokens": inp + out,
+                "cost_usd": "0.0001",
+                "model": "gpt-4o-mini-2024-07-18",
+                "response_id": f"resp_{i:x}",
+                "rpm_wait_s": 0.0,
+                "tpm_wait_s": 0.0,
+                "semaphore_wait_s": sem_wait,
+                "latency_s": latency,
+                "total_s": t - at,
+            },
         )
 
 
 async def fill_store(url: str, calls: int) -> int:
-    """Write the synthesized events into the store at ``url``; returns the number of events."""
-    from sqlalchemy import insert
+    """Write the synthesized events into the store at ``url`` through the storage writer (the
+    service's own sink, which migrates a new store); returns the number of events."""
+    from storage import open_store_sink
 
-    from storage._engine import create_engine, write_engine
-    from storage._migrate import ensure_schema
-    from storage._schema import events
-
-    engine = create_engine(url)
+    writer = open_store_sink(url, max_queue=50_000)
+    await writer.start()
+    count = 0
     try:
-        await ensure_schema(engine)
-        count = 0
-        batch: list[dict[str, Any]] = []
-        writer = write_engine(engine)
-
-        async def flush() -> None:
-            async with writer.begin() as conn:
-                await conn.execute(insert(events), batch)
-            batch.clear()
-
         for event in synthesize(calls):
-            batch.append(
-                {
-                    "event_id": event.event_id,
-                    "call_id": event.call_id,
-                    "seq": event.seq,
-                    "type": str(event.type),
-                    "occurred_at": event.occurred_at,
-                    "trace_id": event.trace_id,
-                    "span_id": event.span_id,
-                    "instance": event.instance,
-                    "payload": event.payload,
-                }
-            )
+            if not writer.emit(event):
+                await writer.wait_for_room()  # backpressure, as the service applies it
             count += 1
-            if len(batch) >= 20_000:
-                await flush()
-        if batch:
-            await flush()
-        return count
+        await writer.flush()
     finally:
-        await engine.dispose()
+        await writer.aclose()
+    return count
 
 
 async def _load(url: str) -> Any:
-    from storage._engine import create_engine
+    from storage import EventStore
     from storage._workload import load_workload
 
-    engine = create_engine(url, must_exist=True)
+    store = await EventStore.open(url)
     try:
-        return await load_workload(engine)
+        return await load_workload(store.engine)
     finally:
-        await engine.dispose()
+        await store.aclose()
 
 
 def main(quick: bool = False) -> dict[str, Any]:
-    from storage._replay import replay
+    # Imported before the clock starts: the figure is extraction + replay, not imports.
+    from storage import EventStore  # noqa: F401
+    from storage._replay import ReplaySettings, replay
+    from storage._workload import Workload
 
     calls = QUICK_CALLS if quick else CALLS
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,7 +275,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         result = replay(workload)
         cpu2, t2 = time.process_time(), time.perf_counter()
     figures = result.figures
-    return {
+    out: dict[str, Any] = {
         "calls": calls,
         "events": n_events,
         "fill_s": round(fill_s, 2),
@@ -258,8 +289,26 @@ def main(quick: bool = False) -> dict[str, Any]:
         "meets_target": (t2 - t0) <= 10.0,
         "simulated_makespan_s": round(figures.makespan_s, 1),
         "simulated_p95_s": round(figures.total_latency_s["p95"], 3),
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "simulated_peak_queue": figures.peak_queue,
     }
+    prefix = Workload(
+        workload.calls[: 1_000 if quick else 5_000], workload.start, workload.settings
+    )
+    # 80% of the prefix's token rate: the TPM gate queues from the first window on.
+    rate = sum(c.tpm_counted for c in prefix.calls) / max(prefix.span_s, 60.0) * 60.0
+    pressure_tpm = int(rate * 0.8)
+    out["pressure_calls"] = len(prefix.calls)
+    out["pressure_max_tpm"] = pressure_tpm
+    for name, guard in (("default_windows", None), ("send_guard_0.02", 0.02)):
+        settings = ReplaySettings.recorded(prefix, max_tpm=pressure_tpm, send_guard_s=guard)
+        t = time.perf_counter()
+        pressured = replay(prefix, settings)
+        out[f"pressure_{name}_s"] = round(time.perf_counter() - t, 3)
+        out[f"pressure_{name}_tpm_wait_mean_s"] = round(
+            pressured.figures.gate_wait_s["tpm"]["mean"], 2
+        )
+    out["load_average_1m"] = round(os.getloadavg()[0], 2)
+    return out
 
 
 if __name__ == "__main__":

@@ -4,11 +4,22 @@ The simulation runs every recorded call through the production :class:`~pipeline
 (RPM and TPM) and :class:`~pipeline.FairSemaphore`, on a :class:`~pipeline.VirtualTimeLoop`:
 the gates' default :class:`~pipeline.LoopClock` reads that loop's time, so their timers fire in
 order and instantly, and there is no second implementation of the rate logic. Each call follows
-the service's order (``pipeline/_service.py``): RPM gate reserves 1 -> TPM gate reserves the
+the service's order (``pipeline/_flow.py``): RPM gate reserves 1 -> TPM gate reserves the
 recorded ``reserved_tokens`` -> semaphore -> per attempt: RPM gate again for attempts > 1,
-``mark_sent`` on both reservations, the recorded provider latency, the retry wait -> semaphore
-released -> TPM reconciled to ``input + (max_output_tokens or output)`` for an answered call, or
-the reservations the provider never counted given back.
+``mark_sent`` on both reservations, the recorded provider latency, ``mark_done`` (the windows
+end one window after the answer, or ``unanswered_guard_s`` later without an HTTP answer), the
+retry wait -> semaphore released -> TPM reconciled to ``input + (max_output_tokens or
+output)`` for an answered call, or the reservations the provider never counted given back.
+
+What the replay does not model: the client's own CPU time. Provider latency is replayed as it
+was measured (send to answer, so it includes the client's HTTP work under the recorded load);
+the work between answers and sends is taken as free. A client that is itself saturated is
+therefore predicted a little faster than it runs.
+
+A combination under which the calls end up waiting for each other (the semaphore's holders
+wait at the RPM gate to retry while queued calls hold its slots as unsent reservations) stalls
+the virtual loop; :func:`replay` raises :class:`ReplayStalledError` saying who holds what,
+because the production pipeline would hang the same way.
 
 What is replayed, and how:
 - **Provider model off (default).** Each attempt takes its recorded latency and outcome; after a
