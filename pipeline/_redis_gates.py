@@ -17,10 +17,13 @@ using one API key draws from one window. Invariants:
   reserve, and the fast path is taken only when the queue is empty. Tickets carry a lease too, so
   a dead waiter is skipped after ``queue_lease_s``. The head sleeps exactly until it can fit (the
   script computes it) or until a pub/sub message names its ticket (a release, a send, a new head).
-- ``mark_sent``, ``release``, ``reconcile``, ``observe_provider`` and ``preload`` are sync (the
-  service calls ``release`` from cancellation cleanup, where awaiting is unsafe): they update
-  local state at once and queue the Redis round trip for one worker task per gate, which applies
-  operations in order and retries them while Redis is unreachable. :meth:`aclose` drains it.
+- ``mark_sent``, ``mark_done``, ``release``, ``reconcile``, ``observe_provider`` and ``preload``
+  are sync (the service calls ``release`` from cancellation cleanup, where awaiting is unsafe):
+  they update local state at once and queue the Redis work for one worker task per gate, which
+  applies queued operations in order, many per round trip, and retries them while Redis is
+  unreachable (each is idempotent). :meth:`aclose` drains it.
+- A provider report of less room than ours holds back the difference (the *deficit*) until its
+  reset; units ending meanwhile still free room (see :meth:`observe_provider`).
 - A cancelled waiter leaves nothing behind: a script call in flight is shielded and, if it
   granted or queued anything, that is given back when it lands; a queued ticket is removed.
 - Redis unreachable: ``fallback="fail_closed"`` raises :class:`RateLimitBackendUnavailable`;
@@ -30,6 +33,8 @@ using one API key draws from one window. Invariants:
   exceeded while replicas switch back one by one.
 - Keys: ``llmtrail:gate:{name}:{{key}}:<part>``; the braces are a Redis Cluster hash tag so one
   gate's keys share a slot. All keys of a gate expire together when it is idle.
+- Only the shared window is in Redis: :meth:`used` is its count at the last round trip,
+  :meth:`reserved` and :meth:`waiting` are this process's own.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
-from ._errors import ConfigurationError, LLMTrailError
+from ._errors import ConfigurationError, LLMTrailError, ServiceClosedError
 from ._gates import _DONE, _PENDING, _SENT, GateRequestTooLarge, GateReservation, SlidingWindowGate
 from .typing import Clock
 
@@ -491,6 +496,7 @@ class RedisSlidingWindowGate:
         self._listener: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._closed = False
 
     # -- connection ---------------------------------------------------------------------
 
@@ -530,7 +536,7 @@ class RedisSlidingWindowGate:
         if amount > self.capacity:
             raise GateRequestTooLarge(self.name, amount, self.capacity)
         if self._closing:
-            raise RuntimeError(f"the {self.name} gate is closed; create a new one")
+            raise ServiceClosedError(f"the {self.name} gate is closed; create a new one")
         start = self._clock.now()
         self._waiters += 1
         try:
@@ -785,6 +791,8 @@ class RedisSlidingWindowGate:
     # -- the worker: Redis operations in order, heartbeats, probes -----------------------
 
     def _enqueue(self, op: str, *args: Any) -> None:
+        if self._closed:  # after aclose: nothing to keep in step any more
+            return
         self._ops.append((op, args, time.monotonic()))
         self._idle.clear()
         self._wake.set()
@@ -994,21 +1002,29 @@ class RedisSlidingWindowGate:
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Apply queued operations (up to ``timeout_s`` if Redis is down), then disconnect."""
+        if self._closed:
+            return
         self._closing = True
-        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        late: set[asyncio.Task[Any]] = set()
         if self._listener is not None:  # wake-ups only: nothing to drain
             self._listener.cancel()
-        tasks = [t for t in (self._worker, self._listener, *self._tasks) if t is not None]
-        if self._ops and (self._worker is None or self._worker.done()):
+            late.add(self._listener)
+        if self._tasks:  # script calls of cancelled waiters: their clean-up is queued on landing
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
+            late |= pending
+        if self._ops or self._worker is not None:
             self._ensure_worker()
-            tasks.append(self._worker)  # type: ignore[arg-type]
-        done, late = await asyncio.wait(tasks, timeout=timeout_s) if tasks else (set(), set())
+            self._wake.set()
+            if self._worker is not None:
+                remaining = max(deadline - time.monotonic(), 0.0)
+                _, pending = await asyncio.wait([self._worker], timeout=remaining)
+                late |= pending
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
-        for task in done:
-            if not task.cancelled():
-                task.exception()  # retrieved: errors were reported where they happened
+        if self._worker is not None and self._worker.done() and not self._worker.cancelled():
+            self._worker.exception()  # retrieved: errors were logged where they happened
         if self._ops:
             _log.warning(
                 "shared gate closed with operations not applied",
@@ -1016,6 +1032,7 @@ class RedisSlidingWindowGate:
                 dropped=len(self._ops),
             )
             self._ops.clear()
+        self._closed = True
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -22,7 +22,13 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from pipeline import ConfigurationError, LLMTrailError, LoopClock, SlidingWindowGate
+from pipeline import (
+    ConfigurationError,
+    LLMTrailError,
+    LoopClock,
+    ServiceClosedError,
+    SlidingWindowGate,
+)
 from pipeline._gates import GateRequestTooLarge
 from pipeline._redis_gates import (
     RateLimitBackendUnavailable,
@@ -467,6 +473,19 @@ async def test_a_send_after_a_lapsed_lease_is_still_counted(shared: Backend) -> 
     assert shared.state.sent() == 1 and shared.state.used() == 2
 
 
+async def test_aclose_applies_what_was_queued_and_then_refuses_calls(shared: Backend) -> None:
+    assert shared.state is not None
+    gate = shared.gate(capacity=3, window_s=30.0)
+    kept, given_back = await gate.acquire(1), await gate.acquire(1)
+    gate.mark_sent(kept)
+    gate.mark_done(kept)
+    gate.release(given_back)
+    await gate.aclose()  # no flush first: closing applies the queue
+    assert shared.state.used() == 1 and shared.state.sent() == 1 and shared.state.pending() == 0
+    with pytest.raises(ServiceClosedError, match="closed"):
+        await gate.acquire(1)
+
+
 # -- unreachable Redis ------------------------------------------------------------------------
 
 
@@ -516,6 +535,30 @@ async def test_local_fallback_holds_a_share_of_the_budget_and_warns_once() -> No
         assert warnings[0]["local_capacity"] == 2 and warnings[0]["gate"] == "rpm"
         gate.release(granted[0])
         await asyncio.wait_for(waiter, 10)
+    finally:
+        await gate.aclose()
+
+
+async def test_start_finds_redis_unreachable_and_takes_the_local_share() -> None:
+    gate = RedisSlidingWindowGate(
+        "tpm",
+        1000,
+        1.0,
+        url=f"redis://127.0.0.1:{closed_port()}/0",
+        key="k",
+        clock=LoopClock(),
+        fallback="local",
+        replicas=4,
+    )
+    try:
+        with capture_logs() as logs:
+            await gate.start()
+            await gate.acquire(250)
+        assert gate.on_local_fallback
+        assert [e["local_capacity"] for e in logs if e["log_level"] == "warning"] == [250]
+        waiter = asyncio.create_task(gate.acquire(1))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
         await finish([waiter])
     finally:
         await gate.aclose()
