@@ -22,9 +22,10 @@ import asyncio
 import hashlib
 import json
 import os
-import select
+import queue
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -37,6 +38,7 @@ MAX_RPM = 1200
 WINDOW_S = 1.0
 CAPACITY = int(MAX_RPM * WINDOW_S / 60)  # 20 per window, shared by all four
 MODEL = "gpt-4o-mini"
+_MARK = "scale-out-worker: "  # our lines on the worker's stdout, which logs share
 
 
 # -- the worker (a child process) -------------------------------------------------------------
@@ -60,7 +62,7 @@ async def _work(config: dict[str, Any]) -> dict[str, Any]:
         warm = await service.execute_generation_async(
             GenerationRequest(user_prompt="warm up"), operation_name="warm_up"
         )
-        print(json.dumps({"ready": warm.success}), flush=True)
+        print(_MARK + json.dumps({"ready": warm.success}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         results = await asyncio.gather(
             *(
@@ -80,7 +82,7 @@ async def _work(config: dict[str, Any]) -> dict[str, Any]:
 
 def _worker_main(argv: list[str]) -> int:
     result = asyncio.run(_work(json.loads(argv[1])))
-    print(json.dumps(result), flush=True)
+    print(_MARK + json.dumps(result), flush=True)
     return 0
 
 
@@ -93,17 +95,54 @@ if __name__ == "__main__":
 import pytest  # noqa: E402  (the worker above must not need pytest)
 
 
-def _read_line(proc: subprocess.Popen[str], timeout_s: float, stderr: Path) -> dict[str, Any]:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-    line = proc.stdout.readline() if ready else ""
-    if not line:
-        proc.kill()
-        proc.wait()
-        err = stderr.read_text()[-3000:]
-        raise AssertionError(f"worker {proc.pid} said nothing within {timeout_s}s:\n{err}")
-    parsed: dict[str, Any] = json.loads(line)
-    return parsed
+class _Worker:
+    """A worker process and a thread that reads its stdout into a queue.
+
+    A thread, not ``select``: the pipe's reader buffers, so a line can be waiting in Python's
+    buffer while the descriptor has nothing more to say.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], stderr: Path) -> None:
+        self.stderr = stderr
+        with stderr.open("w") as err:  # a file, not a pipe: a full pipe would block the worker
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env
+            )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(_MARK):  # its log lines share the stdout
+                self.lines.put(line[len(_MARK) :])
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def report(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            parsed: dict[str, Any] = json.loads(self.lines.get(timeout=timeout_s))
+        except queue.Empty:
+            self.stop()
+            err = self.stderr.read_text()[-3000:]
+            raise AssertionError(
+                f"worker {self.proc.pid} reported nothing within {timeout_s}s:\n{err}"
+            ) from None
+        return parsed
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.reader.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def _delete_gate_keys(redis_url: str, api_key: str) -> None:
@@ -180,41 +219,24 @@ async def test_four_processes_share_one_budget_and_one_store(
         "redis_url": redis_url,
     }
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    workers: list[subprocess.Popen[str]] = []
-    logs = [tmp_path / f"worker{i}.log" for i in range(WORKERS)]
+    workers: list[_Worker] = []
     try:
-        for path in logs:
-            with path.open("w") as stderr:  # a file, not a pipe: a full pipe would block it
-                workers.append(
-                    subprocess.Popen(
-                        [sys.executable, __file__, json.dumps(config)],
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                        stderr=stderr,
-                        text=True,
-                        env=env,
-                    )
-                )
-        for proc, path in zip(workers, logs, strict=True):
-            assert _read_line(proc, 120, path)["ready"]
+        for i in range(WORKERS):
+            argv = [sys.executable, __file__, json.dumps(config)]
+            workers.append(_Worker(argv, env, tmp_path / f"worker{i}.log"))
+        for worker in workers:
+            assert worker.report(120)["ready"]
         time.sleep(WINDOW_S + 0.2)  # the warm-up slots age out of the shared window
         go = time.monotonic()  # one clock for all processes on this host (CLOCK_MONOTONIC)
-        for proc in workers:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        results = [_read_line(p, 120, path) for p, path in zip(workers, logs, strict=True)]
-        for proc in workers:
-            proc.wait(timeout=60)
+        for worker in workers:
+            worker.send("go")
+        results = [worker.report(120) for worker in workers]
+        for worker in workers:
+            worker.proc.wait(timeout=60)
         log = _server_log(server_url)
     finally:
-        for proc in workers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            for stream in (proc.stdin, proc.stdout):
-                if stream is not None:
-                    stream.close()
+        for worker in workers:
+            worker.stop()
         stop_server()
         _delete_gate_keys(redis_url, api_key)
 
