@@ -26,7 +26,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from pipeline import ConfigurationError
@@ -48,6 +48,8 @@ class _Configured:
     tracer_provider: TracerProvider | None
     meter_provider: MeterProvider | None
     owned: tuple[TracerProvider | SDKMeterProvider, ...]
+    # The active span processor of a tracer provider configure() made (None for a user's).
+    span_processor: SpanProcessor | None = None
 
 
 _configured: _Configured | None = None
@@ -128,10 +130,18 @@ def _otlp_metric_exporter(endpoint: str | None, protocol: str | None) -> MetricE
     return OTLPMetricExporter(endpoint=url)
 
 
-def _new_tracer_provider(exporter: SpanExporter, service_name: str | None) -> TracerProvider:
-    provider = TracerProvider(resource=service_resource(service_name))
+def _new_tracer_provider(
+    exporter: SpanExporter, service_name: str | None
+) -> tuple[TracerProvider, SpanProcessor]:
+    """A provider batch-exporting to ``exporter``, and its active span processor.
+
+    The processor is made here (not left to the provider) so the tracing sink can hand it
+    finished spans directly; processors a user adds to the provider later join it too.
+    """
+    active = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
+    provider = TracerProvider(resource=service_resource(service_name), active_span_processor=active)
     provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
+    return provider, active
 
 
 def _new_meter_provider(exporter: MetricExporter, service_name: str | None) -> SDKMeterProvider:
@@ -174,8 +184,9 @@ def configure(
             "exporter to your provider, or pass exporter/endpoint without a provider"
         )
     owned: list[TracerProvider | SDKMeterProvider] = []
+    span_processor: SpanProcessor | None = None
     if tracer_provider is None:
-        tracer_provider = _new_tracer_provider(
+        tracer_provider, span_processor = _new_tracer_provider(
             exporter if exporter is not None else otlp_span_exporter(endpoint, protocol),
             service_name,
         )
@@ -186,7 +197,10 @@ def configure(
         owned.append(meter_provider)
     if meter_provider is None:
         meter_provider = _global_sdk_meter_provider()
-    previous, _configured = _configured, _Configured(tracer_provider, meter_provider, tuple(owned))
+    previous, _configured = (
+        _configured,
+        _Configured(tracer_provider, meter_provider, tuple(owned), span_processor),
+    )
     if previous is not None:
         for provider in previous.owned:
             provider.shutdown()
@@ -263,6 +277,7 @@ def tracing_sink_from_environment(*, force: bool = False, **_: object) -> Tracin
         return TracingSink(
             tracer_provider=_configured.tracer_provider,
             meter_provider=_configured.meter_provider,
+            span_processor=_configured.span_processor,
         )
     global_tracer = _global_sdk_tracer_provider()
     global_meter = _global_sdk_meter_provider()
@@ -280,10 +295,14 @@ def tracing_sink_from_environment(*, force: bool = False, **_: object) -> Tracin
     if span_exporter is None and meter_provider is None:
         # Nothing asked for telemetry: the common case, decided without building anything.
         return None
-    tracer_provider = _new_tracer_provider(span_exporter, None) if span_exporter else None
+    tracer_provider: TracerProvider | None = None
+    span_processor: SpanProcessor | None = None
+    if span_exporter is not None:
+        tracer_provider, span_processor = _new_tracer_provider(span_exporter, None)
     return TracingSink(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         owns_tracer_provider=tracer_provider is not None,
         owns_meter_provider=owns_meter,
+        span_processor=span_processor,
     )

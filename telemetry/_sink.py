@@ -11,6 +11,10 @@ Invariants:
   events for ``traces export``).
 - ``flush`` force-flushes the span processors (and metric readers); ``aclose`` flushes and
   then shuts down only the providers this sink created, never a user's.
+- With ``span_processor`` (the active processor of a provider llmtrail made: always-on
+  sampling, default limits), finished spans are built directly (:func:`finished_spans`) and
+  handed to it; the Tracer path (:func:`record_spans`) serves every other provider and any call
+  whose spans would exceed the span limits. Both give the same spans.
 - ``instrument_http_client`` instruments one httpx2 client (the SDK's) with the same tracer
   provider, so its CLIENT span nests under the attempt span the pipeline makes current, and
   masks any captured credential header on it.
@@ -21,18 +25,28 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
-from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import (
+    ReadableSpan,
+    SpanLimits,
+    SpanProcessor,
+    Tracer,
+    TracerProvider,
+    sampling,
+)
+from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
 from opentelemetry.trace import Span
 
 from pipeline import Event, EventType
 
 from ._metrics import GenAIMetrics
 from ._redact import MASK, is_sensitive_key
-from ._spans import llmtrail_tracer, plan_call_spans, record_spans
+from ._spans import finished_spans, fits_limits, llmtrail_tracer, plan_call_spans, record_spans
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -62,11 +76,40 @@ async def _async_request_hook(span: Span, request: Any) -> None:
     _mask_credential_headers(span)
 
 
+@dataclass(slots=True, frozen=True)
+class _Direct:
+    """What building spans without the Tracer needs, taken from llmtrail's tracer once."""
+
+    processor: SpanProcessor
+    resource: Resource
+    scope: InstrumentationScope
+    info: InstrumentationInfo
+    limits: SpanLimits
+
+
+def _direct_path(tracer: Tracer, processor: SpanProcessor | None) -> _Direct | None:
+    """The direct path when it gives exactly the Tracer's spans, else ``None``."""
+    if processor is None:
+        return None
+    # Any other sampler may drop calls or add attributes: only the Tracer applies it right.
+    if tracer.sampler is not sampling.DEFAULT_ON and tracer.sampler is not sampling.ALWAYS_ON:
+        return None
+    # The provider was made with SpanLimits() read from the same environment.
+    limits = SpanLimits()
+    if limits.max_attribute_length is not None or limits.max_span_attribute_length is not None:
+        return None  # values would be truncated; leave that to the SDK
+    info = tracer.instrumentation_info
+    scope = InstrumentationScope(info.name, info.version, info.schema_url)
+    return _Direct(processor, tracer.resource, scope, info, limits)
+
+
 class TracingSink:
     """An :class:`pipeline.EventSink` that turns each finished call into spans and metrics.
 
     Give a ``tracer_provider`` (an SDK one) for spans, a ``meter_provider`` for the GenAI
     metrics, or both. ``owns_*`` says whether :meth:`aclose` shuts that provider down.
+    ``span_processor`` is for a provider llmtrail built with that active span processor
+    (``telemetry.configure`` and the ``OTEL_*`` setup pass it): spans then skip the Tracer.
     """
 
     def __init__(
@@ -77,6 +120,7 @@ class TracingSink:
         owns_tracer_provider: bool = False,
         owns_meter_provider: bool = False,
         max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
+        span_processor: SpanProcessor | None = None,
     ) -> None:
         if tracer_provider is None and meter_provider is None:
             raise ValueError(
@@ -89,6 +133,9 @@ class TracingSink:
         self.meter_provider = meter_provider
         self._tracer: Tracer | None = (
             llmtrail_tracer(tracer_provider) if tracer_provider is not None else None
+        )
+        self._direct = (
+            _direct_path(self._tracer, span_processor) if self._tracer is not None else None
         )
         self._metrics = GenAIMetrics(meter_provider) if meter_provider is not None else None
         self._owns_tracer_provider = owns_tracer_provider
@@ -169,7 +216,16 @@ class TracingSink:
     def _finish(self, events: list[Event]) -> None:
         try:
             if self._tracer is not None:
-                record_spans(self._tracer, events[0].trace_id, plan_call_spans(events))
+                plans = plan_call_spans(events)
+                direct = self._direct
+                if direct is not None and fits_limits(plans, direct.limits):
+                    on_end = direct.processor.on_end
+                    for span in finished_spans(
+                        events[0].trace_id, plans, direct.resource, direct.scope, direct.info
+                    ):
+                        on_end(span)
+                else:
+                    record_spans(self._tracer, events[0].trace_id, plans)
             if self._metrics is not None:
                 received = None
                 for event in reversed(events):

@@ -17,6 +17,11 @@ Invariants:
 - :func:`record_spans` creates real SDK spans with exactly the planned ids through the public
   Tracer API, with an :class:`IdGenerator` that hands out preset ids. It is installed on
   llmtrail's own tracer only, and falls back to the provider's generator otherwise.
+- :func:`finished_spans` builds the same spans as :func:`record_spans` would end (ids, flags,
+  parent contexts, times, attributes, events, status, resource, scope) directly as
+  ``ReadableSpan`` objects, for a provider llmtrail made itself (always-on sampling, default
+  span limits): no sampler call, no attribute re-validation, no span copied at ``end()``.
+  The plans' attribute dicts become the spans' (planned values are already OTel-valid).
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import Tracer, TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event as OTelEvent
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, Tracer, TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -46,6 +54,8 @@ __all__ = [
     "SpanEvent",
     "SpanPlan",
     "child_key",
+    "finished_spans",
+    "fits_limits",
     "llmtrail_tracer",
     "plan_call_spans",
     "record_spans",
@@ -443,3 +453,85 @@ def record_spans(tracer: Tracer, trace_id: str, plans: Sequence[SpanPlan]) -> in
         _start(tracer, plan, trace_int, root).end(end_time=plan.end_ns)
     root.end(end_time=root_plan.end_ns)
     return len(plans) if root.get_span_context().trace_flags.sampled else 0
+
+
+_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+_UNSET = Status(StatusCode.UNSET)
+
+
+def fits_limits(plans: Sequence[SpanPlan], limits: SpanLimits) -> bool:
+    """Whether ``limits`` would leave every planned span as it is (nothing dropped)."""
+    max_attrs, max_events = limits.max_span_attributes, limits.max_events
+    max_event_attrs = limits.max_event_attributes
+    for plan in plans:
+        if max_attrs is not None and len(plan.attributes) > max_attrs:
+            return False
+        if plan.events:
+            if max_events is not None and len(plan.events) > max_events:
+                return False
+            if max_event_attrs is not None and any(
+                len(e.attributes) > max_event_attrs for e in plan.events
+            ):
+                return False
+    return True
+
+
+def finished_spans(
+    trace_id: str,
+    plans: Sequence[SpanPlan],
+    resource: Resource,
+    scope: InstrumentationScope,
+    info: InstrumentationInfo | None = None,
+) -> list[ReadableSpan]:
+    """The spans :func:`record_spans` would end on an always-on llmtrail tracer with default
+    limits (children first, the call span last, as they end there), built directly.
+
+    The caller checks :func:`fits_limits` first: nothing here truncates.
+    """
+    if not plans:
+        return []
+    trace_int = int(trace_id, 16)
+    root_plan = plans[0]
+    root_context = SpanContext(
+        trace_int, int(root_plan.span_id, 16), is_remote=False, trace_flags=_SAMPLED
+    )
+    out: list[ReadableSpan] = []
+    for plan in plans[1:]:
+        out.append(_readable(plan, trace_int, root_context, resource, scope, info))
+    if root_plan.parent_id:
+        caller: SpanContext | None = SpanContext(
+            trace_int, int(root_plan.parent_id, 16), is_remote=False, trace_flags=_SAMPLED
+        )
+    else:
+        caller = None
+    out.append(_readable(root_plan, trace_int, caller, resource, scope, info, root_context))
+    return out
+
+
+def _readable(
+    plan: SpanPlan,
+    trace_int: int,
+    parent: SpanContext | None,
+    resource: Resource,
+    scope: InstrumentationScope,
+    info: InstrumentationInfo | None,
+    context: SpanContext | None = None,
+) -> ReadableSpan:
+    if context is None:
+        context = SpanContext(
+            trace_int, int(plan.span_id, 16), is_remote=False, trace_flags=_SAMPLED
+        )
+    return ReadableSpan(
+        name=plan.name,
+        context=context,
+        parent=parent,
+        resource=resource,
+        attributes=plan.attributes,
+        events=tuple(OTelEvent(e.name, e.attributes, e.time_ns) for e in plan.events),
+        kind=plan.kind,
+        status=_UNSET if plan.error is None else Status(StatusCode.ERROR, plan.error),
+        start_time=plan.start_ns,
+        end_time=plan.end_ns,
+        instrumentation_info=info,
+        instrumentation_scope=scope,
+    )
