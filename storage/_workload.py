@@ -17,7 +17,8 @@ Invariants:
   (``None``: the call did not retry after it). ``reached`` is False only for an attempt whose
   RPM slot was given back because the connection was refused (an ``unmarked`` event).
 - Recorded figures (``first_sent_s``, ``finished_s``, waits) are what happened; the replay
-  never reads them, it only compares against them.
+  never reads them, it only compares against them. An attempt's send time is its answer's (or
+  failure's) time minus its measured latency, so ``sent`` events need not be read at all.
 - Everything kept per call is a tuple of plain values (``NamedTuple``), never a dict or an
   instance: CPython stops tracking such tuples after one garbage-collector pass, so 100,000
   calls are not rescanned by every later collection (that rescanning cost more than the replay).
@@ -51,6 +52,7 @@ __all__ = [
     "WorkloadBuilder",
     "extract_workload",
     "load_workload",
+    "paused_gc",
     "pick",
 ]
 
@@ -146,13 +148,14 @@ _EPOCH = datetime(1970, 1, 1)
 
 
 @contextlib.contextmanager
-def _paused_gc() -> Iterator[None]:
-    """No cyclic garbage collection while the rows of a type are held and folded.
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection during a bulk extraction or a replay.
 
-    Each query's 100,000 rows outlive the young generations, and every full collection they
-    trigger scans the whole heap (an interpreter with SQLAlchemy, OpenAI's SDK and numpy
-    loaded): measured, that tripled the time of extraction. Nothing read here forms cycles, so
-    nothing is left for the collector; it resumes, as it was, on exit.
+    Each query's 100,000 rows, and a replay's tasks and futures, outlive the young
+    generations, and every full collection they trigger scans the whole heap (an interpreter
+    with SQLAlchemy, OpenAI's SDK and numpy loaded): measured, that tripled the time of
+    extraction. What is built here is freed by reference counting (no cycles), so nothing is
+    left for the collector; it resumes, as it was, on exit.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -184,6 +187,7 @@ class _Created(NamedTuple):
 
 class _Result(NamedTuple):
     attempt: int
+    sent_at: float  # the answer's time minus the latency: when the attempt was sent
     latency_s: float
     error_type: str | None  # None: answered
     retry_after_s: float | None
@@ -217,7 +221,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "reserved_tokens",
         *(f"limits.{key}" for key in _LIMIT_KEYS),
     ),
-    str(EventType.SENT): ("attempt",),
     str(EventType.RECEIVED): (
         "attempt",
         "latency_s",
@@ -274,8 +277,6 @@ class WorkloadBuilder:
 
     def __init__(self) -> None:
         self._created: dict[str, _Created] = {}
-        self._sent: dict[str, float] = {}  # attempt 1
-        self._sent_more: dict[tuple[str, int], float] = {}  # attempts > 1
         self._result: dict[str, _Result] = {}  # the first result seen
         self._results_more: dict[str, list[_Result]] = {}  # further results
         self._waits: dict[tuple[str, int], float] = {}
@@ -283,7 +284,6 @@ class WorkloadBuilder:
         self._done: dict[str, _Done] = {}
         self._kinds: dict[str, _Step] = {
             str(EventType.TRACE_CREATED): self._on_created,
-            str(EventType.SENT): self._on_sent,
             str(EventType.RECEIVED): self._on_received,
             str(EventType.ATTEMPT_FAILED): self._on_failed,
             str(EventType.RETRY_SCHEDULED): self._on_retry,
@@ -315,14 +315,6 @@ class WorkloadBuilder:
                 tuple(limits) if any(v is not None for v in limits) else None,
             )
 
-    def _on_sent(self, rows: Iterable[Row]) -> None:
-        sent, more = self._sent, self._sent_more
-        for call_id, at, (attempt,) in rows:
-            if attempt is None or attempt == 1:
-                sent[call_id] = at
-            else:
-                more[call_id, attempt] = at
-
     def _add_result(self, call_id: str, result: _Result) -> None:
         if call_id not in self._result:
             self._result[call_id] = result
@@ -331,10 +323,12 @@ class WorkloadBuilder:
 
     def _on_received(self, rows: Iterable[Row]) -> None:
         first, add = self._result, self._add_result
-        for call_id, _, (attempt, latency, inp, cached, out, reasoning, rmodel) in rows:
+        for call_id, at, (attempt, latency, inp, cached, out, reasoning, rmodel) in rows:
+            latency = latency or 0.0
             result = _Result(
                 attempt or 1,
-                latency or 0.0,
+                at - latency,
+                latency,
                 None,
                 None,
                 200,
@@ -350,11 +344,12 @@ class WorkloadBuilder:
                 first[call_id] = result
 
     def _on_failed(self, rows: Iterable[Row]) -> None:
-        for call_id, _, (attempt, latency, error, retry_after, status) in rows:
+        for call_id, at, (attempt, latency, error, retry_after, status) in rows:
             self._add_result(
                 call_id,
                 _Result(
                     attempt or 1,
+                    at - (latency or 0.0),
                     latency or 0.0,
                     error or "unknown",
                     retry_after,
@@ -464,8 +459,8 @@ class WorkloadBuilder:
             response_model = answer.response_model or done.model
         retry_gate: tuple[tuple[float, float], ...] = ()
         if len(attempts) > 1:
-            retry_gate = self._retry_gate_waits(call_id, attempts, t0)
-        first = self._sent.get(call_id)
+            retry_gate = self._retry_gate_waits(results, attempts, t0)
+        first = results[0].sent_at if results else None
         return RecordedCall(
             call_id,
             c.at - t0,
@@ -492,19 +487,18 @@ class WorkloadBuilder:
             retry_gate,
         )
 
+    @staticmethod
     def _retry_gate_waits(
-        self, call_id: str, attempts: tuple[RecordedAttempt, ...], t0: float
+        results: list[_Result], attempts: tuple[RecordedAttempt, ...], t0: float
     ) -> tuple[tuple[float, float], ...]:
         """The RPM waits of retries: from the end of the retry wait to the next send."""
         waits = []
-        for n, attempt in enumerate(attempts[:-1], start=1):
-            before = self._sent.get(call_id) if n == 1 else self._sent_more.get((call_id, n))
-            after = self._sent_more.get((call_id, n + 1))
-            if before is None or after is None or attempt.wait_s is None:
+        for before, after, attempt in zip(results, results[1:], attempts, strict=False):
+            if attempt.wait_s is None:
                 continue
-            ready = before + attempt.latency_s + attempt.wait_s
-            if after > ready:
-                waits.append((ready - t0, after - t0))
+            ready = before.sent_at + attempt.latency_s + attempt.wait_s
+            if after.sent_at > ready:
+                waits.append((ready - t0, after.sent_at - t0))
         return tuple(waits)
 
 
@@ -549,7 +543,6 @@ def _utc(value: datetime | None) -> datetime | None:
 # decodes a short array instead of the whole payload. Timestamps come out as epoch seconds.
 _TYPES = (
     EventType.TRACE_CREATED,
-    EventType.SENT,
     EventType.RECEIVED,
     EventType.ATTEMPT_FAILED,
     EventType.RETRY_SCHEDULED,
@@ -597,7 +590,7 @@ async def load_workload(
     since, until = _utc(since), _utc(until)
     builder = WorkloadBuilder()
     loads = orjson.loads
-    with _paused_gc():
+    with paused_gc():
         async with engine.connect() as conn:
             dialect = conn.dialect.name
             for kind in _TYPES:
