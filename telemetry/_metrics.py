@@ -7,7 +7,8 @@ Invariants:
   included: it is the duration the caller experienced), with ``error.type`` when it failed.
 - Both histograms use the explicit bucket boundaries of the GenAI semantic conventions.
 - Attributes are the convention's low-cardinality ones only (operation, provider, models,
-  server); never call ids or metadata.
+  server); never call ids or metadata. Their dicts are built once per call shape and reused
+  (bounded cache), so recording a call allocates no attribute dict.
 """
 
 from __future__ import annotations
@@ -39,38 +40,69 @@ class GenAIMetrics:
             description="GenAI operation duration.",
             explicit_bucket_boundaries_advisory=A.OPERATION_DURATION_BUCKETS,
         )
+        # Attribute dicts per call shape, built once: the SDK only reads them.
+        self._attrs: dict[_AttrKey, tuple[_Attrs, _Attrs, _Attrs]] = {}
 
     def record(self, created: Event, completed: Event, received: dict[str, Any] | None) -> None:
         """Record one finished call from its first and last events and its last response."""
         start, end = created.payload, completed.payload
-        attrs: dict[str, AttributeValue] = {
-            A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
-            A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
-        }
-        model = start.get("model")
-        if isinstance(model, str):
-            attrs[A.GEN_AI_REQUEST_MODEL] = model
-        if received is not None and isinstance(received.get("response_model"), str):
-            attrs[A.GEN_AI_RESPONSE_MODEL] = received["response_model"]
-        if isinstance(start.get("server_address"), str):
-            attrs[A.SERVER_ADDRESS] = start["server_address"]
-        if isinstance(start.get("server_port"), int):
-            attrs[A.SERVER_PORT] = start["server_port"]
+        outcome = end.get("outcome")
+        key = (
+            start.get("model"),
+            received.get("response_model") if received is not None else None,
+            start.get("server_address"),
+            start.get("server_port"),
+            None if outcome == "succeeded" else str(end.get("error_type") or outcome),
+        )
+        attrs = self._attrs.get(key)
+        if attrs is None:
+            attrs = self._attrs[key] = _attribute_sets(*key)
+            if len(self._attrs) > _MAX_ATTRIBUTE_SETS:
+                # A model or server per call would be a cardinality bug upstream; stay bounded.
+                self._attrs.clear()
+        duration_attrs, input_attrs, output_attrs = attrs
 
-        duration_attrs = dict(attrs)
-        if end.get("outcome") != "succeeded":
-            duration_attrs[A.ERROR_TYPE] = str(end.get("error_type") or end.get("outcome"))
         total_s = end.get("total_s")
         if isinstance(total_s, int | float) and total_s >= 0:
             self._duration.record(float(total_s), duration_attrs)
-
         if received is None:
             return
-        token_fields = (
-            (A.TOKEN_TYPE_INPUT, "input_tokens"),
-            (A.TOKEN_TYPE_OUTPUT, "output_tokens"),
-        )
-        for token_type, key in token_fields:
-            value = end.get(key)
-            if isinstance(value, int) and value >= 0:
-                self._token_usage.record(value, {**attrs, A.GEN_AI_TOKEN_TYPE: token_type})
+        value = end.get("input_tokens")
+        if isinstance(value, int) and value >= 0:
+            self._token_usage.record(value, input_attrs)
+        value = end.get("output_tokens")
+        if isinstance(value, int) and value >= 0:
+            self._token_usage.record(value, output_attrs)
+
+
+_Attrs = dict[str, AttributeValue]
+_AttrKey = tuple[Any, Any, Any, Any, str | None]
+
+# Distinct (model, response model, server, error type) combinations kept precomputed.
+_MAX_ATTRIBUTE_SETS = 1024
+
+
+def _attribute_sets(
+    model: Any, response_model: Any, address: Any, port: Any, error_type: str | None
+) -> tuple[_Attrs, _Attrs, _Attrs]:
+    """The duration's, the input tokens' and the output tokens' attributes for one call shape."""
+    attrs: _Attrs = {
+        A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
+        A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
+    }
+    if isinstance(model, str):
+        attrs[A.GEN_AI_REQUEST_MODEL] = model
+    if isinstance(response_model, str):
+        attrs[A.GEN_AI_RESPONSE_MODEL] = response_model
+    if isinstance(address, str):
+        attrs[A.SERVER_ADDRESS] = address
+    if isinstance(port, int) and not isinstance(port, bool):
+        attrs[A.SERVER_PORT] = port
+    duration = dict(attrs)
+    if error_type is not None:
+        duration[A.ERROR_TYPE] = error_type
+    return (
+        duration,
+        {**attrs, A.GEN_AI_TOKEN_TYPE: A.TOKEN_TYPE_INPUT},
+        {**attrs, A.GEN_AI_TOKEN_TYPE: A.TOKEN_TYPE_OUTPUT},
+    )

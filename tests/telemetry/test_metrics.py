@@ -107,3 +107,24 @@ def test_operation_duration_covers_every_call_and_tags_failures(
     # No response, no token measurement.
     _, tokens = _points(reader)["gen_ai.client.token.usage"]
     assert sum(p.count for p in tokens) == 2
+
+
+def test_repeated_call_shapes_land_on_the_same_points_and_the_shape_cache_is_bounded(
+    meters: tuple[InMemoryMetricReader, MeterProvider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from telemetry import _metrics
+
+    reader, provider = meters
+    monkeypatch.setattr(_metrics, "_MAX_ATTRIBUTE_SETS", 2)
+    sink = TracingSink(meter_provider=provider)
+    calls = [streams.success() for _ in range(3)] + [streams.failure(), streams.success()]
+    for b in calls:
+        for event in b.events:
+            sink.emit(event)
+    assert sink._metrics is not None and len(sink._metrics._attrs) <= 2
+    _, points = _points(reader)["gen_ai.client.operation.duration"]
+    by_error = {dict(p.attributes).get("error.type"): p.count for p in points}
+    assert by_error == {None: 4, "auth": 1}
+    _, tokens = _points(reader)["gen_ai.client.token.usage"]
+    by_type = {dict(p.attributes)["gen_ai.token.type"]: p.count for p in tokens}
+    assert by_type == {"input": 4, "output": 4}
