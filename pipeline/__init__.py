@@ -9,6 +9,7 @@ from ._events import Event, EventType, Outcome, child_span_id, default_instance,
 from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate
 from ._pricing import ModelPrice, PriceTable
 from ._provider import OpenAIResponsesProvider
+from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
 from ._service import BaseLLMService
@@ -38,6 +39,8 @@ __all__ = [
     "PriceTable",
     "ProviderError",
     "ProviderResponse",
+    "RateLimitBackendUnavailable",
+    "RedisSlidingWindowGate",
     "RetryPolicy",
     "ServiceClosedError",
     "ServiceStats",

@@ -113,7 +113,11 @@ class SlidingWindowGate:
         self._timer: TimerHandle | None = None
         self._timer_at = 0.0
         # What the provider's x-ratelimit headers told us, when it has less room than we think.
-        self._provider_room: int | None = None
+        # Units the provider says are in use beyond what we count (another client, a restart),
+        # held back until its reset time. Holding back only the deficit, not capping at
+        # "remaining", lets our own expiring units free room as usual: a late report can
+        # then never freeze the gate for a whole window.
+        self._provider_deficit = 0
         self._provider_until = 0.0
 
     # -- acquiring ----------------------------------------------------------------------
@@ -147,8 +151,6 @@ class SlidingWindowGate:
 
     def _take(self, amount: int) -> GateReservation:
         self._pending_units += amount
-        if self._provider_room is not None:
-            self._provider_room -= amount
         return GateReservation(amount)
 
     def _expire(self, now: float) -> None:
@@ -163,14 +165,13 @@ class SlidingWindowGate:
                 self._sent_units -= top.amount
             else:
                 break
-        if self._provider_room is not None and now >= self._provider_until:
-            self._provider_room = None
+        if self._provider_deficit and now >= self._provider_until:
+            self._provider_deficit = 0
 
     def _fits(self, amount: int, now: float) -> bool:
         self._expire(now)
-        if self._provider_room is not None and amount > self._provider_room:
-            return False
-        return self._pending_units + self._sent_units + amount <= self.capacity
+        used = self._pending_units + self._sent_units + self._provider_deficit
+        return used + amount <= self.capacity
 
     def _pump(self) -> None:
         """Grant head waiters while they fit; arm one timer for when the head can fit."""
@@ -191,29 +192,33 @@ class SlidingWindowGate:
             self._arm(self._next_fit_time(waiters[0][0], now))
 
     def _next_fit_time(self, amount: int, now: float) -> float | None:
-        """When enough sent units expire for ``amount`` to fit; None if only a release helps."""
-        when: float | None = None
-        if self._provider_room is not None and amount > self._provider_room:
-            when = self._provider_until
-        excess = self._pending_units + self._sent_units + amount - self.capacity
-        if excess > 0:
-            log = self._log
-            if log and log[0][2].amount >= excess:  # the common case: O(1)
-                top = log[0][0]
-                return None if math.isinf(top) else max(when or 0.0, top)
-            freed = 0
-            for expires_at, _, reservation in sorted(log):
-                if reservation.state != _SENT or reservation.expires_at != expires_at:
-                    continue  # stale entry
-                if math.isinf(expires_at):
-                    break  # in flight: only its answer (mark_done) can free it
-                freed += reservation.amount
-                if freed >= excess:
-                    when = max(when or 0.0, expires_at)
-                    break
+        """When ``amount`` may fit: the earlier of the provider's reset (if it reported a
+        deficit) and the moment enough of our sent units expire. None if only an answer
+        (``mark_done``) or a release can make room. Waking early is harmless: the pump
+        re-checks and re-arms."""
+        candidates: list[float] = []
+        if self._provider_deficit:
+            candidates.append(self._provider_until)
+        excess = (
+            self._pending_units + self._sent_units + self._provider_deficit + amount - self.capacity
+        )
+        log = self._log
+        if excess > 0 and log:
+            if log[0][2].amount >= excess:  # the common case: O(1)
+                if not math.isinf(log[0][0]):
+                    candidates.append(log[0][0])
             else:
-                return when if when is not None and when > now else None
-        return when
+                freed = 0
+                for expires_at, _, reservation in sorted(log):
+                    if reservation.state != _SENT or reservation.expires_at != expires_at:
+                        continue  # stale entry
+                    if math.isinf(expires_at):
+                        break  # in flight: only its answer (mark_done) can free it
+                    freed += reservation.amount
+                    if freed >= excess:
+                        candidates.append(expires_at)
+                        break
+        return min(candidates) if candidates else None
 
     def _arm(self, when: float | None) -> None:
         if when is None:
@@ -292,7 +297,7 @@ class SlidingWindowGate:
         ours = self.capacity - self._pending_units - self._sent_units
         if remaining >= ours:
             return
-        self._provider_room = max(remaining, 0)
+        self._provider_deficit = ours - max(remaining, 0)
         self._provider_until = now + max(reset_s, 0.0) + _EPSILON_S
 
     def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int:

@@ -281,3 +281,20 @@ async def test_semaphore_cancellation_never_leaks_a_permit() -> None:
 def test_semaphore_rejects_zero_concurrency() -> None:
     with pytest.raises(ConfigurationError, match="max_concurrent_requests=0"):
         FairSemaphore(0)
+
+
+async def test_a_provider_deficit_is_held_back_while_our_own_units_still_expire() -> None:
+    gate, clock = make_gate(capacity=10, window=1.0, guard=0.0)
+    ours = [await gate.acquire(1) for _ in range(2)]
+    for res in ours:
+        gate.mark_sent(res)
+    gate.observe_provider(remaining=3, reset_s=5.0)  # the provider counts 5 more than we do
+    granted = [await gate.acquire(1) for _ in range(3)]
+    assert len(granted) == 3
+    blocked = asyncio.create_task(gate.acquire(1))
+    await settle()
+    assert not blocked.done()
+    clock.advance(1.01)  # our first two units expire; the deficit is still held back
+    await settle()
+    assert blocked.done()
+    assert gate.used() == 4
