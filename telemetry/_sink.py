@@ -26,13 +26,12 @@ import asyncio
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import (
-    ReadableSpan,
     SpanLimits,
     SpanProcessor,
     Tracer,
@@ -40,12 +39,11 @@ from opentelemetry.sdk.trace import (
     sampling,
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
-from opentelemetry.trace import Span
 
 from pipeline import Event, EventType
 
+from ._httpx import instrument_client
 from ._metrics import GenAIMetrics
-from ._redact import MASK, is_sensitive_key
 from ._spans import finished_spans, fits_limits, llmtrail_tracer, plan_call_spans, record_spans
 
 if TYPE_CHECKING:
@@ -56,24 +54,6 @@ __all__ = ["TracingSink"]
 _log = structlog.get_logger("llmtrail.telemetry")
 
 DEFAULT_MAX_PENDING_CALLS = 100_000
-
-
-def _mask_credential_headers(span: Span) -> None:
-    """Mask header attributes the user asked the instrumentation to capture (e.g. with
-    OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST=".*") when they hold a secret."""
-    if not isinstance(span, ReadableSpan) or not span.attributes:
-        return
-    for key in list(span.attributes):
-        if key.startswith("http.request.header.") and is_sensitive_key(key):
-            span.set_attribute(key, [MASK])
-
-
-def _sync_request_hook(span: Span, request: Any) -> None:
-    _mask_credential_headers(span)
-
-
-async def _async_request_hook(span: Span, request: Any) -> None:
-    _mask_credential_headers(span)
 
 
 @dataclass(slots=True, frozen=True)
@@ -193,24 +173,7 @@ class TracingSink:
         """
         if self.tracer_provider is None:
             return
-        import httpx2
-        from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor
-
-        if not isinstance(client, httpx2.AsyncClient | httpx2.Client):
-            raise TypeError(
-                f"instrument_http_client({type(client).__name__}) is unsupported: pass the "
-                "httpx2.AsyncClient or httpx2.Client the openai SDK uses"
-            )
-        hook = _async_request_hook if isinstance(client, httpx2.AsyncClient) else _sync_request_hook
-        HTTPX2ClientInstrumentor.instrument_client(
-            # Typed for httpx clients; the httpx2 instrumentor takes httpx2 ones at runtime.
-            cast(Any, client),
-            tracer_provider=self.tracer_provider,
-            # Not our meter provider: the instrumentation's http.client duration histogram
-            # costs about as much per request as its span, and the GenAI duration covers it.
-            # It goes to the global meter provider (a no-op unless the application set one).
-            request_hook=hook,
-        )
+        instrument_client(client, self.tracer_provider)
 
     # --- internals ---------------------------------------------------------------------------
     def _finish(self, events: list[Event]) -> None:
