@@ -809,7 +809,9 @@ def queue_timeline(run: Run) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]
         ends.append(extra[:, 1])
     start = np.concatenate(starts)
     end = np.concatenate(ends)
-    waited = end > start  # a call sent on arrival never queued
+    # A call sent on arrival never queued. Recorded send times are derived (answer time minus
+    # latency, wall clock against monotonic), so waits under 0.1 ms are taken as none.
+    waited = end - start > 1e-4
     start, end = start[waited], end[waited]
     times = np.concatenate([start, end])
     delta = np.concatenate([np.ones_like(start), -np.ones_like(end)])
