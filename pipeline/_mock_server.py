@@ -12,14 +12,9 @@ Invariants:
   HTTP answer is actually sent (``None``: dropped, hung, or the client left before the answer).
 - Every HTTP answer carries ``x-request-id`` and the six ``x-ratelimit-*`` headers.
 
-Usage model (documented so that tests can predict it):
-- ``input_tokens = ceil(chars / 4)`` over ``instructions`` plus the text of every input message.
-- The planned output is ``output_tokens_min..output_tokens_max`` tokens, picked by a sha256 of
-  the prompt. With ``reasoning.effort``, a share of it is reasoning (``_REASONING_SHARE``); the
-  rest is visible text of 4 characters per token. A ``json_schema`` format replaces the text by a
-  minimal valid instance of the schema, and its visible tokens are ``ceil(len(json) / 4)``.
-- ``max_output_tokens`` caps reasoning + visible tokens: the answer is then ``incomplete`` with
-  reason ``max_output_tokens`` and the text is cut to 4 characters per remaining token.
+Usage model: see :mod:`pipeline._mock_responses` (input and output tokens, reasoning, JSON
+schemas, ``max_output_tokens``). On top of it the server adds:
+
 - Prompt cache: the prompt text is cut into 128-token (512-character) prefixes from 1024 tokens
   on. ``cached_tokens`` is 128 x the longest such prefix an earlier counted request already
   sent (so an exact repeat of a >= 1024-token prompt gets the largest multiple of 128 <= input).
@@ -50,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import select
 import signal
@@ -65,6 +61,21 @@ from enum import StrEnum
 from typing import Any, Self, Union, get_args, get_origin, get_type_hints
 
 from aiohttp import web
+
+# A relative import even when run_in_process starts this file: its bootstrap registers a bare
+# `pipeline` package (no __init__, so no openai SDK) for this module and its sibling.
+from ._mock_responses import (
+    BadRequest,
+    Plan,
+    error_body,
+    new_id,
+    plan_request,
+    response_body,
+    sse,
+    stream_head,
+    stream_tail,
+    usage_of,
+)
 
 __all__ = [
     "Fault",
@@ -89,19 +100,9 @@ _QUOTA_MESSAGE = (
     "information on this error, read the docs: "
     "https://platform.openai.com/docs/guides/error-codes/api-errors."
 )
-# The share of the planned output that is reasoning, per reasoning.effort.
-_REASONING_SHARE = {
-    "none": 0.0,
-    "minimal": 0.125,
-    "low": 0.25,
-    "medium": 0.5,
-    "high": 0.75,
-    "xhigh": 0.875,
-}
 _CACHE_MIN_TOKENS = 1024
 _CACHE_STEP_CHARS = 128 * 4
 _CACHE_MAX_ENTRIES = 200_000  # the prefix set is cleared when it grows past this
-_MIN_MAX_OUTPUT_TOKENS = 16  # the real API rejects smaller values
 
 
 class Fault(StrEnum):
@@ -252,248 +253,6 @@ class LogRecord:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-# ---------------------------------------------------------------- the usage model
-
-
-class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
-
-
-@dataclass(slots=True)
-class _Plan:
-    """What one request will produce, before the server's state (cache, window) is consulted."""
-
-    model: str
-    prompt: str
-    input_tokens: int
-    output_tokens: int
-    reasoning_tokens: int
-    text: str
-    incomplete: bool
-    stream: bool
-    charge: int  # tokens taken from the TPM window at arrival
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
-
-
-def _prompt_text(body: Mapping[str, Any]) -> str:
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise _BadRequest("Invalid type for 'instructions': expected a string.", "instructions")
-    parts = [instructions or ""]
-    items = body.get("input", "")
-    if isinstance(items, str):
-        parts.append(items)
-    elif isinstance(items, list):
-        for item in items:
-            if not isinstance(item, dict):
-                raise _BadRequest("Invalid type for 'input': expected an object.", "input")
-            if "content" in item:
-                parts.append(_content_text(item["content"]))
-            elif isinstance(item.get("output"), str):  # function_call_output
-                parts.append(item["output"])
-    else:
-        raise _BadRequest("Invalid type for 'input': expected a string or an array.", "input")
-    return "".join(parts)
-
-
-# The output text is a window into this paragraph, repeated; the prompt's hash picks the first
-# word, so the same prompt always gets the same text.
-_CORPUS = (
-    "Every call reserves a request slot and an estimate of its tokens before it is sent, and "
-    "the estimate is reconciled with the real usage when the answer arrives. Waiters are served "
-    "in order, a cancelled waiter leaves nothing behind, and a retry takes a new slot like any "
-    "other attempt. The server counts a request when it arrives, so a slot must not be freed "
-    "before the provider frees it, or the next window bursts into errors. "
-) * 8
-_WORD_STARTS = [0] + [i + 1 for i, ch in enumerate(_CORPUS) if ch == " "][:-1]
-
-
-def _text_of(length: int, seed: int) -> str:
-    if length <= 0:
-        return ""
-    start = _WORD_STARTS[seed % len(_WORD_STARTS)]
-    source = _CORPUS * ((start + length) // len(_CORPUS) + 1)
-    return source[start : start + length]
-
-
-def _plan(body: Any, config: MockServerConfig) -> _Plan:
-    if not isinstance(body, dict):
-        raise _BadRequest("The request body must be a JSON object.", None)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _BadRequest(
-            "Missing required parameter: 'model'.", "model", "missing_required_parameter"
-        )
-    prompt = _prompt_text(body)
-    input_tokens = math.ceil(len(prompt) / 4)
-    digest = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
-    span = config.output_tokens_max - config.output_tokens_min + 1
-    planned = config.output_tokens_min + digest % span
-    reasoning = body.get("reasoning") or {}
-    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
-    if effort is not None and effort not in _REASONING_SHARE:
-        raise _BadRequest(
-            f"Invalid value: '{effort}'. Supported values are: {sorted(_REASONING_SHARE)}.",
-            "reasoning.effort",
-            "invalid_value",
-        )
-    reasoning_tokens = int(planned * _REASONING_SHARE.get(effort or "none", 0.0))
-    text_format = _mapping(body.get("text")).get("format") or {}
-    if not isinstance(text_format, dict):
-        raise _BadRequest("Invalid type for 'text.format': expected an object.", "text.format")
-    if text_format.get("type") == "json_schema":
-        schema = text_format.get("schema")
-        if not isinstance(schema, dict):
-            raise _BadRequest("Missing required parameter: 'text.format.schema'.", "text.format")
-        try:
-            instance = _instance(schema, schema, 0)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise _BadRequest(f"Invalid schema: {exc}.", "text.format.schema") from exc
-        text = json.dumps(instance, separators=(",", ":"))
-        visible = math.ceil(len(text) / 4)
-    elif text_format.get("type") == "json_object":
-        visible = planned - reasoning_tokens
-        text = json.dumps({"answer": _text_of(max(4 * visible - 14, 0), digest)})
-        visible = math.ceil(len(text) / 4)
-    else:
-        visible = planned - reasoning_tokens
-        text = _text_of(4 * visible, digest)
-    max_output = body.get("max_output_tokens")
-    if max_output is not None and (
-        isinstance(max_output, bool)
-        or not isinstance(max_output, int)
-        or max_output < _MIN_MAX_OUTPUT_TOKENS
-    ):
-        raise _BadRequest(
-            "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= "
-            f"{_MIN_MAX_OUTPUT_TOKENS}, but got {max_output} instead.",
-            "max_output_tokens",
-            "integer_below_min_value",
-        )
-    output_tokens = reasoning_tokens + visible
-    incomplete = max_output is not None and output_tokens > max_output
-    if max_output is not None and incomplete:
-        output_tokens = max_output
-        reasoning_tokens = min(reasoning_tokens, max_output)
-        text = text[: 4 * (max_output - reasoning_tokens)]
-    return _Plan(
-        model=model,
-        prompt=prompt,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        reasoning_tokens=reasoning_tokens,
-        text=text,
-        incomplete=incomplete,
-        stream=body.get("stream") is True,
-        charge=input_tokens + (max_output if max_output is not None else output_tokens),
-    )
-
-
-def _resolve(ref: str, root: Mapping[str, Any]) -> Any:
-    if not ref.startswith("#"):
-        raise _BadRequest(f"Unsupported $ref {ref!r}: only local refs.", "text.format.schema")
-    node: Any = root
-    for token in filter(None, ref[1:].split("/")):
-        key = token.replace("~1", "/").replace("~0", "~")
-        if not isinstance(node, dict) or key not in node:
-            raise _BadRequest(f"Unresolvable $ref {ref!r}.", "text.format.schema")
-        node = node[key]
-    return node
-
-
-def _instance(schema: Any, root: Mapping[str, Any], depth: int) -> Any:
-    """A deterministic minimal instance of a JSON schema: required properties only."""
-    if depth > 64:
-        raise _BadRequest("The schema is too deeply nested or recursive.", "text.format.schema")
-    if not isinstance(schema, dict):
-        return None
-    if "$ref" in schema:
-        return _instance(_resolve(schema["$ref"], root), root, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf"):
-        options = schema.get(key)
-        if options:
-            chosen = next((o for o in options if _mapping(o).get("type") != "null"), options[0])
-            return _instance(chosen, root, depth + 1)
-    if schema.get("allOf"):
-        parts = [_instance(s, root, depth + 1) for s in schema["allOf"]]
-        if all(isinstance(p, dict) for p in parts):
-            return {k: v for p in parts for k, v in p.items()}
-        return parts[0]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind is None:
-        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
-    if kind == "object":
-        props = schema.get("properties") or {}
-        return {
-            name: _instance(props.get(name, {}), root, depth + 1)
-            for name in schema.get("required", [])
-        }
-    if kind == "array":
-        prefix = [_instance(s, root, depth + 1) for s in schema.get("prefixItems", [])]
-        extra = max(int(schema.get("minItems", 0)) - len(prefix), 0)
-        return prefix + [_instance(schema.get("items", {}), root, depth + 1) for _ in range(extra)]
-    if kind in ("integer", "number"):
-        return _number(schema, integer=kind == "integer")
-    if kind == "boolean":
-        return False
-    if kind == "null":
-        return None
-    return _string(schema)
-
-
-def _number(schema: Mapping[str, Any], *, integer: bool) -> int | float:
-    step = schema.get("multipleOf") or 1
-    low = schema.get("minimum")
-    if schema.get("exclusiveMinimum") is not None:
-        low = schema["exclusiveMinimum"] + (1 if integer else step / 2)
-    high = schema.get("maximum", schema.get("exclusiveMaximum"))
-    value: float = 0
-    if low is not None and value < low:
-        value = math.ceil(low / step) * step
-    elif high is not None and value >= high:
-        value = math.floor(high / step) * step
-        if "exclusiveMaximum" in schema and value >= high:
-            value -= step
-    return int(value) if integer else float(value)
-
-
-_FORMATS = {
-    "date-time": "1970-01-01T00:00:00Z",
-    "date": "1970-01-01",
-    "time": "00:00:00Z",
-    "email": "user@example.com",
-    "uri": "https://example.com/",
-    "uuid": "00000000-0000-4000-8000-000000000000",
-    "ipv4": "127.0.0.1",
-    "hostname": "example.com",
-}
-
-
-def _string(schema: Mapping[str, Any]) -> str:
-    value = _FORMATS.get(str(schema.get("format")), "text")
-    value = value.ljust(int(schema.get("minLength", 0)), "x")
-    return value[: schema["maxLength"]] if "maxLength" in schema else value
-
-
 # ---------------------------------------------------------------- rate window and prompt cache
 
 
@@ -577,114 +336,6 @@ def max_arrivals_in_window(arrival_times: Iterable[float], window_s: float) -> i
             start += 1
         best = max(best, end - start + 1)
     return best
-
-
-# ---------------------------------------------------------------- response bodies
-
-
-_ID_RANDOM = random.Random()  # seeded from the OS once; ids need uniqueness, not secrecy
-
-
-def _new_id(prefix: str, size: int = 24) -> str:
-    return f"{prefix}{_ID_RANDOM.getrandbits(size * 8):0{size * 2}x}"
-
-
-def _error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    error = {"message": message, "type": type_, "param": param, "code": code}
-    return json.dumps({"error": error}).encode()
-
-
-def _usage(plan: _Plan, cached: int) -> dict[str, Any]:
-    return {
-        "input_tokens": plan.input_tokens,
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-        "output_tokens": plan.output_tokens,
-        "output_tokens_details": {"reasoning_tokens": plan.reasoning_tokens},
-        "total_tokens": plan.input_tokens + plan.output_tokens,
-    }
-
-
-def _message(plan: _Plan, msg_id: str, status: str, text: str | None) -> dict[str, Any]:
-    content = [] if text is None else [_text_part(text)]
-    return {
-        "id": msg_id,
-        "type": "message",
-        "status": status,
-        "content": content,
-        "role": "assistant",
-    }
-
-
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _response(
-    plan: _Plan,
-    body: Mapping[str, Any],
-    ids: tuple[str, str],
-    created_at: int,
-    status: str,
-    usage: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The Response object, echoing the request's settings the way the real API does."""
-    reasoning = _mapping(body.get("reasoning"))
-    text_config = _mapping(body.get("text"))
-    output = []
-    if status != "in_progress":
-        output = [_message(plan, ids[1], status, plan.text)]
-    return {
-        "id": ids[0],
-        "object": "response",
-        "created_at": created_at,
-        "status": status,
-        "background": False,
-        "completed_at": created_at if status == "completed" else None,
-        "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-        "instructions": body.get("instructions"),
-        "max_output_tokens": body.get("max_output_tokens"),
-        "max_tool_calls": body.get("max_tool_calls"),
-        "model": plan.model,
-        "output": output,
-        "parallel_tool_calls": body.get("parallel_tool_calls", True),
-        "previous_response_id": body.get("previous_response_id"),
-        "prompt_cache_key": body.get("prompt_cache_key"),
-        "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
-        "safety_identifier": body.get("safety_identifier"),
-        "service_tier": "default",
-        "store": body.get("store", True),
-        "temperature": body.get("temperature", 1.0),
-        "text": {
-            "format": text_config.get("format") or {"type": "text"},
-            "verbosity": text_config.get("verbosity", "medium"),
-        },
-        "tool_choice": body.get("tool_choice", "auto"),
-        "tools": body.get("tools", []),
-        "top_logprobs": body.get("top_logprobs", 0),
-        "top_p": body.get("top_p", 1.0),
-        "truncation": body.get("truncation", "disabled"),
-        "usage": usage,
-        "user": body.get("user"),
-        "metadata": body.get("metadata") or {},
-    }
-
-
-def _chunks(text: str, count: int) -> list[str]:
-    size = max(math.ceil(len(text) / count), 1)
-    return [text[i : i + size] for i in range(0, len(text), size)]
-
-
-def _sse(events: list[dict[str, Any]], first_seq: int) -> bytes:
-    out = []
-    for seq, event in enumerate(events, first_seq):
-        event["sequence_number"] = seq
-        out.append(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n")
-    return "".join(out).encode()
 
 
 # ---------------------------------------------------------------- the server
@@ -829,7 +480,7 @@ class MockServer:
     async def _on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         headers = response.headers
         if "x-request-id" not in headers:
-            headers["x-request-id"] = _new_id("req_", 16)
+            headers["x-request-id"] = new_id("req_", 16)
         config, window, now = self._config, self._window, self._clock()
         window.purge(now, config.window_s)
         cap_requests, cap_tokens = self._capacities()
@@ -869,7 +520,7 @@ class MockServer:
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
         record.error_type = type_
-        return self._answer(record, status, _error_body(message, type_, code, param), headers)
+        return self._answer(record, status, error_body(message, type_, code, param), headers)
 
     def _rate_limited(
         self, record: LogRecord, kind: str, used: int, requested: int, wait_s: float
@@ -928,7 +579,7 @@ class MockServer:
             index=index,
             arrival_monotonic=now,
             arrival_wall=time.time(),
-            request_id=_new_id("req_", 16),
+            request_id=new_id("req_", 16),
             client_request_id=request.headers.get("x-client-request-id"),
             authorization_present=authorization is not None,
         )
@@ -951,8 +602,12 @@ class MockServer:
             return self._error(record, 401, message, "invalid_request_error", code)
         try:
             body = json.loads(raw)
-            plan = _plan(body, config)
-        except _BadRequest as exc:
+            plan = plan_request(
+                body,
+                output_tokens_min=config.output_tokens_min,
+                output_tokens_max=config.output_tokens_max,
+            )
+        except BadRequest as exc:
             return self._error(
                 record, 400, exc.message, "invalid_request_error", exc.code, exc.param
             )
@@ -1023,14 +678,15 @@ class MockServer:
             if fault is Fault.SLOW
             else (config.latency_s + jitter_draw * config.latency_jitter_s)
         )
-        usage = None if fault is Fault.MISSING_USAGE else _usage(plan, cached)
+        usage = None if fault is Fault.MISSING_USAGE else usage_of(plan, cached)
         if plan.stream:
             return await self._stream(request, record, plan, body, usage, fault, delay)
         if delay > 0 and not await self._sleep(delay):
             return self._drop(request)
         status = "incomplete" if plan.incomplete else "completed"
-        ids = (_new_id("resp_"), _new_id("msg_"))
-        payload = json.dumps(_response(plan, body, ids, int(time.time()), status, usage)).encode()
+        ids = (new_id("resp_"), new_id("msg_"))
+        answer = response_body(plan, body, ids, int(time.time()), status, usage)
+        payload = json.dumps(answer).encode()
         if fault is Fault.MALFORMED_JSON:
             payload = payload[: len(payload) // 2]
         return self._answer(record, 200, payload)
@@ -1039,7 +695,7 @@ class MockServer:
         self,
         request: web.Request,
         record: LogRecord,
-        plan: _Plan,
+        plan: Plan,
         body: Mapping[str, Any],
         usage: dict[str, Any] | None,
         fault: Fault | None,
@@ -1055,13 +711,9 @@ class MockServer:
         )
         await response.prepare(request)
         record.status = 200
-        ids, created_at = (_new_id("resp_"), _new_id("msg_")), int(time.time())
-        started = _response(plan, body, ids, created_at, "in_progress", None)
-        head = [
-            {"type": "response.created", "response": started},
-            {"type": "response.in_progress", "response": started},
-        ]
-        await response.write(_sse(head, 0))
+        ids, created_at = (new_id("resp_"), new_id("msg_")), int(time.time())
+        head = stream_head(plan, body, ids, created_at)
+        await response.write(sse(head, 0))
         if delay > 0 and not await self._sleep(delay):
             self._drop(request)
             return response
@@ -1070,34 +722,8 @@ class MockServer:
             await response.write_eof()
             return response
         status = "incomplete" if plan.incomplete else "completed"
-        where = {"item_id": ids[1], "output_index": 0}
-        part = {**where, "content_index": 0}
-        events: list[dict[str, Any]] = [
-            {
-                "type": "response.output_item.added",
-                "output_index": 0,
-                "item": _message(plan, ids[1], "in_progress", None),
-            },
-            {"type": "response.content_part.added", **part, "part": _text_part("")},
-        ]
-        events += [
-            {"type": "response.output_text.delta", **part, "delta": chunk, "logprobs": []}
-            for chunk in _chunks(plan.text, self._config.stream_chunks)
-        ]
-        events += [
-            {"type": "response.output_text.done", **part, "text": plan.text, "logprobs": []},
-            {"type": "response.content_part.done", **part, "part": _text_part(plan.text)},
-            {
-                "type": "response.output_item.done",
-                "output_index": 0,
-                "item": _message(plan, ids[1], status, plan.text),
-            },
-            {
-                "type": f"response.{status}",
-                "response": _response(plan, body, ids, created_at, status, usage),
-            },
-        ]
-        await response.write(_sse(events, len(head)))
+        events = stream_tail(plan, body, ids, created_at, status, usage, self._config.stream_chunks)
+        await response.write(sse(events, len(head)))
         await response.write_eof()
         return response
 
@@ -1106,7 +732,7 @@ class MockServer:
             since = int(request.query.get("since", "0"))
         except ValueError:
             message = f"since={request.query['since']!r}: expected an arrival index (integer)"
-            body = _error_body(message, "invalid_request_error", None, "since")
+            body = error_body(message, "invalid_request_error", None, "since")
             return web.Response(status=400, body=body, content_type="application/json")
         records = [r.to_dict() for r in self._log if r.index >= since]
         return web.json_response({"records": records})
@@ -1123,7 +749,7 @@ class MockServer:
                     raise ValueError("the body must be a JSON object of MockServerConfig fields")
                 self.update_config(**changes)
             except (ValueError, TypeError) as exc:
-                body = _error_body(str(exc), "invalid_request_error", None)
+                body = error_body(str(exc), "invalid_request_error", None)
                 return web.Response(status=400, body=body, content_type="application/json")
         return web.json_response(self._config.to_dict())
 
@@ -1236,10 +862,19 @@ def run_in_process(
     A benchmark's client then does not share a core with the server. ``stop()`` sends SIGTERM
     and waits (SIGKILL after 10 s); it is idempotent.
     """
-    # Run this file as __main__ rather than `-m pipeline._mock_server`: importing the package
-    # imports the openai SDK (seconds on a busy machine), which the server never uses. This
-    # is why this module imports nothing from `pipeline`.
-    bootstrap = f"import runpy; runpy.run_path({__file__!r}, run_name='__main__')"
+    # Run this module as __main__ under a bare `pipeline` package (a module object whose
+    # __path__ is this directory, its __init__ never run) rather than `-m pipeline._mock_server`:
+    # importing the real package imports the openai SDK (seconds on a busy machine), which the
+    # server never uses. This is why this module and _mock_responses import nothing else from
+    # `pipeline`.
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    bootstrap = (
+        "import runpy, sys, types; "
+        "package = types.ModuleType('pipeline'); "
+        f"package.__path__ = [{package_dir!r}]; "
+        "sys.modules['pipeline'] = package; "
+        "runpy.run_module('pipeline._mock_server', run_name='__main__', alter_sys=True)"
+    )
     argv = [sys.executable, "-c", bootstrap, "--host", host, "--port", str(port)]
     argv += _config_argv(config or MockServerConfig())
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
