@@ -58,15 +58,11 @@ import asyncio
 import contextlib
 import functools
 import math
-import random
 import statistics
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from decimal import Decimal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from tenacity import RetryCallState
 
 from pipeline import (
@@ -84,6 +80,15 @@ from pipeline import (
     VirtualTimeLoop,
 )
 
+from ._replay_figures import (
+    Figures,
+    Run,
+    figures,
+    queue_timeline,
+    recorded_figures,
+    recorded_run,
+)
+from ._replay_model import KNOBS, ProviderModel, ReplaySettings, scaled_calls
 from ._workload import RecordedCall, Workload, paused_gc
 
 __all__ = [
@@ -93,9 +98,13 @@ __all__ = [
     "Replay",
     "ReplaySettings",
     "ReplayStalledError",
+    "Run",
     "SweepRow",
     "cheapest_meeting",
+    "figures",
+    "queue_timeline",
     "recorded_figures",
+    "recorded_run",
     "replay",
     "replay_async",
     "scaled_calls",
@@ -103,7 +112,6 @@ __all__ = [
 ]
 
 _RATE_LIMITED = str(ErrorType.RATE_LIMITED)
-_SCALE_METHODS = ("compress", "resample")
 
 
 class ReplayStalledError(LLMTrailError, RuntimeError):
@@ -112,209 +120,7 @@ class ReplayStalledError(LLMTrailError, RuntimeError):
     what."""
 
 
-@dataclass(frozen=True, slots=True)
-class ReplaySettings:
-    """The knobs of one replay. ``None`` limits mean no limit."""
-
-    max_rpm: int | None = None
-    max_tpm: int | None = None
-    window_s: float = 60.0
-    max_concurrent_requests: int = 100
-    max_attempts: int = 3
-    send_guard_s: float | None = None
-    unanswered_guard_s: float = 1.0
-    scale: float = 1.0
-    scale_method: str = "compress"
-    seed: int = 0
-    provider_rpm: int | None = None
-    provider_tpm: int | None = None
-    provider_window_s: float = 60.0
-    provider_429_latency_s: float = 0.05
-
-    def __post_init__(self) -> None:
-        for name in ("max_rpm", "max_tpm", "provider_rpm", "provider_tpm"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ConfigurationError(f"{name}={value!r} is invalid: use an int >= 1, or none")
-        for name in ("window_s", "provider_window_s", "scale"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-                raise ConfigurationError(f"{name}={value!r} is invalid: use a number > 0")
-        for name in ("provider_429_latency_s", "send_guard_s", "unanswered_guard_s"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ConfigurationError(f"{name}={value!r} is invalid: use a number >= 0")
-        if self.scale_method not in _SCALE_METHODS:
-            raise ConfigurationError(
-                f"scale_method={self.scale_method!r} is invalid: use one of {_SCALE_METHODS}"
-            )
-        # The semaphore and the retry policy validate their own arguments.
-        FairSemaphore(self.max_concurrent_requests)
-        RetryPolicy(self.max_attempts)
-
-    @classmethod
-    def recorded(cls, workload: Workload, **overrides: Any) -> ReplaySettings:
-        """The settings the workload was recorded with, with ``overrides`` applied."""
-        s = workload.settings
-        base = cls(
-            max_rpm=s.max_rpm,
-            max_tpm=s.max_tpm,
-            window_s=s.window_s,
-            max_concurrent_requests=s.max_concurrent_requests,
-            max_attempts=s.max_attempts,
-            send_guard_s=s.send_guard_s,
-            unanswered_guard_s=s.unanswered_guard_s,
-        )
-        return base.with_(**overrides)
-
-    def with_(self, **overrides: Any) -> ReplaySettings:
-        known = sorted(f.name for f in fields(self))
-        unknown = sorted(set(overrides) - set(known))
-        if unknown:
-            raise ConfigurationError(f"unknown replay setting(s) {unknown}; known: {known}")
-        return replace(self, **overrides)
-
-    @property
-    def provider_model(self) -> bool:
-        return self.provider_rpm is not None or self.provider_tpm is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# The knobs a sweep may vary, by the names users type (aliases map to the setting's name).
-KNOBS: dict[str, str] = {
-    "max_rpm": "max_rpm",
-    "max_tpm": "max_tpm",
-    "window": "window_s",
-    "window_s": "window_s",
-    "rpm_window_seconds": "window_s",
-    "max_concurrent": "max_concurrent_requests",
-    "max_concurrent_requests": "max_concurrent_requests",
-    "scale": "scale",
-    "provider_rpm": "provider_rpm",
-    "provider_tpm": "provider_tpm",
-}
-
-
-# -- the modelled provider --------------------------------------------------------------------
-
-
-class ProviderModel:
-    """A provider's own rate limit: one sliding window of admitted arrivals ``(t, tokens)``.
-
-    This models the *provider*, not our gates: capacity ``limit * window_s / 60``, a request
-    counted when it arrives and for ``window_s`` after, a 429 carrying the time until there is
-    room. A request larger than the whole token window gets a 429 without retry-after.
-    """
-
-    def __init__(self, rpm: int | None, tpm: int | None, window_s: float = 60.0) -> None:
-        scale = window_s / 60.0
-        # The epsilon keeps 240 * 1 / 60 from flooring to 3 through float error.
-        self.cap_requests = math.floor(rpm * scale + 1e-9) if rpm else None
-        self.cap_tokens = math.floor(tpm * scale + 1e-9) if tpm else None
-        for cap in (self.cap_requests, self.cap_tokens):
-            if cap is not None and cap < 1:
-                raise ConfigurationError(
-                    f"the provider limit allows {cap} per {window_s}s window: raise "
-                    "provider_rpm/provider_tpm or provider_window_s"
-                )
-        self.window_s = window_s
-        self._entries: deque[tuple[float, int]] = deque()
-        self._tokens = 0
-        self.rejected = 0
-
-    def _purge(self, now: float) -> None:
-        entries, window = self._entries, self.window_s
-        while entries and entries[0][0] + window <= now:
-            self._tokens -= entries.popleft()[1]
-
-    def arrive(self, now: float, tokens: int) -> tuple[bool, float | None]:
-        """(admitted, retry_after_s) for a request arriving at ``now``."""
-        self._purge(now)
-        if self.cap_tokens is not None and tokens > self.cap_tokens:
-            self.rejected += 1
-            return False, None
-        need_requests = (
-            len(self._entries) + 1 - self.cap_requests if self.cap_requests is not None else 0
-        )
-        need_tokens = self._tokens + tokens - self.cap_tokens if self.cap_tokens is not None else 0
-        if need_requests <= 0 and need_tokens <= 0:
-            self._entries.append((now, tokens))
-            self._tokens += tokens
-            return True, None
-        self.rejected += 1
-        until = 0.0
-        freed_tokens = 0
-        for freed_requests, (t, cost) in enumerate(self._entries):
-            if freed_requests >= need_requests and freed_tokens >= need_tokens:
-                break
-            freed_tokens += cost
-            until = t + self.window_s - now
-        return False, max(until, 0.001)
-
-    def headers(self, now: float) -> tuple[int | None, int | None, float]:
-        """(remaining requests, remaining tokens, seconds until the window is empty)."""
-        self._purge(now)
-        reset = self._entries[-1][0] + self.window_s - now if self._entries else 0.0
-        requests = self.cap_requests - len(self._entries) if self.cap_requests is not None else None
-        tokens = self.cap_tokens - self._tokens if self.cap_tokens is not None else None
-        return requests, tokens, reset
-
-
-# -- scaling ----------------------------------------------------------------------------------
-
-
-def scaled_calls(workload: Workload, settings: ReplaySettings) -> list[tuple[float, RecordedCall]]:
-    """``(arrival_s, call)`` in arrival order, with the traffic scale applied (module docs)."""
-    calls = workload.calls
-    k = settings.scale
-    if k == 1.0:
-        return [(c.arrival_s, c) for c in calls]
-    if settings.scale_method == "compress":
-        return [(c.arrival_s / k, c) for c in calls]
-    rng = random.Random(settings.seed)
-    n = len(calls)
-    count = max(round(k * n), 1)
-    picked: list[tuple[float, RecordedCall]] = []
-    for _ in range(count):
-        pos = rng.random() * (n - 1)
-        j = int(pos)
-        frac = pos - j
-        if j + 1 < n:
-            at = calls[j].arrival_s + frac * (calls[j + 1].arrival_s - calls[j].arrival_s)
-            picked.append((at, calls[j + 1] if frac >= 0.5 else calls[j]))
-        else:
-            picked.append((calls[j].arrival_s, calls[j]))
-    picked.sort(key=lambda item: item[0])
-    return picked
-
-
 # -- the simulation ---------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Run:
-    """Per-call results of one replay (or of the recording), index-aligned."""
-
-    arrival: list[float]
-    first_sent: list[float]  # NaN: never sent
-    finished: list[float]
-    rpm_wait: list[float]
-    tpm_wait: list[float]
-    sem_wait: list[float]
-    outcome: list[str]
-    error_type: list[str | None]
-    retry_gate_waits: list[tuple[float, float]] = field(default_factory=list)
-    requests: int = 0
-    rate_limited: int = 0
-    synthesized: int = 0
-    answered: list[RecordedCall] = field(default_factory=list)  # calls that succeeded
-
-    def __repr__(self) -> str:  # short: see Workload.__repr__
-        return f"Run(calls={len(self.arrival)}, requests={self.requests})"
 
 
 class _BoundClock(LoopClock):
@@ -752,163 +558,6 @@ def _policy_wait(policy: RetryPolicy, exc: ProviderError, attempt: int) -> float
     state.attempt_number = attempt
     state.set_exception((type(exc), exc, None))
     return policy.wait_for(state)
-
-
-# -- figures ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Figures:
-    calls: int
-    succeeded: int
-    failed: int
-    requests: int
-    rate_limited: int
-    makespan_s: float
-    drain_s: float
-    throughput_cps: float
-    requests_per_min: float
-    queue_delay_s: dict[str, float]  # p50, p95, p99, mean
-    total_latency_s: dict[str, float]
-    gate_wait_s: dict[str, dict[str, float]]  # rpm / tpm / semaphore -> mean, p95
-    peak_queue: int
-    cost_usd: Decimal
-    unpriced_calls: int
-    synthesized: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["cost_usd"] = str(self.cost_usd)
-        return data
-
-
-def _pcts(values: np.ndarray[Any, Any]) -> dict[str, float]:
-    if values.size == 0:
-        return {"p50": math.nan, "p95": math.nan, "p99": math.nan, "mean": math.nan}
-    p50, p95, p99 = np.percentile(values, (50, 95, 99))
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(values.mean())}
-
-
-def _mean_p95(values: np.ndarray[Any, Any]) -> dict[str, float]:
-    if values.size == 0:
-        return {"mean": math.nan, "p95": math.nan}
-    return {"mean": float(values.mean()), "p95": float(np.percentile(values, 95))}
-
-
-def queue_timeline(run: Run) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """(times, queue length from each time on): a step function, for the peak and the plot."""
-    arrival = np.asarray(run.arrival, dtype=float)
-    sent = np.asarray(run.first_sent, dtype=float)
-    finished = np.asarray(run.finished, dtype=float)
-    left = np.where(np.isnan(sent), finished, sent)
-    starts = [arrival]
-    ends = [left]
-    if run.retry_gate_waits:
-        extra = np.asarray(run.retry_gate_waits, dtype=float)
-        starts.append(extra[:, 0])
-        ends.append(extra[:, 1])
-    start = np.concatenate(starts)
-    end = np.concatenate(ends)
-    # A call sent on arrival never queued. Recorded send times are derived (answer time minus
-    # latency, wall clock against monotonic), so waits under 0.1 ms are taken as none.
-    waited = end - start > 1e-4
-    start, end = start[waited], end[waited]
-    times = np.concatenate([start, end])
-    delta = np.concatenate([np.ones_like(start), -np.ones_like(end)])
-    if times.size == 0:
-        return times, delta
-    order = np.argsort(times, kind="stable")
-    times, delta = times[order], delta[order]
-    # One step per instant, after everything that happened at it: no transient dips or peaks
-    # from the order of simultaneous events.
-    instants, first = np.unique(times, return_index=True)
-    return instants, np.cumsum(np.add.reduceat(delta, first))
-
-
-def _cost(calls: Iterable[RecordedCall], prices: PriceTable) -> tuple[Decimal, int]:
-    """Exact cost of the answered calls' real tokens, priced as the service prices them."""
-    sums: dict[tuple[str, str | None], list[int]] = {}
-    for c in calls:
-        key = (c.model, c.response_model)
-        acc = sums.get(key)
-        if acc is None:
-            acc = sums[key] = [0, 0, 0, 0]
-        acc[0] += c.input_tokens
-        acc[1] += min(c.cached_tokens, c.input_tokens)
-        acc[2] += c.output_tokens
-        acc[3] += 1
-    total = Decimal(0)
-    unpriced = 0
-    for (model, response_model), (inp, cached, out, count) in sums.items():
-        priced_as = response_model if response_model and prices.price(response_model) else model
-        cost = prices.cost(priced_as, input_tokens=inp, cached_tokens=cached, output_tokens=out)
-        if cost is None:
-            unpriced += count
-        else:
-            total += cost
-    return total, unpriced
-
-
-def figures(run: Run, prices: PriceTable | None = None) -> Figures:
-    arrival = np.asarray(run.arrival, dtype=float)
-    sent = np.asarray(run.first_sent, dtype=float)
-    finished = np.asarray(run.finished, dtype=float)
-    n = arrival.size
-    makespan = float(finished.max() - arrival.min()) if n else 0.0
-    drain = float(finished.max() - arrival.max()) if n else 0.0
-    was_sent = ~np.isnan(sent)
-    outcomes = Counter(run.outcome)
-    _, queue = queue_timeline(run)
-    cost, unpriced = _cost(run.answered, prices or PriceTable.default())
-    per_s = 1.0 / makespan if makespan > 0 else math.nan
-    return Figures(
-        calls=n,
-        succeeded=outcomes.get("succeeded", 0),
-        failed=n - outcomes.get("succeeded", 0),
-        requests=run.requests,
-        rate_limited=run.rate_limited,
-        makespan_s=makespan,
-        drain_s=drain,
-        throughput_cps=n * per_s,
-        requests_per_min=run.requests * per_s * 60.0,
-        queue_delay_s=_pcts(sent[was_sent] - arrival[was_sent]),
-        total_latency_s=_pcts(finished - arrival),
-        gate_wait_s={
-            "rpm": _mean_p95(np.asarray(run.rpm_wait, dtype=float)),
-            "tpm": _mean_p95(np.asarray(run.tpm_wait, dtype=float)),
-            "semaphore": _mean_p95(np.asarray(run.sem_wait, dtype=float)),
-        },
-        peak_queue=int(queue.max()) if queue.size else 0,
-        cost_usd=cost,
-        unpriced_calls=unpriced,
-        synthesized=run.synthesized,
-    )
-
-
-def recorded_run(workload: Workload) -> Run:
-    """The recording, in the simulation's terms."""
-    calls = workload.calls
-    nan = math.nan
-    run = Run(
-        arrival=[c.arrival_s for c in calls],
-        first_sent=[nan if c.first_sent_s is None else c.first_sent_s for c in calls],
-        # total_s is monotonic time from the call's start: immune to wall-clock steps.
-        finished=[c.arrival_s + c.total_s for c in calls],
-        rpm_wait=[c.rpm_wait_s for c in calls],
-        tpm_wait=[c.tpm_wait_s for c in calls],
-        sem_wait=[c.semaphore_wait_s for c in calls],
-        outcome=[c.outcome for c in calls],
-        error_type=[c.error_type for c in calls],
-        retry_gate_waits=[w for c in calls for w in c.retry_gate_waits],
-        requests=sum(len(c.attempts) for c in calls),
-        rate_limited=sum(1 for c in calls for a in c.attempts if a.error_type == _RATE_LIMITED),
-        answered=[c for c in calls if c.outcome == "succeeded"],
-    )
-    return run
-
-
-def recorded_figures(workload: Workload, prices: PriceTable | None = None) -> Figures:
-    return figures(recorded_run(workload), prices)
 
 
 @dataclass(slots=True)
