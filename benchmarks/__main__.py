@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from . import BENCHES, DEFAULT_BENCHES
-from ._harness import Section, machine_info, print_section, render_markdown, run_bench_in_child
+from ._harness import machine_info, run_bench_in_child
+from ._report import Section, print_section, render_markdown
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 

@@ -28,19 +28,15 @@ from typing import Any
 from ._harness import (
     API_KEY,
     MODEL,
-    Figure,
-    Section,
-    Target,
     column,
-    median,
     mock_server,
-    paired_ratios,
     pick,
     prompt,
     run_interleaved,
     server_log,
     server_reset,
 )
+from ._report import Figure, Section, Target, median, paired_ratios
 
 CONCURRENCY = 50
 WINDOW_S = 1.0

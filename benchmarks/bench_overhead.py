@@ -30,21 +30,17 @@ from ._harness import (
     API_KEY,
     MODEL,
     CpuMeter,
-    Figure,
-    Section,
-    Target,
     closed_loop,
     column,
-    median,
     mock_server,
     otlp_receiver,
-    paired_ratios,
     pick,
     prompt,
     receiver_counts,
     run_interleaved,
     server_reset,
 )
+from ._report import Figure, Section, Target, median, paired_ratios
 
 CONCURRENCY = 50
 MAX_OUTPUT_TOKENS = 64

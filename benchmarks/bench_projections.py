@@ -25,7 +25,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ._harness import Figure, Section, Target, pick
+from ._harness import pick
+from ._report import Figure, Section, Target
 
 TARGET_EVENTS_PER_S = 100_000
 PG_ADMIN_DSN = os.environ.get("LLMTRAIL_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test")

@@ -30,19 +30,15 @@ from typing import Any
 from ._harness import (
     API_KEY,
     MODEL,
-    Figure,
     LagProbe,
-    Section,
-    Target,
     column,
-    median,
     mock_server,
-    paired_ratios,
     pick,
     prompt,
     run_interleaved,
     server_reset,
 )
+from ._report import Figure, Section, Target, median, paired_ratios
 from .bench_overhead import store_available
 
 CONCURRENCY = 100

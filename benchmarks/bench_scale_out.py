@@ -31,19 +31,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from ._harness import (
-    API_KEY,
-    MODEL,
-    Figure,
-    Section,
-    column,
-    median,
-    mock_server,
-    paired_ratios,
-    pick,
-    prompt,
-    run_interleaved,
-)
+from ._harness import API_KEY, MODEL, column, mock_server, pick, prompt, run_interleaved
+from ._report import Figure, Section, median, paired_ratios
 
 REDIS_URL = os.environ.get("LLMTRAIL_REDIS_URL", "redis://127.0.0.1:6379/0")
 CONCURRENCY = 50  # in flight per process

@@ -34,20 +34,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ._harness import (
-    API_KEY,
-    MODEL,
-    Figure,
-    LagProbe,
-    Section,
-    Target,
-    column,
-    median,
-    paired_ratios,
-    pick,
-    prompt,
-    run_interleaved,
-)
+from ._harness import API_KEY, MODEL, LagProbe, column, pick, prompt, run_interleaved
+from ._report import Figure, Section, Target, median, paired_ratios
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN_DSN = os.environ.get("LLMTRAIL_PG_ADMIN_DSN", f"postgresql://postgres@{PG_HOST}:{PG_PORT}")

@@ -33,7 +33,8 @@ from typing import Any
 
 from pipeline import Event, EventType
 
-from ._harness import Figure, LagProbe, Section, Target, pick
+from ._harness import LagProbe, pick
+from ._report import Figure, Section, Target
 
 PG_ADMIN_DSN = os.environ.get("LLMTRAIL_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 _PER_TURN = 64

@@ -39,7 +39,8 @@ from pipeline import Event, EventType
 from telemetry import TracingSink, tracing_sink_from_environment
 from telemetry._config import otlp_span_exporter
 
-from ._harness import Figure, Section, otlp_receiver
+from ._harness import otlp_receiver
+from ._report import Figure, Section
 
 
 class _Discard(SpanExporter):
