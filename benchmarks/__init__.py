@@ -1,7 +1,7 @@
 """llmtrail's benchmarks: ``python -m benchmarks [--quick] [--only NAME ...]``.
 
 Speed is measured here, side by side with the bare openai SDK in the same run, never in the
-test suite. Each bench module has ``main(quick: bool) -> dict`` (see :mod:`benchmarks._harness`
+test suite. Each bench module has ``main(quick: bool) -> dict`` (see :mod:`benchmarks._report`
 for the format) and runs in its own process; the results go to ``benchmarks/RESULTS.md``.
 
 Importing this package runs nothing.
