@@ -308,7 +308,7 @@ class CallFlow:
                     "retry_after_s": getattr(exc, "retry_after_s", None),
                 },
             )
-            _log.warning(
+            _log.info(
                 "retrying",
                 attempt=retry_state.attempt_number,
                 error_type=str(getattr(exc, "error_type", "")),
