@@ -5,21 +5,23 @@ The simulation runs every recorded call through the production :class:`~pipeline
 the gates' default :class:`~pipeline.LoopClock` reads that loop's time, so their timers fire in
 order and instantly, and there is no second implementation of the rate logic. Each call follows
 the service's order (``pipeline/_flow.py``): RPM gate reserves 1 -> TPM gate reserves the
-recorded ``reserved_tokens`` -> semaphore -> per attempt: RPM gate again for attempts > 1,
-``mark_sent`` on both reservations, the recorded provider latency, ``mark_done`` (the windows
-end one window after the answer, or ``unanswered_guard_s`` later without an HTTP answer), the
-retry wait -> semaphore released -> TPM reconciled to ``input + (max_output_tokens or
-output)`` for an answered call, or the reservations the provider never counted given back.
+recorded ``reserved_tokens`` -> per attempt: [a new RPM slot for a retry] -> a semaphore permit
+-> ``mark_sent`` on both reservations -> the recorded provider latency -> ``mark_done`` (the
+windows end one window after the answer, or ``unanswered_guard_s`` later without an HTTP
+answer) -> the permit released -> the retry wait (no permit held) -> ... -> TPM reconciled to
+``input + (max_output_tokens or output)`` for an answered call, or the reservations the
+provider never counted given back.
 
 What the replay does not model: the client's own CPU time. Provider latency is replayed as it
 was measured (send to answer, so it includes the client's HTTP work under the recorded load);
 the work between answers and sends is taken as free. A client that is itself saturated is
 therefore predicted a little faster than it runs.
 
-A combination under which the calls end up waiting for each other (the semaphore's holders
-wait at the RPM gate to retry while queued calls hold its slots as unsent reservations) stalls
-the virtual loop; :func:`replay` raises :class:`ReplayStalledError` saying who holds what,
-because the production pipeline would hang the same way.
+Should the calls ever end up waiting for each other (nothing scheduled, calls unfinished), the
+virtual loop stalls; :func:`replay` then raises :class:`ReplayStalledError` saying who holds
+what, because the production pipeline would hang the same way. (The service takes a permit
+only after the attempt's RPM slot and never holds one at a gate or in a backoff, which rules
+out the retry deadlock an earlier flow had; the check stays as a guard.)
 
 What is replayed, and how:
 - **Provider model off (default).** Each attempt takes its recorded latency and outcome; after a
@@ -248,7 +250,7 @@ class _Simulation:
     async def _admit(
         self, index: int, recorded: RecordedCall
     ) -> tuple[GateReservation | None, GateReservation | None] | None:
-        """RPM gate, then TPM gate, then the semaphore; None when the call can never pass."""
+        """RPM gate, then TPM gate; None when the call can never pass (it is then finished)."""
         run, rpm, tpm = self.run, self.rpm, self.tpm
         rpm_res = tpm_res = None
         if rpm is not None:
@@ -265,26 +267,27 @@ class _Simulation:
                 return None
             if tpm_res.waited_s:
                 run.tpm_wait[index] = tpm_res.waited_s
-        loop = self.loop
-        started = loop.time()
-        await self.sem.acquire()
-        waited = loop.time() - started
-        if waited:
-            run.sem_wait[index] = waited
-        if recorded.attempts:
-            run.first_sent[index] = loop.time()  # attempt 1 is sent right after the semaphore
         return rpm_res, tpm_res
 
-    async def _retry_gate(self, index: int) -> GateReservation | None:
-        rpm = self.rpm
-        if rpm is None:
-            return None
-        res = await rpm.acquire(1)
-        if res.waited_s > 0:
-            now = self.loop.time()
-            self.run.retry_gate_waits.append((now - res.waited_s, now))
-            self.run.rpm_wait[index] += res.waited_s
-        return res
+    async def _permit(
+        self, index: int, n: int, rpm_res: GateReservation | None
+    ) -> GateReservation | None:
+        """Before attempt ``n``: its RPM slot (a new one for a retry), then a permit. Returns
+        the attempt's RPM reservation; the permit is held until the caller releases it."""
+        run, rpm, loop = self.run, self.rpm, self.loop
+        ready = loop.time()
+        if n > 1 and rpm is not None:
+            rpm_res = await rpm.acquire(1)
+            run.rpm_wait[index] += rpm_res.waited_s
+        started = loop.time()
+        await self.sem.acquire()
+        now = loop.time()
+        run.sem_wait[index] += now - started
+        if n == 1:
+            run.first_sent[index] = now
+        elif now > ready:  # a retry queued at the RPM gate and/or for a permit
+            run.retry_gate_waits.append((ready, now))
+        return rpm_res
 
     def _mark_sent(self, rpm_res: GateReservation | None, tpm_res: GateReservation | None) -> None:
         if rpm_res is not None and self.rpm is not None:
@@ -297,7 +300,7 @@ class _Simulation:
         self, rpm_res: GateReservation | None, tpm_res: GateReservation | None, answered: bool
     ) -> None:
         """The attempt is over: its windows end one window from now (plus a guard when no
-        HTTP answer proves the request arrived), as the service's ``_attempt`` does."""
+        HTTP answer proves the request arrived), as the service's ``_send`` does."""
         guard = 0.0 if answered else self.settings.unanswered_guard_s
         if rpm_res is not None and self.rpm is not None:
             self.rpm.mark_done(rpm_res, unanswered_guard_s=guard)
@@ -312,7 +315,7 @@ class _Simulation:
         answered: bool,
         reached: bool,
     ) -> None:
-        """After the semaphore is released: reconcile, or give back what was never counted."""
+        """After the attempts: reconcile, or give back what the provider never counted."""
         rpm, tpm = self.rpm, self.tpm
         if answered:
             if tpm is not None and tpm_res is not None:
@@ -334,15 +337,15 @@ class _Simulation:
     async def _call(self, index: int, recorded: RecordedCall) -> None:
         """Provider model off: every attempt as recorded.
 
-        This is ``_admit`` + ``_mark_sent`` + ``_latency`` + ``_mark_done`` inlined (the model
-        path below uses the methods): one coroutine per call instead of four.
+        The first attempt's path (gates, permit, send, answer) is inlined: one coroutine per
+        call instead of several, for speed; retries take the same steps through the methods.
         """
         try:
             attempts = recorded.attempts
             if not attempts:
                 await self._unsent(index, recorded)
                 return
-            run, rpm, tpm, loop = self.run, self.rpm, self.tpm, self.loop
+            run, rpm, tpm, loop, sem = self.run, self.rpm, self.tpm, self.loop, self.sem
             rpm_res = tpm_res = None
             if rpm is not None:
                 rpm_res = await rpm.acquire(1)
@@ -358,26 +361,25 @@ class _Simulation:
                     return
                 if tpm_res.waited_s:
                     run.tpm_wait[index] = tpm_res.waited_s
-            sem = self.sem
-            started = loop.time()
-            await sem.acquire()
-            now = loop.time()
-            if now != started:
-                run.sem_wait[index] = now - started
-            run.first_sent[index] = now
             answered = reached = False
             error: str | None = None
-            try:
-                for n, attempt in enumerate(attempts, start=1):
-                    if n > 1:
-                        rpm_res = await self._retry_gate(index)
-                    # sent: both reservations' windows start (mark_sent)
+            for n, attempt in enumerate(attempts, start=1):
+                if n == 1:
+                    started = loop.time()
+                    await sem.acquire()
+                    now = loop.time()
+                    if now != started:
+                        run.sem_wait[index] = now - started
+                    run.first_sent[index] = now
+                else:
+                    rpm_res = await self._permit(index, n, rpm_res)
+                # The permit is held for the attempt only, as the service's _attempt does.
+                try:
                     if rpm_res is not None and rpm is not None:
                         rpm.mark_sent(rpm_res)
                     if tpm_res is not None and tpm is not None:
                         tpm.mark_sent(tpm_res)
                     run.requests += 1
-                    # the provider's answer time
                     future = loop.create_future()
                     loop.call_at(loop.time() + attempt.latency_s, future.set_result, None)
                     await future
@@ -391,17 +393,17 @@ class _Simulation:
                             reached = True
                         elif rpm_res is not None and rpm is not None:
                             rpm.release(rpm_res)  # refused: the provider never counted it
-                    # done: the windows end one window from now (+ a guard if unanswered)
+                    # The windows end one window from now (+ a guard without an HTTP answer).
                     guard = 0.0 if attempt.answered else self.settings.unanswered_guard_s
                     if rpm_res is not None and rpm is not None:
                         rpm.mark_done(rpm_res, unanswered_guard_s=guard)
                     if tpm_res is not None and tpm is not None:
                         tpm.mark_done(tpm_res, unanswered_guard_s=guard)
-                    if answered or attempt.wait_s is None:
-                        break
-                    await self.clock.sleep(attempt.wait_s)  # the service waits on its clock
-            finally:
-                sem.release()
+                finally:
+                    sem.release()
+                if answered or attempt.wait_s is None:
+                    break
+                await self.clock.sleep(attempt.wait_s)  # the service waits on its clock
             if answered:
                 if tpm is not None and tpm_res is not None:
                     tpm.reconcile(tpm_res, recorded.tpm_counted)
@@ -418,13 +420,12 @@ class _Simulation:
 
     async def _unsent(self, index: int, recorded: RecordedCall) -> None:
         """A call that never sent an attempt (validation, too large, cancelled while queued):
-        it takes its slots and ends as recorded; there is no provider latency to replay."""
+        it takes its gate slots and ends as recorded; there is no provider latency to replay."""
         if recorded.error_type == "validation":  # it never reached a gate
             self._finish(index, recorded.outcome, recorded.error_type)
             return
         admitted = await self._admit(index, recorded)
         if admitted is not None:
-            self.sem.release()
             self._settle(recorded, *admitted, False, False)
             self._finish(index, recorded.outcome, recorded.error_type)
 
@@ -447,11 +448,11 @@ class _Simulation:
             answered = reached = synthesized = False
             error: str | None = None
             n = 0
-            try:
-                while True:
-                    n += 1
-                    if n > 1:
-                        rpm_res = await self._retry_gate(index)
+            while True:
+                n += 1
+                rpm_res = await self._permit(index, n, rpm_res)
+                retry_wait: float | None = None
+                try:
                     self._mark_sent(rpm_res, tpm_res)
                     # A refused connection never arrives: the provider does not see it.
                     arrives = not script or script[0].reached
@@ -472,36 +473,36 @@ class _Simulation:
                             status=429,
                             retry_after_s=retry_after,
                         )
-                        if n >= policy.max_attempts or not policy.should_retry(exc):
-                            break
-                        await clock.sleep(_policy_wait(policy, exc, n))
-                        continue
-                    if not script:  # every recorded attempt was a 429: no recorded answer
+                        if n < policy.max_attempts and policy.should_retry(exc):
+                            retry_wait = _policy_wait(policy, exc, n)
+                    elif not script:  # every recorded attempt was a 429: no recorded answer
                         await self._latency(self.median_latency)
                         self._mark_done(rpm_res, tpm_res, True)
                         self._observe(clock.now())
                         answered = reached = synthesized = True
-                        break
-                    attempt = script.pop(0)
-                    await self._latency(attempt.latency_s)
-                    error = attempt.error_type
-                    if error is None:
-                        self._mark_done(rpm_res, tpm_res, True)
-                        self._observe(clock.now())
-                        answered = reached = True
-                        break
-                    if attempt.reached:
-                        reached = True
-                        if attempt.answered:
+                    else:
+                        attempt = script.pop(0)
+                        await self._latency(attempt.latency_s)
+                        error = attempt.error_type
+                        if error is None:
+                            self._mark_done(rpm_res, tpm_res, True)
                             self._observe(clock.now())
-                    elif rpm_res is not None and self.rpm is not None:
-                        self.rpm.release(rpm_res)
-                    self._mark_done(rpm_res, tpm_res, attempt.answered)
-                    if attempt.wait_s is None or n >= policy.max_attempts:
-                        break
-                    await clock.sleep(attempt.wait_s)
-            finally:
-                self.sem.release()
+                            answered = reached = True
+                        else:
+                            if attempt.reached:
+                                reached = True
+                                if attempt.answered:
+                                    self._observe(clock.now())
+                            elif rpm_res is not None and self.rpm is not None:
+                                self.rpm.release(rpm_res)
+                            self._mark_done(rpm_res, tpm_res, attempt.answered)
+                            if n < policy.max_attempts:
+                                retry_wait = attempt.wait_s
+                finally:
+                    self.sem.release()
+                if answered or retry_wait is None:
+                    break
+                await clock.sleep(retry_wait)
             self._settle(recorded, rpm_res, tpm_res, answered, reached)
             if synthesized:
                 self.run.synthesized += 1
@@ -533,13 +534,6 @@ class _Simulation:
                     f"{gate.reserved():,} of them reserved by calls not sent yet, "
                     f"{gate.waiting():,} calls waiting"
                 )
-        if rpm is not None and rpm.waiting() and rpm.reserved() and sem.in_flight() == sem.limit:
-            lines.append(
-                "the semaphore's holders wait at the RPM gate to retry while calls queued for "
-                "the semaphore hold the gate's slots as unsent reservations, which never "
-                "expire: the pipeline would deadlock the same way. Raise max_rpm or "
-                "max_concurrent_requests (or fix the retry path in pipeline/_flow.py)"
-            )
         return "; ".join(lines)
 
     def _observe(self, now: float) -> None:
