@@ -205,19 +205,22 @@ class SlidingWindowGate:
         log = self._log
         if excess > 0 and log:
             if log[0][2].amount >= excess:  # the common case: O(1)
-                if not math.isinf(log[0][0]):
-                    candidates.append(log[0][0])
+                candidates.append(log[0][0])
             else:
-                freed = 0
-                for expires_at, _, reservation in sorted(log):
-                    if reservation.state != _SENT or reservation.expires_at != expires_at:
-                        continue  # stale entry
-                    if math.isinf(expires_at):
-                        break  # in flight: only its answer (mark_done) can free it
-                    freed += reservation.amount
+                # Walk the heap in expiry order, widening the look-ahead only as needed.
+                freed, seen, width = 0, 0, 16
+                while seen < len(log):
+                    for expires_at, _, reservation in heapq.nsmallest(width, log)[seen:]:
+                        seen += 1
+                        if reservation.state != _SENT or reservation.expires_at != expires_at:
+                            continue  # stale entry
+                        freed += reservation.amount
+                        if freed >= excess:
+                            candidates.append(expires_at)
+                            break
                     if freed >= excess:
-                        candidates.append(expires_at)
                         break
+                    width *= 4
         return min(candidates) if candidates else None
 
     def _arm(self, when: float | None) -> None:
@@ -242,13 +245,15 @@ class SlidingWindowGate:
             return
         self._pending_units -= reservation.amount
         reservation.state = _SENT
-        reservation.expires_at = (
-            math.inf
-            if self._guard is None
-            else self._clock.now() + self._guard + self.window_s + _EPSILON_S
-        )
-        heapq.heappush(self._log, (reservation.expires_at, next(_SEQUENCE), reservation))
         self._sent_units += reservation.amount
+        if self._guard is None:
+            # In flight with no end yet: counted in _sent_units but kept out of the heap, so
+            # the heap holds only entries that can expire (and does not grow by one stale
+            # never-expiring entry per call).
+            reservation.expires_at = math.inf
+        else:
+            reservation.expires_at = self._clock.now() + self._guard + self.window_s + _EPSILON_S
+            heapq.heappush(self._log, (reservation.expires_at, next(_SEQUENCE), reservation))
         if self._waiters:
             self._pump()
 

@@ -226,6 +226,7 @@ class BaseLLMService(CallFlow):
             "max_attempts": max_attempts,
             "default_max_output_tokens": default_max_output_tokens,
             "send_guard_s": send_guard_s,
+            "unanswered_guard_s": unanswered_guard_s,
         }
         self._meter = RateMeter()
         self._backlog: set[EventSink] = set()

@@ -39,7 +39,16 @@ from ._projections import (
     usage_daily,
 )
 from ._reader import EventStore, StoredEvent
+from ._replay import (
+    ReplaySettings,
+    ReplayStalledError,
+    cheapest_meeting,
+    replay,
+    replay_async,
+    sweep,
+)
 from ._schema import events, metadata, stored_payload
+from ._workload import Workload, extract_workload, load_workload
 from ._writer import EventWriter, open_store_sink
 
 __all__ = [
@@ -50,6 +59,8 @@ __all__ = [
     "ProjectionConflictError",
     "ProjectionRunner",
     "ProjectionStatus",
+    "ReplaySettings",
+    "ReplayStalledError",
     "STORE_URL_ENV",
     "StoreClosedError",
     "StoreConfigError",
@@ -58,12 +69,16 @@ __all__ = [
     "StoreUnavailableError",
     "StoredEvent",
     "UnknownProjectionError",
+    "Workload",
     "calls",
+    "cheapest_meeting",
     "check_schema",
     "create_engine",
     "ensure_schema",
     "events",
+    "extract_workload",
     "head_revision",
+    "load_workload",
     "mask_url",
     "metadata",
     "metrics_minute",
@@ -72,8 +87,11 @@ __all__ = [
     "projection_checkpoints",
     "projection_status",
     "rebuild",
+    "replay",
+    "replay_async",
     "run_projections",
     "store_url_from_environment",
     "stored_payload",
+    "sweep",
     "usage_daily",
 ]

@@ -298,3 +298,15 @@ async def test_a_provider_deficit_is_held_back_while_our_own_units_still_expire(
     await settle()
     assert blocked.done()
     assert gate.used() == 4
+
+
+async def test_the_sent_log_holds_only_what_can_still_expire() -> None:
+    clock = ManualClock()
+    gate = SlidingWindowGate("rpm", 1_000_000, 1.0, clock=clock)
+    for _ in range(5_000):
+        res = await gate.acquire(1)
+        gate.mark_sent(res)
+        clock.advance(0.01)
+        gate.mark_done(res)
+    assert gate.used() <= 101  # one window of 10 ms calls
+    assert len(gate._log) <= 2 * gate.used() + 1  # no stale entry per call piles up
