@@ -249,7 +249,11 @@ class RedisSlidingWindowGate:
             pool = BlockingConnectionPool.from_url(
                 self.url,
                 max_connections=_MAX_CONNECTIONS,
-                timeout=2 * command,
+                # Waiting for a free pooled connection is queueing, not an outage: with a
+                # bounded wait, 1,000 waiters in one process made "No connection available"
+                # look like Redis was down (fail-closed refused a third of the calls). A real
+                # outage still surfaces through the connect and socket timeouts.
+                timeout=None,
                 socket_connect_timeout=connect,
                 socket_timeout=command,
             )
