@@ -113,19 +113,8 @@ class CallFlow:
             _log.error(
                 "llmtrail internal error", error=repr(exc)[:500], traceback=plain_traceback()
             )
-            self._give_back(call, state, "not_sent")
-            return self._complete(
-                call,
-                state,
-                request,
-                op,
-                model,
-                None,
-                ErrorType.INTERNAL,
-                f"internal error in llmtrail: {exc!r}",
-                t0,
-                Outcome.FAILED,
-            )
+            message = f"internal error in llmtrail: {exc!r}"
+            return self._fail(call, state, request, op, model, ErrorType.INTERNAL, message, t0)
 
     def _fail_early(
         self,
@@ -227,69 +216,47 @@ class CallFlow:
                     "waiters_ahead": state.tpm_res.waiters_ahead if state.tpm_res else 0,
                 },
             )
-        except (GateRequestTooLarge, RateLimitBackendUnavailable) as exc:
-            self._give_back(call, state, "not_sent")
-            return self._complete(
-                call,
-                state,
-                request,
-                op,
-                model,
-                None,
-                ErrorType.TOO_LARGE
-                if isinstance(exc, GateRequestTooLarge)
-                else ErrorType.LIMITER_UNAVAILABLE,
-                str(exc),
-                t0,
-                Outcome.FAILED,
-            )
+        except GateRequestTooLarge as exc:
+            return self._fail(call, state, request, op, model, ErrorType.TOO_LARGE, str(exc), t0)
+        except RateLimitBackendUnavailable as exc:
+            error_type = ErrorType.LIMITER_UNAVAILABLE
+            return self._fail(call, state, request, op, model, error_type, str(exc), t0)
 
-        response: ProviderResponse | None = None
-        error: ProviderError | None = None
-        limiter_down: RateLimitBackendUnavailable | None = None
         try:
             response = await self._attempts(call, state, request, model)
         except ProviderError as exc:
-            error = exc
+            # Slots of attempts that never reached the provider go back; the rest stay counted.
+            reason = "not_sent" if state.reached else "connection_refused"
+            return self._fail(
+                call, state, request, op, model, exc.error_type, exc.message, t0, reason
+            )
         except RateLimitBackendUnavailable as exc:  # a retry's RPM slot could not be had
-            limiter_down = exc
-        if limiter_down is not None:
-            self._give_back(call, state, "not_sent")
-            return self._complete(
-                call,
-                state,
-                request,
-                op,
-                model,
-                None,
-                ErrorType.LIMITER_UNAVAILABLE,
-                str(limiter_down),
-                t0,
-                Outcome.FAILED,
-            )
-
-        if response is None:
-            assert error is not None
-            if not state.reached:
-                self._give_back(call, state, "connection_refused")
-            return self._complete(
-                call,
-                state,
-                request,
-                op,
-                model,
-                None,
-                error.error_type,
-                error.message,
-                t0,
-                Outcome.FAILED,
-            )
+            error_type = ErrorType.LIMITER_UNAVAILABLE
+            return self._fail(call, state, request, op, model, error_type, str(exc), t0)
         if state.tpm_res is not None and tpm is not None:
             # The provider's TPM counts real input plus max_output_tokens when given.
             counted = response.input_tokens + (max_out or response.output_tokens)
             tpm.reconcile(state.tpm_res, counted)
         return self._complete(
             call, state, request, op, model, response, None, None, t0, Outcome.SUCCEEDED
+        )
+
+    def _fail(
+        self,
+        call: CallStream,
+        state: CallState,
+        request: GenerationRequest,
+        op: str,
+        model: str,
+        error_type: ErrorType,
+        message: str,
+        t0: float,
+        give_back: str = "not_sent",
+    ) -> GenerationResult:
+        """Return what the provider never counted, then complete the call as failed."""
+        self._give_back(call, state, give_back)
+        return self._complete(
+            call, state, request, op, model, None, error_type, message, t0, Outcome.FAILED
         )
 
     async def _attempts(
