@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,21 @@ def _prepare_sqlite_file(url: URL, *, must_exist: bool) -> None:
         )
 
 
+def _set_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode = WAL``, retried briefly: switching the mode of a new file needs
+    an exclusive lock, and SQLite answers "database is locked" at once, without its busy
+    handler, while another connection is opening the same file (seen with concurrent first
+    uses). The mode is persistent, so the first connection to succeed sets it for all."""
+    for attempt in range(200):  # up to ~2 s, in the driver's thread (never the event loop)
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 199:
+                raise
+            time.sleep(0.01)
+
+
 def _install_sqlite_hooks(
     engine: AsyncEngine, busy_timeout_ms: int, cache_size_kib: int | None
 ) -> None:
@@ -203,7 +220,7 @@ def _install_sqlite_hooks(
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _set_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
             if cache_size_kib is not None:
                 # Negative means KiB. Index pages of random ids (event_id, call_id, trace_id)

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +127,17 @@ async def schema_state(engine: AsyncEngine) -> SchemaState:
         ) from exc
 
 
+# Alembic keeps its migration context in module globals (alembic.context, alembic.op), so two
+# upgrades running at once in one process (each in its driver's thread) would trample each
+# other. The database serialises processes; this lock serialises threads.
+_ALEMBIC_LOCK = threading.Lock()
+
+
 def _upgrade(connection: Connection, revision: str) -> None:
-    config = alembic_config()
-    config.attributes["connection"] = connection
-    command.upgrade(config, revision)
+    with _ALEMBIC_LOCK:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
 
 
 async def migrate(
