@@ -201,27 +201,24 @@ class OpenAIResponsesProvider:
         headers = raw.headers
         rate_limits = _rate_limits(headers)
         request_id = headers.get("x-request-id")
-        try:
-            response = raw.parse()
-        except (ValueError, TypeError, openai.OpenAIError) as exc:
-            raise ProviderError(
+
+        def invalid(message: str) -> ProviderError:
+            return ProviderError(
                 ErrorType.INVALID_RESPONSE,
-                _short(f"the provider's answer is not valid JSON: {exc}"),
-                retryable=False,
-                status=raw.status_code,
-                provider_request_id=request_id,
-                rate_limits=rate_limits,
-            ) from None
-        usage = getattr(response, "usage", None)
-        if not isinstance(response, openai.types.responses.Response) or usage is None:
-            raise ProviderError(
-                ErrorType.INVALID_RESPONSE,
-                "the provider's answer has no usage: cannot account for its tokens",
+                _short(message),
                 retryable=False,
                 status=raw.status_code,
                 provider_request_id=request_id,
                 rate_limits=rate_limits,
             )
+
+        try:
+            response = raw.parse()
+        except (ValueError, TypeError, openai.OpenAIError) as exc:
+            raise invalid(f"the provider's answer is not valid JSON: {exc}") from None
+        usage = getattr(response, "usage", None)
+        if not isinstance(response, openai.types.responses.Response) or usage is None:
+            raise invalid("the provider's answer has no usage: cannot account for its tokens")
         try:
             text = response.output_text
             input_details = usage.input_tokens_details
@@ -231,27 +228,15 @@ class OpenAIResponsesProvider:
             input_tokens = int(usage.input_tokens)
             output_tokens = int(usage.output_tokens)
         except (AttributeError, TypeError, ValueError) as exc:
-            raise ProviderError(
-                ErrorType.INVALID_RESPONSE,
-                _short(f"the provider's answer has malformed output or usage: {exc}"),
-                retryable=False,
-                status=raw.status_code,
-                provider_request_id=request_id,
-                rate_limits=rate_limits,
-            ) from None
+            raise invalid(f"the provider's answer has malformed output or usage: {exc}") from None
         content: Any = text
         if request.response_schema is not None:
             schema_name = request.response_schema.__name__
             try:
                 content = request.response_schema.model_validate_json(text)
             except ValueError as exc:
-                raise ProviderError(
-                    ErrorType.INVALID_RESPONSE,
-                    _short(f"the answer does not validate against {schema_name}: {exc}"),
-                    retryable=False,
-                    status=raw.status_code,
-                    provider_request_id=request_id,
-                    rate_limits=rate_limits,
+                raise invalid(
+                    f"the answer does not validate against {schema_name}: {exc}"
                 ) from None
         if response.status == "incomplete" and response.incomplete_details is not None:
             finish = [str(response.incomplete_details.reason or "incomplete")]
