@@ -75,9 +75,14 @@ __all__ = [
     "Money",
     "calls",
     "decode_events",
+    "fold_usage",
+    "insert_rows",
+    "load_metrics",
     "metrics_minute",
     "projection_checkpoints",
     "usage_daily",
+    "write_metrics",
+    "write_usage",
 ]
 
 # Bound on the parameters of one `IN (...)` list: SQLite allows 32766, asyncpg 32767.
@@ -268,7 +273,7 @@ async def _apply_calls(
         new = [rows[i].as_tuple() for i in sorted(touched - existing)]
         old = [rows[i].as_dict() for i in sorted(touched & existing)]
     if new:
-        await _insert_rows(conn, calls, new)
+        await insert_rows(conn, calls, new)
     if old:
         await conn.execute(
             _update_by_key(calls, ("call_id",), CALL_COLUMNS), _keyed(old, ("call_id",))
@@ -278,6 +283,20 @@ async def _apply_calls(
 async def _apply_usage(
     conn: AsyncConnection, batch: Sequence[FoldEvent], prices: PriceTable
 ) -> None:
+    deltas: dict[UsageKey, UsageRow] = {}
+    await fold_usage(conn, deltas, batch, prices)
+    await write_usage(conn, deltas)
+
+
+async def fold_usage(
+    conn: AsyncConnection,
+    deltas: dict[UsageKey, UsageRow],
+    batch: Sequence[FoldEvent],
+    prices: PriceTable,
+) -> None:
+    """Fold ``batch`` into ``deltas``, looking up the key of each call started before it."""
+    if not batch:
+        return
     # The key of a call started in an earlier batch comes from its trace_created event.
     started_here = {e.call_id for e in batch if e.type == "trace_created"}
     need = sorted({e.call_id for e in batch if e.type in ("received", "completed")} - started_here)
@@ -294,9 +313,12 @@ async def _apply_usage(
         started = [row for row in result.all() if row[2] == "trace_created"]
         for event in decode_events(started):
             call_keys[event.call_id] = call_usage_key(event)
-    deltas: dict[UsageKey, UsageRow] = {}
     with paused_gc():
         apply_usage(deltas, call_keys, batch, prices)
+
+
+async def write_usage(conn: AsyncConnection, deltas: dict[UsageKey, UsageRow]) -> None:
+    """Add ``deltas`` onto the stored ``usage_daily`` rows (exact: integers and Decimals)."""
     if not deltas:
         return
     keys = sorted(deltas)
@@ -329,7 +351,7 @@ async def _apply_usage(
             )
     key_names = ("day", "model", "operation_name")
     if new:
-        await _insert_rows(conn, usage_daily, new)
+        await insert_rows(conn, usage_daily, new)
     if old:
         await conn.execute(
             _update_by_key(usage_daily, key_names, USAGE_COLUMNS), _keyed(old, key_names)
@@ -343,6 +365,17 @@ async def _apply_metrics(
     minutes = sorted({m for m in per_event if m is not None})
     if not minutes:
         return
+    rows = await load_metrics(conn, minutes)
+    existing = set(rows)
+    with paused_gc():
+        touched = apply_metrics(rows, batch, per_event)
+    await write_metrics(conn, rows, touched, existing)
+
+
+async def load_metrics(
+    conn: AsyncConnection, minutes: Sequence[datetime]
+) -> dict[datetime, MetricsRow]:
+    """The stored ``metrics_minute`` rows of ``minutes`` (sorted), by minute."""
     rows: dict[datetime, MetricsRow] = {}
     for chunk in _chunks(minutes):
         result = await conn.execute(
@@ -350,13 +383,20 @@ async def _apply_metrics(
         )
         for found in result.mappings():
             rows[found["minute"]] = MetricsRow(**{c: found[c] for c in METRICS_COLUMNS})
-    existing = set(rows)
-    with paused_gc():
-        touched = apply_metrics(rows, batch, per_event)
+    return rows
+
+
+async def write_metrics(
+    conn: AsyncConnection,
+    rows: dict[datetime, MetricsRow],
+    touched: set[datetime],
+    existing: set[datetime],
+) -> None:
+    """Write the ``touched`` minutes of ``rows``: INSERT the new, UPDATE the ``existing``."""
     new = [(m, *rows[m].as_dict().values()) for m in sorted(touched - existing)]
     old = [{"minute": m, **rows[m].as_dict()} for m in sorted(touched & existing)]
     if new:
-        await _insert_rows(conn, metrics_minute, new)
+        await insert_rows(conn, metrics_minute, new)
     if old:
         await conn.execute(
             _update_by_key(metrics_minute, ("minute",), METRICS_COLUMNS), _keyed(old, ("minute",))
@@ -428,7 +468,7 @@ def _sqlite_utc_text(value: datetime | None) -> str | None:
     return value.isoformat(" ", "microseconds")[:26]
 
 
-async def _insert_rows(conn: AsyncConnection, table: Table, rows: Sequence[Sequence[Any]]) -> None:
+async def insert_rows(conn: AsyncConnection, table: Table, rows: Sequence[Sequence[Any]]) -> None:
     """``INSERT`` many rows, given as tuples in the table's column order.
 
     Each value goes through the bind processor SQLAlchemy would apply, but without building
