@@ -13,10 +13,14 @@ Invariants:
   until the next :func:`configure` or process exit (the SDK flushes them at exit).
 - Exporters read their endpoint, headers, timeout and compression from the ``OTEL_*``
   variables themselves; ``OTEL_SERVICE_NAME`` names the service (default ``llmtrail``).
+- An OTLP span exporter llmtrail builds runs in a helper process (:mod:`._export_process`)
+  unless ``configure(export_process=False)`` or ``LLMTRAIL_OTLP_EXPORT_PROCESS=0``; it is
+  built here first, so a bad configuration fails at once, in this process.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from pipeline import ConfigurationError
 
 from . import _attributes as A
+from ._export_process import ProcessSpanExporter
 from ._sink import TracingSink
 
 if TYPE_CHECKING:
@@ -130,6 +135,44 @@ def _otlp_metric_exporter(endpoint: str | None, protocol: str | None) -> MetricE
     return OTLPMetricExporter(endpoint=url)
 
 
+def _timeout_s() -> float:
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        value = os.environ.get(name)
+        if value:
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigurationError(
+                    f"{name}={value!r} is not a number of seconds: set e.g. {name}=10"
+                ) from None
+    return 10.0
+
+
+def _export_process_wanted(explicit: bool | None) -> bool:
+    if explicit is not None:
+        return explicit
+    value = os.environ.get("LLMTRAIL_OTLP_EXPORT_PROCESS", "1").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(
+        f"LLMTRAIL_OTLP_EXPORT_PROCESS={value!r} is invalid: use 1 (export spans from a "
+        "helper process, the default) or 0 (export in this process)"
+    )
+
+
+def traces_exporter(
+    endpoint: str | None = None, protocol: str | None = None, export_process: bool | None = None
+) -> SpanExporter:
+    """The OTLP span exporter llmtrail uses: in a helper process unless told otherwise."""
+    exporter = otlp_span_exporter(endpoint, protocol)  # fails here on a bad configuration
+    if not _export_process_wanted(export_process):
+        return exporter
+    factory = functools.partial(otlp_span_exporter, endpoint, protocol)
+    return ProcessSpanExporter(factory, timeout_s=_timeout_s(), fallback=exporter)
+
+
 def _new_tracer_provider(
     exporter: SpanExporter, service_name: str | None
 ) -> tuple[TracerProvider, SpanProcessor]:
@@ -157,6 +200,7 @@ def configure(
     exporter: SpanExporter | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
+    export_process: bool | None = None,
 ) -> TracerProvider:
     """Send llmtrail's spans (and GenAI metrics) somewhere, for every service created after.
 
@@ -168,6 +212,8 @@ def configure(
     - ``tracer_provider``: use this SDK provider as it is (nothing is added to it).
     - ``meter_provider``: where the metrics go; by default an OTLP one when ``endpoint`` is
       given, else the global one.
+    - ``export_process``: run the OTLP span exporter in a helper process (the default, also
+      ``LLMTRAIL_OTLP_EXPORT_PROCESS``), so that encoding spans takes no CPU from this one.
 
     Returns the TracerProvider llmtrail will use. Calling it again replaces the previous
     configuration and shuts down the providers the previous call created.
@@ -187,7 +233,9 @@ def configure(
     span_processor: SpanProcessor | None = None
     if tracer_provider is None:
         tracer_provider, span_processor = _new_tracer_provider(
-            exporter if exporter is not None else otlp_span_exporter(endpoint, protocol),
+            exporter
+            if exporter is not None
+            else traces_exporter(endpoint, protocol, export_process),
             service_name,
         )
         owned.append(tracer_provider)
@@ -247,7 +295,7 @@ def _env_span_exporter() -> SpanExporter | None:
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     ):
-        return otlp_span_exporter()
+        return traces_exporter()
     return None
 
 
@@ -286,7 +334,7 @@ def tracing_sink_from_environment(*, force: bool = False, **_: object) -> Tracin
 
     span_exporter = _env_span_exporter()
     if span_exporter is None and force and "none" not in _env_exporters("OTEL_TRACES_EXPORTER"):
-        span_exporter = otlp_span_exporter()
+        span_exporter = traces_exporter()
     meter_provider: MeterProvider | None = global_meter
     owns_meter = False
     if meter_provider is None and _env_wants_metrics():
