@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -16,6 +17,8 @@ from opentelemetry.util._once import Once
 import telemetry
 from pipeline import ConfigurationError
 from telemetry import TracingSink, tracing_sink_from_environment
+from telemetry._config import traces_exporter
+from telemetry._export_process import ProcessSpanExporter
 
 from . import streams
 
@@ -81,6 +84,26 @@ def test_unknown_traces_exporter_is_a_configuration_error(monkeypatch: pytest.Mo
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ConfigurationError, match="OTEL_TRACES_EXPORTER='zipkin'"):
         tracing_sink_from_environment()
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(None, ProcessSpanExporter), ("1", ProcessSpanExporter), ("off", OTLPSpanExporter)],
+)
+def test_otlp_export_runs_in_a_helper_process_unless_turned_off(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, kind: type
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("LLMTRAIL_OTLP_EXPORT_PROCESS", value)
+    exporter = traces_exporter("http://127.0.0.1:4318")
+    assert type(exporter) is kind
+    exporter.shutdown()
+
+
+def test_a_bad_export_process_switch_names_the_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMTRAIL_OTLP_EXPORT_PROCESS", "maybe")
+    with pytest.raises(ConfigurationError, match="LLMTRAIL_OTLP_EXPORT_PROCESS='maybe'.*use 1"):
+        traces_exporter("http://127.0.0.1:4318")
 
 
 def test_unknown_protocol_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
