@@ -19,6 +19,10 @@ Invariants:
 - One event loop owns the gates. The sync ``execute_generation`` runs the same coroutine on that
   loop from any thread (a private loop thread when the service is used synchronously only), so
   gates, semaphore, metrics and the store are literally shared.
+- ``own_loop=True`` makes that private loop thread the owner from the start: every call, the
+  sinks and the HTTP client run there, and ``execute_generation_async`` awaits the call from
+  the caller's loop (:func:`call_on_loop`: caller's contextvars kept, cancellation waits for
+  the call's own cleanup). The caller's loop then only pays a hand-off per call.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ._clock import LoopClock
 from ._errors import ConfigurationError, ServiceClosedError
 from ._events import default_instance
 from ._flow import AnyGate, CallFlow
+from ._portal import call_on_loop
 from ._pricing import PriceTable
 from ._provider import OpenAIResponsesProvider
 from ._redis_gates import create_gate
@@ -66,6 +71,15 @@ def _env_int(name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise ConfigurationError(f"{name}={raw!r} is not an integer; fix or unset it") from None
+
+
+def _env_bool(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean: use 1 or 0, or unset it")
 
 
 def _check_limit(name: str, value: object) -> int | None:
@@ -125,6 +139,7 @@ class BaseLLMService(CallFlow):
         rate_limit_fallback: str = "fail_closed",
         rate_limit_replicas: int = 1,
         warm_start: bool = True,
+        own_loop: bool = _UNSET,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ConfigurationError(
@@ -233,6 +248,9 @@ class BaseLLMService(CallFlow):
         self._usage: dict[str, OperationUsage] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._portal: threading.Thread | None = None
+        self._own_loop = _env_bool("LLMTRAIL_OWN_LOOP") if own_loop is _UNSET else own_loop
+        if not isinstance(self._own_loop, bool):
+            raise ConfigurationError(f"own_loop={own_loop!r} is invalid: use True or False")
         self._start_lock: asyncio.Lock | None = None
         self._started = False
         self._closed = False
@@ -241,9 +259,19 @@ class BaseLLMService(CallFlow):
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    def _elsewhere(self) -> asyncio.AbstractEventLoop | None:
+        """The service's own loop when the caller runs on another one (``own_loop``)."""
+        if not self._own_loop:
+            return None
+        loop = self._ensure_loop()
+        return None if asyncio.get_running_loop() is loop else loop
+
     async def start(self) -> None:
         """Open the sinks and warm the gates. Called by ``async with`` or the first call."""
         if self._started:
+            return
+        if (own := self._elsewhere()) is not None:
+            await call_on_loop(own, self.start())
             return
         loop = asyncio.get_running_loop()
         if self._start_lock is None:
@@ -287,6 +315,12 @@ class BaseLLMService(CallFlow):
         """Wait for calls in flight, flush every sink, close the provider and the sinks."""
         if self._closed:
             return
+        if self._own_loop and self._portal is not None:
+            own = self._elsewhere()
+            if own is not None:
+                await call_on_loop(own, self.aclose())
+                await asyncio.to_thread(self._stop_portal)
+                return
         self._closed = True
         if self._idle is not None and self._active:
             await self._idle.wait()
@@ -305,6 +339,9 @@ class BaseLLMService(CallFlow):
 
     async def flush(self) -> None:
         """Return once every event emitted so far is durable in every sink."""
+        if self._own_loop and self._portal is not None and (own := self._elsewhere()):
+            await call_on_loop(own, self.flush())
+            return
         for sink in self._sinks:
             await sink.flush()
 
@@ -338,10 +375,14 @@ class BaseLLMService(CallFlow):
             self._closed = True
             return
         self._run_sync(self.aclose())
-        if self._portal is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._stop_portal()
+
+    def _stop_portal(self) -> None:
+        loop = self._loop
+        if self._portal is not None and loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
             self._portal.join()
-            self._loop.close()
+            loop.close()
             self._portal = None
 
     # -- the sync path ------------------------------------------------------------------
@@ -402,6 +443,8 @@ class BaseLLMService(CallFlow):
         self, request: GenerationRequest, operation_name: str | None = None
     ) -> GenerationResult:
         parent = otel_trace.get_current_span().get_span_context()
+        if self._own_loop and (own := self._elsewhere()) is not None:
+            return await call_on_loop(own, self._execute(request, operation_name, parent))
         return await self._execute(request, operation_name, parent)
 
     async def _execute(
