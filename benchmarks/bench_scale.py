@@ -30,6 +30,7 @@ import resource
 import sqlite3
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,25 +200,19 @@ async def _main(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="llmtrail-scale-") as tmp, mock_server() as (url, _):
         runs = 0
 
-        async def pipeline() -> dict[str, float]:
-            nonlocal runs
-            runs += 1
-            db = None if no_store else str(Path(tmp) / f"scale-{runs}.db")
-            await server_reset(url)
-            return await asyncio.to_thread(run_in_child, url, n, PIPELINE, db)
+        def repetition(variant: str) -> Callable[[], Awaitable[dict[str, float]]]:
+            async def run() -> dict[str, float]:
+                nonlocal runs
+                runs += 1
+                db = None
+                if variant != BARE and no_store is None:
+                    db = str(Path(tmp) / f"scale-{runs}.db")
+                await server_reset(url)
+                return await asyncio.to_thread(run_in_child, url, n, variant, db)
 
-        async def bare() -> dict[str, float]:
-            await server_reset(url)
-            return await asyncio.to_thread(run_in_child, url, n, BARE, None)
+            return run
 
-        async def own() -> dict[str, float]:
-            nonlocal runs
-            runs += 1
-            db = None if no_store else str(Path(tmp) / f"scale-{runs}.db")
-            await server_reset(url)
-            return await asyncio.to_thread(run_in_child, url, n, OWN, db)
-
-        results = await run_interleaved([(PIPELINE, pipeline), (OWN, own), (BARE, bare)], reps)
+        results = await run_interleaved([(v, repetition(v)) for v in (PIPELINE, OWN, BARE)], reps)
 
     base = results[BARE]
     base_rss = column(base, "peak_rss_mb")
