@@ -113,7 +113,10 @@ async def _raw_capacity(url: str, n: int, warmup: int) -> dict[str, float]:
         return await _timed(n, warmup, call)
 
 
-async def _bare(url: str, n: int, warmup: int) -> dict[str, float]:
+async def _sdk(
+    url: str, n: int, warmup: int, send: Callable[[Any, int], Awaitable[bool]]
+) -> dict[str, float]:
+    """``send(client, i)`` by 50 workers on one ``AsyncOpenAI(max_retries=0)``."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
@@ -122,12 +125,9 @@ async def _bare(url: str, n: int, warmup: int) -> dict[str, float]:
     async def call(i: int) -> bool:
         async with semaphore:
             try:
-                await client.responses.create(
-                    model=MODEL, input=prompt(i), max_output_tokens=MAX_OUTPUT_TOKENS
-                )
+                return await send(client, i)
             except openai.APIError:
                 return False
-            return True
 
     try:
         return await _timed(n, warmup, call)
@@ -135,33 +135,22 @@ async def _bare(url: str, n: int, warmup: int) -> dict[str, float]:
         await client.close()
 
 
-async def _raw_sdk(url: str, n: int, warmup: int) -> dict[str, float]:
+async def _create(client: Any, i: int) -> bool:
+    """The bare SDK as people use it: ``responses.create``."""
+    await client.responses.create(model=MODEL, input=prompt(i), max_output_tokens=MAX_OUTPUT_TOKENS)
+    return True
+
+
+async def _post(client: Any, i: int) -> bool:
+    """The SDK's request path as the pipeline's provider uses it, the answer read by hand."""
     import httpx2
-    import openai
 
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
-    semaphore = asyncio.Semaphore(CONCURRENCY)
-
-    async def call(i: int) -> bool:
-        async with semaphore:
-            try:
-                raw = await client.post(
-                    "/responses",
-                    body={
-                        "model": MODEL,
-                        "input": prompt(i),
-                        "max_output_tokens": MAX_OUTPUT_TOKENS,
-                    },
-                    cast_to=httpx2.Response,
-                )
-            except openai.APIError:
-                return False
-            return "usage" in json.loads(raw.content)
-
-    try:
-        return await _timed(n, warmup, call)
-    finally:
-        await client.close()
+    raw = await client.post(
+        "/responses",
+        body={"model": MODEL, "input": prompt(i), "max_output_tokens": MAX_OUTPUT_TOKENS},
+        cast_to=httpx2.Response,
+    )
+    return "usage" in json.loads(raw.content)
 
 
 async def _pipeline(
@@ -236,7 +225,7 @@ async def _main(quick: bool) -> dict[str, Any]:
             meter = CpuMeter(server_pid) if server_pid else None
             if meter is not None:
                 meter.start()
-            result = await _bare(url, n, warmup)
+            result = await _sdk(url, n, warmup, _create)
             if meter is not None:
                 server_cpu.append(meter.stop()[1])
             return result
@@ -256,7 +245,7 @@ async def _main(quick: bool) -> dict[str, Any]:
         variants: list[tuple[str, Callable[[], Awaitable[dict[str, float]]]]] = [
             (CAPACITY, lambda: _raw_capacity(url, 2 * n, warmup)),
             (BARE, bare),
-            (RAW_SDK, lambda: _raw_sdk(url, n, warmup)),
+            (RAW_SDK, lambda: _sdk(url, n, warmup, _post)),
             (NO_SINKS, lambda: _pipeline(url, n, warmup, None, False)),
             (TRACING, traced(store=False)),
         ]
