@@ -20,9 +20,11 @@ Invariants:
   ``rejected``, so one bad event cannot wedge the writer; a payload JSON cannot hold is kept
   as its ``repr``, and logged.
 - A batch is serialised to one JSON array by the C encoder, in slices of ``_SLICE`` events per
-  loop turn, while the previous batch is being written; the database unpacks it (``json_each``
-  on SQLite, ``jsonb_array_elements`` on PostgreSQL) with the GIL released / in its own
-  process. Python does little per event, and the loop is free while the database works.
+  loop turn, as events arrive and while the previous batch is being written (the next write
+  starts as soon as the last one commits, with what is serialised by then); the database
+  unpacks it (``json_each`` on SQLite, ``jsonb_array_elements`` on PostgreSQL) with the GIL
+  released / in its own process. Python does little per event, and the loop is free while
+  the database works.
 """
 
 from __future__ import annotations
@@ -149,12 +151,16 @@ def _postgresql_insert() -> Any:
 
 @dataclass(slots=True)
 class _Batch:
-    """Events taken off the queue together: ``data`` is the JSON array of the valid ones."""
+    """Events taken off the queue together; ``parts`` are JSON texts of the valid ones."""
 
-    size: int  # events taken off the queue, valid or not
+    size: int = 0  # events taken off the queue, valid or not
     events: list[Event] = field(default_factory=list)
     invalid: int = 0
-    data: str = "[]"
+    parts: list[str] = field(default_factory=list)
+
+    def data(self) -> str:
+        """The valid events as one JSON array."""
+        return "[" + ",".join(self.parts) + "]"
 
 
 def _utc(at: datetime) -> datetime:
@@ -211,6 +217,14 @@ def _is_transient(exc: BaseException) -> bool:
     if _is_refusal(exc):
         return False
     return isinstance(exc, DBAPIError | OSError | TimeoutError)
+
+
+async def _cancelled(write: asyncio.Task[None] | None) -> None:
+    """Cancel the batch being written and wait until it has given its connection back, as
+    awaiting it would have: the engine is disposed next."""
+    if write is not None and not write.done():
+        write.cancel()
+        await asyncio.wait((write,))
 
 
 def _without_nul(row: list[Any]) -> list[Any]:
@@ -495,38 +509,45 @@ class EventWriter:
 
     async def _drain(self) -> None:
         buffer = self._buffer
+        batch_size = self._batch_size
         assert self._wake is not None
         wake = self._wake
-        ahead: _Batch | None = None
+        ahead: _Batch | None = None  # the next batch, serialised slice by slice
+        write: asyncio.Task[None] | None = None  # the batch being written
         try:
             while True:
                 if self._inbox:
                     self._take_inbox()
-                if ahead is None:
-                    if not buffer:
-                        if self._closed:
-                            return
-                        self._idle = True
-                        wake.clear()
-                        await wake.wait()
-                        continue
-                    ahead = await self._prepare()
-                batch, ahead = ahead, None
-                # A batch in flight stays counted in `pending` until it commits.
-                write = asyncio.ensure_future(self._write(batch))
-                try:
-                    # Serialise the next batch while the database writes this one: the
-                    # database works in its own thread (SQLite) or process (PostgreSQL).
-                    if self._inbox:
-                        self._take_inbox()
-                    if buffer:
-                        ahead = await self._prepare()
-                    await write
-                except BaseException:
-                    write.cancel()
-                    raise
-                self._notify()
+                if write is not None and write.done():
+                    finished, write = write, None
+                    finished.result()  # an error the writer gives up on ends the drain
+                    self._notify()
+                if write is None and ahead is not None:
+                    # A batch in flight stays counted in `pending` until it commits.
+                    write = asyncio.ensure_future(self._write(ahead))
+                    write.add_done_callback(self._wake_up)
+                    ahead = None
+                if buffer and (ahead is None or ahead.size < batch_size):
+                    # Serialise while the database writes the previous batch (in its own
+                    # thread on SQLite, its own process on PostgreSQL), one slice per loop
+                    # turn so that the loop stays responsive. Waiting for the write to
+                    # finish first would leave the database idle meanwhile.
+                    if ahead is None:
+                        ahead = _Batch()
+                    self._serialise(ahead, min(_SLICE, batch_size - ahead.size))
+                    await asyncio.sleep(0)
+                    continue
+                if write is None:
+                    if ahead is None and self._closed:
+                        return
+                elif ahead is not None and ahead.size >= batch_size:
+                    await asyncio.wait((write,))  # the next batch is full: wait for the write
+                    continue
+                self._idle = True
+                wake.clear()
+                await wake.wait()
         except asyncio.CancelledError:
+            await _cancelled(write)
             if self.pending:
                 _log.error(
                     "event writer stopped before writing all events",
@@ -535,25 +556,25 @@ class EventWriter:
                 )
             raise
         except BaseException as exc:
+            await _cancelled(write)
             self._failure = exc
             _log.exception("event writer failed", store=self._shown_url, unwritten=self.pending)
             self._notify()
             raise
 
-    async def _prepare(self) -> _Batch:
-        """Take the next batch off the queue and serialise it, yielding to the loop between
-        slices so that a large batch never holds the loop for long."""
-        buffer = self._buffer
-        popleft = buffer.popleft
-        taken = [popleft() for _ in range(min(len(buffer), self._batch_size))]
-        batch = _Batch(size=len(taken))
-        parts: list[str] = []
-        for start in range(0, len(taken), _SLICE):
-            if start:
-                await asyncio.sleep(0)
-            parts.append(self._encode_rows(self._rows(taken[start : start + _SLICE], batch)))
-        batch.data = "[" + ",".join(part for part in parts if part) + "]"
-        return batch
+    def _wake_up(self, _: object = None) -> None:
+        self._idle = False
+        if self._wake is not None:
+            self._wake.set()
+
+    def _serialise(self, batch: _Batch, count: int) -> None:
+        """Move up to ``count`` events from the queue into ``batch``, as JSON."""
+        popleft = self._buffer.popleft
+        taken = [popleft() for _ in range(min(len(self._buffer), count))]
+        batch.size += len(taken)
+        text = self._encode_rows(self._rows(taken, batch))
+        if text:
+            batch.parts.append(text)
 
     def _encode_rows(self, rows: list[list[Any]]) -> str:
         """The rows as the inside of a JSON array (no brackets)."""
@@ -624,7 +645,7 @@ class EventWriter:
     async def _write(self, batch: _Batch) -> None:
         try:
             if batch.events:
-                await self._attempt(batch.data)
+                await self._attempt(batch.data())
         except DBAPIError as exc:
             if not _is_refusal(exc):
                 raise
