@@ -19,7 +19,10 @@ Invariants:
   content (a duplicate ``(call_id, seq)``, bad data) is logged as an error and counted in
   ``rejected``, so one bad event cannot wedge the writer; a payload JSON cannot hold is kept
   as its ``repr``, and logged.
-- A batch is serialised to one JSON array by the C encoder, in slices of ``_SLICE`` events per
+- A payload is stored as the json module writes it with ``default=str`` (NaN and infinities
+  by their names); only enum members, which it would write as ``str(member)``, are stored by
+  value. orjson writes it, and the json module takes over wherever orjson would differ.
+- A batch is serialised to one JSON array (orjson), in slices of ``_SLICE`` events per
   loop turn, as events arrive and while the previous batch is being written (the next write
   starts as soon as the last one commits, with what is serialised by then); the database
   unpacks it (``json_each`` on SQLite, ``jsonb_array_elements`` on PostgreSQL) with the GIL
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import orjson
 import structlog
 from sqlalchemy import (
     DateTime,
@@ -105,7 +109,14 @@ _COLUMNS = (
 _WRITER_CACHE_KIB = 65_536
 # Events serialised per loop turn: about a millisecond of CPU, so the loop stays responsive.
 _SLICE = 500
+# The json module is the reference: what it writes (with ``default=str``) is what is stored.
 _encode = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
+# orjson writes the same JSON several times faster. With these options it hands datetimes and
+# dataclasses to _default as the json module does; what it refuses (non-str keys, integers
+# beyond 64 bits, lone surrogates, deep nesting) goes to the json module instead.
+_PAYLOAD_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_dumps = orjson.dumps
+_Fragment = orjson.Fragment
 
 
 def _sqlite_insert() -> Any:
@@ -227,14 +238,22 @@ async def _cancelled(write: asyncio.Task[None] | None) -> None:
         await asyncio.wait((write,))
 
 
-def _without_nul(row: list[Any]) -> list[Any]:
-    payload = row[8]
-    try:
-        if isinstance(payload, dict) and "\\u0000" in _encode(payload):
-            return [*row[:8], escape_nul(payload)]
-    except (TypeError, ValueError, RecursionError):  # _encode_row will store its repr
-        pass
-    return row
+def _default(value: Any) -> Any:
+    """What ``json.dumps(default=str)`` makes of a value orjson does not write itself."""
+    if isinstance(value, float):  # a float subclass (numpy.float64): json writes the number
+        return float(value)
+    return str(value)
+
+
+def _all_finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in ``value``: orjson writes those as null, silently."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return all(_all_finite(item) for item in value)
+    return True
 
 
 class EventWriter:
@@ -577,15 +596,35 @@ class EventWriter:
             batch.parts.append(text)
 
     def _encode_rows(self, rows: list[list[Any]]) -> str:
-        """The rows as the inside of a JSON array (no brackets)."""
+        """The rows as the inside of a JSON array (no brackets); each payload in place.
+
+        On SQLite the payload goes in as a JSON *string*: each ``json_extract`` of a field
+        parses the whole row, and a string is parsed far faster than the object it holds.
+        PostgreSQL parses the batch once, so there it goes in as the object itself.
+        """
+        postgresql = self._postgresql
+        texts: list[bytes] = []
+        for row in rows:
+            payload = row[8]
+            try:
+                text = _dumps(payload, default=_default, option=_PAYLOAD_OPTIONS)
+            except TypeError:  # orjson's refusals (see _PAYLOAD_OPTIONS): the json module
+                text = self._payload_json(row).encode()
+            else:
+                # orjson writes NaN and infinities as null; the json module writes their
+                # names. JSONB refuses U+0000: such payloads are stored escaped (_schema).
+                if (b"null" in text and not _all_finite(payload)) or (
+                    postgresql and b"\\u0000" in text
+                ):
+                    text = self._payload_json(row).encode()
+            texts.append(text)
+            row[8] = _Fragment(text) if postgresql else text.decode()
         try:
-            text = _encode(rows)[1:-1]
-        except (TypeError, ValueError, RecursionError):  # some payload is not JSON
-            text = ",".join(self._encode_row(row) for row in rows)
-        if self._postgresql and "\\u0000" in text:
-            # Rare: JSONB refuses U+0000, so those payloads are stored escaped (_schema).
-            text = ",".join(self._encode_row(_without_nul(row)) for row in rows)
-        return text
+            return _dumps(rows, default=_default).decode()[1:-1]
+        except TypeError:  # an envelope field orjson refuses
+            return ",".join(
+                self._encode_row(row, text.decode()) for row, text in zip(rows, texts, strict=True)
+            )
 
     def _rows(self, chunk: list[Event], batch: _Batch) -> list[list[Any]]:
         """The rows of ``chunk``; an event the store cannot hold is refused and logged."""
@@ -598,7 +637,8 @@ class EventWriter:
                 # PostgreSQL parses ISO 8601 with its offset. SQLite keeps DateTime as naive
                 # UTC text in exactly the second layout, so values written here compare and
                 # parse like the ones SQLAlchemy writes.
-                stamp = at.isoformat() if postgresql else at.isoformat(" ", "microseconds")[:26]
+                # (orjson writes a datetime as ISO 8601 with its offset.)
+                stamp = at if postgresql else at.isoformat(" ", "microseconds")[:26]
                 row = [
                     e.event_id,
                     e.call_id,
@@ -623,15 +663,15 @@ class EventWriter:
                 batch.events.append(e)
         return rows
 
-    def _encode_row(self, row: list[Any]) -> str:
-        try:
-            return _encode(row)
-        except (TypeError, ValueError, RecursionError):
-            pass
-        try:
-            return _encode(_finite(row))  # NaN and infinities have no JSON spelling
-        except (TypeError, ValueError, RecursionError):
-            pass
+    def _payload_json(self, row: list[Any]) -> str:
+        """The payload by the json module: NaN and infinities by their names, U+0000 escaped
+        for PostgreSQL, and a payload JSON cannot hold as its repr (logged)."""
+        payload = row[8]
+        text = self._json_or_none(payload)
+        if text is not None and self._postgresql and "\\u0000" in text:
+            text = self._json_or_none(escape_nul(payload))
+        if text is not None:
+            return text
         # Keep the event (never drop it) with its payload as text, and say so.
         _log.error(
             "event payload is not JSON-serialisable; stored as its repr",
@@ -640,7 +680,27 @@ class EventWriter:
             call_id=row[1],
             seq=row[2],
         )
-        return _encode([*row[:8], {"unserialisable_payload": repr(row[8])[:4000]}])
+        return _encode({"unserialisable_payload": repr(payload)[:4000]})
+
+    @staticmethod
+    def _json_or_none(value: Any) -> str | None:
+        try:
+            return _encode(value)
+        except (TypeError, ValueError, RecursionError):
+            pass
+        try:
+            return _encode(_finite(value))  # NaN and infinities have no JSON spelling
+        except (TypeError, ValueError, RecursionError):
+            return None
+
+    def _encode_row(self, row: list[Any], payload: str) -> str:
+        """One row by the json module, with its payload's JSON text."""
+        try:
+            envelope = _encode(row[:8])
+        except (TypeError, ValueError, RecursionError):
+            envelope = _encode(_finite(row[:8]))  # NaN and infinities have no JSON spelling
+        field = payload if self._postgresql else _encode(payload)
+        return envelope[:-1] + "," + field + "]"
 
     async def _write(self, batch: _Batch) -> None:
         try:

@@ -216,6 +216,41 @@ async def test_payload_values_json_cannot_spell_are_stored_as_text(store_url: st
     assert stored.event.payload == {"cost": "0.10", "nan": "nan", "inf": "inf", "ok": 1.5}
 
 
+@dataclasses.dataclass
+class _Point:
+    x: int
+
+
+async def test_payloads_are_stored_as_the_json_module_writes_them(store_url: str) -> None:
+    # The writer encodes with orjson and falls back to the json module (default=str) for
+    # what orjson would write differently: each payload must read back as json writes it.
+    import json
+    import uuid
+    from datetime import UTC, date, datetime
+
+    import numpy as np
+
+    at = datetime(2025, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    ident = uuid.UUID(int=7)
+    payloads: list[dict[str, Any]] = [
+        {"at": at, "day": date(2025, 1, 2), "id": ident, "point": _Point(1), "cost": Decimal("1")},
+        {"np": np.float64(0.25), "big": 2**70, "ints": (1, 2), "flag": True, "none": None},
+        {"deep": {"list": [1.5, None, {"nan": float("nan")}]}, "null": None},
+        {"-inf": float("-inf"), "text": "naïve ✓", "nul": "a\x00b", "esc": "\ue000"},
+        {1: "int key", "nested": {"k": [None]}},
+    ]
+    expected = [json.loads(json.dumps(p, default=str)) for p in payloads]
+    expected[2]["deep"]["list"][2]["nan"] = "nan"
+    expected[3]["-inf"] = "-inf"
+    events = call_events("enc", types=(EventType.TRACE_CREATED,) * len(payloads))
+    writer = await started_writer(store_url)
+    for event, payload in zip(events, payloads, strict=True):
+        writer.emit(dataclasses.replace(event, payload=payload))
+    await writer.aclose()
+    assert writer.written == len(payloads) and writer.rejected == 0
+    assert [s.event.payload for s in await read_all(store_url)] == expected
+
+
 async def test_a_payload_json_cannot_hold_is_kept_as_text_and_reported(sqlite_url: str) -> None:
     good, bad, after = call_events("p", types=(EventType.TRACE_CREATED,) * 3)
     circular: dict[str, Any] = {"a": 1}
