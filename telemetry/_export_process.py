@@ -21,6 +21,8 @@ Invariants:
   background at the first export), or when it cannot start, dies or hangs past the export
   timeout, batches are exported in this process with an identical exporter (one warning
   names a failure), and a fresh helper is tried ``_RESTART_AFTER_S`` after a failure.
+- A process forked after the helper started (a pre-fork server's worker) forgets it and
+  starts its own; it never writes into its parent's pipe.
 - ``shutdown`` asks the helper to shut its exporter down and waits for it (then kills it).
 """
 
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -250,6 +253,11 @@ class ProcessSpanExporter(SpanExporter):
         self._fallback = fallback
         self._shut_down = False
         self._warned = False
+        if hasattr(os, "register_at_fork"):
+            # A forked child (a pre-fork server's worker) must not write into its parent's
+            # helper pipe: it forgets the helper and starts its own at its first export.
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _forget_helper(ref))
 
     @property
     def helper_pid(self) -> int | None:
@@ -384,6 +392,20 @@ class ProcessSpanExporter(SpanExporter):
                     # The helper may have died with bytes unread: nothing to keep then.
                     with contextlib.suppress(OSError):
                         stream.close()
+
+
+def _forget_helper(ref: weakref.ref[ProcessSpanExporter]) -> None:
+    exporter = ref()
+    if exporter is None:
+        return
+    exporter._lock = threading.Lock()  # it may have been held by another thread at fork
+    exporter._starting = None
+    process, exporter._process = exporter._process, None
+    if process is not None:  # our copies of the parent's pipe ends; its helper lives on
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
 
 def _reply(process: subprocess.Popen[bytes], timeout_s: float) -> bytes:

@@ -154,3 +154,40 @@ async def test_a_helper_that_cannot_build_its_exporter_leaves_export_in_process(
         assert any("did not start" in e.get("reason", "") for e in logs)
     finally:
         await asyncio.to_thread(exporter.shutdown)
+
+
+async def test_a_forked_child_uses_its_own_helper_not_its_parents(
+    otlp_receiver: Receiver,  # noqa: F811
+) -> None:
+    exporter = ProcessSpanExporter(_factory(otlp_receiver.url))
+    spans = _spans()
+    try:
+        assert await asyncio.to_thread(exporter.wait_until_ready)
+        parent_helper = exporter.helper_pid
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: export through its own helper, report, and leave at once
+            code = 1
+            try:
+                os.close(read_end)
+                ready = exporter.wait_until_ready()
+                result = exporter.export(spans)
+                own = exporter.helper_pid
+                os.write(write_end, f"{ready} {result.name} {own}".encode())
+                exporter.shutdown()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        report = os.read(read_end, 200).decode().split()
+        os.close(read_end)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert report[:2] == ["True", "SUCCESS"]
+        assert int(report[2]) not in (parent_helper, pid)
+        # The parent's helper was not disturbed by the child.
+        assert exporter.helper_pid == parent_helper
+        assert await _export(exporter, spans) is SpanExportResult.SUCCESS
+        assert len(otlp_receiver.spans) == 2 * len(spans)
+    finally:
+        await asyncio.to_thread(exporter.shutdown)
