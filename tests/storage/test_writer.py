@@ -434,6 +434,23 @@ async def test_recent_sends_needs_a_started_writer(sqlite_url: str) -> None:
         await open_store_sink(sqlite_url).recent_sends(datetime.now(UTC))
 
 
+async def test_sqlite_page_cache_and_checkpoint_interval_are_set_per_engine(
+    sqlite_url: str,
+) -> None:
+    from sqlalchemy import text
+
+    tuned = create_engine(sqlite_url, cache_size_kib=4_096, wal_autocheckpoint_pages=7_000)
+    plain = create_engine(sqlite_url)
+    try:
+        for engine, cache, pages in ((tuned, -4_096, 7_000), (plain, -2_000, 1_000)):
+            async with engine.connect() as connection:
+                assert await connection.scalar(text("PRAGMA cache_size")) == cache
+                assert await connection.scalar(text("PRAGMA wal_autocheckpoint")) == pages
+    finally:
+        await tuned.dispose()
+        await plain.dispose()
+
+
 async def test_an_engine_for_a_missing_file_is_refused_when_it_must_exist(tmp_path: Path) -> None:
     with pytest.raises(StoreConfigError, match="no event store"):
         create_engine(f"sqlite:///{tmp_path / 'absent.db'}", must_exist=True)
