@@ -251,6 +251,40 @@ async def test_payloads_are_stored_as_the_json_module_writes_them(store_url: str
     assert [s.event.payload for s in await read_all(store_url)] == expected
 
 
+async def test_occurred_at_of_any_shape_is_stored_as_the_same_utc_instant(store_url: str) -> None:
+    import re
+    from datetime import UTC, datetime, timedelta, timezone
+
+    times = [
+        datetime(2025, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),  # the whole second: no fraction in ISO
+        datetime(2025, 1, 2, 5, 4, 5, 999999, tzinfo=timezone(timedelta(hours=2))),
+        datetime(2025, 1, 2, 3, 4, 5, 500000),  # naive: taken as UTC
+    ]
+    events = call_events("at", types=(EventType.TRACE_CREATED,) * len(times))
+    writer = await started_writer(store_url)
+    for event, at in zip(events, times, strict=True):
+        writer.emit(dataclasses.replace(event, occurred_at=at))
+    await writer.aclose()
+    stored = [s.event.occurred_at for s in await read_all(store_url)]
+    assert stored == [at if at.tzinfo else at.replace(tzinfo=UTC) for at in times]
+    assert all(at.tzinfo is not None for at in stored)
+    if store_url.startswith("sqlite"):
+        # SQLAlchemy's own layout for SQLite, so that `since`/`until` compare as text.
+        with sqlite3.connect(make_url(store_url).database or "") as connection:
+            texts = [
+                row[0]
+                for row in connection.execute("SELECT occurred_at FROM events ORDER BY position")
+            ]
+        assert texts == [
+            "2025-01-02 03:04:05.000006",
+            "2025-01-02 03:04:05.000000",
+            "2025-01-02 03:04:05.999999",
+            "2025-01-02 03:04:05.500000",
+        ]
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", t) for t in texts)
+
+
 async def test_a_payload_json_cannot_hold_is_kept_as_text_and_reported(sqlite_url: str) -> None:
     good, bad, after = call_events("p", types=(EventType.TRACE_CREATED,) * 3)
     circular: dict[str, Any] = {"a": 1}
