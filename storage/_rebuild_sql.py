@@ -7,20 +7,23 @@ exactly the rows the Python folds give for the same events, by splitting the wor
 
 - **Simple calls** (the usual case): every event of the call in the range, none before it,
   ``trace_created`` first and ``completed``, if any, last, at most one ``received``. One
-  ``GROUP BY call_id`` query aggregates their counts, integer sums and the fields of
-  ``trace_created`` and ``completed`` (reading the payload with ``json_extract`` on SQLite,
-  ``->>`` on PostgreSQL); Python prices them and inserts the rows.
+  ``GROUP BY call_id`` query finds each call's first and last positions and those of these
+  three events, and reads their fields by position (the payload with ``json_extract`` on
+  SQLite, ``->>`` on PostgreSQL); Python prices them and inserts the rows.
 - **Float sums** (gate waits, latencies) are never summed by SQL: SQLite's ``sum()`` does not
   promise an order, and from 3.43 on it compensates rounding errors, so its result can differ
   from the folds' left fold in the last bit. One narrow query returns the metric events in
   position order and Python adds them, in that order, onto the stored ``metrics_minute`` rows
-  and onto each call, exactly as the folds do.
+  and onto each call, exactly as the folds do; it also counts each call's ``sent`` events and
+  rate-limited failures.
 - **Every other call** (it started before the range, or its stream is unusual) goes through
   the Python folds themselves, on its events in the range.
 
-Money stays exact: costs are computed in Python from token sums (integers), never in SQL. The
-payload fields read here have the types the pipeline emits (pipeline/_events.py): integers for
-token counts and attempts, numbers for seconds, strings for names.
+Both queries' rows come from the driver itself, not through SQLAlchemy's result objects (see
+:func:`_fetch`). Money stays exact: costs are computed in Python from token sums (integers),
+never in SQL. The payload fields read here have the types the pipeline emits
+(pipeline/_events.py): integers for token counts and attempts, numbers for seconds, strings
+for names.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from functools import partial
 from typing import Any
 
 import orjson
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pipeline import PriceTable
@@ -58,71 +61,64 @@ _FINAL_OUTCOMES = frozenset({"succeeded", "failed", "cancelled"})
 _IN_CHUNK = 2000
 
 
-def _field(dialect: str, name: str, cast: str = "") -> str:
-    """A top-level payload field as an SQL value (names here are fixed identifiers)."""
+def _field(dialect: str, table: str, name: str, cast: str = "") -> str:
+    """A top-level payload field of ``table``'s row as an SQL value (names here are fixed
+    identifiers)."""
+    payload = f"{table}.payload" if table else "payload"
     if dialect == "sqlite":
-        return f"json_extract(payload, '$.{name}')"
-    value = f"(payload->>'{name}')"
+        return f"json_extract({payload}, '$.{name}')"
+    value = f"({payload}->>'{name}')"
     return f"{value}::{cast}" if cast else value
 
 
 def _calls_sql(dialect: str) -> str:
-    f = partial(_field, dialect)
+    t, r, c = (partial(_field, dialect, alias) for alias in "trc")
     metadata = (
-        "json_extract(payload, '$.metadata')"
+        "json_extract(t.payload, '$.metadata')"
         if dialect == "sqlite"
-        else "(payload->'metadata')::text"
+        else "(t.payload->'metadata')::text"
     )
 
-    def at(kind: str, value: str) -> str:
-        return f"max(CASE WHEN type = '{kind}' THEN {value} END)"
+    def at(kind: str, pick: str) -> str:
+        return f"{pick}(CASE WHEN type = '{kind}' THEN position END)"
 
-    def total(name: str) -> str:
-        return f"CAST(sum(CASE WHEN type = 'received' THEN {f(name, 'bigint')} END) AS BIGINT)"
-
+    # The grouping reads only call_id, position and type (SQLite sorts exactly those), and
+    # finds the positions of the events whose fields a simple call needs; the joins then read
+    # those few rows by position. The positions also tell a simple call at no extra cost:
+    # its latest trace_created is its first event (so it has exactly one), its earliest
+    # completed, if any, is its last event (so it has exactly one), and its earliest and
+    # latest received are the same event.
     # `spanning` tells a call with events before the range (its row must be folded onto).
     # It is read from the log, not from `calls`, so that the range can be read before the
     # previous one is committed.
     return f"""
-SELECT a.*, EXISTS (
-    SELECT 1 FROM events p WHERE p.call_id = a.call_id AND p.position <= :after
-) AS spanning
+SELECT a.call_id, a.first, a.last, a.tc, a.rc_first, a.rc, a.c,
+    t.trace_id, t.instance, t.occurred_at,
+    {t("operation_name")}, {t("model")}, {metadata},
+    {r("input_tokens", "bigint")}, {r("cached_tokens", "bigint")},
+    {r("output_tokens", "bigint")}, {r("reasoning_tokens", "bigint")},
+    c.occurred_at, {c("outcome")}, {c("error_type")}, {c("total_s", "float8")},
+    {c("attempts", "bigint")}, {c("model")},
+    EXISTS (
+        SELECT 1 FROM events p WHERE p.call_id = a.call_id AND p.position <= :after
+    ) AS spanning
 FROM (
-    SELECT call_id,
-        min(position), max(position),
-        count(CASE WHEN type = 'trace_created' THEN 1 END),
-        {at("trace_created", "position")},
-        {at("trace_created", "trace_id")},
-        {at("trace_created", "instance")},
-        {at("trace_created", "occurred_at")},
-        {at("trace_created", f("operation_name"))},
-        {at("trace_created", f("model"))},
-        {at("trace_created", metadata)},
-        count(CASE WHEN type = 'sent' THEN 1 END),
-        count(CASE WHEN type = 'received' THEN 1 END),
-        {total("input_tokens")},
-        {total("cached_tokens")},
-        {total("output_tokens")},
-        {total("reasoning_tokens")},
-        count(CASE WHEN type = 'attempt_failed' AND {f("error_type")} = 'rate_limited'
-              THEN 1 END),
-        count(CASE WHEN type = 'completed' THEN 1 END),
-        {at("completed", "position")},
-        {at("completed", "occurred_at")},
-        {at("completed", f("outcome"))},
-        {at("completed", f("error_type"))},
-        {at("completed", f("total_s", "float8"))},
-        {at("completed", f("attempts", "bigint"))},
-        {at("completed", f("model"))}
+    SELECT call_id, min(position) AS first, max(position) AS last,
+        {at("trace_created", "max")} AS tc,
+        {at("received", "min")} AS rc_first, {at("received", "max")} AS rc,
+        {at("completed", "min")} AS c
     FROM events
     WHERE position > :after AND position <= :end
     GROUP BY call_id
 ) a
+LEFT JOIN events t ON t.position = a.tc
+LEFT JOIN events r ON r.position = a.rc
+LEFT JOIN events c ON c.position = a.c
 """
 
 
 def _metric_events_sql(dialect: str) -> str:
-    f = partial(_field, dialect)
+    f = partial(_field, dialect, "")
     minute = (
         "substr(occurred_at, 1, 16)"
         if dialect == "sqlite"
@@ -146,15 +142,31 @@ ORDER BY position
 """
 
 
-_SQL: dict[tuple[str, str], Any] = {}
+_SQL: dict[tuple[str, str], str] = {}
 
 
-def _sql(kind: str, dialect: str) -> Any:
+def _sql(kind: str, dialect: str) -> str:
+    """The query in the driver's own parameter style: ``:after``/``:end`` for sqlite3,
+    ``$1``/``$2`` for asyncpg."""
     key = (kind, dialect)
     if key not in _SQL:
-        build = _calls_sql if kind == "calls" else _metric_events_sql
-        _SQL[key] = text(build(dialect))
+        sql = (_calls_sql if kind == "calls" else _metric_events_sql)(dialect)
+        if dialect != "sqlite":
+            sql = sql.replace(":after", "$1").replace(":end", "$2")
+        _SQL[key] = sql
     return _SQL[key]
+
+
+async def _fetch(conn: AsyncConnection, kind: str, after: int, end: int) -> list[Any]:
+    """The rows of one of the range's queries, taken from the driver as it gives them (tuples,
+    asyncpg records), inside ``conn``'s transaction: SQLAlchemy's Row objects cost more than
+    the query's own work, mostly in the collector's scans of them."""
+    dialect = conn.dialect.name
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    if dialect == "sqlite":
+        bounds = {"after": after, "end": end}
+        return list(await driver.execute_fetchall(_sql(kind, dialect), bounds))
+    return list(await driver.fetch(_sql(kind, dialect), after, end))
 
 
 def _utc(value: Any) -> datetime:
@@ -165,22 +177,23 @@ def _utc(value: Any) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-# The float fields of a call the narrow pass adds up: rpm, tpm, semaphore waits, last latency.
-_Floats = list[Any]
+# What the narrow pass gathers for a call: its rpm, tpm and semaphore waits (float sums in log
+# order), its last latency, and how many times it was sent and rate limited.
+_PerCall = list[Any]
 
 
 def _fold_metric_events(
     rows: Sequence[Sequence[Any]],
     minutes: dict[Any, datetime],
     metrics: dict[datetime, MetricsRow] | None,
-    floats: dict[str, _Floats] | None,
+    per_call: dict[str, _PerCall] | None,
 ) -> set[datetime]:
     """The folds' float (and metrics) arithmetic, event by event in position order: the same
     additions onto the same starting values as apply_metrics and apply_calls."""
     touched: set[datetime] = set()
     current: Any = object()
     row = MetricsRow()
-    call: _Floats = [0.0, 0.0, 0.0, None]
+    call: _PerCall = [0.0, 0.0, 0.0, None, 0, 0]
     for call_id, kind, minute, tag, value, tokens in rows:
         if metrics is not None and minute != current:
             key = minutes[minute]
@@ -189,13 +202,14 @@ def _fold_metric_events(
                 found = metrics[key] = MetricsRow()
             row, current = found, minute
             touched.add(key)
-        if floats is not None:
-            got = floats.get(call_id)
+        if per_call is not None:
+            got = per_call.get(call_id)
             if got is None:
-                got = floats[call_id] = [0.0, 0.0, 0.0, None]
+                got = per_call[call_id] = [0.0, 0.0, 0.0, None, 0, 0]
             call = got
         if kind == "sent":
             row.requests_sent += 1
+            call[4] += 1
         elif kind == "gate_wait":
             waited = float(value) if value is not None else 0.0
             if tag == "rpm":
@@ -219,6 +233,7 @@ def _fold_metric_events(
             row.errors += 1
             if tag == "rate_limited":
                 row.rate_limited += 1
+                call[5] += 1
             if value is not None:
                 call[3] = float(value)
     return touched
@@ -246,15 +261,14 @@ class RangeRead:
 async def read_range(
     conn: AsyncConnection, names: Sequence[str], after: int, end: int
 ) -> RangeRead:
-    """Run the range's queries over the log (``after < position <= end``)."""
-    dialect = conn.dialect.name
-    bounds = {"after": after, "end": end}
+    """Run the range's queries over the log (``after < position <= end``), in ``conn``'s
+    transaction, which the caller has begun (a query through SQLAlchemy begins it)."""
     narrow: list[Any] = []
     grouped: list[Any] = []
     if "calls" in names or "metrics_minute" in names:
-        narrow = list((await conn.execute(_sql("metric_events", dialect), bounds)).all())
+        narrow = await _fetch(conn, "metric_events", after, end)
     if "calls" in names or "usage_daily" in names:
-        grouped = list((await conn.execute(_sql("calls", dialect), bounds)).all())
+        grouped = await _fetch(conn, "calls", after, end)
     return RangeRead(after, end, narrow, grouped)
 
 
@@ -270,7 +284,7 @@ async def apply_range(
     want_calls, want_usage = "calls" in names, "usage_daily" in names
     want_metrics = "metrics_minute" in names
 
-    floats: dict[str, _Floats] | None = {} if want_calls else None
+    per_call: dict[str, _PerCall] | None = {} if want_calls else None
     if want_calls or want_metrics:
         narrow = read.metric_events
         minutes = {m: _utc(m + ":00" if isinstance(m, str) else m) for m in {r[2] for r in narrow}}
@@ -280,7 +294,7 @@ async def apply_range(
             metrics = await load_metrics(conn, sorted(set(minutes.values())))
             existing = set(metrics)
         with paused_gc():
-            touched = _fold_metric_events(narrow, minutes, metrics, floats)
+            touched = _fold_metric_events(narrow, minutes, metrics, per_call)
         if metrics is not None:
             await write_metrics(conn, metrics, touched, existing)
     if not (want_calls or want_usage):
@@ -292,25 +306,32 @@ async def apply_range(
     other: list[str] = []
     with paused_gc():
         for found in grouped:
-            (call_id, first, last, n_tc, tc_pos, trace_id, instance, started, operation, model,
-             metadata, sent, n_received, in_tokens, cached, out_tokens, reasoning, rate_limited,
-             n_completed, completed_pos, finished, outcome, error_type, total_s, attempts,
-             completed_model, spanning) = found  # fmt: skip
+            (call_id, first, last, tc_pos, received_first, received, completed, trace_id, instance,
+             started, operation, model, metadata, in_tokens, cached, out_tokens, reasoning,
+             finished, outcome, error_type, total_s, attempts, completed_model,
+             spanning) = found  # fmt: skip
+            # Simple: one trace_created, first; at most one received; at most one completed,
+            # last (see _calls_sql).
             if (
                 spanning
-                or n_tc != 1
                 or tc_pos != first
-                or n_completed > 1
-                or (n_completed == 1 and completed_pos != last)
-                or n_received > 1
+                or received_first != received
+                or (completed is not None and completed != last)
             ):
                 other.append(call_id)
                 continue
             tokens = (int(in_tokens or 0), int(cached or 0), int(out_tokens or 0))
             started_at = _utc(started)
             if want_calls:
-                assert floats is not None
-                rpm, tpm, semaphore, latency = floats.get(call_id) or (0.0, 0.0, 0.0, None)
+                assert per_call is not None
+                rpm, tpm, semaphore, latency, sent, rate_limited = per_call.get(call_id) or (
+                    0.0,
+                    0.0,
+                    0.0,
+                    None,
+                    0,
+                    0,
+                )
                 row = CallRow(
                     call_id,
                     trace_id=trace_id,
@@ -337,7 +358,7 @@ async def apply_range(
                     rate_limited=rate_limited,
                     last_position=last,
                 )
-                if n_completed:
+                if completed is not None:
                     row.outcome = outcome if outcome in _FINAL_OUTCOMES else "interrupted"
                     row.error_type = None if error_type is None else str(error_type)
                     row.finished_at = _utc(finished)
@@ -353,7 +374,7 @@ async def apply_range(
                 usage.calls += 1
                 if not key.model or prices.price(key.model) is None:
                     usage.unpriced_calls += 1
-                if n_received:
+                if received is not None:
                     usage.input_tokens += tokens[0]
                     usage.cached_tokens += tokens[1]
                     usage.output_tokens += tokens[2]
@@ -361,7 +382,7 @@ async def apply_range(
                     cost = _usage_cost(prices, key.model, tokens)
                     if cost is not None:
                         usage.cost_usd = cost + (usage.cost_usd or Decimal(0))
-                if n_completed:
+                if completed is not None:
                     if outcome == "succeeded":
                         usage.succeeded += 1
                     elif outcome == "failed":
