@@ -249,6 +249,10 @@ def decode_events(rows: Iterable[Sequence[Any]]) -> list[FoldEvent]:
     ]
 
 
+def _first(row: Sequence[Any]) -> Any:
+    return row[0]
+
+
 def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -297,9 +301,17 @@ async def fold_usage(
     """Fold ``batch`` into ``deltas``, looking up the key of each call started before it."""
     if not batch:
         return
-    # The key of a call started in an earlier batch comes from its trace_created event.
-    started_here = {e.call_id for e in batch if e.type == "trace_created"}
-    need = sorted({e.call_id for e in batch if e.type in ("received", "completed")} - started_here)
+    # The key of a call started in an earlier batch comes from its trace_created event. A call
+    # whose received or completed comes before any trace_created of it in the batch needs that
+    # key, even if the batch starts it again later.
+    started_here: set[str] = set()
+    needed: set[str] = set()
+    for e in batch:
+        if e.type == "trace_created":
+            started_here.add(e.call_id)
+        elif (e.type == "received" or e.type == "completed") and e.call_id not in started_here:
+            needed.add(e.call_id)
+    need = sorted(needed)
     first = batch[0].position
     call_keys: dict[str, UsageKey] = {}
     for chunk in _chunks(need):
@@ -310,7 +322,8 @@ async def fold_usage(
             .where(events.c.call_id.in_(chunk))
             .where(events.c.position < first)
         )
-        started = [row for row in result.all() if row[2] == "trace_created"]
+        # In log order: a call started more than once takes the key of its latest start.
+        started = sorted((row for row in result.all() if row[2] == "trace_created"), key=_first)
         for event in decode_events(started):
             call_keys[event.call_id] = call_usage_key(event)
     with paused_gc():

@@ -123,3 +123,26 @@ async def test_rebuild_of_unusual_streams_equals_the_folds(store):
     specs = [s for s in sample_specs() if s.call_id in {"c-died", "c-invalid", "c-unpriced"}]
     log = late + no_start + [e for s in specs for e in call_events(s)]
     await assert_rebuild_equals_folds(store, log)
+
+
+async def test_rebuild_folds_streams_whose_key_events_repeat_or_come_out_of_place(store):
+    # The SQL tells a simple call by the positions of its trace_created, received and
+    # completed events: each of these streams breaks one of those conditions.
+    def again(events, kind, *, at=None):
+        first = next(e for e in events if e.type == kind)
+        copy = replace(first, seq=len(events), event_id=new_event_id())
+        out = [*events]
+        out.insert(len(out) if at is None else at, copy)
+        return out
+
+    started_late = call_events(CallSpec("started-late", start=T0))
+    started_late = [*started_late[1:3], started_late[0], *started_late[3:]]
+    log = [
+        *started_late,
+        *again(call_events(CallSpec("two-starts", start=T0)), EventType.TRACE_CREATED),
+        *again(call_events(CallSpec("two-ends", start=T0)), EventType.COMPLETED),
+        *again(call_events(CallSpec("end-first", start=T0)), EventType.COMPLETED, at=1),
+        *again(call_events(CallSpec("two-answers", start=T0)), EventType.RECEIVED, at=4),
+    ]
+    rows = await assert_rebuild_equals_folds(store, log)
+    assert len(rows["calls"]) == 5
