@@ -694,7 +694,7 @@ class EventWriter:
         for PostgreSQL, and a payload JSON cannot hold as its repr (logged)."""
         payload = row[8]
         text = self._json_or_none(payload)
-        if text is not None and self._postgresql and "\\u0000" in text:
+        if self._postgresql and isinstance(payload, dict) and text and "\\u0000" in text:
             text = self._json_or_none(escape_nul(payload))
         if text is not None:
             return text
