@@ -390,7 +390,7 @@ async def apply_range(
                     elif outcome == "cancelled":
                         usage.cancelled += 1
     if new_rows:
-        await insert_rows(conn, calls, new_rows)
+        await insert_rows(conn, calls, new_rows, bulk=True)
     if other:
         batch = await _events_of(conn, other, after, end)
         if want_calls:
