@@ -47,7 +47,7 @@ async def test_calls_run_on_the_service_loop_thread_with_the_callers_context(
                 results = await asyncio.gather(
                     *(
                         service.execute_generation_async(GenerationRequest(user_prompt=f"q{i}"))
-                        for i in range(20)
+                        for i in range(300)
                     )
                 )
             stats = service.stats()
@@ -58,7 +58,7 @@ async def test_calls_run_on_the_service_loop_thread_with_the_callers_context(
     assert {r.trace_id for r in results} == {f"{handler.get_span_context().trace_id:032x}"}
     assert all(b.get("request_path") == "/chat" for b in sink.bound)
     assert all("call_id" in b for b in sink.bound)
-    assert stats.usage["generation"].succeeded == 20
+    assert stats.usage["generation"].succeeded == 300
     assert _loop_threads() == [], "aclose stops the loop thread"
 
 
