@@ -30,12 +30,13 @@ from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from pipeline import ConfigurationError
 
 from . import _attributes as A
+from ._bundle import OwnSpanProcessors
 from ._export_process import ProcessSpanExporter
 from ._sink import TracingSink
 
@@ -53,8 +54,12 @@ class _Configured:
     tracer_provider: TracerProvider | None
     meter_provider: MeterProvider | None
     owned: tuple[TracerProvider | SDKMeterProvider, ...]
-    # The active span processor of a tracer provider configure() made (None for a user's).
+    # The active span processor of a tracer provider configure() made (None for a user's),
+    # and the batch processor it holds.
     span_processor: SpanProcessor | None = None
+    batch_processor: BatchSpanProcessor | None = None
+    # The export helper records the GenAI metrics on a provider like meter_provider.
+    metrics_in_helper: bool = False
 
 
 _configured: _Configured | None = None
@@ -175,21 +180,43 @@ def traces_exporter(
 
 def _new_tracer_provider(
     exporter: SpanExporter, service_name: str | None
-) -> tuple[TracerProvider, SpanProcessor]:
-    """A provider batch-exporting to ``exporter``, and its active span processor.
+) -> tuple[TracerProvider, OwnSpanProcessors, BatchSpanProcessor]:
+    """A provider batch-exporting to ``exporter``, its active span processor and the batch one.
 
-    The processor is made here (not left to the provider) so the tracing sink can hand it
-    finished spans directly; processors a user adds to the provider later join it too.
+    The processors are made here (not left to the provider) so the tracing sink can hand them
+    finished spans, or finished calls for the export helper, directly; processors a user adds
+    to the provider later join the active one too (and the sink then sends spans only).
     """
-    active = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
+    active = OwnSpanProcessors()
     provider = TracerProvider(resource=service_resource(service_name), active_span_processor=active)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider, active
+    batch = BatchSpanProcessor(exporter)
+    provider.add_span_processor(batch)
+    return provider, active, batch
 
 
 def _new_meter_provider(exporter: MetricExporter, service_name: str | None) -> SDKMeterProvider:
     reader = PeriodicExportingMetricReader(exporter)
     return SDKMeterProvider(resource=service_resource(service_name), metric_readers=[reader])
+
+
+def otlp_meter_provider(
+    endpoint: str | None, protocol: str | None, service_name: str | None
+) -> SDKMeterProvider:
+    """The OTLP meter provider llmtrail builds (also in the export helper, from this recipe)."""
+    return _new_meter_provider(_otlp_metric_exporter(endpoint, protocol), service_name)
+
+
+def _metrics_in_helper(
+    exporter: SpanExporter, endpoint: str | None, protocol: str | None, service_name: str | None
+) -> bool:
+    """Let the export helper (if ``exporter`` uses one) record the GenAI metrics on a provider
+    built like ``otlp_meter_provider(endpoint, protocol, service_name)``."""
+    if not isinstance(exporter, ProcessSpanExporter):
+        return False
+    exporter.record_metrics_with(
+        functools.partial(otlp_meter_provider, endpoint, protocol, service_name)
+    )
+    return True
 
 
 def configure(
@@ -231,23 +258,25 @@ def configure(
         )
     owned: list[TracerProvider | SDKMeterProvider] = []
     span_processor: SpanProcessor | None = None
+    batch: BatchSpanProcessor | None = None
     if tracer_provider is None:
-        tracer_provider, span_processor = _new_tracer_provider(
-            exporter
-            if exporter is not None
-            else traces_exporter(endpoint, protocol, export_process),
-            service_name,
-        )
+        if exporter is None:
+            exporter = traces_exporter(endpoint, protocol, export_process)
+        tracer_provider, span_processor, batch = _new_tracer_provider(exporter, service_name)
         owned.append(tracer_provider)
+    in_helper = False
     if meter_provider is None and endpoint is not None:
-        metric_exporter = _otlp_metric_exporter(endpoint, protocol)
-        meter_provider = _new_meter_provider(metric_exporter, service_name)
+        meter_provider = otlp_meter_provider(endpoint, protocol, service_name)
         owned.append(meter_provider)
+        if exporter is not None:
+            in_helper = _metrics_in_helper(exporter, endpoint, protocol, service_name)
     if meter_provider is None:
         meter_provider = _global_sdk_meter_provider()
     previous, _configured = (
         _configured,
-        _Configured(tracer_provider, meter_provider, tuple(owned), span_processor),
+        _Configured(
+            tracer_provider, meter_provider, tuple(owned), span_processor, batch, in_helper
+        ),
     )
     if previous is not None:
         for provider in previous.owned:
@@ -326,6 +355,8 @@ def tracing_sink_from_environment(*, force: bool = False, **_: object) -> Tracin
             tracer_provider=_configured.tracer_provider,
             meter_provider=_configured.meter_provider,
             span_processor=_configured.span_processor,
+            batch_processor=_configured.batch_processor,
+            metrics_in_helper=_configured.metrics_in_helper,
         )
     global_tracer = _global_sdk_tracer_provider()
     global_meter = _global_sdk_meter_provider()
@@ -338,19 +369,25 @@ def tracing_sink_from_environment(*, force: bool = False, **_: object) -> Tracin
     meter_provider: MeterProvider | None = global_meter
     owns_meter = False
     if meter_provider is None and _env_wants_metrics():
-        meter_provider = _new_meter_provider(_otlp_metric_exporter(None, None), None)
+        meter_provider = otlp_meter_provider(None, None, None)
         owns_meter = True
     if span_exporter is None and meter_provider is None:
         # Nothing asked for telemetry: the common case, decided without building anything.
         return None
     tracer_provider: TracerProvider | None = None
     span_processor: SpanProcessor | None = None
+    batch: BatchSpanProcessor | None = None
+    in_helper = False
     if span_exporter is not None:
-        tracer_provider, span_processor = _new_tracer_provider(span_exporter, None)
+        tracer_provider, span_processor, batch = _new_tracer_provider(span_exporter, None)
+        if owns_meter:
+            in_helper = _metrics_in_helper(span_exporter, None, None, None)
     return TracingSink(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         owns_tracer_provider=tracer_provider is not None,
         owns_meter_provider=owns_meter,
         span_processor=span_processor,
+        batch_processor=batch,
+        metrics_in_helper=in_helper,
     )

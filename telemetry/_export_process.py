@@ -44,6 +44,7 @@ from typing import IO, Any
 
 import structlog
 from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event as SpanEvent
 from opentelemetry.sdk.trace import ReadableSpan
@@ -52,6 +53,18 @@ from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import TraceFlags, TraceState
+
+from ._bundle import (
+    METRICS_ONLY,
+    SPANS,
+    SPANS_AND_METRICS,
+    CallBundle,
+    flatten_bundles,
+    rebuild_bundles,
+    record_call_metrics,
+    spans_of,
+)
+from ._metrics import GenAIMetrics
 
 __all__ = ["ProcessSpanExporter", "flatten_spans", "rebuild_spans"]
 
@@ -65,6 +78,7 @@ _RESTART_AFTER_S = 5.0
 _GRACE_S = 5.0
 
 ExporterFactory = Callable[[], SpanExporter]
+MeterProviderFactory = Callable[[], SDKMeterProvider]
 
 
 # --- the wire form of spans -----------------------------------------------------------------
@@ -235,6 +249,14 @@ class ProcessSpanExporter(SpanExporter):
     helper is not ready: while it starts (in the background, at the first export: about a
     second of imports, during which nothing waits), after it failed, and after shutdown
     began. ``timeout_s`` bounds one export, the helper's exporter retries included.
+
+    Besides spans, a batch may hold :class:`CallBundle` items (a finished call's events,
+    queued by the tracing sink): the helper builds their spans, and records their GenAI
+    metrics on the meter provider ``metrics_factory`` builds there (see
+    :meth:`record_metrics_with`). Metric points are recorded in exactly one process: in the
+    helper while helpers serve, in this process from the first helper failure on (one
+    series, never two processes writing it at once); calls finished while the first helper
+    starts keep their metric points here until it serves.
     """
 
     def __init__(
@@ -243,6 +265,7 @@ class ProcessSpanExporter(SpanExporter):
         *,
         timeout_s: float = 10.0,
         fallback: SpanExporter | None = None,
+        metrics_factory: MeterProviderFactory | None = None,
     ) -> None:
         self._factory = factory
         self._timeout_s = timeout_s
@@ -253,6 +276,11 @@ class ProcessSpanExporter(SpanExporter):
         self._fallback = fallback
         self._shut_down = False
         self._warned = False
+        self._metrics_factory = metrics_factory
+        # Metric points go to helpers until one fails; then they stay in this process.
+        self._metrics_remote = True
+        self._helper_metrics = False  # the serving helper has built its meter provider
+        self._held: list[CallBundle] = []  # calls whose metric points wait for a helper
         if hasattr(os, "register_at_fork"):
             # A forked child (a pre-fork server's worker) must not write into its parent's
             # helper pipe: it forgets the helper and starts its own at its first export.
@@ -265,6 +293,16 @@ class ProcessSpanExporter(SpanExporter):
         process = self._process
         return process.pid if process is not None and process.poll() is None else None
 
+    def record_metrics_with(self, factory: MeterProviderFactory) -> None:
+        """Let helpers record the GenAI metrics of call bundles on ``factory()``'s provider.
+
+        ``factory`` must be picklable and build a provider equal to the in-process one the
+        bundles' sink would use (same exporter settings and resource).
+        """
+        with self._lock:
+            self._metrics_factory = factory
+            self._helper_metrics = False  # a serving helper is told at the next export
+
     def wait_until_ready(self, timeout_s: float = _START_TIMEOUT_S) -> bool:
         """Start the helper if needed and wait for it; whether it serves (tests, benchmarks)."""
         with self._lock:
@@ -275,14 +313,42 @@ class ProcessSpanExporter(SpanExporter):
         return self.helper_pid is not None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        plain: list[ReadableSpan] = []
+        bundles: list[CallBundle] = []
+        for item in spans:
+            if isinstance(item, CallBundle):
+                bundles.append(item)
+            else:
+                plain.append(item)
         with self._lock:
             process = None if self._shut_down else self._start_if_needed()
             if process is not None:
                 try:
-                    return self._export_in(process, spans)
+                    return self._export_in(process, plain, bundles)
                 except (OSError, EOFError, TimeoutError, pickle.PickleError) as exc:
                     self._lost(f"{type(exc).__name__}: {exc}")
-            return self._in_process().export(spans)
+            return self._export_here(plain, bundles)
+
+    def flush_metrics(self, timeout_s: float = _START_TIMEOUT_S) -> None:
+        """Export the metric points recorded so far (in the helper, or held for it)."""
+        with self._lock:
+            self._start_if_needed()
+            starting = self._starting
+        if starting is not None:
+            starting.join(timeout_s)  # points held for the first helper go there
+        with self._lock:
+            process = None if self._shut_down else self._start_if_needed()
+            if process is not None:
+                try:
+                    if self._held:
+                        self._export_in(process, [], [])
+                    if self._helper_metrics:
+                        _write_frame(process.stdin, _dumps(("flush",)))  # type: ignore[arg-type]
+                        _reply(process, self._timeout_s + _GRACE_S)
+                    return
+                except (OSError, EOFError, TimeoutError, pickle.PickleError) as exc:
+                    self._lost(f"{type(exc).__name__}: {exc}")
+            self._record_held_here()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True  # export() is synchronous: nothing is held here
@@ -298,7 +364,13 @@ class ProcessSpanExporter(SpanExporter):
         with self._lock:
             process, self._process = self._process, None
             if process is not None:
+                if self._held:
+                    # On failure they are recorded here, just below.
+                    with contextlib.suppress(OSError, EOFError, TimeoutError, pickle.PickleError):
+                        self._export_in(process, [], [])
                 self._stop(process)
+            self._metrics_remote = False
+            self._record_held_here()
             if self._fallback is not None:
                 self._fallback.shutdown()
 
@@ -312,8 +384,11 @@ class ProcessSpanExporter(SpanExporter):
             if process.poll() is None:
                 return process
             self._lost(f"the export helper exited (code {process.returncode})")
-        if self._starting is not None or self._shut_down or os.name != "posix":
-            return None  # select() on pipes is POSIX-only: elsewhere, export in process
+        if self._starting is not None or self._shut_down:
+            return None
+        if os.name != "posix":
+            self._metrics_remote = False  # select() on pipes is POSIX-only: no helper here
+            return None
         if self._failed_at is not None and time.monotonic() - self._failed_at < _RESTART_AFTER_S:
             return None
         self._starting = threading.Thread(
@@ -350,28 +425,96 @@ class ProcessSpanExporter(SpanExporter):
             else:
                 self._process = process
                 self._failed_at = None
+                self._helper_metrics = False
+
+    def _helper_records_metrics(self, process: subprocess.Popen[bytes]) -> bool:
+        """Whether metric points go to ``process`` (telling it how to record them first)."""
+        if not self._metrics_remote or self._metrics_factory is None:
+            return False
+        if not self._helper_metrics:
+            assert process.stdin is not None
+            _write_frame(process.stdin, _dumps(("metrics", self._metrics_factory)))
+            if _reply(process, _START_TIMEOUT_S) != _READY:
+                self._metrics_remote = False
+                self._warn(
+                    "OTLP export helper cannot record metrics; recording them in this process"
+                )
+                return False
+            self._helper_metrics = True
+        return True
 
     def _export_in(
-        self, process: subprocess.Popen[bytes], spans: Sequence[ReadableSpan]
+        self,
+        process: subprocess.Popen[bytes],
+        spans: Sequence[ReadableSpan],
+        bundles: Sequence[CallBundle],
     ) -> SpanExportResult:
         assert process.stdin is not None
-        payload = pickle.dumps(flatten_spans(spans), protocol=pickle.HIGHEST_PROTOCOL)
+        calls: list[tuple[CallBundle, int]] = []
+        if bundles or self._held:
+            remote = self._helper_records_metrics(process)
+            if remote:
+                calls.extend((bundle, METRICS_ONLY) for bundle in self._held)
+            for bundle in bundles:
+                target = bundle.target
+                if not target.metrics_anywhere or target.metrics is None:
+                    calls.append((bundle, SPANS))
+                elif remote:
+                    calls.append((bundle, SPANS_AND_METRICS))
+                else:
+                    record_call_metrics(target.metrics, bundle.events)
+                    calls.append((bundle, SPANS))
+            if not remote:
+                self._record_held_here()
+        payload = _dumps(("export", flatten_spans(spans), flatten_bundles(calls)))
         _write_frame(process.stdin, payload)
         reply = _reply(process, self._timeout_s + _GRACE_S)
+        self._held.clear()  # the helper has them now, whatever its exporter answered
         return SpanExportResult.SUCCESS if reply == _SUCCESS else SpanExportResult.FAILURE
+
+    def _export_here(
+        self, spans: Sequence[ReadableSpan], bundles: Sequence[CallBundle]
+    ) -> SpanExportResult:
+        """Export in this process: bundles become spans here; their metric points are
+        recorded here too, unless the first helper is still starting (then they wait)."""
+        out = list(spans)
+        hold = self._metrics_remote and self._metrics_factory is not None and not self._shut_down
+        for bundle in bundles:
+            target = bundle.target
+            try:
+                out.extend(spans_of(bundle.events, target.resource, target.scope, target.info))
+            except Exception:
+                _log.exception("could not trace a call", call_id=bundle.events[-1].call_id)
+            if target.metrics_anywhere and target.metrics is not None:
+                if hold:
+                    self._held.append(bundle)
+                else:
+                    record_call_metrics(target.metrics, bundle.events)
+        if not hold:
+            self._record_held_here()
+        return self._in_process().export(out) if out else SpanExportResult.SUCCESS
+
+    def _record_held_here(self) -> None:
+        held, self._held = self._held, []
+        for bundle in held:
+            if bundle.target.metrics is not None:
+                record_call_metrics(bundle.target.metrics, bundle.events)
 
     def _lost(self, reason: str) -> None:
         process, self._process = self._process, None
         if process is not None:
             self._stop(process)
         self._failed_at = time.monotonic()
+        # The lost helper's unexported points are gone with it; from here on every point is
+        # recorded in this process, so that no two processes ever write the same series.
+        self._metrics_remote = False
+        self._helper_metrics = False
+        self._warn("OTLP export helper unavailable; exporting spans in this process", reason)
+
+    def _warn(self, message: str, reason: str | None = None) -> None:
         if not self._warned:
             self._warned = True
-            _log.warning(
-                "OTLP export helper unavailable; exporting spans in this process",
-                reason=reason,
-                retry_after_s=_RESTART_AFTER_S,
-            )
+            _log.warning(message, reason=reason, retry_after_s=_RESTART_AFTER_S)
 
     def _in_process(self) -> SpanExporter:
         if self._fallback is None:
@@ -394,12 +537,17 @@ class ProcessSpanExporter(SpanExporter):
                         stream.close()
 
 
+def _dumps(message: tuple[Any, ...]) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _forget_helper(ref: weakref.ref[ProcessSpanExporter]) -> None:
     exporter = ref()
     if exporter is None:
         return
     exporter._lock = threading.Lock()  # it may have been held by another thread at fork
     exporter._starting = None
+    exporter._helper_metrics = False
     process, exporter._process = exporter._process, None
     if process is not None:  # our copies of the parent's pipe ends; its helper lives on
         for stream in (process.stdin, process.stdout):
@@ -422,13 +570,67 @@ def _reply(process: subprocess.Popen[bytes], timeout_s: float) -> bytes:
 # --- the helper side ------------------------------------------------------------------------
 
 
+class _Helper:
+    """The helper's state: its span exporter and, once asked for, its GenAI metrics."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self.exporter = exporter
+        self.meter_provider: SDKMeterProvider | None = None
+        self.metrics: GenAIMetrics | None = None
+
+    def handle(self, message: tuple[Any, ...]) -> bytes:
+        kind = message[0]
+        if kind == "export":
+            return self.export(message[1], message[2])
+        if kind == "metrics":
+            try:
+                provider = message[1]()
+                metrics = GenAIMetrics(provider)
+            except Exception as exc:
+                print(f"llmtrail export helper: cannot record metrics: {exc}", file=sys.stderr)
+                return _FAILURE
+            if self.meter_provider is not None:
+                self.meter_provider.shutdown()
+            self.meter_provider, self.metrics = provider, metrics
+            return _READY
+        if kind == "flush":
+            if self.meter_provider is not None:
+                self.meter_provider.force_flush()
+            return _SUCCESS
+        raise ValueError(f"unknown message {kind!r}")
+
+    def export(self, span_wire: tuple[Any, ...], call_wire: tuple[Any, ...]) -> bytes:
+        spans = rebuild_spans(*span_wire)
+        for call in rebuild_bundles(*call_wire):
+            try:
+                if call.flag != METRICS_ONLY:
+                    spans.extend(spans_of(call.events, call.resource, call.scope, None))
+                if call.flag != SPANS and self.metrics is not None:
+                    record_call_metrics(self.metrics, call.events)
+            except Exception as exc:  # one bad call must not cost the batch its spans
+                print(f"llmtrail export helper: cannot trace a call: {exc}", file=sys.stderr)
+        if not spans:
+            return _SUCCESS
+        try:
+            result = self.exporter.export(spans)
+        except Exception as exc:
+            print(f"llmtrail export helper: export failed: {exc}", file=sys.stderr)
+            return _FAILURE
+        return _SUCCESS if result is SpanExportResult.SUCCESS else _FAILURE
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()  # exports the last metric points
+
+
 def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> int:
     try:
         factory = pickle.loads(_read_frame(stdin))
     except EOFError:
         return 0  # the parent went away before it said what to build
     try:
-        exporter: SpanExporter = factory()
+        helper = _Helper(factory())
     except Exception as exc:  # report it to the parent, which falls back
         print(f"llmtrail export helper: cannot build the exporter: {exc}", file=sys.stderr)
         stdout.write(_FAILURE)
@@ -444,15 +646,10 @@ def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> int:
                 return 0  # the parent is gone
             if not frame:
                 return 0  # shutdown asked
-            try:
-                result = exporter.export(rebuild_spans(*pickle.loads(frame)))
-            except Exception as exc:
-                print(f"llmtrail export helper: export failed: {exc}", file=sys.stderr)
-                result = SpanExportResult.FAILURE
-            stdout.write(_SUCCESS if result is SpanExportResult.SUCCESS else _FAILURE)
+            stdout.write(helper.handle(pickle.loads(frame)))
             stdout.flush()
     finally:
-        exporter.shutdown()
+        helper.shutdown()
 
 
 def main() -> int:

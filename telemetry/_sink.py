@@ -38,10 +38,13 @@ from opentelemetry.sdk.trace import (
     TracerProvider,
     sampling,
 )
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
 
 from pipeline import Event, EventType
 
+from ._bundle import CallBundle, OwnSpanProcessors, SpanTarget, record_call_metrics
+from ._export_process import ProcessSpanExporter
 from ._httpx import instrument_client
 from ._metrics import GenAIMetrics
 from ._spans import finished_spans, fits_limits, llmtrail_tracer, plan_call_spans, record_spans
@@ -83,6 +86,19 @@ def _direct_path(tracer: Tracer, processor: SpanProcessor | None) -> _Direct | N
     return _Direct(processor, tracer.resource, scope, info, limits)
 
 
+@dataclass(slots=True, frozen=True)
+class _Route:
+    """The way to the export helper: bundles go to ``batch`` while ``active`` holds it alone."""
+
+    active: OwnSpanProcessors
+    batch: BatchSpanProcessor
+    exporter: ProcessSpanExporter
+    target: SpanTarget
+
+    def open(self) -> bool:
+        return self.active.added == 1
+
+
 class TracingSink:
     """An :class:`pipeline.EventSink` that turns each finished call into spans and metrics.
 
@@ -101,6 +117,8 @@ class TracingSink:
         owns_meter_provider: bool = False,
         max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
         span_processor: SpanProcessor | None = None,
+        batch_processor: BatchSpanProcessor | None = None,
+        metrics_in_helper: bool = False,
     ) -> None:
         if tracer_provider is None and meter_provider is None:
             raise ValueError(
@@ -118,6 +136,7 @@ class TracingSink:
             _direct_path(self._tracer, span_processor) if self._tracer is not None else None
         )
         self._metrics = GenAIMetrics(meter_provider) if meter_provider is not None else None
+        self._route = self._helper_route(span_processor, batch_processor, metrics_in_helper)
         self._owns_tracer_provider = owns_tracer_provider
         self._owns_meter_provider = owns_meter_provider
         self._max_pending = max_pending_calls
@@ -176,7 +195,42 @@ class TracingSink:
         instrument_client(client, self.tracer_provider)
 
     # --- internals ---------------------------------------------------------------------------
+    def _helper_route(
+        self,
+        active: SpanProcessor | None,
+        batch: BatchSpanProcessor | None,
+        metrics_in_helper: bool,
+    ) -> _Route | None:
+        """The route to the export helper when this sink's spans may be built there."""
+        direct = self._direct
+        if direct is None or batch is None or not isinstance(active, OwnSpanProcessors):
+            return None
+        exporter = batch.span_exporter
+        if not isinstance(exporter, ProcessSpanExporter):
+            return None
+        metrics_anywhere = metrics_in_helper and self._metrics is not None
+        target = SpanTarget(
+            direct.resource,
+            direct.scope,
+            direct.info,
+            self._metrics if metrics_anywhere else None,
+            metrics_anywhere,
+        )
+        return _Route(active, batch, exporter, target)
+
     def _finish(self, events: list[Event]) -> None:
+        route = self._route
+        if route is not None and route.open():
+            # The export helper builds the spans (and records the metrics) from the events.
+            if self._metrics is not None and not route.target.metrics_anywhere:
+                try:
+                    record_call_metrics(self._metrics, events)
+                except Exception:
+                    _log.exception(
+                        "tracing sink could not record metrics", call_id=events[-1].call_id
+                    )
+            route.batch.on_end(CallBundle(events, route.target))  # type: ignore[arg-type]
+            return
         try:
             if self._tracer is not None:
                 plans = plan_call_spans(events)
@@ -190,12 +244,7 @@ class TracingSink:
                 else:
                     record_spans(self._tracer, events[0].trace_id, plans)
             if self._metrics is not None:
-                received = None
-                for event in reversed(events):
-                    if event.type is EventType.RECEIVED:
-                        received = event.payload
-                        break
-                self._metrics.record(events[0], events[-1], received)
+                record_call_metrics(self._metrics, events)
         except Exception:
             # Tracing is an observer: it must never fail the call it observes. The events
             # stay in the store, so `llmtrail traces export` can still rebuild the tree.
@@ -204,6 +253,8 @@ class TracingSink:
     def _force_flush(self) -> None:
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
+        if self._route is not None and self._route.target.metrics_anywhere:
+            self._route.exporter.flush_metrics()
         if isinstance(self.meter_provider, SDKMeterProvider):
             self.meter_provider.force_flush()
 
