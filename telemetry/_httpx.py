@@ -21,7 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Span
 
 from ._redact import MASK, is_sensitive_key
@@ -97,7 +98,7 @@ def skip_uncaptured_header_normalisation() -> bool:
     return True
 
 
-def instrument_client(client: Any, tracer_provider: TracerProvider) -> None:
+def instrument_client(client: Any, tracer_provider: trace.TracerProvider) -> None:
     """Trace ``client`` (an ``httpx2.AsyncClient`` or ``httpx2.Client``) on ``tracer_provider``."""
     import httpx2
     from opentelemetry.instrumentation.httpx import HTTPX2ClientInstrumentor

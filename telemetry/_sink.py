@@ -45,6 +45,7 @@ from pipeline import Event, EventType
 
 from ._bundle import CallBundle, OwnSpanProcessors, SpanTarget, record_call_metrics
 from ._export_process import ProcessSpanExporter
+from ._http_spans import HttpTracerProvider
 from ._httpx import instrument_client
 from ._metrics import GenAIMetrics
 from ._spans import finished_spans, fits_limits, llmtrail_tracer, plan_call_spans, record_spans
@@ -192,7 +193,16 @@ class TracingSink:
         """
         if self.tracer_provider is None:
             return
-        instrument_client(client, self.tracer_provider)
+        route, direct = self._route, self._direct
+        if route is not None and direct is not None:
+            # While bundles go to the helper, the HTTP span goes to the same queue as
+            # plain fields (identical to the SDK's span; see _http_spans).
+            provider: Any = HttpTracerProvider(
+                self.tracer_provider, route.batch, route.open, direct.limits
+            )
+            instrument_client(client, provider)
+        else:
+            instrument_client(client, self.tracer_provider)
 
     # --- internals ---------------------------------------------------------------------------
     def _helper_route(
