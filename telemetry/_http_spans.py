@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from time import time_ns
 from types import TracebackType
 from typing import Any, cast
@@ -60,9 +61,7 @@ class HttpTracerProvider(trace.TracerProvider):
         limits: SpanLimits,
     ) -> None:
         self._provider = provider
-        self._processor = processor
-        self._route_open = route_open
-        self._limits = limits
+        self._how = _How(processor, route_open, limits)
 
     def get_tracer(
         self,
@@ -79,23 +78,23 @@ class HttpTracerProvider(trace.TracerProvider):
         scope = InstrumentationScope(
             instrumenting_module_name, instrumenting_library_version, schema_url, attributes
         )
-        return _HttpTracer(sdk, scope, self._processor, self._route_open, self._limits)
+        return _HttpTracer(sdk, scope, self._how)
+
+
+@dataclass(slots=True, frozen=True)
+class _How:
+    """Where light spans go, when they may be made, and their limits."""
+
+    processor: SpanProcessor
+    route_open: Callable[[], bool]
+    limits: SpanLimits
 
 
 class _HttpTracer(trace.Tracer):
-    def __init__(
-        self,
-        sdk: Tracer,
-        scope: InstrumentationScope,
-        processor: SpanProcessor,
-        route_open: Callable[[], bool],
-        limits: SpanLimits,
-    ) -> None:
+    def __init__(self, sdk: Tracer, scope: InstrumentationScope, how: _How) -> None:
         self._sdk = sdk
         self._scope = scope
-        self._processor = processor
-        self._route_open = route_open
-        self._limits = limits
+        self._how = how
 
     def start_span(
         self,
@@ -110,7 +109,8 @@ class _HttpTracer(trace.Tracer):
     ) -> trace.Span:
         parent = trace.get_current_span(context).get_span_context()
         sampled_parent = parent.is_valid and parent.trace_flags.sampled
-        if links or not self._route_open() or (parent.is_valid and not sampled_parent):
+        how = self._how
+        if links or not how.route_open() or (parent.is_valid and not sampled_parent):
             return self._sdk.start_span(
                 name,
                 context,
@@ -138,8 +138,8 @@ class _HttpTracer(trace.Tracer):
             start_time if start_time is not None else time_ns(),
             self._sdk.resource,
             self._scope,
-            self._processor,
-            self._limits,
+            how.processor,
+            how.limits,
             record_exception,
             set_status_on_exception,
         )
