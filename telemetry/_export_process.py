@@ -303,6 +303,11 @@ class ProcessSpanExporter(SpanExporter):
             self._metrics_factory = factory
             self._helper_metrics = False  # a serving helper is told at the next export
 
+    def start_soon(self) -> None:
+        """Start the helper in the background now, rather than at the first export."""
+        with self._lock:
+            self._start_if_needed()
+
     def wait_until_ready(self, timeout_s: float = _START_TIMEOUT_S) -> bool:
         """Start the helper if needed and wait for it; whether it serves (tests, benchmarks)."""
         with self._lock:

@@ -138,6 +138,8 @@ class TracingSink:
         )
         self._metrics = GenAIMetrics(meter_provider) if meter_provider is not None else None
         self._route = self._helper_route(span_processor, batch_processor, metrics_in_helper)
+        if self._route is not None:
+            self._route.exporter.start_soon()  # ready before the first batch, as a rule
         self._owns_tracer_provider = owns_tracer_provider
         self._owns_meter_provider = owns_meter_provider
         self._max_pending = max_pending_calls
