@@ -18,6 +18,13 @@ Invariants:
 - ``instrument_http_client`` instruments one httpx2 client (the SDK's) with the same tracer
   provider, so its CLIENT span nests under the attempt span the pipeline makes current, and
   masks any captured credential header on it.
+- The helper route: when the provider is one llmtrail built around the OTLP export helper
+  (:class:`ProcessSpanExporter`) and nobody added a span processor to it, a finished call is
+  handed to the batch processor as one :class:`CallBundle` (its events) instead of spans;
+  the exporter builds the spans (and, with ``metrics_in_helper``, records the GenAI metrics)
+  in the helper, or here while the helper is away. The HTTP span then is a light
+  :mod:`._http_spans` span on the same queue. The moment a user adds a processor, both go
+  back to real SDK spans for every later call.
 """
 
 from __future__ import annotations
