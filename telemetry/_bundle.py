@@ -96,15 +96,20 @@ class OwnSpanProcessors(SynchronousMultiSpanProcessor):
 
 
 class CallBundle:
-    """One finished call's events (``trace_created`` .. ``completed``) in a span queue."""
+    """One finished call's events (``trace_created`` .. ``completed``) in a span queue.
 
-    __slots__ = ("events", "target")
+    ``spans=False``: the call's spans were made elsewhere (in process, for a user's span
+    processor); only its metric points travel, so they stay in the process that records them.
+    """
+
+    __slots__ = ("events", "target", "spans")
     # BatchSpanProcessor.on_end keeps only sampled spans; a finished call is always kept.
     context = _SAMPLED_CONTEXT
 
-    def __init__(self, events: list[Event], target: SpanTarget) -> None:
+    def __init__(self, events: list[Event], target: SpanTarget, spans: bool = True) -> None:
         self.events = events
         self.target = target
+        self.spans = spans
 
 
 def spans_of(
@@ -121,7 +126,9 @@ def spans_of(
     # Rare (hundreds of metadata keys): let the SDK's Tracer apply the limits, on a private
     # provider with the same resource and scope whose one processor collects the spans.
     collected: list[ReadableSpan] = []
-    provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, span_limits=limits)
+    provider = TracerProvider(
+        resource=resource, sampler=ALWAYS_ON, span_limits=limits, shutdown_on_exit=False
+    )
     provider.add_span_processor(_Collect(collected))
     record_spans(llmtrail_tracer(provider), events[0].trace_id, plans)
     return collected

@@ -463,12 +463,14 @@ class ProcessSpanExporter(SpanExporter):
             for bundle in bundles:
                 target = bundle.target
                 if not target.metrics_anywhere or target.metrics is None:
-                    calls.append((bundle, SPANS))
+                    if bundle.spans:
+                        calls.append((bundle, SPANS))
                 elif remote:
-                    calls.append((bundle, SPANS_AND_METRICS))
+                    calls.append((bundle, SPANS_AND_METRICS if bundle.spans else METRICS_ONLY))
                 else:
                     record_call_metrics(target.metrics, bundle.events)
-                    calls.append((bundle, SPANS))
+                    if bundle.spans:
+                        calls.append((bundle, SPANS))
             if not remote:
                 self._record_held_here()
         payload = _dumps(("export", flatten_spans(spans), flatten_bundles(calls)))
@@ -487,7 +489,8 @@ class ProcessSpanExporter(SpanExporter):
         for bundle in bundles:
             target = bundle.target
             try:
-                out.extend(spans_of(bundle.events, target.resource, target.scope, target.info))
+                if bundle.spans:
+                    out.extend(spans_of(bundle.events, target.resource, target.scope, target.info))
             except Exception:
                 _log.exception("could not trace a call", call_id=bundle.events[-1].call_id)
             if target.metrics_anywhere and target.metrics is not None:

@@ -239,17 +239,22 @@ class TracingSink:
 
     def _finish(self, events: list[Event]) -> None:
         route = self._route
-        if route is not None and route.open():
-            # The export helper builds the spans (and records the metrics) from the events.
-            if self._metrics is not None and not route.target.metrics_anywhere:
-                try:
-                    record_call_metrics(self._metrics, events)
-                except Exception:
-                    _log.exception(
-                        "tracing sink could not record metrics", call_id=events[-1].call_id
-                    )
-            route.batch.on_end(CallBundle(events, route.target))  # type: ignore[arg-type]
-            return
+        metrics_by_route = False
+        if route is not None:
+            if route.open():
+                # The export helper builds the spans (and records the metrics) from the events.
+                if self._metrics is not None and not route.target.metrics_anywhere:
+                    try:
+                        record_call_metrics(self._metrics, events)
+                    except Exception:
+                        _log.exception(
+                            "tracing sink could not record metrics", call_id=events[-1].call_id
+                        )
+                route.batch.on_end(CallBundle(events, route.target))  # type: ignore[arg-type]
+                return
+            # A user's processor wants real spans, built below; the metric points still go
+            # where the earlier calls' went, so that one process writes each series.
+            metrics_by_route = route.target.metrics_anywhere
         try:
             if self._tracer is not None:
                 plans = plan_call_spans(events)
@@ -262,7 +267,10 @@ class TracingSink:
                         on_end(span)
                 else:
                     record_spans(self._tracer, events[0].trace_id, plans)
-            if self._metrics is not None:
+            if metrics_by_route:
+                bundle = CallBundle(events, route.target, spans=False)  # type: ignore[union-attr]
+                route.batch.on_end(bundle)  # type: ignore[union-attr, arg-type]
+            elif self._metrics is not None:
                 record_call_metrics(self._metrics, events)
         except Exception:
             # Tracing is an observer: it must never fail the call it observes. The events
