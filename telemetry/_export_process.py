@@ -407,10 +407,14 @@ class ProcessSpanExporter(SpanExporter):
         process: subprocess.Popen[bytes] | None = None
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "telemetry._export_worker"],
+                # -P: the working directory is not put first on sys.path, so a directory
+                # of the application's own named "telemetry" cannot shadow this package;
+                # the package's own root goes first instead (the helper runs this code).
+                [sys.executable, "-P", "-m", "telemetry._export_worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 close_fds=True,
+                env=_helper_environment(),
             )
             assert process.stdin is not None
             _write_frame(process.stdin, pickle.dumps(self._factory))
@@ -543,6 +547,16 @@ class ProcessSpanExporter(SpanExporter):
                     # The helper may have died with bytes unread: nothing to keep then.
                     with contextlib.suppress(OSError):
                         stream.close()
+
+
+def _helper_environment() -> dict[str, str]:
+    """This environment, with the directory this package was imported from first on
+    ``PYTHONPATH``: the helper imports the very code of its parent."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    inherited = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = root if not inherited else os.pathsep.join((root, inherited))
+    return env
 
 
 def _dumps(message: tuple[Any, ...]) -> bytes:

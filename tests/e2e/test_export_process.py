@@ -191,3 +191,26 @@ async def test_a_forked_child_uses_its_own_helper_not_its_parents(
         assert len(otlp_receiver.spans) == 2 * len(spans)
     finally:
         await asyncio.to_thread(exporter.shutdown)
+
+
+async def test_an_application_package_named_telemetry_does_not_shadow_the_helper(
+    otlp_receiver: Receiver,  # noqa: F811
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An application run from a directory holding its own `telemetry` package (and with that
+    # directory on PYTHONPATH): the helper must still run llmtrail's code, not theirs.
+    theirs = tmp_path / "telemetry"
+    theirs.mkdir()
+    (theirs / "__init__.py").write_text("raise ImportError('the application telemetry')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    exporter = ProcessSpanExporter(_factory(otlp_receiver.url))
+    spans = _spans()
+    try:
+        assert await asyncio.to_thread(exporter.wait_until_ready)
+        assert await _export(exporter, spans) is SpanExportResult.SUCCESS
+        assert exporter.helper_pid is not None, "the helper serves"
+        assert len(otlp_receiver.spans) == len(spans)
+    finally:
+        await asyncio.to_thread(exporter.shutdown)
