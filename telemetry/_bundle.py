@@ -69,16 +69,19 @@ _SAMPLED_CONTEXT = SpanContext(1, 1, is_remote=False, trace_flags=TraceFlags(Tra
 class SpanTarget:
     """What a sink's calls become: the spans' resource and scope, and their metrics.
 
-    ``metrics`` records in this process (``None``: the sink records none, or already did);
-    ``metrics_anywhere`` says the export helper may record them instead, on a meter provider
-    it builds exactly like the in-process one.
+    ``metrics``: the calls' GenAI metrics, which the export helper may record instead, on a
+    meter provider it builds exactly like the in-process one; ``None`` when the sink records
+    them itself (or records none).
     """
 
     resource: Resource
     scope: InstrumentationScope
     info: InstrumentationInfo | None
     metrics: GenAIMetrics | None
-    metrics_anywhere: bool
+
+    @property
+    def metrics_anywhere(self) -> bool:
+        return self.metrics is not None
 
 
 class OwnSpanProcessors(SynchronousMultiSpanProcessor):

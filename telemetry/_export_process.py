@@ -466,7 +466,7 @@ class ProcessSpanExporter(SpanExporter):
                 calls.extend((bundle, METRICS_ONLY) for bundle in self._held)
             for bundle in bundles:
                 target = bundle.target
-                if not target.metrics_anywhere or target.metrics is None:
+                if target.metrics is None:
                     if bundle.spans:
                         calls.append((bundle, SPANS))
                 elif remote:
@@ -497,7 +497,7 @@ class ProcessSpanExporter(SpanExporter):
                     out.extend(spans_of(bundle.events, target.resource, target.scope, target.info))
             except Exception:
                 _log.exception("could not trace a call", call_id=bundle.events[-1].call_id)
-            if target.metrics_anywhere and target.metrics is not None:
+            if target.metrics is not None:
                 if hold:
                     self._held.append(bundle)
                 else:

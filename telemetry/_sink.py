@@ -227,13 +227,8 @@ class TracingSink:
         exporter = batch.span_exporter
         if not isinstance(exporter, ProcessSpanExporter):
             return None
-        metrics_anywhere = metrics_in_helper and self._metrics is not None
         target = SpanTarget(
-            direct.resource,
-            direct.scope,
-            direct.info,
-            self._metrics if metrics_anywhere else None,
-            metrics_anywhere,
+            direct.resource, direct.scope, direct.info, self._metrics if metrics_in_helper else None
         )
         return _Route(active, batch, exporter, target)
 
