@@ -447,7 +447,7 @@ def mock_server(**config: Any) -> Iterator[tuple[str, int | None]]:
     """
     import psutil  # type: ignore[import-untyped, unused-ignore]
 
-    from pipeline._mock_server import MockServerConfig, run_in_process
+    from llmtrail.testing._mock_server import MockServerConfig, run_in_process
 
     before = {p.pid for p in psutil.Process().children()}
     url, stop = run_in_process(MockServerConfig(**config))

@@ -102,7 +102,7 @@ def _achieved(records: list[dict[str, Any]], kind: str) -> dict[str, float]:
 
 
 async def _pipeline(url: str, n: int, kind: str) -> dict[str, float]:
-    from pipeline import BaseLLMService, GenerationRequest
+    from llmtrail.pipeline import BaseLLMService, GenerationRequest
 
     service = BaseLLMService(
         model=MODEL,

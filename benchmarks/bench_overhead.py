@@ -156,7 +156,7 @@ async def _post(client: Any, i: int) -> bool:
 async def _pipeline(
     url: str, n: int, warmup: int, store_url: str | None, tracing: bool
 ) -> dict[str, float]:
-    from pipeline import BaseLLMService, GenerationRequest
+    from llmtrail.pipeline import BaseLLMService, GenerationRequest
 
     service = BaseLLMService(
         model=MODEL,
@@ -203,9 +203,9 @@ async def _main(quick: bool) -> dict[str, Any]:
         mock_server() as (url, server_pid),
         otlp_receiver() as receiver,
     ):
-        import telemetry
-        from telemetry._config import traces_exporter
-        from telemetry._export_process import ProcessSpanExporter
+        from llmtrail import telemetry
+        from llmtrail.telemetry._config import traces_exporter
+        from llmtrail.telemetry._export_process import ProcessSpanExporter
 
         exporter = traces_exporter(receiver)
         helper_pid: int | None = None

@@ -36,7 +36,7 @@ OPERATIONS = ("answer", "summarise", "classify", "extract")
 
 def synthetic_log(n_events: int, *, start: datetime | None = None) -> list[Any]:
     """At least ``n_events`` lifecycle events of complete calls, streams interleaved by 4."""
-    from pipeline import Event, EventType
+    from llmtrail.pipeline import Event, EventType
 
     t0 = start or datetime(2025, 1, 1, tzinfo=UTC)
     out: list[Any] = []
@@ -158,7 +158,7 @@ def _call(i: int, t0: datetime, event: Any, kind: Any) -> list[Any]:
 
 
 async def _populate(url: str, log: list[Any]) -> None:
-    from storage import open_store_sink
+    from llmtrail.storage import open_store_sink
 
     writer = open_store_sink(url, max_queue=50_000)
     await writer.start()
@@ -172,8 +172,8 @@ async def _populate(url: str, log: list[Any]) -> None:
 
 
 async def _rebuild_rate(url: str, events: int) -> float:
-    from storage._engine import create_engine
-    from storage._projections import rebuild
+    from llmtrail.storage._engine import create_engine
+    from llmtrail.storage._projections import rebuild
 
     engine = create_engine(url)
     try:

@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import Event, EventType
+from llmtrail.pipeline import Event, EventType
 
 CALLS = 100_000
 QUICK_CALLS = 10_000
@@ -231,7 +231,7 @@ def synthesize(calls: int, *, seed: int = 1) -> Iterator[Event]:
 async def fill_store(url: str, calls: int) -> int:
     """Write the synthesized events into the store at ``url`` through the storage writer (the
     service's own sink, which migrates a new store); returns the number of events."""
-    from storage import open_store_sink
+    from llmtrail.storage import open_store_sink
 
     writer = open_store_sink(url, max_queue=50_000)
     await writer.start()
@@ -248,8 +248,8 @@ async def fill_store(url: str, calls: int) -> int:
 
 
 async def _load(url: str) -> Any:
-    from storage import EventStore
-    from storage._workload import load_workload
+    from llmtrail.storage import EventStore
+    from llmtrail.storage._workload import load_workload
 
     store = await EventStore.open(url)
     try:
@@ -261,9 +261,9 @@ async def _load(url: str) -> Any:
 def measure(url: str, quick: bool) -> dict[str, Any]:
     """Extraction + replay of the store at ``url``, timed (run in a fresh process by main)."""
     # Imported before the clock starts: the figure is extraction + replay, not imports.
-    from storage import EventStore  # noqa: F401
-    from storage._replay import ReplaySettings, replay
-    from storage._workload import Workload
+    from llmtrail.storage import EventStore  # noqa: F401
+    from llmtrail.storage._replay import ReplaySettings, replay
+    from llmtrail.storage._workload import Workload
 
     cpu0, t0 = time.process_time(), time.perf_counter()
     workload = asyncio.run(_load(url))

@@ -87,7 +87,7 @@ async def _run(url: str, n: int, variant: str, db: str | None) -> dict[str, floa
             ok = await asyncio.gather(*(call(i) for i in range(n)))
         await client.close()
     else:
-        from pipeline import BaseLLMService, GenerationRequest
+        from llmtrail.pipeline import BaseLLMService, GenerationRequest
 
         service = BaseLLMService(
             model=MODEL,

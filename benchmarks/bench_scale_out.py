@@ -71,8 +71,8 @@ def _delete_keys(key: str) -> None:
 
 
 async def _gate_overhead(kind: str, n: int, key: str) -> dict[str, float]:
-    from pipeline import LoopClock
-    from pipeline._redis_gates import RedisSlidingWindowGate, create_gate
+    from llmtrail.pipeline import LoopClock
+    from llmtrail.pipeline._redis_gates import RedisSlidingWindowGate, create_gate
 
     gate = create_gate(
         "rpm",
@@ -132,7 +132,7 @@ async def _overhead_section(section: Section, quick: bool) -> None:
 
 
 async def _worker(conn: multiprocessing.connection.Connection, config: dict[str, Any]) -> None:
-    from pipeline import BaseLLMService, GenerationRequest
+    from llmtrail.pipeline import BaseLLMService, GenerationRequest
 
     service = BaseLLMService(
         MODEL,

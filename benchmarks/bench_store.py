@@ -49,8 +49,8 @@ YIELD_EVERY = 64  # events emitted between two yields to the loop, as by concurr
 
 async def record_templates(calls: int = 40) -> list[list[Any]]:
     """The event streams of ``calls`` real pipeline calls (gates on, so every type appears)."""
-    from pipeline import BaseLLMService, Event, GenerationRequest
-    from pipeline._mock_server import MockServer, MockServerConfig
+    from llmtrail.pipeline import BaseLLMService, Event, GenerationRequest
+    from llmtrail.testing._mock_server import MockServer, MockServerConfig
 
     class Recorder:
         def __init__(self) -> None:
@@ -168,7 +168,7 @@ async def fresh_pg_database() -> AsyncIterator[str]:
 
 
 async def _append_writer(url: str, events: list[Any]) -> dict[str, float]:
-    from storage import open_store_sink
+    from llmtrail.storage import open_store_sink
 
     writer = open_store_sink(url, instance="bench:1")
     await writer.start()  # opens the engine and migrates; not timed
@@ -191,8 +191,8 @@ async def _append_writer(url: str, events: list[Any]) -> dict[str, float]:
 
 async def _append_raw(url: str, events: list[Any]) -> dict[str, float]:
     """Baseline: SQLAlchemy Core executemany, RAW_BATCH rows per transaction."""
-    from storage import create_engine, ensure_schema
-    from storage import events as table
+    from llmtrail.storage import create_engine, ensure_schema
+    from llmtrail.storage import events as table
 
     engine = create_engine(url)
     try:
@@ -224,7 +224,7 @@ async def _append_raw(url: str, events: list[Any]) -> dict[str, float]:
 async def _truncate(url: str) -> None:
     from sqlalchemy import text
 
-    from storage import create_engine
+    from llmtrail.storage import create_engine
 
     engine = create_engine(url)
     try:
@@ -249,8 +249,8 @@ async def _populate(url: str, templates: list[list[Any]], n: int) -> float:
     """
     from sqlalchemy import func, select, text
 
-    from storage import create_engine, open_store_sink
-    from storage import events as table
+    from llmtrail.storage import create_engine, open_store_sink
+    from llmtrail.storage import events as table
 
     base = min(n, FILL_BASE)
     started = time.perf_counter()
@@ -290,8 +290,8 @@ async def _populate(url: str, templates: list[list[Any]], n: int) -> float:
 
 
 async def _rebuild(url: str, n: int) -> dict[str, float]:
-    from storage import create_engine
-    from storage._projections import rebuild
+    from llmtrail.storage import create_engine
+    from llmtrail.storage._projections import rebuild
 
     engine = create_engine(url)
     try:
@@ -456,7 +456,7 @@ async def _main(quick: bool) -> dict[str, Any]:
 
 
 async def _truncate_after_migrate(url: str) -> None:
-    from storage import create_engine, ensure_schema
+    from llmtrail.storage import create_engine, ensure_schema
 
     engine = create_engine(url)
     try:

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import Event, EventType
+from llmtrail.pipeline import Event, EventType
 
 from ._harness import LagProbe, pick
 from ._report import Figure, Section, Target
@@ -186,7 +186,7 @@ async def measure(
     url: str, count: int, *, batch_size: int = 5_000, ordered_ids: bool = False
 ) -> dict[str, float]:
     """One run: events/s and loop lag appending ``count`` events to a fresh store at ``url``."""
-    from storage import open_store_sink
+    from llmtrail.storage import open_store_sink
 
     batch = make_events(count, ordered_ids=ordered_ids)
     writer = open_store_sink(url, batch_size=batch_size)

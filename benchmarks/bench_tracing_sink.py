@@ -35,9 +35,9 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from pipeline import Event, EventType
-from telemetry import TracingSink, tracing_sink_from_environment
-from telemetry._config import otlp_span_exporter
+from llmtrail.pipeline import Event, EventType
+from llmtrail.telemetry import TracingSink, tracing_sink_from_environment
+from llmtrail.telemetry._config import otlp_span_exporter
 
 from ._harness import otlp_receiver
 from ._report import Figure, Section

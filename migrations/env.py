@@ -18,9 +18,9 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from storage._engine import create_engine, normalize_store_url, store_url_from_environment
-from storage._engine import write_engine as _write_engine
-from storage._schema import metadata
+from llmtrail.storage._engine import create_engine, normalize_store_url, store_url_from_environment
+from llmtrail.storage._engine import write_engine as _write_engine
+from llmtrail.storage._schema import metadata
 
 config = context.config
 

@@ -1,6 +1,13 @@
-"""llmtrail's request path: the public API, gates, semaphore, retries, providers and events."""
+"""llmtrail's request path: the public API, gates, semaphore, retries, providers and events.
+
+Importing this package is light: the service and the provider (which import the OpenAI SDK)
+load when first used.
+"""
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._call import estimate_input_tokens
 from ._clock import LoopClock, ManualClock, VirtualTimeLoop, run_virtual
@@ -8,14 +15,30 @@ from ._errors import ConfigurationError, ErrorType, LLMTrailError, ServiceClosed
 from ._events import Event, EventType, Outcome, child_span_id, default_instance, new_event_id
 from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate
 from ._pricing import ModelPrice, PriceTable
-from ._provider import OpenAIResponsesProvider
 from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
-from ._service import BaseLLMService
 from ._stats import OperationUsage, ServiceStats
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
 from .typing import EventSink, ProviderError, ProviderResponse
+
+if TYPE_CHECKING:
+    from ._provider import OpenAIResponsesProvider
+    from ._service import BaseLLMService
+
+# The OpenAI SDK takes about a second to import, so the names that need it load on first use:
+# `import llmtrail.storage` (which needs only the event types) never pays for it.
+_LAZY = {"BaseLLMService": "._service", "OpenAIResponsesProvider": "._provider"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BaseLLMService",

@@ -34,7 +34,7 @@ __all__ = [
     "to_int",
 ]
 
-_log = structlog.get_logger("llmtrail")
+_log = structlog.get_logger(__name__)
 
 
 def plain_traceback() -> str:

@@ -139,7 +139,8 @@ def _demo(args: argparse.Namespace) -> int:
 async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from ._mock_server import MockServer, MockServerConfig
+    from llmtrail.testing._mock_server import MockServer, MockServerConfig
+
     from ._service import BaseLLMService
 
     server: Any = None
@@ -274,7 +275,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _add_mock_server(subparsers: Any) -> None:
-    from ._mock_server import add_arguments, run_from_args
+    from llmtrail.testing._mock_server import add_arguments, run_from_args
 
     p = subparsers.add_parser(
         "mock-server",

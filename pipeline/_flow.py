@@ -41,7 +41,7 @@ __all__ = ["AnyGate", "CallFlow"]
 # What the service holds: the in-process gate or the shared one (the same methods).
 AnyGate = SlidingWindowGate | RedisSlidingWindowGate
 
-_log = structlog.get_logger("llmtrail")
+_log = structlog.get_logger(__name__)
 
 
 class CallFlow:

@@ -72,7 +72,7 @@ __all__ = [
     "mask_url",
 ]
 
-_log = structlog.get_logger("llmtrail")
+_log = structlog.get_logger(__name__)
 Fallback = Literal["fail_closed", "local"]
 _FALLBACKS = ("fail_closed", "local")
 _OUTAGE_ID = "outage"  # the one placeholder entry for other replicas' local shares

@@ -58,7 +58,7 @@ from .typing import Clock, EventSink, Provider, UsageHistory
 
 __all__ = ["BaseLLMService"]
 
-_log = structlog.get_logger("llmtrail")
+_log = structlog.get_logger(__name__)
 _DEFAULT_STORE = "sqlite+aiosqlite:///llmtrail.db"
 _UNSET: Any = object()
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline import ConfigurationError, EventType
+from llmtrail.pipeline import ConfigurationError, EventType
 
 from ._engine import STORE_URL_ENV, StoreError, mask_url, store_url_from_environment
 from ._migrate import head_revision, migrate

@@ -31,7 +31,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from pipeline import ConfigurationError, LLMTrailError
+from llmtrail.pipeline import ConfigurationError, LLMTrailError
 
 __all__ = [
     "DEFAULT_STORE_URL",

@@ -32,7 +32,7 @@ from decimal import Decimal
 from operator import attrgetter
 from typing import Any, NamedTuple
 
-from pipeline import Event, PriceTable
+from llmtrail.pipeline import Event, PriceTable
 
 __all__ = [
     "COST_QUANTUM",

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import migrations
+from llmtrail import migrations
 
 from ._engine import (
     StoreSchemaError,
@@ -50,7 +50,7 @@ __all__ = [
     "schema_state",
 ]
 
-_log = structlog.get_logger("storage.migrate")
+_log = structlog.get_logger(__name__)
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 # pg_advisory_xact_lock key serialising migrations of one database across processes.

@@ -46,7 +46,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeEngine, UserDefinedType
 
-from pipeline import PriceTable
+from llmtrail.pipeline import PriceTable
 
 from ._folds import (
     CALL_COLUMNS,

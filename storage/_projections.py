@@ -33,7 +33,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from pipeline import ConfigurationError, PriceTable
+from llmtrail.pipeline import ConfigurationError, PriceTable
 
 from ._engine import StoreError, write_engine
 from ._folds import FoldEvent, paused_gc

@@ -24,7 +24,7 @@ from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pipeline import Event, EventType
+from llmtrail.pipeline import Event, EventType
 
 from ._engine import StoreClosedError, create_engine, mask_url
 from ._migrate import check_schema

@@ -39,7 +39,7 @@ import orjson
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from pipeline import PriceTable
+from llmtrail.pipeline import PriceTable
 
 from ._folds import CallRow, MetricsRow, UsageKey, UsageRow, paused_gc, quantize_cost
 from ._projection_tables import (

@@ -67,7 +67,7 @@ from typing import Any
 
 from tenacity import RetryCallState
 
-from pipeline import (
+from llmtrail.pipeline import (
     ConfigurationError,
     ErrorType,
     FairSemaphore,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline import ConfigurationError
+from llmtrail.pipeline import ConfigurationError
 
 from ._cli import add_store_argument, parse_time
 from ._engine import StoreError

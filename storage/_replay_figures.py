@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import ErrorType, PriceTable
+from llmtrail.pipeline import ErrorType, PriceTable
 
 from ._workload import RecordedCall, Workload
 

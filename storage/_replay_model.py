@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from pipeline import ConfigurationError, FairSemaphore, RetryPolicy
+from llmtrail.pipeline import ConfigurationError, FairSemaphore, RetryPolicy
 
 from ._workload import RecordedCall, Workload
 

@@ -38,13 +38,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import ColumnElement
 
-from pipeline import Event
+from llmtrail.pipeline import Event
 
 from ._schema import escape_nul, events
 
 __all__ = ["Batch", "RowEncoder", "postgresql_insert", "sqlite_insert"]
 
-_log = structlog.get_logger("storage.writer")
+_log = structlog.get_logger(__name__)
 
 _COLUMNS = (
     "event_id",

@@ -38,7 +38,7 @@ import orjson
 from sqlalchemy import Float, Text, cast, extract, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from pipeline import Event, EventType, LLMTrailError
+from llmtrail.pipeline import Event, EventType, LLMTrailError
 
 from ._schema import events
 

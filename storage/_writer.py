@@ -50,8 +50,8 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from pipeline import Event, EventType
-from pipeline._events import default_instance
+from llmtrail.pipeline import Event, EventType
+from llmtrail.pipeline._events import default_instance
 
 from ._engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
@@ -70,7 +70,7 @@ from ._schema import events
 
 __all__ = ["EventWriter", "open_store_sink"]
 
-_log = structlog.get_logger("storage.writer")
+_log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 

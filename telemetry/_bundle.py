@@ -41,7 +41,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from pipeline import Event, EventType
+from llmtrail.pipeline import Event, EventType
 
 from ._metrics import GenAIMetrics
 from ._spans import finished_spans, fits_limits, llmtrail_tracer, plan_call_spans, record_spans

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline import ConfigurationError, Event
+from llmtrail.pipeline import ConfigurationError, Event
 
 __all__ = ["parse_time", "register"]
 

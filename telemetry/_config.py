@@ -33,7 +33,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-from pipeline import ConfigurationError
+from llmtrail.pipeline import ConfigurationError
 
 from . import _attributes as A
 from ._bundle import OwnSpanProcessors

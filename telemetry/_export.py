@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pipeline import Event, EventType
+from llmtrail.pipeline import Event, EventType
 
 from ._config import service_resource
 from ._spans import llmtrail_tracer, plan_call_spans, record_spans

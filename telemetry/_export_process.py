@@ -10,7 +10,7 @@ Invariants:
 - :class:`ProcessSpanExporter` is a SpanExporter: the BatchSpanProcessor batches, queues and
   flushes exactly as before. ``export`` returns the helper's own exporter result for that
   batch, so ``force_flush`` still returns only after the spans were exported (or failed).
-- The helper is ``python -m telemetry._export_worker`` started with :mod:`subprocess` (no
+- The helper is ``python -m llmtrail.telemetry._export_worker`` started with :mod:`subprocess` (no
   multiprocessing ``spawn``: that would re-import the application's ``__main__``). It reads
   the ``OTEL_*`` variables itself, as the in-process exporter would, from the inherited
   environment. Frames on its stdin/stdout are a 4-byte length and a pickle, written only by
@@ -68,7 +68,7 @@ from ._metrics import GenAIMetrics
 
 __all__ = ["ProcessSpanExporter", "flatten_spans", "rebuild_spans"]
 
-_log = structlog.get_logger("llmtrail.telemetry")
+_log = structlog.get_logger(__name__)
 
 _HEADER = struct.Struct(">I")
 _READY, _SUCCESS, _FAILURE = b"R", b"S", b"F"
@@ -410,7 +410,7 @@ class ProcessSpanExporter(SpanExporter):
                 # -P: the working directory is not put first on sys.path, so a directory
                 # of the application's own named "telemetry" cannot shadow this package;
                 # the package's own root goes first instead (the helper runs this code).
-                [sys.executable, "-P", "-m", "telemetry._export_worker"],
+                [sys.executable, "-P", "-m", "llmtrail.telemetry._export_worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 close_fds=True,
@@ -552,7 +552,7 @@ class ProcessSpanExporter(SpanExporter):
 def _helper_environment() -> dict[str, str]:
     """This environment, with the directory this package was imported from first on
     ``PYTHONPATH``: the helper imports the very code of its parent."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     inherited = env.get("PYTHONPATH")
     env["PYTHONPATH"] = root if not inherited else os.pathsep.join((root, inherited))
@@ -675,7 +675,7 @@ def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> int:
 
 
 def main() -> int:
-    """The helper's entry point (``python -m telemetry._export_worker``)."""
+    """The helper's entry point (``python -m llmtrail.telemetry._export_worker``)."""
     # Ctrl-C reaches the whole process group: the parent decides when the helper stops (it
     # closes the pipe, or sends the empty frame) so that its last batch is still exported.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

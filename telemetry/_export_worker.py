@@ -1,4 +1,4 @@
-"""``python -m telemetry._export_worker``: the OTLP export helper process (see _export_process).
+"""``python -m llmtrail.telemetry._export_worker``: the OTLP export helper (see _export_process).
 
 A module of its own so that running it does not execute ``_export_process`` a second time
 (the package imports that one).

@@ -23,7 +23,7 @@ from typing import Final, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from pipeline import ConfigurationError
+from llmtrail.pipeline import ConfigurationError
 
 from ._redact import redact_text, redact_value
 

@@ -18,7 +18,7 @@ from typing import Any
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.util.types import AttributeValue
 
-from pipeline import Event
+from llmtrail.pipeline import Event
 
 from . import _attributes as A
 

@@ -48,7 +48,7 @@ from opentelemetry.sdk.trace import (
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
 
-from pipeline import Event, EventType
+from llmtrail.pipeline import Event, EventType
 
 from ._bundle import CallBundle, OwnSpanProcessors, SpanTarget, record_call_metrics
 from ._export_process import ProcessSpanExporter
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TracingSink"]
 
-_log = structlog.get_logger("llmtrail.telemetry")
+_log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_PENDING_CALLS = 100_000
 

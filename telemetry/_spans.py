@@ -44,7 +44,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, Instrume
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
-from pipeline import Event, EventType, child_span_id
+from llmtrail.pipeline import Event, EventType, child_span_id
 
 from . import _attributes as A
 from ._redact import redact_text

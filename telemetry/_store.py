@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pipeline import Event, EventType
+from llmtrail.pipeline import Event, EventType
 
 __all__ = ["read_events"]
 
@@ -29,7 +29,7 @@ async def read_events(
 ) -> list[Event]:
     """Every event of the calls selected by one call id, one trace id, or a start-time range
     (``since`` inclusive, ``until`` exclusive; neither means every call in the store)."""
-    from storage import EventStore, store_url_from_environment
+    from llmtrail.storage import EventStore, store_url_from_environment
 
     async with await EventStore.open(store_url_from_environment(store_url)) as store:
         if call_id is not None:

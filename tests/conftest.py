@@ -1,6 +1,6 @@
 """Shared fixtures.
 
-- The local OpenAI-compatible server fixtures live in ``pipeline.testing`` (loaded below).
+- The local OpenAI-compatible server fixtures live in ``llmtrail.testing.fixtures`` (loaded below).
 - ``sqlite_url`` / ``pg_url`` / ``store_url`` give each test a fresh, empty event store.
   ``store_url`` is parametrised over both backends: one contract, several backends.
 - PostgreSQL and Redis tests skip with a reason when the server is unreachable, and fail
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["pipeline.testing"]
+pytest_plugins = ["llmtrail.testing.fixtures"]
 
 PG_ADMIN_DSN = os.environ.get("LLMTRAIL_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("LLMTRAIL_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -89,7 +89,7 @@ class RecordingSink:
     """An in-memory EventSink: every event, in emit order (a real sink, not a mock)."""
 
     def __init__(self) -> None:
-        from pipeline import Event
+        from llmtrail.pipeline import Event
 
         self.events: list[Event] = []
 

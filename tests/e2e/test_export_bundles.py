@@ -42,8 +42,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-import telemetry
-from pipeline import (
+from llmtrail import telemetry
+from llmtrail.pipeline import (
     BaseLLMService,
     Event,
     EventType,
@@ -51,10 +51,10 @@ from pipeline import (
     GenerationResult,
     child_span_id,
 )
-from telemetry import _config, _export_process
-from telemetry._bundle import CallBundle, spans_of
-from telemetry._export_process import ProcessSpanExporter
-from telemetry._spans import llmtrail_tracer
+from llmtrail.telemetry import _config, _export_process
+from llmtrail.telemetry._bundle import CallBundle, spans_of
+from llmtrail.telemetry._export_process import ProcessSpanExporter
+from llmtrail.telemetry._spans import llmtrail_tracer
 from tests.conftest import RecordingSink
 from tests.e2e.test_tracing_e2e import (  # noqa: F401 (fixtures)
     ReceivedSpan,
@@ -390,7 +390,7 @@ class Configured:
         assert await asyncio.to_thread(self.helper.wait_until_ready)
         pid = self.helper.helper_pid
         assert pid is not None and pid != os.getpid()
-        assert "telemetry._export_worker" in " ".join(psutil.Process(pid).cmdline())
+        assert "llmtrail.telemetry._export_worker" in " ".join(psutil.Process(pid).cmdline())
         return pid
 
 
@@ -697,7 +697,9 @@ async def test_without_the_export_process_everything_happens_here(
     assert run.batches and not any(b.bundles for b in run.batches)
     expected = _in_process_spans(run.provider, recorder, results)
     assert sum(b.llmtrail_spans for b in run.batches) == len(expected), "built here, as spans"
-    workers = [p for p in psutil.Process().children() if "telemetry._export_worker" in p.cmdline()]
+    workers = [
+        p for p in psutil.Process().children() if "llmtrail.telemetry._export_worker" in p.cmdline()
+    ]
     assert workers == [], "no export helper"
     _assert_same_trees(otlp_receiver, expected)
     _assert_http_spans_nest(otlp_receiver, recorder, results)

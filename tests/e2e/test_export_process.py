@@ -30,9 +30,9 @@ from opentelemetry.trace import (
 )
 from structlog.testing import capture_logs
 
-from telemetry import _export_process
-from telemetry._config import otlp_span_exporter
-from telemetry._export_process import ProcessSpanExporter, flatten_spans, rebuild_spans
+from llmtrail.telemetry import _export_process
+from llmtrail.telemetry._config import otlp_span_exporter
+from llmtrail.telemetry._export_process import ProcessSpanExporter, flatten_spans, rebuild_spans
 from tests.e2e.test_tracing_e2e import Receiver, otlp_receiver  # noqa: F401 (fixture)
 
 
@@ -95,7 +95,7 @@ async def test_spans_go_through_the_helper_process_to_a_real_receiver(
         pid = exporter.helper_pid
         assert pid is not None and pid != os.getpid()
         helper = psutil.Process(pid)
-        assert "telemetry._export_worker" in " ".join(helper.cmdline())
+        assert "llmtrail.telemetry._export_worker" in " ".join(helper.cmdline())
         spans = _spans()
         assert await _export(exporter, spans) is SpanExportResult.SUCCESS
         assert [s.name for s in otlp_receiver.spans] == [s.name for s in spans]

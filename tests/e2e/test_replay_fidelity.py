@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from pipeline import BaseLLMService, GenerationRequest
-from pipeline.testing import MockServerFactory
-from storage import EventStore
-from storage._replay import ReplaySettings, recorded_figures, replay_async
-from storage._workload import Workload, load_workload
+from llmtrail.pipeline import BaseLLMService, GenerationRequest
+from llmtrail.storage import EventStore
+from llmtrail.storage._replay import ReplaySettings, recorded_figures, replay_async
+from llmtrail.storage._workload import Workload, load_workload
+from llmtrail.testing.fixtures import MockServerFactory
 
 
 async def _record(

@@ -45,7 +45,7 @@ _MARK = "scale-out-worker: "  # our lines on the worker's stdout, which logs sha
 
 
 async def _work(config: dict[str, Any]) -> dict[str, Any]:
-    from pipeline import BaseLLMService, GenerationRequest
+    from llmtrail.pipeline import BaseLLMService, GenerationRequest
 
     service = BaseLLMService(
         MODEL,
@@ -167,9 +167,9 @@ def _server_log(url: str) -> list[dict[str, Any]]:
 async def _store_figures(store_url: str) -> dict[str, Any]:
     from sqlalchemy import func, select
 
-    from storage import create_engine, events
-    from storage._projection_tables import calls, metrics_minute
-    from storage._projections import run_projections
+    from llmtrail.storage import create_engine, events
+    from llmtrail.storage._projection_tables import calls, metrics_minute
+    from llmtrail.storage._projections import run_projections
 
     engine = create_engine(store_url)
     try:
@@ -204,8 +204,8 @@ async def _store_figures(store_url: str) -> dict[str, Any]:
 async def test_four_processes_share_one_budget_and_one_store(
     redis_url: str, pg_url: str, tmp_path: Path
 ) -> None:
-    from pipeline._mock_server import MockServerConfig, run_in_process
-    from storage import migrate
+    from llmtrail.storage import migrate
+    from llmtrail.testing._mock_server import MockServerConfig, run_in_process
 
     await migrate(pg_url)  # once, before four writers open the store
     server_url, stop_server = run_in_process(

@@ -26,9 +26,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.trace import TracerProvider
 
-import telemetry
-from pipeline import BaseLLMService, Event, EventType, GenerationRequest, child_span_id
-from telemetry._spans import to_ns
+from llmtrail import telemetry
+from llmtrail.pipeline import BaseLLMService, Event, EventType, GenerationRequest, child_span_id
+from llmtrail.telemetry._spans import to_ns
 from tests.conftest import RecordingSink
 
 KEY = "sk-test-e2e-0123456789abcdef"
@@ -320,8 +320,8 @@ async def test_live_spans_reach_a_real_otlp_receiver_as_one_tree_per_call(
 async def test_traces_export_from_the_store_rebuilds_the_live_tree(
     mock_server_factory: Any, otlp_receiver: Receiver, recorder: RecordingSink, sqlite_url: str
 ) -> None:
-    from pipeline._cli import main as cli_main
-    from storage import EventStore
+    from llmtrail.pipeline._cli import main as cli_main
+    from llmtrail.storage import EventStore
 
     server = await mock_server_factory(
         fault_script=("rate_limit_429",), fault_429_retry_after_s=0.01
@@ -371,7 +371,7 @@ async def test_traces_export_from_the_store_rebuilds_the_live_tree(
 async def test_traces_export_reports_a_collector_that_is_down_in_one_line(
     mock_server: Any, recorder: RecordingSink, sqlite_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipeline._cli import main as cli_main
+    from llmtrail.pipeline._cli import main as cli_main
 
     await _run_calls(mock_server.url, recorder, sqlite_url, tracing=False)
     code = await asyncio.to_thread(

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from pipeline import ConfigurationError, FairSemaphore, ManualClock, SlidingWindowGate
-from pipeline._gates import GateRequestTooLarge, parse_reset
+from llmtrail.pipeline import ConfigurationError, FairSemaphore, ManualClock, SlidingWindowGate
+from llmtrail.pipeline._gates import GateRequestTooLarge, parse_reset
 
 
 async def settle() -> None:

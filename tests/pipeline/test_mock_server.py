@@ -15,7 +15,7 @@ import pytest
 from openai import AsyncOpenAI
 from pydantic import BaseModel, Field
 
-from pipeline._mock_server import (
+from llmtrail.testing._mock_server import (
     MockServer,
     MockServerConfig,
     add_arguments,
@@ -25,7 +25,7 @@ from pipeline._mock_server import (
     running_in_process,
     running_in_thread,
 )
-from pipeline.testing import MockServerFactory
+from llmtrail.testing.fixtures import MockServerFactory
 
 PROMPT = "Summarise the quarterly report in two sentences."
 INSTRUCTIONS = "You are a terse assistant."

@@ -11,7 +11,13 @@ import pytest
 import structlog
 from opentelemetry.sdk.trace import TracerProvider
 
-from pipeline import BaseLLMService, ConfigurationError, Event, EventType, GenerationRequest
+from llmtrail.pipeline import (
+    BaseLLMService,
+    ConfigurationError,
+    Event,
+    EventType,
+    GenerationRequest,
+)
 from tests.conftest import RecordingSink
 from tests.pipeline.test_service import service_for
 

@@ -17,9 +17,9 @@ import pytest
 from openai.types.responses import Response
 from pydantic import BaseModel
 
-from pipeline import ErrorType, GenerationRequest
-from pipeline._provider import OpenAIResponsesProvider
-from pipeline.typing import ProviderError, ProviderResponse
+from llmtrail.pipeline import ErrorType, GenerationRequest
+from llmtrail.pipeline._provider import OpenAIResponsesProvider
+from llmtrail.pipeline.typing import ProviderError, ProviderResponse
 
 MODEL = "gpt-4o-mini"
 

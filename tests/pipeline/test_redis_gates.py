@@ -22,15 +22,15 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from pipeline import (
+from llmtrail.pipeline import (
     ConfigurationError,
     LLMTrailError,
     LoopClock,
     ServiceClosedError,
     SlidingWindowGate,
 )
-from pipeline._gates import GateRequestTooLarge
-from pipeline._redis_gates import (
+from llmtrail.pipeline._gates import GateRequestTooLarge
+from llmtrail.pipeline._redis_gates import (
     RateLimitBackendUnavailable,
     RedisSlidingWindowGate,
     create_gate,
@@ -403,8 +403,8 @@ async def test_a_dead_process_holds_units_and_its_place_for_one_lease_only(
     script = textwrap.dedent(
         f"""
         import asyncio, os
-        from pipeline import LoopClock
-        from pipeline._redis_gates import RedisSlidingWindowGate
+        from llmtrail.pipeline import LoopClock
+        from llmtrail.pipeline._redis_gates import RedisSlidingWindowGate
 
         async def main():
             gate = RedisSlidingWindowGate(

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from pipeline import (
+from llmtrail.pipeline import (
     BaseLLMService,
     ConfigurationError,
     ErrorType,
@@ -18,7 +18,7 @@ from pipeline import (
     GenerationRequest,
     PriceTable,
 )
-from pipeline._mock_server import MockServerConfig, running_in_thread
+from llmtrail.testing._mock_server import MockServerConfig, running_in_thread
 from tests.conftest import RecordingSink
 
 KEY = "sk-test-0123456789abcdef"

@@ -21,12 +21,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pipeline import Event
+from llmtrail.pipeline import Event
 
 
 def _store_sink_available() -> bool:
     try:
-        import storage
+        from llmtrail import storage
     except ImportError:
         return False
     return callable(getattr(storage, "open_store_sink", None))
@@ -44,7 +44,7 @@ def cli_commands() -> frozenset[str]:
     import contextlib
     import io
 
-    from pipeline._cli import build_parser
+    from llmtrail.pipeline._cli import build_parser
 
     with contextlib.redirect_stderr(io.StringIO()):  # "commands from ... unavailable" warnings
         parser = build_parser()

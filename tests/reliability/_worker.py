@@ -18,8 +18,8 @@ import sys
 
 import structlog
 
-from pipeline import BaseLLMService, Event, GenerationRequest
-from pipeline._mock_server import MockServer, MockServerConfig
+from llmtrail.pipeline import BaseLLMService, Event, GenerationRequest
+from llmtrail.testing._mock_server import MockServer, MockServerConfig
 
 ROUNDS = 2_000
 CALLS_PER_ROUND = 8

@@ -28,8 +28,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from pipeline import BaseLLMService, ConfigurationError, GenerationRequest, LLMTrailError
-from pipeline._cli import main
+from llmtrail.pipeline import BaseLLMService, ConfigurationError, GenerationRequest, LLMTrailError
+from llmtrail.pipeline._cli import main
 from tests.conftest import RecordingSink
 from tests.reliability._support import (
     assert_store_equals_emitted,
@@ -157,7 +157,7 @@ def garbage_file(tmp_path: Path) -> Path:
 
 async def bogus_revision_store(tmp_path: Path) -> str:
     """A real llmtrail store whose alembic_version names a revision nobody knows."""
-    import storage
+    from llmtrail import storage
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'future.db'}"
     await storage.migrate(url)
@@ -426,7 +426,7 @@ async def test_text_with_nul_characters_is_stored_and_never_wedges_the_store(
     assert_store_equals_emitted(await stored_events(store_url), recorder.events)
     # PostgreSQL's jsonb cannot hold U+0000, so the row may keep it escaped; the store's own
     # reader gives back exactly what was emitted.
-    import storage
+    from llmtrail import storage
 
     async with await storage.EventStore.open(store_url) as reader:
         read = [s.event for s in await reader.read(0, 10_000)]

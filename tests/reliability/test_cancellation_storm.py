@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import BaseLLMService, Event, EventType, GenerationRequest
+from llmtrail.pipeline import BaseLLMService, Event, EventType, GenerationRequest
 from tests.conftest import RecordingSink
 from tests.reliability._support import (
     STORE_READY,

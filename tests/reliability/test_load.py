@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from pipeline import BaseLLMService, GenerationRequest
+from llmtrail.pipeline import BaseLLMService, GenerationRequest
 from tests.conftest import RecordingSink
 from tests.reliability._support import (
     assert_store_equals_emitted,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from pipeline import BaseLLMService, GenerationRequest
+from llmtrail.pipeline import BaseLLMService, GenerationRequest
 from tests.conftest import RecordingSink
 from tests.reliability._support import (
     STORE_READY,
@@ -248,7 +248,7 @@ def test_the_sync_path_from_eight_threads_under_faults_stores_every_event(
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline._mock_server import MockServerConfig, running_in_thread
+    from llmtrail.testing._mock_server import MockServerConfig, running_in_thread
 
     faults = {k: v for k, v in FAULTS.items() if k not in ("fault_slow_rate", "slow_s")}
     with running_in_thread(MockServerConfig(**faults)) as server:

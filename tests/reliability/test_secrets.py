@@ -29,7 +29,7 @@ import pytest
 import structlog
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pipeline import BaseLLMService, GenerationRequest
+from llmtrail.pipeline import BaseLLMService, GenerationRequest
 from tests.conftest import RecordingSink
 from tests.reliability._support import needs_store, sqlite_path
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 from structlog.testing import capture_logs
 
-from pipeline import BaseLLMService, GenerationRequest
+from llmtrail.pipeline import BaseLLMService, GenerationRequest
 from tests.conftest import RecordingSink
 from tests.reliability._support import (
     assert_store_equals_emitted,
@@ -210,7 +210,7 @@ async def test_postgresql_going_away_mid_run_loses_no_event(
 async def test_when_the_store_queue_is_full_every_new_call_waits_for_room(
     mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
 ) -> None:
-    import storage
+    from llmtrail import storage
 
     max_queue = 100
     server = await mock_server_factory()

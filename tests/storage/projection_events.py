@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline import Event, EventType
+from llmtrail.pipeline import Event, EventType
 
 T0 = datetime(2025, 3, 1, 23, 58, 30, tzinfo=UTC)
 
@@ -245,9 +245,9 @@ class LogStore:
 
     @classmethod
     async def open(cls, url: str) -> LogStore:
-        from storage import open_store_sink
-        from storage._engine import create_engine
-        from storage._migrate import migrate
+        from llmtrail.storage import open_store_sink
+        from llmtrail.storage._engine import create_engine
+        from llmtrail.storage._migrate import migrate
 
         engine = create_engine(url)
         await migrate(engine)
@@ -271,7 +271,7 @@ async def snapshot(engine: Any) -> dict[str, list[dict[str, Any]]]:
     """Every projection row, in key order: what "the same result" means."""
     from sqlalchemy import select
 
-    from storage._projections import calls, metrics_minute, usage_daily
+    from llmtrail.storage._projections import calls, metrics_minute, usage_daily
 
     out: dict[str, list[dict[str, Any]]] = {}
     async with engine.connect() as conn:

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from pipeline._cli import build_parser
-from storage._audit_cli import run_readonly_sql, usage_report
-from storage._projections import run_projections
+from llmtrail.pipeline._cli import build_parser
+from llmtrail.storage._audit_cli import run_readonly_sql, usage_report
+from llmtrail.storage._projections import run_projections
 from tests.storage.projection_events import CallSpec, LogStore, call_events, sample_log
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
@@ -358,8 +358,8 @@ def test_projections_on_a_missing_sqlite_store_is_exit_2_and_creates_nothing(tmp
 
 async def test_usage_report_agrees_with_the_service_after_a_flush(store_url, mock_server_factory):
     """The service's in-memory usage figures and the projection agree once events are flushed."""
-    from pipeline import BaseLLMService, GenerationRequest
-    from storage._engine import create_engine
+    from llmtrail.pipeline import BaseLLMService, GenerationRequest
+    from llmtrail.storage._engine import create_engine
 
     server = await mock_server_factory(
         fault_script=["rate_limit_429", "none", "http_500", "http_500", "http_500", "none"],

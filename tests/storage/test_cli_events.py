@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import Event, EventType
-from storage import EventStore, open_store_sink
-from storage._cli import add_store_argument, parse_time, register
+from llmtrail.pipeline import Event, EventType
+from llmtrail.storage import EventStore, open_store_sink
+from llmtrail.storage._cli import add_store_argument, parse_time, register
 from tests.storage.test_store_contract import LIFECYCLE, T0, call_events, interleave
 
 

@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 
-import migrations
-from storage import (
+from llmtrail import migrations
+from llmtrail.storage import (
     EventStore,
     StoreConfigError,
     StoreSchemaError,

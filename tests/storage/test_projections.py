@@ -8,11 +8,11 @@ from decimal import Decimal
 
 import pytest
 
-import storage._projections as projections_module
-from pipeline import PriceTable
-from storage import _schema as schema
-from storage._engine import create_engine
-from storage._folds import (
+import llmtrail.storage._projections as projections_module
+from llmtrail.pipeline import PriceTable
+from llmtrail.storage import _schema as schema
+from llmtrail.storage._engine import create_engine
+from llmtrail.storage._folds import (
     CallRow,
     FoldEvent,
     MetricsRow,
@@ -23,7 +23,7 @@ from storage._folds import (
     apply_usage,
     metrics_minutes,
 )
-from storage._projections import (
+from llmtrail.storage._projections import (
     PROJECTIONS,
     ProjectionRunner,
     UnknownProjectionError,

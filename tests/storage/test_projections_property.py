@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import storage._projections as projections_module
-from storage._projections import PROJECTIONS, rebuild, run_projections
+import llmtrail.storage._projections as projections_module
+from llmtrail.storage._projections import PROJECTIONS, rebuild, run_projections
 from tests.storage.projection_events import (
     T0,
     CallSpec,

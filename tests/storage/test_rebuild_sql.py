@@ -11,10 +11,10 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline import EventType, PriceTable
-from pipeline._events import new_event_id
-from pipeline._pricing import ModelPrice
-from storage._projections import rebuild, run_projections
+from llmtrail.pipeline import EventType, PriceTable
+from llmtrail.pipeline._events import new_event_id
+from llmtrail.pipeline._pricing import ModelPrice
+from llmtrail.storage._projections import rebuild, run_projections
 from tests.storage.projection_events import (
     T0,
     CallSpec,

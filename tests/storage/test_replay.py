@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from pipeline import Event, EventType, PriceTable
-from pipeline._cli import main as cli_main
-from storage import EventStore, open_store_sink
-from storage._replay import (
+from llmtrail.pipeline import Event, EventType, PriceTable
+from llmtrail.pipeline._cli import main as cli_main
+from llmtrail.storage import EventStore, open_store_sink
+from llmtrail.storage._replay import (
     ProviderModel,
     ReplaySettings,
     cheapest_meeting,
@@ -29,7 +29,7 @@ from storage._replay import (
     scaled_calls,
     sweep,
 )
-from storage._workload import EmptyWorkloadError, extract_workload, load_workload
+from llmtrail.storage._workload import EmptyWorkloadError, extract_workload, load_workload
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 LIMITS = {

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from pipeline._cli import build_parser
-from storage._projections import run_projections
+from llmtrail.pipeline._cli import build_parser
+from llmtrail.storage._projections import run_projections
 from tests.storage.projection_events import LogStore, sample_log
 
 

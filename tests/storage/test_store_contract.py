@@ -19,8 +19,8 @@ import asyncpg
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
-from pipeline import Event, EventType
-from storage import EventStore, EventWriter, StoredEvent, open_store_sink
+from llmtrail.pipeline import Event, EventType
+from llmtrail.storage import EventStore, EventWriter, StoredEvent, open_store_sink
 
 INSTANCE = "test-host:1"
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)

@@ -17,9 +17,9 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
-from pipeline import ConfigurationError, EventType
-from pipeline.typing import EventSink, UsageHistory
-from storage import (
+from llmtrail.pipeline import ConfigurationError, EventType
+from llmtrail.pipeline.typing import EventSink, UsageHistory
+from llmtrail.storage import (
     EventStore,
     StoreClosedError,
     StoreConfigError,
@@ -27,7 +27,7 @@ from storage import (
     create_engine,
     open_store_sink,
 )
-from storage._engine import normalize_store_url
+from llmtrail.storage._engine import normalize_store_url
 from tests.storage.test_store_contract import (
     INSTANCE,
     call_events,

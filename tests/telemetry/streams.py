@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline import Event, EventType
+from llmtrail.pipeline import Event, EventType
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 API_KEY = "sk-test-abcdefghijklmnop1234"

@@ -12,12 +12,12 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from pipeline import Event
-from pipeline._cli import main as cli_main
-from storage import open_store_sink
-from telemetry import export_traces
-from telemetry._cli import parse_time
-from telemetry._store import read_events
+from llmtrail.pipeline import Event
+from llmtrail.pipeline._cli import main as cli_main
+from llmtrail.storage import open_store_sink
+from llmtrail.telemetry import export_traces
+from llmtrail.telemetry._cli import parse_time
+from llmtrail.telemetry._store import read_events
 
 from . import streams
 

@@ -14,11 +14,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.util._once import Once
 
-import telemetry
-from pipeline import ConfigurationError
-from telemetry import TracingSink, tracing_sink_from_environment
-from telemetry._config import traces_exporter
-from telemetry._export_process import ProcessSpanExporter
+from llmtrail import telemetry
+from llmtrail.pipeline import ConfigurationError
+from llmtrail.telemetry import TracingSink, tracing_sink_from_environment
+from llmtrail.telemetry._config import traces_exporter
+from llmtrail.telemetry._export_process import ProcessSpanExporter
 
 from . import streams
 

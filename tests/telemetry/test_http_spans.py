@@ -22,8 +22,8 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
-from telemetry._http_spans import HttpTracerProvider, _HttpSpan
-from telemetry._httpx import instrument_client
+from llmtrail.telemetry._http_spans import HttpTracerProvider, _HttpSpan
+from llmtrail.telemetry._httpx import instrument_client
 
 PARENT = SpanContext(0xABC, 0x123, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
 UNSAMPLED = SpanContext(0xABC, 0x124, is_remote=False, trace_flags=TraceFlags(0))

@@ -13,7 +13,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from telemetry._httpx import _without_uncaptured_headers, skip_uncaptured_header_normalisation
+from llmtrail.telemetry._httpx import (
+    _without_uncaptured_headers,
+    skip_uncaptured_header_normalisation,
+)
 
 HEADERS = httpx2.Headers({"Authorization": "Bearer sk-x", "X-Stainless-Os": "Linux", "A": "1,2"})
 

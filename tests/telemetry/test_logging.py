@@ -13,8 +13,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from pipeline import ConfigurationError
-from telemetry import configure_logging, redact_processor
+from llmtrail.pipeline import ConfigurationError
+from llmtrail.telemetry import configure_logging, redact_processor
 
 KEY = "sk-test-0123456789abcdefXYZ"
 

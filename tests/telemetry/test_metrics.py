@@ -8,7 +8,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
-from telemetry import TracingSink
+from llmtrail.telemetry import TracingSink
 
 from . import streams
 
@@ -112,7 +112,7 @@ def test_operation_duration_covers_every_call_and_tags_failures(
 def test_repeated_call_shapes_land_on_the_same_points_and_the_shape_cache_is_bounded(
     meters: tuple[InMemoryMetricReader, MeterProvider], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from telemetry import _metrics
+    from llmtrail.telemetry import _metrics
 
     reader, provider = meters
     monkeypatch.setattr(_metrics, "_MAX_ATTRIBUTE_SETS", 2)

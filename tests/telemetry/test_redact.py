@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx2
 import pytest
 
-from telemetry import redact_text, redact_value
+from llmtrail.telemetry import redact_text, redact_value
 
 KEY = "sk-proj-Abc123_def456-ghi789"
 

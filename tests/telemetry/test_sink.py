@@ -16,9 +16,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
-import telemetry
-from pipeline import EventSink, child_span_id
-from telemetry import TracingSink, rebuild_spans, tracing_sink_from_environment
+from llmtrail import telemetry
+from llmtrail.pipeline import EventSink, child_span_id
+from llmtrail.telemetry import TracingSink, rebuild_spans, tracing_sink_from_environment
 
 from . import streams
 from .conftest import span_fingerprint

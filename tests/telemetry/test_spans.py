@@ -13,9 +13,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
-from pipeline import child_span_id
-from telemetry import IncompleteCallError, plan_call_spans, record_spans
-from telemetry._spans import llmtrail_tracer, to_ns
+from llmtrail.pipeline import child_span_id
+from llmtrail.telemetry import IncompleteCallError, plan_call_spans, record_spans
+from llmtrail.telemetry._spans import llmtrail_tracer, to_ns
 
 from . import streams
 from .streams import API_KEY

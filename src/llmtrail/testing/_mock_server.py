@@ -12,7 +12,7 @@ Invariants:
   HTTP answer is actually sent (``None``: dropped, hung, or the client left before the answer).
 - Every HTTP answer carries ``x-request-id`` and the six ``x-ratelimit-*`` headers.
 
-Usage model: see :mod:`pipeline._mock_responses` (input and output tokens, reasoning, JSON
+Usage model: see :mod:`llmtrail.testing._mock_responses` (input and output tokens, reasoning, JSON
 schemas, ``max_output_tokens``). On top of it the server adds:
 
 - Prompt cache: the prompt text is cut into 128-token (512-character) prefixes from 1024 tokens
@@ -45,7 +45,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import select
 import signal
@@ -857,25 +856,23 @@ def run_in_process(
     port: int = 0,
     startup_timeout_s: float = 30.0,
 ) -> tuple[str, Callable[[], None]]:
-    """Start ``python -m pipeline._mock_server`` in a child process: ``(url, stop)``.
+    """Start ``python -m llmtrail.testing._mock_server`` in a child process: ``(url, stop)``.
 
     A benchmark's client then does not share a core with the server. ``stop()`` sends SIGTERM
     and waits (SIGKILL after 10 s); it is idempotent.
     """
-    # Run this module as __main__ under a bare `pipeline` package (a module object whose
-    # __path__ is this directory, its __init__ never run) rather than `-m pipeline._mock_server`:
-    # importing the real package imports the openai SDK (seconds on a busy machine), which the
-    # server never uses. This is why this module and _mock_responses import nothing else from
-    # `pipeline`.
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    bootstrap = (
-        "import runpy, sys, types; "
-        "package = types.ModuleType('pipeline'); "
-        f"package.__path__ = [{package_dir!r}]; "
-        "sys.modules['pipeline'] = package; "
-        "runpy.run_module('pipeline._mock_server', run_name='__main__', alter_sys=True)"
-    )
-    argv = [sys.executable, "-c", bootstrap, "--host", host, "--port", str(port)]
+    # `python -m llmtrail.testing._mock_server`: importing `llmtrail` and `llmtrail.testing`
+    # is light (the OpenAI SDK is imported only when the request path is used), so the child
+    # starts in well under a second.
+    argv = [
+        sys.executable,
+        "-m",
+        "llmtrail.testing._mock_server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     argv += _config_argv(config or MockServerConfig())
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -887,7 +884,7 @@ def run_in_process(
         proc.stdout.close()
         raise RuntimeError(
             f"the mock server child process reported no URL within {startup_timeout_s}s "
-            f"(exit code {proc.returncode}); run `python -m pipeline._mock_server "
+            f"(exit code {proc.returncode}); run `python -m llmtrail.testing._mock_server "
             f"{' '.join(argv[3:])}` to see why"
         )
 
@@ -940,7 +937,7 @@ def running_in_thread(
 
 def _main() -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline._mock_server",
+        prog="python -m llmtrail.testing._mock_server",
         description="A local OpenAI-compatible server (POST /v1/responses).",
     )
     add_arguments(parser)

@@ -1,0 +1,70 @@
+"""llmtrail: every LLM call through one rate-aware, observable pipeline.
+
+The public API is re-exported here (``from llmtrail import BaseLLMService, GenerationRequest``);
+the subpackages are ``llmtrail.pipeline`` (the request path), ``llmtrail.storage`` (the event
+store, projections, replay), ``llmtrail.telemetry`` (spans, metrics, logging) and
+``llmtrail.testing`` (the local server, fixtures and the store contract suite).
+
+Importing this package is light and has no side effects: names load on first use, so
+``import llmtrail.storage`` never imports the OpenAI SDK.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pipeline import (
+        BaseLLMService,
+        ConfigurationError,
+        ErrorType,
+        Event,
+        EventSink,
+        EventType,
+        GenerationRequest,
+        GenerationResult,
+        LLMTrailError,
+        ModelPrice,
+        OpenAIResponsesProvider,
+        Outcome,
+        PriceTable,
+        RetryPolicy,
+        ServiceClosedError,
+        ServiceStats,
+        Timings,
+        Usage,
+    )
+
+__all__ = [
+    "BaseLLMService",
+    "ConfigurationError",
+    "ErrorType",
+    "Event",
+    "EventSink",
+    "EventType",
+    "GenerationRequest",
+    "GenerationResult",
+    "LLMTrailError",
+    "ModelPrice",
+    "OpenAIResponsesProvider",
+    "Outcome",
+    "PriceTable",
+    "RetryPolicy",
+    "ServiceClosedError",
+    "ServiceStats",
+    "Timings",
+    "Usage",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(".pipeline", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
