@@ -45,24 +45,58 @@ _log = structlog.get_logger(__name__)
 
 
 class CallFlow:
-    """The request path of one call, as methods of the service that composes its parts."""
+    """The request path of one call: the parts a service composes, and the steps of a call.
 
-    model: str
-    request_timeout_s: float
-    capture_content: bool
-    default_max_output_tokens: int
-    prices: PriceTable
-    _clock: Clock
-    _rpm: AnyGate | None
-    _tpm: AnyGate | None
-    _semaphore: FairSemaphore
-    _provider: Provider
-    _retry: RetryPolicy
-    _meter: RateMeter
-    _usage: dict[str, OperationUsage]
-    _limits: dict[str, Any]
-    _trace_http: bool
-    _unanswered_guard_s: float
+    The service builds one and hands it every call (:meth:`run`); the flow holds no state of
+    its own between calls beyond the shared parts (gates, semaphore, meter, usage).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        request_timeout_s: float,
+        capture_content: bool,
+        default_max_output_tokens: int,
+        prices: PriceTable,
+        clock: Clock,
+        rpm: AnyGate | None,
+        tpm: AnyGate | None,
+        semaphore: FairSemaphore,
+        provider: Provider,
+        retry: RetryPolicy,
+        meter: RateMeter,
+        usage: dict[str, OperationUsage],
+        limits: dict[str, Any],
+        unanswered_guard_s: float,
+        trace_http: bool,
+    ) -> None:
+        self.model = model
+        self.request_timeout_s = request_timeout_s
+        self.capture_content = capture_content
+        self.default_max_output_tokens = default_max_output_tokens
+        self.prices = prices
+        self._clock = clock
+        self._rpm = rpm
+        self._tpm = tpm
+        self._semaphore = semaphore
+        self._provider = provider
+        self._retry = retry
+        self._meter = meter
+        self._usage = usage
+        self._limits = limits
+        self._unanswered_guard_s = unanswered_guard_s
+        self._trace_http = trace_http  # a sink wants an HTTP span per attempt
+
+    async def run(
+        self,
+        call: CallStream,
+        request: Any,
+        operation_name: str | None,
+        parent: otel_trace.SpanContext,
+    ) -> GenerationResult:
+        """One call, start to ``completed``; never raises but for cancellation."""
+        return await self._guarded(call, request, operation_name, parent)
 
     async def _guarded(
         self,

@@ -737,7 +737,7 @@ class RedisSlidingWindowGate:
                 await asyncio.sleep(0.1)  # waiters poll meanwhile
             finally:
                 with contextlib.suppress(*unavailable):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     # -- closing ------------------------------------------------------------------------
 

@@ -100,7 +100,7 @@ def _load_plugin(name: str) -> Callable[..., Any] | None:
     return None
 
 
-class BaseLLMService(CallFlow):
+class BaseLLMService:
     """Rate-aware, observable LLM calls. Subclass it to add business methods.
 
     Configuration: constructor arguments first, then ``LLMTRAIL_*`` environment variables
@@ -246,6 +246,26 @@ class BaseLLMService(CallFlow):
         self._meter = RateMeter()
         self._backlog: set[EventSink] = set()
         self._usage: dict[str, OperationUsage] = {}
+        # The request path is composed, not inherited: a subclass's business methods cannot
+        # shadow a step of the call flow by accident.
+        self._flow = CallFlow(
+            model=self.model,
+            request_timeout_s=self.request_timeout_s,
+            capture_content=self.capture_content,
+            default_max_output_tokens=self.default_max_output_tokens,
+            prices=self.prices,
+            clock=self._clock,
+            rpm=self._rpm,
+            tpm=self._tpm,
+            semaphore=self._semaphore,
+            provider=self._provider,
+            retry=self._retry,
+            meter=self._meter,
+            usage=self._usage,
+            limits=self._limits,
+            unanswered_guard_s=self._unanswered_guard_s,
+            trace_http=self._trace_http,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._portal: threading.Thread | None = None
         self._own_loop = _env_bool("LLMTRAIL_OWN_LOOP") if own_loop is _UNSET else own_loop
@@ -475,7 +495,7 @@ class BaseLLMService(CallFlow):
             call_id=call.call_id, trace_id=call.trace_id, span_id=call.span_id
         )
         try:
-            return await self._guarded(call, request, operation_name, parent)
+            return await self._flow.run(call, request, operation_name, parent)
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
             self._active -= 1
