@@ -14,12 +14,26 @@ import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import structlog
 from opentelemetry import trace as otel_trace
 
-from ._events import Event, EventType, new_event_id
+from ._events import (
+    AttemptFailedPayload,
+    CompletedPayload,
+    Event,
+    EventType,
+    GateWaitPayload,
+    Payload,
+    ReceivedPayload,
+    RetryScheduledPayload,
+    SemaphoreAcquiredPayload,
+    SentPayload,
+    TraceCreatedPayload,
+    UnmarkedPayload,
+    new_event_id,
+)
 from ._gates import GateReservation
 from ._types import GenerationRequest
 from .typing import EventSink
@@ -86,7 +100,34 @@ class CallStream:
         # A caller's unsampled trace stays unsampled, so no orphan HTTP span is exported.
         self.trace_flags = SAMPLED
 
-    def emit(self, type_: EventType, payload: dict[str, Any]) -> None:
+    # One overload per event type: an emitter that misses or misspells a field fails mypy.
+    @overload
+    def emit(
+        self, type_: Literal[EventType.TRACE_CREATED], payload: TraceCreatedPayload
+    ) -> None: ...
+    @overload
+    def emit(self, type_: Literal[EventType.GATE_WAIT], payload: GateWaitPayload) -> None: ...
+    @overload
+    def emit(
+        self, type_: Literal[EventType.SEMAPHORE_ACQUIRED], payload: SemaphoreAcquiredPayload
+    ) -> None: ...
+    @overload
+    def emit(self, type_: Literal[EventType.SENT], payload: SentPayload) -> None: ...
+    @overload
+    def emit(self, type_: Literal[EventType.RECEIVED], payload: ReceivedPayload) -> None: ...
+    @overload
+    def emit(
+        self, type_: Literal[EventType.ATTEMPT_FAILED], payload: AttemptFailedPayload
+    ) -> None: ...
+    @overload
+    def emit(
+        self, type_: Literal[EventType.RETRY_SCHEDULED], payload: RetryScheduledPayload
+    ) -> None: ...
+    @overload
+    def emit(self, type_: Literal[EventType.UNMARKED], payload: UnmarkedPayload) -> None: ...
+    @overload
+    def emit(self, type_: Literal[EventType.COMPLETED], payload: CompletedPayload) -> None: ...
+    def emit(self, type_: EventType, payload: Payload) -> None:
         event = Event(
             self.call_id,
             self.seq,
@@ -94,7 +135,7 @@ class CallStream:
             datetime.now(UTC),
             self.trace_id,
             self.span_id,
-            payload,
+            cast(dict[str, Any], payload),
             self.instance,
         )
         self.seq += 1

@@ -13,43 +13,11 @@ Invariants:
 - Payloads are JSON-serialisable dicts. They never hold an API key, and they hold prompt or
   response text only when the user opted in with ``capture_content``.
 
-Payload fields, by type (``None`` where unknown):
-
-``trace_created``
-    operation_name, model, request_id, metadata (str -> str), estimated_input_tokens,
-    max_output_tokens, reserved_tokens (what the TPM gate is asked for), rpm_at_start,
-    tpm_at_start, parent_span_id (the caller's span, or None), temperature, reasoning_effort,
-    server_address, server_port, capture_content, limits (the service's max_rpm, max_tpm,
-    window_s, max_concurrent_requests, max_attempts, default_max_output_tokens, send_guard_s:
-    what a replay needs to reproduce the run); with capture_content also ``input`` (the
-    messages).
-``gate_wait``
-    gate ("rpm" | "tpm"), attempt (the HTTP attempt the slot is for; tpm is always 1), amount,
-    waited_s, waiters_ahead. ``occurred_at`` is when the wait ended; it began ``waited_s``
-    earlier.
-``semaphore_acquired``
-    attempt, waited_s, in_flight (after acquiring), waiters_ahead. One per attempt: the permit
-    is released between attempts, so a retry never waits at a gate holding one.
-``sent``
-    attempt. ``occurred_at`` is when the attempt was handed to the SDK.
-``received``
-    attempt, latency_s, status, response_id, response_model, finish_reasons (list),
-    input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd
-    (decimal string, or None when the model has no price), provider_request_id, rate_limits
-    (the x-ratelimit-* headers, name -> value); with capture_content also ``content``.
-``attempt_failed``
-    attempt, latency_s, error_type, status, retryable, retry_after_s, message, provider_code,
-    provider_request_id, rate_limits.
-``retry_scheduled``
-    attempt (the one that failed), next_attempt, wait_s, reason (its error_type), retry_after_s.
-``unmarked``
-    gate ("rpm" | "tpm"), attempt, amount, reason ("not_sent" | "connection_refused" |
-    "cancelled" | "reconciled").
-``completed``
-    outcome ("succeeded" | "failed" | "cancelled"), error_type, error_message, attempts,
-    input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd,
-    model, response_id, rpm_wait_s, tpm_wait_s, semaphore_wait_s, latency_s (the last
-    attempt's), total_s.
+Payloads are typed: one ``TypedDict`` per event type below (:data:`PAYLOAD_TYPES`), used by the
+request path when it emits (``CallStream.emit`` is overloaded per type, so a missing or unknown
+field fails mypy at the emitter), and by consumers through :func:`payload_of`. Stored JSON is the
+plain dict, byte for byte what it was before the types existed. Durations are seconds, token
+counts integers, money a decimal string (``None`` when the model has no price).
 """
 
 from __future__ import annotations
@@ -61,15 +29,27 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal, TypedDict, cast, overload
 
 __all__ = [
+    "PAYLOAD_TYPES",
+    "AttemptFailedPayload",
+    "CompletedPayload",
     "Event",
     "EventType",
+    "GateWaitPayload",
     "Outcome",
+    "Payload",
+    "ReceivedPayload",
+    "RetryScheduledPayload",
+    "SemaphoreAcquiredPayload",
+    "SentPayload",
+    "TraceCreatedPayload",
+    "UnmarkedPayload",
     "child_span_id",
     "default_instance",
     "new_event_id",
+    "payload_of",
 ]
 
 
@@ -92,6 +72,154 @@ class Outcome(StrEnum):
     # Never emitted: projections give this outcome to a call whose stream has no `completed`
     # because its process died.
     INTERRUPTED = "interrupted"
+
+
+class _TraceCreatedFields(TypedDict):
+    operation_name: str
+    model: str
+    request_id: str | None
+    metadata: dict[str, str]
+    estimated_input_tokens: int
+    max_output_tokens: int | None
+    reserved_tokens: int  # what the TPM gate is asked for
+    rpm_at_start: int
+    tpm_at_start: int
+    parent_span_id: str | None  # the caller's span
+    temperature: float | None
+    reasoning_effort: str | None
+    server_address: str | None
+    server_port: int | None
+    capture_content: bool
+
+
+# Optional fields go in a total=False subclass: NotRequired[] inside postponed (string)
+# annotations is not seen by TypedDict at run time, and the tests check shapes at run time.
+class TraceCreatedPayload(_TraceCreatedFields, total=False):
+    # The service's max_rpm, max_tpm, window_s, max_concurrent_requests, max_attempts,
+    # default_max_output_tokens, send_guard_s, unanswered_guard_s: what a replay needs to
+    # reproduce the run. Absent on a call that failed validation.
+    limits: dict[str, Any]
+    input: list[dict[str, str]]  # the messages, only with capture_content
+
+
+class GateWaitPayload(TypedDict):
+    """``occurred_at`` is when the wait ended; it began ``waited_s`` earlier."""
+
+    gate: Literal["rpm", "tpm"]
+    attempt: int  # the HTTP attempt the slot is for; tpm is always 1
+    amount: int
+    waited_s: float
+    waiters_ahead: int
+
+
+class SemaphoreAcquiredPayload(TypedDict):
+    """One per attempt: the permit is released between attempts."""
+
+    attempt: int
+    waited_s: float
+    in_flight: int  # after acquiring
+    waiters_ahead: int
+
+
+class SentPayload(TypedDict):
+    """``occurred_at`` is when the attempt was handed to the SDK."""
+
+    attempt: int
+
+
+class _ReceivedFields(TypedDict):
+    attempt: int
+    latency_s: float
+    status: int | None
+    response_id: str | None
+    response_model: str | None
+    finish_reasons: list[str]
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    cost_usd: str | None
+    provider_request_id: str | None
+    rate_limits: dict[str, str]  # the x-ratelimit-* headers
+
+
+class ReceivedPayload(_ReceivedFields, total=False):
+    content: str | None  # only with capture_content
+
+
+class AttemptFailedPayload(TypedDict):
+    attempt: int
+    latency_s: float | None
+    error_type: str
+    status: int | None
+    retryable: bool
+    retry_after_s: float | None
+    message: str | None
+    provider_code: str | None
+    provider_request_id: str | None
+    rate_limits: dict[str, str]
+
+
+class RetryScheduledPayload(TypedDict):
+    attempt: int  # the one that failed
+    next_attempt: int
+    wait_s: float
+    reason: str  # the failed attempt's error_type
+    retry_after_s: float | None
+
+
+class UnmarkedPayload(TypedDict):
+    gate: Literal["rpm", "tpm"]
+    attempt: int
+    amount: int
+    reason: str  # "not_sent" | "connection_refused" | "cancelled" | "reconciled"
+
+
+class CompletedPayload(TypedDict):
+    outcome: str  # an Outcome
+    error_type: str | None
+    error_message: str | None
+    attempts: int
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    cost_usd: str | None
+    model: str
+    response_id: str | None
+    rpm_wait_s: float
+    tpm_wait_s: float
+    semaphore_wait_s: float
+    latency_s: float | None  # the last attempt's
+    total_s: float
+
+
+Payload = (
+    TraceCreatedPayload
+    | GateWaitPayload
+    | SemaphoreAcquiredPayload
+    | SentPayload
+    | ReceivedPayload
+    | AttemptFailedPayload
+    | RetryScheduledPayload
+    | UnmarkedPayload
+    | CompletedPayload
+)
+
+#: The payload type of each event type: the one definition every producer and consumer shares.
+PAYLOAD_TYPES: dict[EventType, type[Any]] = {
+    EventType.TRACE_CREATED: TraceCreatedPayload,
+    EventType.GATE_WAIT: GateWaitPayload,
+    EventType.SEMAPHORE_ACQUIRED: SemaphoreAcquiredPayload,
+    EventType.SENT: SentPayload,
+    EventType.RECEIVED: ReceivedPayload,
+    EventType.ATTEMPT_FAILED: AttemptFailedPayload,
+    EventType.RETRY_SCHEDULED: RetryScheduledPayload,
+    EventType.UNMARKED: UnmarkedPayload,
+    EventType.COMPLETED: CompletedPayload,
+}
 
 
 def new_event_id() -> str:
@@ -165,3 +293,36 @@ class Event:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@overload
+def payload_of(event: Event, type_: Literal[EventType.TRACE_CREATED]) -> TraceCreatedPayload: ...
+@overload
+def payload_of(event: Event, type_: Literal[EventType.GATE_WAIT]) -> GateWaitPayload: ...
+@overload
+def payload_of(
+    event: Event, type_: Literal[EventType.SEMAPHORE_ACQUIRED]
+) -> SemaphoreAcquiredPayload: ...
+@overload
+def payload_of(event: Event, type_: Literal[EventType.SENT]) -> SentPayload: ...
+@overload
+def payload_of(event: Event, type_: Literal[EventType.RECEIVED]) -> ReceivedPayload: ...
+@overload
+def payload_of(event: Event, type_: Literal[EventType.ATTEMPT_FAILED]) -> AttemptFailedPayload: ...
+@overload
+def payload_of(
+    event: Event, type_: Literal[EventType.RETRY_SCHEDULED]
+) -> RetryScheduledPayload: ...
+@overload
+def payload_of(event: Event, type_: Literal[EventType.UNMARKED]) -> UnmarkedPayload: ...
+@overload
+def payload_of(event: Event, type_: Literal[EventType.COMPLETED]) -> CompletedPayload: ...
+def payload_of(event: Event, type_: EventType) -> Payload:
+    """``event``'s payload as the type of ``type_`` (a consumer's typed view of a stored row).
+
+    Raises ``ValueError`` when the event is of another type. The payload is not copied; stored
+    rows written by older versions may lack fields added later, so read those with ``.get``.
+    """
+    if event.type is not type_:
+        raise ValueError(f"event {event.event_id} is a {event.type}, not a {type_}")
+    return cast(Payload, event.payload)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from opentelemetry import context as otel_context
@@ -26,8 +26,8 @@ from opentelemetry import trace as otel_trace
 
 from ._call import CallState, CallStream, estimate_input_tokens, money, plain_traceback, to_int
 from ._errors import ErrorType
-from ._events import EventType, Outcome, child_span_id
-from ._gates import GateRequestTooLarge, SlidingWindowGate, parse_reset
+from ._events import EventType, Outcome, ReceivedPayload, TraceCreatedPayload, child_span_id
+from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate, parse_reset
 from ._pricing import PriceTable
 from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
@@ -200,7 +200,7 @@ class CallFlow:
         reserve = est_input + (max_out or self.default_max_output_tokens)
         rpm_now = state.rpm_now = self._meter.rpm(now)
         tpm_now = state.tpm_now = self._meter.tpm(now)
-        created: dict[str, Any] = {
+        created: TraceCreatedPayload = {
             "operation_name": op,
             "model": model,
             "request_id": request.request_id,
@@ -469,7 +469,7 @@ class CallFlow:
                 otel_context.detach(token)
         state.reached = True
         state.latency = clock.now() - sent_at
-        received: dict[str, Any] = {
+        received: ReceivedPayload = {
             "attempt": n,
             "latency_s": state.latency,
             "status": response.status,
@@ -524,10 +524,11 @@ class CallFlow:
         (every connection was refused). Anything that may have arrived stays counted.
         """
         never_arrived = reason == "connection_refused" and not state.reached
-        for gate_name, gate, res in (
+        held: tuple[tuple[Literal["rpm", "tpm"], AnyGate | None, GateReservation | None], ...] = (
             ("rpm", self._rpm, state.rpm_res),
             ("tpm", self._tpm, state.tpm_res),
-        ):
+        )
+        for gate_name, gate, res in held:
             if gate is None or res is None or res.done:
                 continue
             if res.pending or never_arrived:
