@@ -14,7 +14,6 @@ import sqlalchemy as sa
 from llmtrail.pipeline import BaseLLMService, Event, EventType, GenerationRequest
 from llmtrail.pipeline._events import PAYLOAD_TYPES, payload_of
 from llmtrail.storage import EventStore, calls, create_engine, migrate, open_store_sink, rebuild
-from llmtrail.testing import MockServer, MockServerConfig
 from tests.conftest import RecordingSink
 
 ROOT = Path(__file__).resolve().parents[2]
