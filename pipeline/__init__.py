@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._call import estimate_input_tokens
 from ._clock import LoopClock, ManualClock, VirtualTimeLoop, run_virtual
-from ._errors import ConfigurationError, ErrorType, LLMTrailError, ServiceClosedError
+from ._errors import (
+    ConfigurationError,
+    ErrorType,
+    LLMTrailError,
+    MissingExtraError,
+    ServiceClosedError,
+    require_extra,
+)
 from ._events import Event, EventType, Outcome, child_span_id, default_instance, new_event_id
 from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate
 from ._pricing import ModelPrice, PriceTable
@@ -54,6 +61,7 @@ __all__ = [
     "GenerationResult",
     "LLMTrailError",
     "LoopClock",
+    "MissingExtraError",
     "ManualClock",
     "ModelPrice",
     "OpenAIResponsesProvider",
@@ -75,5 +83,6 @@ __all__ = [
     "default_instance",
     "estimate_input_tokens",
     "new_event_id",
+    "require_extra",
     "run_virtual",
 ]

@@ -8,9 +8,18 @@ always re-raised.
 
 from __future__ import annotations
 
+import importlib
 from enum import StrEnum
+from types import ModuleType
 
-__all__ = ["ConfigurationError", "ErrorType", "LLMTrailError", "ServiceClosedError"]
+__all__ = [
+    "ConfigurationError",
+    "ErrorType",
+    "LLMTrailError",
+    "MissingExtraError",
+    "ServiceClosedError",
+    "require_extra",
+]
 
 
 class ErrorType(StrEnum):
@@ -40,3 +49,23 @@ class ConfigurationError(LLMTrailError, ValueError):
 
 class ServiceClosedError(LLMTrailError, RuntimeError):
     """The service was used after ``aclose()`` / ``close()``."""
+
+
+class MissingExtraError(ConfigurationError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""
+
+
+def require_extra(module: str, extra: str, feature: str) -> ModuleType:
+    """Import ``module`` or raise :class:`MissingExtraError` naming the extra that installs it.
+
+    The core install holds the request path, the SQLite store and OTLP tracing; PostgreSQL,
+    Redis, replay's charts and the local server come with extras (``postgres``, ``redis``,
+    ``replay``, ``server``), so their imports go through here to fail with one clear line.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(
+            f"{feature} needs {module}, which is not installed: "
+            f"pip install 'llmtrail[{extra}]'"
+        ) from None

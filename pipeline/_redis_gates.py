@@ -55,7 +55,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
-from ._errors import ConfigurationError, LLMTrailError, ServiceClosedError
+from ._errors import ConfigurationError, LLMTrailError, ServiceClosedError, require_extra
 from ._gates import _DONE, _PENDING, _SENT, GateRequestTooLarge, GateReservation, SlidingWindowGate
 from ._redis_scripts import KEY_PARTS, register_scripts
 from .typing import Clock
@@ -807,6 +807,7 @@ def create_gate(
         raise ConfigurationError(
             f"rate_limit_fallback={fallback!r} is invalid: use 'fail_closed' or 'local'"
         )
+    require_extra("redis", "redis", "rate_limit_url (gates shared through Redis)")
     return RedisSlidingWindowGate(
         name,
         capacity,

@@ -31,7 +31,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from llmtrail.pipeline import ConfigurationError, LLMTrailError
+from llmtrail.pipeline import ConfigurationError, LLMTrailError, require_extra
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -272,6 +272,8 @@ def create_engine(
         _install_sqlite_hooks(engine, busy_timeout_ms, cache_size_kib, wal_autocheckpoint_pages)
         return engine
     del cache_size_kib, wal_autocheckpoint_pages  # SQLite's; PostgreSQL's are server-side
+    if parsed.get_driver_name() == "asyncpg":
+        require_extra("asyncpg", "postgres", "a PostgreSQL store")
     connect_args = dict(engine_options.pop("connect_args", {}))
     server_settings = dict(connect_args.pop("server_settings", {}))
     server_settings.setdefault("application_name", application_name)

@@ -10,7 +10,11 @@ Nothing in the request path imports this package.
 
 from __future__ import annotations
 
-from ._mock_server import (
+from llmtrail.pipeline._errors import require_extra
+
+require_extra("aiohttp", "server", "the local OpenAI-compatible server (llmtrail.testing)")
+
+from ._mock_server import (  # noqa: E402 (after the one-line error for a missing extra)
     MockServer,
     MockServerConfig,
     run_in_process,
