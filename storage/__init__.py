@@ -6,10 +6,14 @@
   ``llmtrail migrate``), and automatically when a writer opens a store that has none.
 - SQLite (aiosqlite, a file) by default; PostgreSQL (asyncpg) for many processes or hosts.
 
-Importing this package opens nothing and configures nothing.
+Importing this package opens nothing and configures nothing, and needs no extra: replay
+(numpy, the ``replay`` extra) loads on first use.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._engine import (
     DEFAULT_STORE_URL,
@@ -39,17 +43,42 @@ from ._projections import (
     usage_daily,
 )
 from ._reader import EventStore, StoredEvent
-from ._replay import (
-    ReplaySettings,
-    ReplayStalledError,
-    cheapest_meeting,
-    replay,
-    replay_async,
-    sweep,
-)
 from ._schema import events, metadata, stored_payload
 from ._workload import Workload, extract_workload, load_workload
 from ._writer import EventWriter, open_store_sink
+
+if TYPE_CHECKING:
+    from ._replay import (
+        ReplaySettings,
+        ReplayStalledError,
+        cheapest_meeting,
+        replay,
+        replay_async,
+        sweep,
+    )
+
+# Replay needs numpy (the `replay` extra), which the core install lacks: its names load on
+# first use, so the store itself never needs it.
+_LAZY = {
+    name: "._replay"
+    for name in (
+        "ReplaySettings",
+        "ReplayStalledError",
+        "cheapest_meeting",
+        "replay",
+        "replay_async",
+        "sweep",
+    )
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "DEFAULT_STORE_URL",
