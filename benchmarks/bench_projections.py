@@ -7,7 +7,7 @@ Invariants:
   call with a tenant in its metadata.
 - A figure is the full ``rebuild()`` of all three projections (wipe, read every event, fold,
   write every row, checkpoint), end to end, as events per second; the median of the
-  repetitions. Target (issue 5): >= 100,000 events/s on SQLite.
+  repetitions. Target: >= 100,000 events/s on SQLite.
 - PostgreSQL is measured when it is reachable (127.0.0.1:5432), else reported as SKIP.
 
 Run alone: ``python -m benchmarks --only projections`` (``--quick``: 200,000 events).

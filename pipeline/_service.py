@@ -1,6 +1,6 @@
 """``BaseLLMService``: the request path of one call, and the composition of its parts.
 
-The flow of one call (DESIGN.md, with the seed's flaws fixed):
+The flow of one call:
 ``trace_created`` -> RPM gate (reserve 1) -> ``gate_wait(rpm)`` -> TPM gate (reserve the
 estimate) -> ``gate_wait(tpm)`` -> semaphore -> ``semaphore_acquired`` -> for each attempt:
 [RPM gate again for retries] ``sent`` -> provider -> ``received`` | ``attempt_failed`` ->

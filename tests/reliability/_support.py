@@ -1,6 +1,6 @@
 """Checks shared by the reliability tests: complete event streams, and stored rows read back.
 
-Invariants checked here (DESIGN.md, "Lifecycle events"):
+Invariants checked here (the event catalogue in pipeline/_events.py):
 - a call's ``seq`` runs 0, 1, 2 ... with no gap and no duplicate;
 - ``trace_created`` is first, and exactly one ``completed`` exists and is last.
 
