@@ -6,8 +6,9 @@
   ``llmtrail migrate``), and automatically when a writer opens a store that has none.
 - SQLite (aiosqlite, a file) by default; PostgreSQL (asyncpg) for many processes or hosts.
 
-Importing this package opens nothing and configures nothing, and needs no extra: replay
-(numpy, the ``replay`` extra) loads on first use.
+Importing this package opens nothing, configures nothing and needs no extra: every name loads
+on first use, so ``import llmtrail.storage`` (and the CLI that registers its commands) stays
+light, and replay (numpy, the ``replay`` extra) is imported only when used.
 """
 
 from __future__ import annotations
@@ -15,39 +16,43 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._engine import (
-    DEFAULT_STORE_URL,
-    STORE_URL_ENV,
-    StoreClosedError,
-    StoreConfigError,
-    StoreError,
-    StoreSchemaError,
-    StoreUnavailableError,
-    create_engine,
-    mask_url,
-    store_url_from_environment,
-)
-from ._migrate import check_schema, ensure_schema, head_revision, migrate
-from ._projections import (
-    PROJECTIONS,
-    ProjectionConflictError,
-    ProjectionRunner,
-    ProjectionStatus,
-    UnknownProjectionError,
-    calls,
-    metrics_minute,
-    projection_checkpoints,
-    projection_status,
-    rebuild,
-    run_projections,
-    usage_daily,
-)
-from ._reader import EventStore, StoredEvent
-from ._schema import events, metadata, stored_payload
-from ._workload import Workload, extract_workload, load_workload
-from ._writer import EventWriter, open_store_sink
-
 if TYPE_CHECKING:
+    from ._engine import (
+        DEFAULT_STORE_URL,
+        STORE_URL_ENV,
+        StoreClosedError,
+        StoreConfigError,
+        StoreError,
+        StoreSchemaError,
+        StoreUnavailableError,
+        create_engine,
+        mask_url,
+        store_url_from_environment,
+    )
+    from ._migrate import (
+        check_schema,
+        ensure_schema,
+        head_revision,
+        migrate,
+    )
+    from ._projections import (
+        PROJECTIONS,
+        ProjectionConflictError,
+        ProjectionRunner,
+        ProjectionStatus,
+        UnknownProjectionError,
+        calls,
+        metrics_minute,
+        projection_checkpoints,
+        projection_status,
+        rebuild,
+        run_projections,
+        usage_daily,
+    )
+    from ._reader import (
+        EventStore,
+        StoredEvent,
+    )
     from ._replay import (
         ReplaySettings,
         ReplayStalledError,
@@ -56,29 +61,65 @@ if TYPE_CHECKING:
         replay_async,
         sweep,
     )
-
-# Replay needs numpy (the `replay` extra), which the core install lacks: its names load on
-# first use, so the store itself never needs it.
-_LAZY = {
-    name: "._replay"
-    for name in (
-        "ReplaySettings",
-        "ReplayStalledError",
-        "cheapest_meeting",
-        "replay",
-        "replay_async",
-        "sweep",
+    from ._schema import (
+        events,
+        metadata,
+        stored_payload,
     )
+    from ._workload import (
+        Workload,
+        extract_workload,
+        load_workload,
+    )
+    from ._writer import (
+        EventWriter,
+        open_store_sink,
+    )
+
+_LAZY = {
+    "calls": "._projections",
+    "cheapest_meeting": "._replay",
+    "check_schema": "._migrate",
+    "create_engine": "._engine",
+    "DEFAULT_STORE_URL": "._engine",
+    "ensure_schema": "._migrate",
+    "events": "._schema",
+    "EventStore": "._reader",
+    "EventWriter": "._writer",
+    "extract_workload": "._workload",
+    "head_revision": "._migrate",
+    "load_workload": "._workload",
+    "mask_url": "._engine",
+    "metadata": "._schema",
+    "metrics_minute": "._projections",
+    "migrate": "._migrate",
+    "open_store_sink": "._writer",
+    "projection_checkpoints": "._projections",
+    "projection_status": "._projections",
+    "ProjectionConflictError": "._projections",
+    "ProjectionRunner": "._projections",
+    "PROJECTIONS": "._projections",
+    "ProjectionStatus": "._projections",
+    "rebuild": "._projections",
+    "replay": "._replay",
+    "replay_async": "._replay",
+    "ReplaySettings": "._replay",
+    "ReplayStalledError": "._replay",
+    "run_projections": "._projections",
+    "STORE_URL_ENV": "._engine",
+    "store_url_from_environment": "._engine",
+    "StoreClosedError": "._engine",
+    "StoreConfigError": "._engine",
+    "stored_payload": "._schema",
+    "StoredEvent": "._reader",
+    "StoreError": "._engine",
+    "StoreSchemaError": "._engine",
+    "StoreUnavailableError": "._engine",
+    "sweep": "._replay",
+    "UnknownProjectionError": "._projections",
+    "usage_daily": "._projections",
+    "Workload": "._workload",
 }
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -124,3 +165,16 @@ __all__ = [
     "sweep",
     "usage_daily",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

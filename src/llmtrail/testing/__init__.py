@@ -1,31 +1,49 @@
 """Test support for llmtrail and for applications that use it, apart from the request path.
 
-- :class:`MockServer`: the local OpenAI-compatible server (``llmtrail mock-server``), with rate
-  limits, latency, seeded faults and a request log. It needs the ``server`` extra (aiohttp).
-- :mod:`llmtrail.testing.fixtures`: pytest fixtures, loaded with
-  ``pytest_plugins = ["llmtrail.testing.fixtures"]``.
+- :class:`RecordingSink`: a real in-memory event sink that keeps every event in emit order.
+- :class:`MockServer` (and :func:`running_in_process`, :func:`running_in_thread`): the local
+  OpenAI-compatible server (``llmtrail mock-server``) with rate limits, latency, seeded faults
+  and a request log. It needs the ``server`` extra (aiohttp); its names load on first use.
+- :mod:`llmtrail.testing.fixtures`: pytest fixtures (the local server, fresh SQLite and
+  PostgreSQL stores, Redis), loaded with ``pytest_plugins = ["llmtrail.testing.fixtures"]``.
 
 Nothing in the request path imports this package.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from llmtrail.pipeline._errors import require_extra
 
-require_extra("aiohttp", "server", "the local OpenAI-compatible server (llmtrail.testing)")
+from ._sinks import RecordingSink
 
-from ._mock_server import (  # noqa: E402 (after the one-line error for a missing extra)
-    MockServer,
-    MockServerConfig,
-    run_in_process,
-    running_in_process,
-    running_in_thread,
-)
+if TYPE_CHECKING:
+    from ._mock_server import (
+        MockServer,
+        MockServerConfig,
+        run_in_process,
+        running_in_process,
+        running_in_thread,
+    )
 
 __all__ = [
     "MockServer",
     "MockServerConfig",
+    "RecordingSink",
     "run_in_process",
     "running_in_process",
     "running_in_thread",
 ]
+
+_SERVER_NAMES = frozenset(__all__) - {"RecordingSink"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SERVER_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    require_extra("aiohttp", "server", "the local OpenAI-compatible server (llmtrail.testing)")
+    value = getattr(importlib.import_module("._mock_server", __name__), name)
+    globals()[name] = value
+    return value
