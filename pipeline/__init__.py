@@ -6,8 +6,9 @@ load when first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from llmtrail._lazy import lazy_names
 
 from ._call import estimate_input_tokens
 from ._clock import LoopClock, ManualClock, VirtualTimeLoop, run_virtual
@@ -37,14 +38,7 @@ if TYPE_CHECKING:
 # `import llmtrail.storage` (which needs only the event types) never pays for it.
 _LAZY = {"BaseLLMService": "._service", "OpenAIResponsesProvider": "._provider"}
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = [

@@ -66,6 +66,5 @@ def require_extra(module: str, extra: str, feature: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise MissingExtraError(
-            f"{feature} needs {module}, which is not installed: "
-            f"pip install 'llmtrail[{extra}]'"
+            f"{feature} needs {module}, which is not installed: pip install 'llmtrail[{extra}]'"
         ) from None

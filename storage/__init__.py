@@ -13,8 +13,9 @@ light, and replay (numpy, the ``replay`` extra) is imported only when used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from llmtrail._lazy import lazy_names
 
 if TYPE_CHECKING:
     from ._engine import (
@@ -166,14 +167,7 @@ __all__ = [
     "usage_daily",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

@@ -11,8 +11,9 @@ Importing this package is light and has no side effects: names load on first use
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_names
 
 if TYPE_CHECKING:
     from .pipeline import (
@@ -57,13 +58,7 @@ __all__ = [
     "Usage",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(".pipeline", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, dict.fromkeys(__all__, ".pipeline"))
 
 
 def __dir__() -> list[str]:

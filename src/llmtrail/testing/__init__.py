@@ -12,9 +12,9 @@ Nothing in the request path imports this package.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from llmtrail._lazy import lazy_names
 from llmtrail.pipeline._errors import require_extra
 
 from ._sinks import RecordingSink
@@ -40,10 +40,10 @@ __all__ = [
 _SERVER_NAMES = frozenset(__all__) - {"RecordingSink"}
 
 
+_load = lazy_names(__name__, dict.fromkeys(_SERVER_NAMES, "._mock_server"))
+
+
 def __getattr__(name: str) -> Any:
-    if name not in _SERVER_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    require_extra("aiohttp", "server", "the local OpenAI-compatible server (llmtrail.testing)")
-    value = getattr(importlib.import_module("._mock_server", __name__), name)
-    globals()[name] = value
-    return value
+    if name in _SERVER_NAMES:
+        require_extra("aiohttp", "server", "the local OpenAI-compatible server (llmtrail.testing)")
+    return _load(name)
