@@ -16,8 +16,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import structlog
 from opentelemetry import trace as otel_trace
+
+from llmtrail._log import get_logger
 
 from ._events import Event, EventType, new_event_id
 from ._gates import GateReservation
@@ -34,7 +35,7 @@ __all__ = [
     "to_int",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 def plain_traceback() -> str:
