@@ -54,14 +54,14 @@ def add_format_options(
     parser: argparse.ArgumentParser, formats: Sequence[str] = ("table", "plain", "csv", "json")
 ) -> None:
     """``--format`` (``auto`` or one of ``formats``) and its shorthand ``--json``."""
-    choices = ["auto", *formats] if "table" in formats else list(formats)
+    choices = ["auto", *formats] if len(formats) > 2 else list(formats)
     parser.add_argument(
         "--format",
         choices=choices,
         default=choices[0],
         help=(
             f"output format, one of {', '.join(choices)} (default {choices[0]}"
-            + ("; auto: a table on a terminal, plain lines in a pipe" if "auto" in choices else "")
+            + (f"; auto: {formats[0]} on a terminal, plain in a pipe" if "auto" in choices else "")
             + ")"
         ),
     )
@@ -74,12 +74,12 @@ def add_format_options(
     )
 
 
-def chosen_format(value: str, stream: TextIO | None = None) -> str:
-    """``auto`` becomes ``table`` on a terminal and ``plain`` otherwise."""
+def chosen_format(value: str, *, terminal: str = "table", stream: TextIO | None = None) -> str:
+    """``auto`` becomes ``terminal`` (``table``) on a terminal and ``plain`` otherwise."""
     if value != "auto":
         return value
     out = stream if stream is not None else sys.stdout
-    return "table" if out.isatty() else "plain"
+    return terminal if out.isatty() else "plain"
 
 
 def exact_number(value: Decimal | float) -> str:
