@@ -512,6 +512,9 @@ class BaseLLMService(CallFlow):
             waiting_semaphore=self._semaphore.waiting(),
             reserved_tokens=self._tpm.reserved() if self._tpm else 0,
             usage={op: _copy_usage(u) for op, u in self._usage.items()},
+            max_rpm=self.max_rpm or None,
+            max_tpm=self.max_tpm or None,
+            max_concurrent_requests=self.max_concurrent_requests,
         )
 
     @property
