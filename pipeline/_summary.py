@@ -184,4 +184,4 @@ def print_summary(summary: dict[str, Any], fmt: str) -> None:
             "llmtrail events --type attempt_failed, llmtrail projections status"
         )
     out.flush()
-    print_notes(notes, "table")
+    print_notes(notes, fmt)
