@@ -22,7 +22,6 @@ import logging
 from typing import Any, Final
 
 import structlog
-from structlog.typing import EventDict, WrappedLogger
 
 __all__ = ["LibraryLogger", "get_logger"]
 
@@ -30,50 +29,43 @@ __all__ = ["LibraryLogger", "get_logger"]
 _RESERVED: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
-def _to_log_kwargs(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
-    for key in [k for k in event_dict if k in _RESERVED and k not in ("exc_info", "stack_info")]:
-        event_dict[f"{key}_"] = event_dict.pop(key)
-    return structlog.stdlib.render_to_log_kwargs(logger, method, event_dict)
-
-
 class LibraryLogger:
     """structlog's logging methods (``info("event", key=value)``) for one llmtrail module."""
 
-    __slots__ = ("_name", "_stdlib")
+    __slots__ = ("_name",)
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._stdlib = structlog.stdlib.BoundLogger(
-            logging.getLogger(name),
-            [
-                # Cheap exit when the level is off, before any other work.
-                structlog.stdlib.filter_by_level,
-                structlog.contextvars.merge_contextvars,
-                _to_log_kwargs,
-            ],
-            {},
-        )
 
-    def _target(self) -> Any:
+    def _log(self, level: int, event: str, fields: dict[str, Any], exc_info: bool = False) -> None:
         if structlog.is_configured():
-            return structlog.get_logger(self._name)
-        return self._stdlib
+            method = "exception" if exc_info else logging.getLevelName(level).lower()
+            getattr(structlog.get_logger(self._name), method)(event, **fields)
+            return
+        logger = logging.getLogger(self._name)  # a dict lookup: no state held here
+        if not logger.isEnabledFor(level):  # the cheap exit, before any other work
+            return
+        extra = {**structlog.contextvars.get_contextvars(), **fields}
+        for key in [k for k in extra if k in _RESERVED]:
+            extra[f"{key}_"] = extra.pop(key)
+        # stacklevel 3: the record names the line that called info()/warning(), not this one.
+        logger.log(level, event, extra=extra, exc_info=exc_info, stacklevel=3)
 
     def debug(self, event: str, **fields: Any) -> None:
-        self._target().debug(event, **fields)
+        self._log(logging.DEBUG, event, fields)
 
     def info(self, event: str, **fields: Any) -> None:
-        self._target().info(event, **fields)
+        self._log(logging.INFO, event, fields)
 
     def warning(self, event: str, **fields: Any) -> None:
-        self._target().warning(event, **fields)
+        self._log(logging.WARNING, event, fields)
 
     def error(self, event: str, **fields: Any) -> None:
-        self._target().error(event, **fields)
+        self._log(logging.ERROR, event, fields)
 
     def exception(self, event: str, **fields: Any) -> None:
         """An error with the current exception's traceback."""
-        self._target().exception(event, **fields)
+        self._log(logging.ERROR, event, fields, exc_info=True)
 
 
 def get_logger(name: str) -> LibraryLogger:
