@@ -3,8 +3,12 @@
 Invariants:
 - :func:`register` only adds parsers; nothing is opened until a command runs.
 - Every command returns an exit code: 0 ok, 1 failure (store unreachable, schema unknown),
-  2 bad usage (bad URL, bad time, missing store). Errors are one line on stderr, never a
-  traceback.
+  2 bad usage (bad URL, bad time, missing store), 130 after Ctrl-C. Errors are one line on
+  stderr, never a traceback; a closed pipe (``| head``) ends the command quietly with 0.
+- ``events`` streams: it reads a page at a time (newest first unless ``--oldest-first``) and
+  prints each event as it is read, so it never holds the log in memory; at most ``--limit``
+  (100) events unless ``--all``. One event is one whole line in a pipe (every payload field,
+  quoted when it has spaces), a head line and wrapped details on a terminal, or JSON.
 - ``--store URL`` defaults to ``$LLMTRAIL_STORE_URL``, then ``sqlite+aiosqlite:///llmtrail.db``,
   resolved when the arguments are parsed (:func:`add_store_argument`, shared by the other
   storage commands).
