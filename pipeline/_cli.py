@@ -143,10 +143,15 @@ def _demo(args: argparse.Namespace) -> int:
         raise ConfigurationError("--openai needs OPENAI_API_KEY in the environment")
     fmt = chosen_format(args.format)
     args.json = fmt == "json"
+    library = logging.getLogger("llmtrail")
+    level = library.level
     if "LLMTRAIL_LOG_LEVEL" not in os.environ:
         # The summary reports every failure, grouped: one warning per failed call is noise.
-        logging.getLogger("llmtrail").setLevel(logging.ERROR)
-    summary = asyncio.run(_run_demo(args))
+        library.setLevel(logging.ERROR)
+    try:
+        summary = asyncio.run(_run_demo(args))
+    finally:
+        library.setLevel(level)
     if fmt == "json":
         print(json.dumps(summary, indent=2, default=str))
     else:
