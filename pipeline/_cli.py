@@ -288,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmtrail",
         description="Rate-aware, observable LLM calls: events, traces, usage and replay.",
-        epilog="Every command takes --json; on a terminal output is a table that fits its "
-        "width, in a pipe plain lines. Exit codes: 0 ok, 1 failure, 2 bad usage, 130 after "
-        "Ctrl-C; errors are one line on stderr. `llmtrail COMMAND --help` says more.",
+        epilog="Every command that reports results takes --json; on a terminal output is a "
+        "table that fits its width, in a pipe plain lines. Exit codes: 0 ok, 1 failure, 2 bad "
+        "usage, 130 after Ctrl-C; errors are one line on stderr. `llmtrail COMMAND --help` "
+        "says more.",
     )
     try:
         version = importlib.metadata.version("llmtrail")
