@@ -16,8 +16,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, cast, overload
 
-import structlog
 from opentelemetry import trace as otel_trace
+
+from llmtrail._log import get_logger
 
 from ._events import (
     AttemptFailedPayload,
@@ -48,7 +49,7 @@ __all__ = [
     "to_int",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 def plain_traceback() -> str:

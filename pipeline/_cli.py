@@ -4,7 +4,9 @@
 owns it (storage, telemetry) through the ``llmtrail.commands`` entry points, so this module
 imports neither package.
 
-Exit codes: 0 success, 1 failure, 2 bad usage. Errors are one line, never a traceback.
+Exit codes: 0 success, 1 failure, 2 bad usage, 130 after Ctrl-C. Errors are one line, never a
+traceback, whatever the exception (:func:`main` catches them all; a BrokenPipe from
+``| head`` is a success).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import argparse
 import asyncio
 import importlib.metadata
 import json
+import logging
 import os
-import statistics
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -23,9 +25,13 @@ from typing import Any
 
 from ._errors import ConfigurationError, LLMTrailError
 from ._events import Event, EventType
+from ._output import add_format_options, chosen_format
+from ._summary import error_summary, latency_figures, print_summary, send_rate
 from ._types import GenerationRequest, GenerationResult
 
 __all__ = ["build_parser", "main"]
+
+_log = logging.getLogger(__name__)
 
 _TOPICS = [
     "the water cycle",
@@ -51,10 +57,12 @@ _TENANTS = ("acme", "globex", "initech")
 
 
 class _Tally:
-    """A tiny event sink for the demo's summary: counts 429s and retries as they happen."""
+    """A tiny event sink for the demo's summary: counts 429s and retries, and when each HTTP
+    attempt was sent, as they happen."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.sent_at: list[float] = []  # POSIX seconds
 
     def emit(self, event: Event) -> bool:
         if event.type is EventType.ATTEMPT_FAILED:
@@ -63,6 +71,7 @@ class _Tally:
             self.counts["retries"] += 1
         elif event.type is EventType.SENT:
             self.counts["sent"] += 1
+            self.sent_at.append(event.occurred_at.timestamp())
         return True
 
     async def wait_for_room(self) -> None:
@@ -82,7 +91,11 @@ def _add_demo(subparsers: Any) -> None:
         description=(
             "Runs N calls concurrently through BaseLLMService against the built-in local "
             "OpenAI-compatible server (or OpenAI with --openai and OPENAI_API_KEY), records "
-            "every event in the store, and ends with a summary table."
+            "every event in the store, and ends with a summary: outcomes, each distinct error "
+            "once with its message and fix, the achieved send rate against the limit, tokens "
+            "and cost (unpriced calls are counted, never priced at $0). Per-call warnings are "
+            "left out of stderr unless LLMTRAIL_LOG_LEVEL is set: the summary reports every "
+            "failure."
         ),
     )
     p.add_argument("--calls", type=int, default=200, help="number of calls (default 200)")
@@ -101,7 +114,7 @@ def _add_demo(subparsers: Any) -> None:
     )
     p.add_argument("--no-store", action="store_true", help="do not persist events")
     p.add_argument("--openai", action="store_true", help="call OpenAI (needs OPENAI_API_KEY)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_format_options(p, formats=("table", "plain", "json"))
     p.set_defaults(func=_demo)
 
 
@@ -128,11 +141,21 @@ def _demo(args: argparse.Namespace) -> int:
         )
     if args.openai and not os.environ.get("OPENAI_API_KEY"):
         raise ConfigurationError("--openai needs OPENAI_API_KEY in the environment")
-    summary = asyncio.run(_run_demo(args))
-    if args.json:
+    fmt = chosen_format(args.format)
+    args.json = fmt == "json"
+    library = logging.getLogger("llmtrail")
+    level = library.level
+    if "LLMTRAIL_LOG_LEVEL" not in os.environ:
+        # The summary reports every failure, grouped: one warning per failed call is noise.
+        library.setLevel(logging.ERROR)
+    try:
+        summary = asyncio.run(_run_demo(args))
+    finally:
+        library.setLevel(level)
+    if fmt == "json":
         print(json.dumps(summary, indent=2, default=str))
     else:
-        _print_summary(summary)
+        print_summary(summary, fmt)
     return 0 if summary["failed"] == 0 or summary["succeeded"] > 0 else 1
 
 
@@ -211,14 +234,6 @@ async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return _summarise(results, tally, elapsed, server_429, args)
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return 0.0
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
 def _summarise(
     results: list[GenerationResult],
     tally: _Tally,
@@ -227,51 +242,34 @@ def _summarise(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     ok = [r for r in results if r.success]
-    totals = [r.timings.total_s for r in results]
-    cost = sum((r.usage.cost_usd for r in ok if r.usage.cost_usd is not None), Decimal(0))
-    errors = Counter(str(r.error_type) for r in results if not r.success)
+    priced = [r.usage.cost_usd for r in results if r.usage.cost_usd is not None]
+    unpriced = sum(
+        1
+        for r in results
+        if r.usage.cost_usd is None and (r.usage.input_tokens or r.usage.output_tokens)
+    )
     return {
         "calls": len(results),
         "succeeded": len(ok),
         "failed": len(results) - len(ok),
-        "errors": dict(errors),
+        "errors": error_summary(results),
         "http_attempts": tally.counts["sent"],
         "retries": tally.counts["retries"],
         "rate_limited_seen": tally.counts["failed:rate_limited"],
         "server_429s": server_429,
-        "input_tokens": sum(r.usage.input_tokens for r in ok),
-        "output_tokens": sum(r.usage.output_tokens for r in ok),
-        "cost_usd": cost,
+        "input_tokens": sum(r.usage.input_tokens for r in results),
+        "output_tokens": sum(r.usage.output_tokens for r in results),
+        # None, never 0, when no call could be priced; `unpriced_calls` says how many are out.
+        "cost_usd": sum(priced, Decimal(0)) if priced or not unpriced else None,
+        "unpriced_calls": unpriced,
         "elapsed_s": round(elapsed, 3),
-        "throughput_rpm": round(tally.counts["sent"] / elapsed * 60, 1) if elapsed else 0.0,
+        **send_rate(tally.sent_at, args.window),
         "rpm_limit": args.max_rpm,
-        "latency_p50_s": round(_percentile(totals, 50), 4),
-        "latency_p95_s": round(_percentile(totals, 95), 4),
-        "rpm_wait_mean_s": round(statistics.fmean(r.timings.rpm_wait_s for r in results), 4),
-        "tpm_wait_mean_s": round(statistics.fmean(r.timings.tpm_wait_s for r in results), 4),
-        "semaphore_wait_mean_s": round(
-            statistics.fmean(r.timings.semaphore_wait_s for r in results), 4
-        ),
+        "window_s": args.window,
+        "window_capacity": int(args.max_rpm * args.window / 60),
+        **latency_figures(results),
         "store": None if args.no_store else args.store,
     }
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="llmtrail demo", show_header=True)
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for key, value in summary.items():
-        table.add_row(key.replace("_", " "), str(value))
-    console = Console()
-    console.print(table)
-    if summary.get("store"):
-        console.print(
-            f"Events are in {summary['store']}. Try: llmtrail usage --by operation, "
-            "llmtrail events --type attempt_failed, llmtrail projections status"
-        )
 
 
 def _add_mock_server(subparsers: Any) -> None:
@@ -290,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmtrail",
         description="Rate-aware, observable LLM calls: events, traces, usage and replay.",
+        epilog="Every command that reports results takes --json; on a terminal output is a "
+        "table that fits its width, in a pipe plain lines. Exit codes: 0 ok, 1 failure, 2 bad "
+        "usage, 130 after Ctrl-C; errors are one line on stderr. `llmtrail COMMAND --help` "
+        "says more.",
     )
     try:
         version = importlib.metadata.version("llmtrail")
@@ -324,21 +326,49 @@ def _setup_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _setup_logging()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.print_help()
-        return 2
+    """Run one command. Whatever goes wrong ends as one line on stderr and an exit code:
+    0 ok, 1 failure, 2 bad usage, 130 after Ctrl-C; never a traceback (LLMTRAIL_LOG_LEVEL=DEBUG
+    logs it)."""
+    name = "llmtrail"
     try:
-        code = func(args)
+        _setup_logging()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        func = getattr(args, "func", None)
+        if func is None:
+            parser.print_help()
+            return 2
+        name = f"llmtrail {args.command}"
+        code = int(func(args) or 0)
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmtrail ... | head`: the reader has what it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ConfigurationError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(
+            f"{name}: error: out of memory; ask for less (a LIMIT, --limit, or a narrower "
+            "--since/--until)",
+            file=sys.stderr,
+        )
+        return 1
     except (LLMTrailError, ValueError, OSError) as exc:
-        print(f"llmtrail {args.command}: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigurationError) else 1
-    return int(code or 0)
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        _log.debug("command failed", exc_info=True)
+        print(
+            f"{name}: error: {type(exc).__name__}: {exc} (LLMTRAIL_LOG_LEVEL=DEBUG logs the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,9 +20,10 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
-import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
+
+from llmtrail._log import get_logger
 
 from ._call import CallState, CallStream, estimate_input_tokens, money, plain_traceback, to_int
 from ._errors import ErrorType
@@ -41,7 +42,7 @@ __all__ = ["AnyGate", "CallFlow"]
 # What the service holds: the in-process gate or the shared one (the same methods).
 AnyGate = SlidingWindowGate | RedisSlidingWindowGate
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 class CallFlow:

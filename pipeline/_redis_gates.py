@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import structlog
+from llmtrail._log import get_logger
 
 from ._errors import ConfigurationError, LLMTrailError, ServiceClosedError, require_extra
 from ._gates import _DONE, _PENDING, _SENT, GateRequestTooLarge, GateReservation, SlidingWindowGate
@@ -72,7 +72,7 @@ __all__ = [
     "mask_url",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 Fallback = Literal["fail_closed", "local"]
 _FALLBACKS = ("fail_closed", "local")
 _OUTAGE_ID = "outage"  # the one placeholder entry for other replicas' local shares

@@ -41,6 +41,8 @@ from typing import Any, Self
 import structlog
 from opentelemetry import trace as otel_trace
 
+from llmtrail._log import get_logger
+
 from ._call import CallStream
 from ._clock import LoopClock
 from ._errors import ConfigurationError, ServiceClosedError
@@ -58,7 +60,7 @@ from .typing import Clock, EventSink, Provider, UsageHistory
 
 __all__ = ["BaseLLMService"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 _DEFAULT_STORE = "sqlite+aiosqlite:///llmtrail.db"
 _UNSET: Any = object()
 
@@ -530,6 +532,9 @@ class BaseLLMService:
             waiting_semaphore=self._semaphore.waiting(),
             reserved_tokens=self._tpm.reserved() if self._tpm else 0,
             usage={op: _copy_usage(u) for op, u in self._usage.items()},
+            max_rpm=self.max_rpm or None,
+            max_tpm=self.max_tpm or None,
+            max_concurrent_requests=self.max_concurrent_requests,
         )
 
     @property

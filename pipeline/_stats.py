@@ -4,6 +4,8 @@ Invariants:
 - Money is summed as ``Decimal``; an unpriced call adds to ``unpriced_calls``, never to cost.
 - The rate meter counts every HTTP attempt (RPM) and every received token (TPM) over the last
   60 s of the service's clock; it is independent of whether limits are configured.
+- ``max_rpm`` / ``max_tpm`` of ``None`` mean no gate: :attr:`ServiceStats.gates` says so in
+  words, with the fix.
 """
 
 from __future__ import annotations
@@ -57,10 +59,42 @@ class ServiceStats:
     waiting_semaphore: int
     reserved_tokens: int
     usage: dict[str, OperationUsage]
+    # The configured limits; None means that gate is not set (nothing holds that rate back).
+    max_rpm: int | None = None
+    max_tpm: int | None = None
+    max_concurrent_requests: int | None = None
 
     @property
     def waiting(self) -> int:
         return self.waiting_rpm + self.waiting_tpm + self.waiting_semaphore
+
+    @property
+    def gates(self) -> str:
+        """In words: which rate gates hold calls back, and what a missing one means."""
+        unset = [
+            name
+            for name, limit in (("max_rpm", self.max_rpm), ("max_tpm", self.max_tpm))
+            if limit is None
+        ]
+        set_ = [
+            f"{label} gate {limit}/min"
+            for label, limit in (("RPM", self.max_rpm), ("TPM", self.max_tpm))
+            if limit is not None
+        ]
+        if not unset:
+            return ", ".join(set_)
+        bound = (
+            f"max_concurrent_requests={self.max_concurrent_requests}"
+            if self.max_concurrent_requests
+            else "the semaphore"
+        )
+        return (
+            ", ".join([*set_, f"no {' or '.join(unset)} gate"])
+            + f": calls are held back only by {bound}, and the provider answers over its own "
+            "limits with 429s (retried); set "
+            + " and ".join(unset)
+            + " (or LLMTRAIL_MAX_RPM / LLMTRAIL_MAX_TPM) to the provider's limits"
+        )
 
 
 class RateMeter:

@@ -4,8 +4,12 @@ Invariants:
 - :func:`register` only adds parsers; nothing is opened until a command runs.
 - Exit codes: 0 ok, 1 failure (store unreachable, SQL error, statement refused), 2 bad usage
   (bad option, bad URL, missing store). Errors are one line on stderr, never a traceback.
-- ``usage`` brings the projections up to date first, then reads them; money is summed as
-  ``Decimal`` in Python, never as a float in SQL, and printed exactly.
+- ``usage`` and ``sql`` bring the projections up to date first, then read them (with
+  ``--no-catch-up`` they read them as they are and say on stderr how far behind they are);
+  money is summed as ``Decimal`` in Python, never as a float in SQL, and printed exactly.
+  A cost that leaves out unpriced calls says so; an unpriced group reads ``unpriced``, never 0.
+- Output goes through ``llmtrail.pipeline._output``: ``--json`` everywhere, ``--format``
+  where there are more formats, tables that fit the terminal.
 - ``sql`` cannot change the store: SQLite is opened read-only (``file:...?mode=ro``, plus
   ``PRAGMA query_only``), PostgreSQL runs the statement in a READ ONLY
   transaction, and either driver refuses more than one statement. A refused statement is
@@ -16,23 +20,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import io
+import functools
 import json
-import math
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from datetime import time as dtime
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from llmtrail.pipeline._output import Column, add_format_options, chosen_format, emit_rows
 
 from ._cli import UsageError, add_store_argument, parse_time, run_command
 from ._engine import (
@@ -44,24 +45,19 @@ from ._engine import (
     mask_url,
     normalize_store_url,
 )
-from ._folds import USAGE_COLUMNS, UsageRow
 from ._migrate import check_schema, ensure_schema, head_revision
 from ._projections import (
     DEFAULT_BATCH_SIZE,
     PROJECTIONS,
     REBUILD_BATCH_SIZE,
     ProjectionRunner,
-    calls,
     projection_status,
     rebuild,
     run_projections,
-    usage_daily,
 )
+from ._usage import COUNTERS, UsageLine, check_by, usage_report
 
 __all__ = ["UsageLine", "register", "usage_report"]
-
-_FORMATS = ("table", "csv", "json")
-_BY_FIXED = ("day", "model", "operation")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -89,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--batch-size", metavar="N", type=int, default=DEFAULT_BATCH_SIZE, help="events per batch"
     )
+    add_format_options(run, formats=("plain", "json"))
     run.set_defaults(func=_run_command)
 
     rebuild_parser = actions.add_parser(
@@ -102,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rebuild_parser.add_argument(
         "--batch-size", metavar="N", type=int, default=REBUILD_BATCH_SIZE, help="events per batch"
     )
+    add_format_options(rebuild_parser, formats=("plain", "json"))
     rebuild_parser.set_defaults(func=_rebuild_command)
 
     status = actions.add_parser(
@@ -111,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "head of the log and how many events the projection lags behind.",
     )
     add_store_argument(status)
-    status.add_argument("--format", choices=_FORMATS, default="table", help="output format")
+    add_format_options(status)
     status.set_defaults(func=_status_command)
 
     usage = subparsers.add_parser(
@@ -129,18 +127,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     usage.add_argument("--since", metavar="TIME", help="calls started at or after TIME")
     usage.add_argument("--until", metavar="TIME", help="calls started before TIME")
-    usage.add_argument("--format", choices=_FORMATS, default="table", help="output format")
+    add_catch_up_option(usage)
+    add_format_options(usage)
     usage.set_defaults(func=_usage_command)
 
     sql = subparsers.add_parser(
         "sql",
         help="run one read-only SQL statement",
         description="Run one SQL statement against the store, read-only (see docs/sql.md for "
-        "the schema and ready queries). Statements that would write are refused.",
+        "the schema and ready queries). Statements that would write are refused. The "
+        "projections (calls, usage_daily, metrics_minute) are brought up to date first.",
     )
     add_store_argument(sql)
     sql.add_argument("statement", metavar="SQL", help='e.g. "SELECT * FROM usage_daily"')
-    sql.add_argument("--format", choices=_FORMATS, default="table", help="output format")
+    add_catch_up_option(sql)
+    add_format_options(sql)
     sql.set_defaults(func=_sql_command)
 
 
@@ -181,6 +182,63 @@ async def _open_for_writing(url: str) -> AsyncEngine:
     return engine
 
 
+def add_catch_up_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-catch-up",
+        dest="catch_up",
+        action="store_false",
+        help="read the projections as they are, without applying new events first (says on "
+        "stderr how far behind they are)",
+    )
+
+
+async def catch_up(url: str, command: str, *, apply: bool, required: bool = True) -> AsyncEngine:
+    """An engine on the store, its projections brought up to date first.
+
+    Without ``apply``, nothing is written: a note on stderr says how many events each
+    projection lags. When catching up fails and it is not ``required`` (``sql`` as a
+    read-only role), a warning says the tables may be stale and the command goes on.
+    """
+    if not apply:
+        engine = create_engine(url, must_exist=True)
+        try:
+            await check_schema(engine)
+            statuses = await projection_status(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        behind = [s for s in statuses if s.lag]
+        text = (
+            "projections lag the event log: "
+            + ", ".join(f"{s.name} by {s.lag} events" for s in behind)
+            + " (leave out --no-catch-up, or run `llmtrail projections run`)"
+            if behind
+            else "projections are up to date with the event log"
+        )
+        print(f"llmtrail {command}: note: {text}", file=sys.stderr)
+        return engine
+    if required:
+        engine = await _open_for_writing(url)
+    else:
+        engine = create_engine(url, must_exist=True)
+    try:
+        await run_projections(engine)
+    except (SQLAlchemyError, StoreUnavailableError) as exc:
+        if required:
+            await engine.dispose()
+            raise
+        reason = _db_message(exc) if isinstance(exc, DBAPIError) else str(exc).splitlines()[0]
+        print(
+            f"llmtrail {command}: warning: could not bring the projections up to date, so "
+            f"calls, usage_daily and metrics_minute may lag the event log: {reason}",
+            file=sys.stderr,
+        )
+    except BaseException:
+        await engine.dispose()
+        raise
+    return engine
+
+
 def _projection_name(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -206,9 +264,9 @@ def _run_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--interval {args.interval:g} is invalid: use seconds > 0")
         engine = await _open_for_writing(args.store)
         try:
+            report = functools.partial(_print_applied, as_json=args.format == "json")
             if not args.follow:
-                applied = await run_projections(engine, names, batch_size)
-                _print_applied(applied)
+                report(await run_projections(engine, names, batch_size))
                 return 0
             runner = ProjectionRunner(engine, names, batch_size=batch_size)
             print(
@@ -216,9 +274,7 @@ def _run_command(args: argparse.Namespace) -> int:
                 "^C to stop",
                 file=sys.stderr,
             )
-            await runner.follow(
-                asyncio.Event(), interval_s=args.interval, on_applied=_print_applied
-            )
+            await runner.follow(asyncio.Event(), interval_s=args.interval, on_applied=report)
             return 0
         finally:
             await engine.dispose()
@@ -226,8 +282,11 @@ def _run_command(args: argparse.Namespace) -> int:
     return _guarded("projections run", main)
 
 
-def _print_applied(applied: Mapping[str, int]) -> None:
-    print(", ".join(f"{name}: {count} events applied" for name, count in applied.items()))
+def _print_applied(applied: Mapping[str, int], *, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps({"applied": dict(applied)}))
+    else:
+        print(", ".join(f"{name}: {count} events applied" for name, count in applied.items()))
     sys.stdout.flush()
 
 
@@ -261,10 +320,13 @@ def _rebuild_command(args: argparse.Namespace) -> int:
             elapsed = time.perf_counter() - started
             count = max(applied.values(), default=0)
             rate = count / elapsed if elapsed > 0 else 0.0
-            print(
-                f"rebuilt {', '.join(applied)} from {count} events in {elapsed:.1f}s "
-                f"({rate:,.0f} events/s)"
-            )
+            if args.format == "json":
+                print(json.dumps({"rebuilt": list(applied), "events": count, "elapsed_s": elapsed}))
+            else:
+                print(
+                    f"rebuilt {', '.join(applied)} from {count} events in {elapsed:.1f}s "
+                    f"({rate:,.0f} events/s)"
+                )
             return 0
         finally:
             await engine.dispose()
@@ -295,7 +357,19 @@ def _status_command(args: argparse.Namespace) -> int:
             ]
         finally:
             await engine.dispose()
-        _emit(list(rows[0]), [list(r.values()) for r in rows], args.format, title="projections")
+        columns = [
+            Column("name"),
+            Column("position", numeric=True, priority=2),
+            Column("head_position", numeric=True, priority=2),
+            Column("lag", numeric=True),
+            Column("updated_at", priority=1),
+        ]
+        emit_rows(
+            columns,
+            [list(r.values()) for r in rows],
+            chosen_format(args.format),
+            title="projections",
+        )
         return 0
 
     return _guarded("projections status", main)
@@ -304,111 +378,19 @@ def _status_command(args: argparse.Namespace) -> int:
 # -- usage ---------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class UsageLine(UsageRow):
-    """One group of ``llmtrail usage``: a :class:`UsageRow` with its key. ``cost_usd`` is the
-    exact sum over the priced calls (``None`` when every call in the group is unpriced)."""
-
-    key: str = ""
-
-    @property
-    def interrupted(self) -> int:
-        """Calls started but not completed: still running, or their process died."""
-        return self.calls - self.succeeded - self.failed - self.cancelled
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**UsageRow.as_dict(self), "interrupted": self.interrupted}
-
-
-_COUNTERS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
-
-
-def _check_by(by: str) -> None:
-    if by not in _BY_FIXED and not (by.startswith("metadata.") and len(by) > len("metadata.")):
-        raise UsageError(
-            f"--by {by!r} is invalid: use day, model, operation or metadata.KEY "
-            "(e.g. metadata.tenant)"
-        )
-
-
-def _midnight(value: datetime | None) -> bool:
-    return value is None or value.timetz().replace(tzinfo=None) == dtime(0)
-
-
-async def usage_report(
-    engine: AsyncEngine,
-    by: str = "day",
-    since: datetime | None = None,
-    until: datetime | None = None,
-) -> list[UsageLine]:
-    """Usage grouped by ``day``, ``model``, ``operation`` or ``metadata.KEY``, over calls that
-    started in ``[since, until)``. Reads the projections as they are: run them first.
-
-    Whole-day bounds (or none) are answered from ``usage_daily``; other bounds and metadata
-    keys from ``calls``. Both give the same figures for the same calls.
-    """
-    _check_by(by)
-    lines: dict[str, UsageLine] = {}
-
-    def line(key: str) -> UsageLine:
-        found = lines.get(key)
-        if found is None:
-            found = lines[key] = UsageLine(key=key)
-        return found
-
-    async with engine.connect() as conn:
-        if by in _BY_FIXED and _midnight(since) and _midnight(until):
-            query = select(usage_daily)
-            if since is not None:
-                query = query.where(usage_daily.c.day >= since.date())
-            if until is not None:
-                query = query.where(usage_daily.c.day < until.date())
-            column = {"day": "day", "model": "model", "operation": "operation_name"}[by]
-            for row in (await conn.execute(query)).mappings():
-                line(str(row[column])).add(UsageRow(**{c: row[c] for c in USAGE_COLUMNS}))
-        else:
-            key_name = by.removeprefix("metadata.") if by.startswith("metadata.") else None
-            columns = [
-                calls.c.started_at,
-                calls.c.model,
-                calls.c.operation_name,
-                calls.c.outcome,
-                calls.c.priced,
-                calls.c.cost_usd,
-                *(calls.c[name] for name in _COUNTERS),
-            ]
-            if key_name is not None:
-                columns.append(calls.c.metadata)
-            query = select(*columns)
-            if since is not None:
-                query = query.where(calls.c.started_at >= since)
-            if until is not None:
-                query = query.where(calls.c.started_at < until)
-            result = await conn.stream(query)
-            async for row in result.mappings():
-                if key_name is not None:
-                    value = (row["metadata"] or {}).get(key_name)
-                    key = "(none)" if value is None else str(value)
-                elif by == "day":
-                    started = row["started_at"]
-                    key = started.astimezone(UTC).date().isoformat() if started else "(none)"
-                elif by == "model":
-                    key = row["model"] or ""
-                else:
-                    key = row["operation_name"] or ""
-                outcome = row["outcome"]
-                line(key).add(
-                    UsageRow(
-                        calls=1,
-                        succeeded=int(outcome == "succeeded"),
-                        failed=int(outcome == "failed"),
-                        cancelled=int(outcome == "cancelled"),
-                        unpriced_calls=int(not row["priced"]),
-                        cost_usd=row["cost_usd"],
-                        **{name: row[name] for name in _COUNTERS},
-                    )
-                )
-    return [lines[key] for key in sorted(lines)]
+_USAGE_PRIORITY = {
+    "calls": 0,
+    "failed": 1,
+    "unpriced_calls": 1,
+    "cost_usd": 0,
+    "succeeded": 2,
+    "input_tokens": 2,
+    "output_tokens": 2,
+    "cancelled": 3,
+    "interrupted": 3,
+    "cached_tokens": 4,
+    "reasoning_tokens": 4,
+}
 
 
 def _usage_command(args: argparse.Namespace) -> int:
@@ -417,34 +399,49 @@ def _usage_command(args: argparse.Namespace) -> int:
         until = parse_time(args.until, option="--until") if args.until else None
         if since is not None and until is not None and since >= until:
             raise UsageError(f"--since {args.since!r} is not before --until {args.until!r}")
-        _check_by(args.by)
-        engine = await _open_for_writing(args.store)
+        check_by(args.by)
+        fmt = chosen_format(args.format)
+        engine = await catch_up(args.store, "usage", apply=args.catch_up)
         try:
-            await run_projections(engine)
             report = await usage_report(engine, args.by, since, until)
         finally:
             await engine.dispose()
         header = [
-            args.by,
             "calls",
             "succeeded",
             "failed",
             "cancelled",
             "interrupted",
             "unpriced_calls",
-            *_COUNTERS,
+            *COUNTERS,
             "cost_usd",
         ]
-        rows = [
-            [line.as_dict()[h] if h != args.by else line.key for h in header] for line in report
+        columns = [
+            Column(args.by),
+            *(Column(h, numeric=True, priority=_USAGE_PRIORITY[h]) for h in header),
         ]
-        footer = None
-        if args.format == "table" and len(report) > 1:
-            total = UsageLine(key="total")
-            for item in report:
-                total.add(item)
-            footer = [total.as_dict()[h] if h != args.by else "total" for h in header]
-        _emit(header, rows, args.format, title="usage", footer=footer)
+        for_people = fmt in ("table", "plain")
+
+        def cells(line: UsageLine, key: str) -> list[Any]:
+            values = line.as_dict()
+            cost = values["cost_usd"]
+            if for_people and cost is None and line.calls:
+                cost = "unpriced"  # never a blank that reads as $0
+            return [key, *(values[h] for h in header[:-1]), cost]
+
+        rows = [cells(line, line.key) for line in report]
+        total = UsageLine(key="total")
+        for item in report:
+            total.add(item)
+        footer = cells(total, "total") if for_people and len(report) > 1 else None
+        notes = []
+        if total.unpriced_calls:
+            notes.append(
+                f"cost_usd leaves out {total.unpriced_calls} unpriced call"
+                f"{'s' if total.unpriced_calls != 1 else ''} (models without a known price; "
+                "add them to LLMTRAIL_PRICES_FILE, then `llmtrail projections rebuild`)"
+            )
+        emit_rows(columns, rows, fmt, title="usage", footer=footer, notes=notes)
         return 0
 
     return _guarded("usage", main)
@@ -531,85 +528,25 @@ async def run_readonly_sql(url: str, statement: str) -> tuple[list[str], list[li
         await engine.dispose()
 
 
+def _sql_columns(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[Column]:
+    """Numbers right-aligned; text may wrap; the rightmost columns are hidden first."""
+    columns = []
+    for index, name in enumerate(header):
+        values = [row[index] for row in rows if row[index] is not None]
+        numeric = bool(values) and all(
+            isinstance(v, int | float | Decimal) and not isinstance(v, bool) for v in values
+        )
+        columns.append(Column(name, numeric=numeric, priority=index, wrap=not numeric))
+    return columns
+
+
 def _sql_command(args: argparse.Namespace) -> int:
     async def main() -> int:
+        fmt = chosen_format(args.format)
+        await (await catch_up(args.store, "sql", apply=args.catch_up, required=False)).dispose()
         header, rows = await run_readonly_sql(args.store, args.statement)
         if header:
-            _emit(header, rows, args.format, title=None)
+            emit_rows(_sql_columns(header, rows), rows, fmt)
         return 0
 
     return _guarded("sql", main)
-
-
-# -- output --------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-ready value; Decimal becomes an exact string."""
-    if isinstance(value, Decimal):
-        return _money(value)
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
-
-
-def _money(value: Decimal) -> str:
-    text = format(value.normalize(), "f")
-    return text
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, Decimal):
-        return _money(value)
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, dict | list):
-        return json.dumps(value, sort_keys=True)
-    if isinstance(value, float):
-        # The shortest exact decimal, without an exponent: 4.05e-05 reads as 0.0000405.
-        return format(Decimal(repr(value)), "f") if math.isfinite(value) else repr(value)
-    return str(value)
-
-
-def _emit(
-    header: Sequence[str],
-    rows: Iterable[Sequence[Any]],
-    fmt: str,
-    *,
-    title: str | None,
-    footer: Sequence[Any] | None = None,
-) -> None:
-    if fmt == "json":
-        print(
-            json.dumps([dict(zip(header, map(_plain, row), strict=True)) for row in rows], indent=2)
-        )
-        return
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow(["" if v is None else _plain(v) for v in row])
-        sys.stdout.write(buffer.getvalue())
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_footer=footer is not None)
-    for index, name in enumerate(header):
-        table.add_column(name, footer=_cell(footer[index]) if footer is not None else "")
-    cells = [[_cell(v) for v in row] for row in rows]
-    for row_cells in cells:
-        table.add_row(*row_cells)
-    # Wide enough that no value is cut, even when stdout is a pipe (rich assumes 80 there).
-    widths = [len(h) for h in header]
-    for row_cells in [*cells, [_cell(v) for v in footer or []]]:
-        for index, text in enumerate(row_cells):
-            widths[index] = max(widths[index], len(text))
-    console = Console()
-    console.width = max(console.width, sum(widths) + 3 * len(widths) + 1)
-    console.print(table)

@@ -3,8 +3,12 @@
 Invariants:
 - :func:`register` only adds parsers; nothing is opened until a command runs.
 - Every command returns an exit code: 0 ok, 1 failure (store unreachable, schema unknown),
-  2 bad usage (bad URL, bad time, missing store). Errors are one line on stderr, never a
-  traceback.
+  2 bad usage (bad URL, bad time, missing store), 130 after Ctrl-C. Errors are one line on
+  stderr, never a traceback; a closed pipe (``| head``) ends the command quietly with 0.
+- ``events`` streams: it reads a page at a time (newest first unless ``--oldest-first``) and
+  prints each event as it is read, so it never holds the log in memory; at most ``--limit``
+  (100) events unless ``--all``. One event is one whole line in a pipe (every payload field,
+  quoted when it has spaces), a head line and wrapped details on a terminal, or JSON.
 - ``--store URL`` defaults to ``$LLMTRAIL_STORE_URL``, then ``sqlite+aiosqlite:///llmtrail.db``,
   resolved when the arguments are parsed (:func:`add_store_argument`, shared by the other
   storage commands).
@@ -16,13 +20,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import shutil
 import sys
+import textwrap
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from llmtrail.pipeline import ConfigurationError, EventType
+from llmtrail.pipeline._output import add_format_options, chosen_format
 
 from ._engine import STORE_URL_ENV, StoreError, mask_url, store_url_from_environment
 from ._migrate import head_revision, migrate
@@ -30,6 +38,7 @@ from ._reader import EventStore, StoredEvent
 
 __all__ = ["add_store_argument", "parse_time", "register", "run_command"]
 
+DEFAULT_LIMIT = 100
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TIME_HELP = (
@@ -73,12 +82,15 @@ def parse_time(value: str, *, now: datetime | None = None, option: str = "--sinc
 
 
 def run_command(name: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run a command's coroutine; turn llmtrail's errors into one line and an exit code."""
+    """Run a command's coroutine; turn llmtrail's errors into one line and an exit code
+    (130 after Ctrl-C)."""
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:  # `llmtrail events | head`
+        return 130
+    except BrokenPipeError:  # `llmtrail events | head`: the reader has all it wants
+        # Python flushes stdout again at exit; point it at /dev/null so that flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except ConfigurationError as exc:
         print(f"llmtrail {name}: error: {exc}", file=sys.stderr)
@@ -104,8 +116,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     events_parser = subparsers.add_parser(
         "events",
-        help="show stored lifecycle events",
-        description="Show lifecycle events from the store, in position order. Filters combine.",
+        help="show stored lifecycle events, newest first",
+        description="Show lifecycle events from the store, newest first, at most --limit "
+        "(default 100). Filters combine. On a terminal each event takes a line for its time, "
+        "type and call, and the details wrap below; in a pipe each event is one line; --json "
+        "gives one JSON object a line. Events are read a page at a time, so `| head` is quick.",
     )
     add_store_argument(events_parser)
     events_parser.add_argument("--call", metavar="ID", help="only this call_id")
@@ -121,12 +136,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     events_parser.add_argument("--until", metavar="TIME", help=f"occurred before: {_TIME_HELP}")
     events_parser.add_argument(
-        "--limit", metavar="N", type=int, help="at most N events (with --follow: stop after N)"
+        "--limit",
+        metavar="N",
+        type=int,
+        default=None,
+        help=f"at most N events (default {DEFAULT_LIMIT}; 0: all; with --follow: stop after N, "
+        "default no limit)",
+    )
+    events_parser.add_argument(
+        "--all", action="store_const", dest="limit", const=0, help="every event (--limit 0)"
+    )
+    events_parser.add_argument(
+        "--oldest-first", action="store_true", help="from the oldest matching event on"
     )
     events_parser.add_argument(
         "--follow",
         action="store_true",
-        help="keep printing new events as they are stored (from the end, or from --since)",
+        help="keep printing new events as they are stored, oldest first (from the end, or "
+        "from --since)",
     )
     events_parser.add_argument(
         "--poll", metavar="S", type=float, default=0.5, help="--follow poll interval (0.5)"
@@ -136,7 +163,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="list calls that started but never completed (in flight, or their process died)",
     )
-    events_parser.add_argument("--json", action="store_true", help="JSON lines, for scripts")
+    add_format_options(events_parser, formats=("wrapped", "plain", "json"))
     events_parser.set_defaults(func=_events_command)
 
 
@@ -173,8 +200,10 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
                 raise UsageError(
                     f"--type {item!r} is not an event type: use one of {sorted(valid)}"
                 )
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit {args.limit} is invalid: use an integer >= 1")
+    if args.limit is None:
+        args.limit = 0 if args.follow else DEFAULT_LIMIT
+    elif args.limit < 0:
+        raise UsageError(f"--limit {args.limit} is invalid: use an integer >= 0 (0: all)")
     if args.poll <= 0:
         raise UsageError(f"--poll {args.poll} is invalid: use seconds > 0")
     return {
@@ -186,109 +215,109 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _summary(payload: dict[str, Any], width: int = 70) -> str:
-    parts = [
-        f"{key}={value}"
-        for key, value in payload.items()
-        if value is not None and not isinstance(value, dict | list) and value != ""
-    ]
-    text = " ".join(parts)
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _value(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    text = str(value)
+    # Quoted when it has spaces, like logfmt, so `key=value` pairs stay one token each.
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
+def _details(payload: dict[str, Any]) -> str:
+    """Every field of the payload, whole: error messages included, nothing cut."""
+    return " ".join(
+        f"{key}={_value(value)}" for key, value in payload.items() if value not in (None, "")
+    )
 
 
 def _line(stored: StoredEvent) -> str:
+    """One event, one line: for pipes, grep and awk."""
     event = stored.event
     at = event.occurred_at.isoformat(timespec="milliseconds")
     return (
         f"{stored.position:>8}  {at}  {event.call_id}  {event.seq:>2}  "
-        f"{event.type.value:<18}  {_summary(event.payload)}"
-    )
+        f"{event.type.value:<18}  {_details(event.payload)}"
+    ).rstrip()
 
 
-def _print_table(rows: list[StoredEvent], *, incomplete: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
+class _Printer:
+    """Prints events as they are read, in the chosen format."""
 
-    table = Table(title="calls without a completed event" if incomplete else None)
-    table.add_column("position", justify="right", no_wrap=True)
-    table.add_column("occurred_at (UTC)", no_wrap=True)
-    table.add_column("call_id", no_wrap=True)  # whole, so `| grep <id>` finds it
-    if incomplete:
-        table.add_column("operation")
-        table.add_column("model")
-    else:
-        table.add_column("seq", justify="right", no_wrap=True)
-        table.add_column("type", no_wrap=True)
-        table.add_column("details", overflow="fold")
-    for stored in rows:
-        event = stored.event
-        at = event.occurred_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        if incomplete:
-            table.add_row(
-                str(stored.position),
-                at,
-                event.call_id,
-                str(event.payload.get("operation_name") or ""),
-                str(event.payload.get("model") or ""),
-            )
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.count = 0
+        self._day: str | None = None
+        self._width = shutil.get_terminal_size().columns
+
+    def __call__(self, stored: StoredEvent) -> None:
+        self.count += 1
+        out = sys.stdout
+        if self.fmt == "json":
+            out.write(json.dumps(stored.to_dict(), default=str) + "\n")
+        elif self.fmt == "plain":
+            out.write(_line(stored) + "\n")
         else:
-            table.add_row(
-                str(stored.position),
-                at,
-                event.call_id,
-                str(event.seq),
-                event.type.value,
-                _summary(event.payload),
-            )
-    console = Console()
-    console.print(table)
-    console.print(f"{len(rows)} event{'s' if len(rows) != 1 else ''}", style="dim")
+            out.write(self._wrapped(stored))
+        out.flush()
+
+    def _wrapped(self, stored: StoredEvent) -> str:
+        """For people at any width: time, type and the whole call id on one line (69
+        characters), then the details wrapped below; a date line when the day changes."""
+        event = stored.event
+        day = event.occurred_at.date().isoformat()
+        head = "" if day == self._day else f"-- {day} (UTC) --\n"
+        self._day = day
+        clock = event.occurred_at.strftime("%H:%M:%S.%f")[:-3]
+        first = f"{clock}  {event.type.value:<18}  {event.call_id} #{event.seq}"
+        details = textwrap.fill(
+            f"position={stored.position} {_details(event.payload)}".rstrip(),
+            width=max(self._width, 40),
+            initial_indent="    ",
+            subsequent_indent="    ",
+            break_long_words=True,
+            break_on_hyphens=False,
+        )
+        return f"{head}{first}\n{details}\n"
 
 
 def _events_command(args: argparse.Namespace) -> int:
     async def main() -> int:
         filters = _filters(args)
+        fmt = chosen_format(args.format, terminal="wrapped")
+        printer = _Printer(fmt)
         store = await EventStore.open(args.store)
         try:
-            if args.incomplete:
+            if args.follow:
+                await _follow(store, args, filters, printer)
+            elif args.incomplete:
                 rows = await store.incomplete_calls()
-                rows = rows[: args.limit] if args.limit else rows
-                _emit(rows, args, incomplete=True)
-            elif args.follow:
-                await _follow(store, args, filters)
+                rows = rows if args.oldest_first else rows[::-1]
+                for stored in rows[: args.limit or None]:
+                    printer(stored)
             else:
-                rows = []
-                async for stored in store.scan(**filters):
-                    rows.append(stored)
-                    if args.limit and len(rows) >= args.limit:
+                async for stored in store.scan(
+                    newest_first=not args.oldest_first,
+                    page_size=min(args.limit or 1_000, 1_000),
+                    **filters,
+                ):
+                    printer(stored)
+                    if printer.count == args.limit:
                         break
-                _emit(rows, args, incomplete=False)
         finally:
             await store.aclose()
+        if printer.count == 0 and fmt != "json":
+            print("llmtrail events: no events match", file=sys.stderr)
         return 0
 
     return run_command("events", main)
 
 
-def _emit(rows: list[StoredEvent], args: argparse.Namespace, *, incomplete: bool) -> None:
-    if args.json:
-        out = sys.stdout
-        for stored in rows:
-            out.write(json.dumps(stored.to_dict(), default=str) + "\n")
-        out.flush()
-    else:
-        _print_table(rows, incomplete=incomplete)
-
-
-async def _follow(store: EventStore, args: argparse.Namespace, filters: dict[str, Any]) -> None:
+async def _follow(
+    store: EventStore, args: argparse.Namespace, filters: dict[str, Any], printer: _Printer
+) -> None:
     # Like `tail -f`: from the end of the log, unless --since asks for older events.
     start = 0 if filters["since"] is not None else await store.last_position()
-    printed = 0
     async for stored in store.follow(start, poll_s=args.poll, **filters):
-        if args.json:
-            print(json.dumps(stored.to_dict(), default=str), flush=True)
-        else:
-            print(_line(stored), flush=True)
-        printed += 1
-        if args.limit and printed >= args.limit:
+        printer(stored)
+        if printer.count == args.limit:
             return

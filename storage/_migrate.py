@@ -19,7 +19,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -30,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmtrail import migrations
+from llmtrail._log import get_logger
 
 from ._engine import (
     StoreSchemaError,
@@ -50,7 +50,7 @@ __all__ = [
     "schema_state",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 # pg_advisory_xact_lock key serialising migrations of one database across processes.

@@ -161,16 +161,21 @@ class EventStore:
         call_id: str | None = None,
         trace_id: str | None = None,
         after_position: int = 0,
+        before_position: int | None = None,
         limit: int | None = None,
+        newest_first: bool = False,
     ) -> list[StoredEvent]:
-        """Events matching every given filter, in position order.
+        """Events matching every given filter, in position order (``newest_first``: reversed).
 
         ``type`` is one type or several; ``since`` is inclusive and ``until`` exclusive
-        (``occurred_at``); ``after_position`` pages; ``limit`` caps the result.
+        (``occurred_at``); ``after_position`` and ``before_position`` page (both exclusive);
+        ``limit`` caps the result.
         """
         query = select(events)
         if after_position:  # left out at 0, or SQLite would scan by position, not by index
             query = query.where(events.c.position > after_position)
+        if before_position is not None:
+            query = query.where(events.c.position < before_position)
         types = _types(type)
         if types is not None:
             query = query.where(events.c.type.in_(types))
@@ -188,23 +193,39 @@ class EventStore:
             query = query.where(events.c.call_id == call_id)
         if trace_id is not None:
             query = query.where(events.c.trace_id == trace_id)
-        query = query.order_by(order_by)
+        query = query.order_by(order_by.desc() if newest_first else order_by)
         if limit is not None:
             query = query.limit(limit)
         return await self._fetch(query)
 
     async def scan(
-        self, *, after_position: int = 0, page_size: int = 1_000, **filters: Any
+        self,
+        *,
+        after_position: int = 0,
+        page_size: int = 1_000,
+        newest_first: bool = False,
+        **filters: Any,
     ) -> AsyncIterator[StoredEvent]:
-        """Every matching event, fetched ``page_size`` at a time (for large results)."""
+        """Every matching event, fetched ``page_size`` at a time (for large results);
+        ``newest_first`` walks the log backwards from its end."""
         cursor = after_position
+        before: int | None = None
         while True:
-            page = await self.query(after_position=cursor, limit=page_size, **filters)
+            page = await self.query(
+                after_position=cursor,
+                before_position=before,
+                limit=page_size,
+                newest_first=newest_first,
+                **filters,
+            )
             for stored in page:
                 yield stored
             if len(page) < page_size:
                 return
-            cursor = page[-1].position
+            if newest_first:
+                before = page[-1].position
+            else:
+                cursor = page[-1].position
 
     async def follow(
         self,

@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import structlog
 from sqlalchemy import (
     DateTime,
     Integer,
@@ -38,13 +37,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql import ColumnElement
 
+from llmtrail._log import get_logger
 from llmtrail.pipeline import Event
 
 from ._schema import escape_nul, events
 
 __all__ = ["Batch", "RowEncoder", "postgresql_insert", "sqlite_insert"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 _COLUMNS = (
     "event_id",

@@ -38,7 +38,6 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any, TypeVar
 
-import structlog
 from sqlalchemy import (
     and_,
     case,
@@ -50,6 +49,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
+from llmtrail._log import get_logger
 from llmtrail.pipeline import Event, EventType
 from llmtrail.pipeline._events import default_instance
 
@@ -70,7 +70,7 @@ from ._schema import events
 
 __all__ = ["EventWriter", "open_store_sink"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 _T = TypeVar("_T")
 

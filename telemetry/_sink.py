@@ -35,7 +35,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import (
@@ -48,6 +47,7 @@ from opentelemetry.sdk.trace import (
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
 
+from llmtrail._log import get_logger
 from llmtrail.pipeline import Event, EventType
 
 from ._bundle import CallBundle, OwnSpanProcessors, SpanTarget, record_call_metrics
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TracingSink"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 DEFAULT_MAX_PENDING_CALLS = 100_000
 

@@ -75,6 +75,7 @@ def _close(simulated: float, recorded: float, tolerance: float) -> bool:
     return abs(simulated - recorded) <= tolerance * recorded
 
 
+@pytest.mark.slow
 async def test_replay_with_recorded_settings_reproduces_latency_and_makespan(
     mock_server_factory: MockServerFactory, tmp_path: Path
 ) -> None:

@@ -40,6 +40,7 @@ def _loop_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "llmtrail-loop" and t.is_alive()]
 
 
+@pytest.mark.slow
 async def test_calls_run_on_the_service_loop_thread_with_the_callers_context(
     mock_server: Any,
 ) -> None:

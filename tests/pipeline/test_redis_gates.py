@@ -226,6 +226,7 @@ async def test_a_later_small_request_never_overtakes_the_head(backend: Backend) 
     assert (await asyncio.wait_for(small, 10)).waiters_ahead == 1
 
 
+@pytest.mark.slow
 async def test_pending_never_expires_and_the_window_starts_at_send(backend: Backend) -> None:
     gate = backend.gate(capacity=1, window_s=0.8)
     res = await gate.acquire(1)
@@ -242,6 +243,7 @@ async def test_pending_never_expires_and_the_window_starts_at_send(backend: Back
     assert backend.used(gate) == 1
 
 
+@pytest.mark.slow
 async def test_an_attempt_in_flight_holds_its_unit_until_it_is_done(backend: Backend) -> None:
     if backend.kind == "memory" and not hasattr(SlidingWindowGate, "mark_done"):
         pytest.skip("the in-process gate has no mark_done in this revision")
@@ -385,6 +387,7 @@ async def test_keys_are_namespaced_by_gate_and_budget_key(shared: Backend) -> No
     assert shared.state.keys() == [prefix + p for p in ("amounts", "sent", "state")]
 
 
+@pytest.mark.slow
 async def test_a_live_holder_keeps_pending_units_past_the_lease(shared: Backend) -> None:
     gate = shared.gate(capacity=1, window_s=0.3, pending_lease_s=0.3, queue_lease_s=0.3)
     res = await gate.acquire(1)
@@ -396,6 +399,7 @@ async def test_a_live_holder_keeps_pending_units_past_the_lease(shared: Backend)
     await asyncio.wait_for(waiter, 10)
 
 
+@pytest.mark.slow
 async def test_a_dead_process_holds_units_and_its_place_for_one_lease_only(
     shared: Backend,
 ) -> None:
@@ -604,6 +608,7 @@ class Proxy:
             await self._server.wait_closed()
 
 
+@pytest.mark.slow
 async def test_local_fallback_returns_to_redis_and_carries_its_units_over(
     redis_url: str,
 ) -> None:

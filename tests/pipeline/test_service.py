@@ -80,6 +80,7 @@ async def test_a_call_returns_content_usage_cost_and_the_full_event_stream(
     assert mock_server.log[-1].client_request_id == f"{result.call_id}:1"
 
 
+@pytest.mark.slow
 async def test_rpm_cap_holds_when_semaphore_is_saturated(mock_server_factory: Any) -> None:
     server = await mock_server_factory(latency_s=0.05)
     async with service_for(
@@ -96,6 +97,7 @@ async def test_rpm_cap_holds_when_semaphore_is_saturated(mock_server_factory: An
     assert server.arrivals_in_any_window(1.0) <= 4
 
 
+@pytest.mark.slow
 async def test_tpm_cap_holds_under_concurrency(mock_server_factory: Any) -> None:
     # 1,000 tokens per 1 s window at the server and at the gate; calls of about 500 tokens.
     server = await mock_server_factory(tpm_limit=60_000, window_s=1.0)
@@ -175,6 +177,7 @@ async def test_asyncio_timeout_around_a_call_completes_it_as_cancelled(
     assert events[-1].payload["outcome"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_sync_path_holds_the_cap_from_many_threads() -> None:
     with running_in_thread(MockServerConfig(latency_s=0.01)) as server:
         results: list[Any] = []
@@ -397,6 +400,7 @@ def test_cost_arithmetic_bills_cached_and_reasoning_tokens_exactly() -> None:
     assert overridden.cost("nobody-knows", input_tokens=10**6) == Decimal(1)
 
 
+@pytest.mark.slow
 async def test_shared_gates_on_redis_admit_calls(mock_server: Any, redis_url: str) -> None:
     import uuid
 

@@ -262,6 +262,7 @@ def check_cli_cases(
     assert not any(problems), "\n".join(p for p in problems if p)
 
 
+@pytest.mark.slow
 def test_the_installed_console_script_refuses_bad_usage_without_a_traceback() -> None:
     args = ("demo", "--calls", "0", "--no-store")
     done = cli(*args)

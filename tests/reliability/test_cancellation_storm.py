@@ -97,6 +97,7 @@ def landed_at(stream: list[Any]) -> str:
     return f"after {last.type}"
 
 
+@pytest.mark.slow
 async def test_a_cancellation_storm_leaks_nothing_and_the_next_calls_get_full_capacity(
     mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
 ) -> None:

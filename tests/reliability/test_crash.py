@@ -83,6 +83,7 @@ def kill_after_acks(store_url: str, stderr_path: Path) -> list[str]:
     return acked
 
 
+@pytest.mark.slow
 def test_a_killed_process_leaves_an_intact_store_with_every_acknowledged_event(
     sqlite_url: str, tmp_path: Path
 ) -> None:

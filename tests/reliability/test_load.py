@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.timeout(240), needs_store]
 CALLS = int(os.environ.get("LLMTRAIL_RELIABILITY_LOAD_CALLS", "2000"))
 
 
+@pytest.mark.slow
 async def test_concurrent_calls_all_leave_complete_event_sequences_in_the_store(
     mock_server: Any, sqlite_url: str, recorder: RecordingSink
 ) -> None:

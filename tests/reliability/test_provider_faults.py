@@ -58,6 +58,7 @@ RETRYABLE = {"server_error", "rate_limited", "timeout", "connection"}
 MAX_ATTEMPTS = 3
 
 
+@pytest.mark.slow
 async def test_every_call_under_seeded_faults_ends_once_and_matches_the_server_log(
     mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
 ) -> None:
@@ -243,6 +244,7 @@ async def test_an_unreachable_provider_fails_fast_and_gives_every_reservation_ba
         assert unmarked == {"rpm": MAX_ATTEMPTS, "tpm": 1}
 
 
+@pytest.mark.slow
 def test_the_sync_path_from_eight_threads_under_faults_stores_every_event(
     sqlite_url: str, recorder: RecordingSink
 ) -> None:

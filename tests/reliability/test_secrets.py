@@ -99,6 +99,7 @@ def database_text(path: Path) -> str:
     return "\n".join([*rows, *raw])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capture_content", [False, True], ids=["default", "capture_content"])
 async def test_the_api_key_appears_nowhere_and_content_only_when_captured(
     mock_server_factory: Any,

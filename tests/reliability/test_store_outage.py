@@ -73,6 +73,7 @@ def row_count(path: Path) -> int:
         connection.close()
 
 
+@pytest.mark.slow
 async def test_a_sqlite_store_locked_by_another_writer_delays_events_but_loses_none(
     mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
 ) -> None:
@@ -167,6 +168,7 @@ async def terminate_writer_connections(dsn: str, database: str) -> int:
     return len(killed)
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 async def test_postgresql_going_away_mid_run_loses_no_event(
     mock_server_factory: Any, pg_url: str, recorder: RecordingSink

@@ -318,6 +318,7 @@ def test_projections_status_run_and_rebuild(populated, capsys):
     )
 
 
+@pytest.mark.slow
 def test_projections_run_picks_up_a_late_completed(store_url, capsys):
     events = call_events(CallSpec("late"))
 

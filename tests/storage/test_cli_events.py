@@ -58,15 +58,20 @@ def test_migrate_creates_the_schema_then_reports_it_is_current(
     assert result["from"] == result["to"] == result["head"]
 
 
-def test_events_json_lines_are_every_event_in_position_order(
+def test_events_json_lines_are_every_event_newest_first(
     filled: tuple[str, list[Event]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, events = filled
     assert run(["events", "--store", url, "--json"]) == 0
     rows = json_lines(capsys.readouterr().out)
-    assert [r["event_id"] for r in rows] == [e.event_id for e in events]
-    assert [r["position"] for r in rows] == sorted(r["position"] for r in rows)  # type: ignore[type-var]
+    assert [r["event_id"] for r in rows] == [e.event_id for e in reversed(events)]
+    positions = [r["position"] for r in rows]
+    assert positions == sorted(positions, reverse=True)  # type: ignore[type-var]
     assert rows[0]["instance"] == "cli:1"
+    assert run(["events", "--store", url, "--json", "--oldest-first"]) == 0
+    assert [r["event_id"] for r in json_lines(capsys.readouterr().out)] == [
+        e.event_id for e in events
+    ]
 
 
 @pytest.mark.parametrize(
@@ -90,31 +95,37 @@ def test_events_filters(
     expected: object,
 ) -> None:
     url, events = filled
-    assert run(["events", "--store", url, "--json", *options]) == 0
+    assert run(["events", "--store", url, "--json", "--oldest-first", *options]) == 0
     rows = json_lines(capsys.readouterr().out)
     assert callable(expected)
     assert [r["event_id"] for r in rows] == [e.event_id for e in events if expected(e)]
     assert rows
 
 
-def test_events_limit_caps_the_output(
+def test_events_limit_caps_the_output_newest_first_by_default(
     filled: tuple[str, list[Event]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, events = filled
     assert run(["events", "--store", url, "--json", "--limit", "3"]) == 0
     assert [r["event_id"] for r in json_lines(capsys.readouterr().out)] == [
+        e.event_id for e in events[::-1][:3]
+    ]
+    assert run(["events", "--store", url, "--json", "--limit", "3", "--oldest-first"]) == 0
+    assert [r["event_id"] for r in json_lines(capsys.readouterr().out)] == [
         e.event_id for e in events[:3]
     ]
 
 
-def test_events_table_for_people_names_the_types_and_counts(
+def test_events_plain_lines_hold_each_event_whole(
     filled: tuple[str, list[Event]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, events = filled
-    assert run(["events", "--store", url, "--call", "done"]) == 0
-    out = capsys.readouterr().out
-    assert "trace_created" in out and "completed" in out
-    assert f"{sum(e.call_id == 'done' for e in events)} events" in out
+    assert run(["events", "--store", url, "--call", "done"]) == 0  # a pipe: plain lines
+    lines = capsys.readouterr().out.splitlines()
+    done = [e for e in events if e.call_id == "done"]
+    assert len(lines) == len(done)
+    assert lines[0].split()[2:5] == ["done", str(done[-1].seq), "completed"]
+    assert lines[-1].split()[4] == "trace_created"
 
 
 def test_events_incomplete_lists_calls_that_never_completed(
@@ -188,7 +199,7 @@ def test_events_follow_since_starts_from_that_time(
     [
         (["events", "--since", "yesterday-ish"], "--since 'yesterday-ish' is not a time"),
         (["events", "--type", "sneezed"], "--type 'sneezed' is not an event type"),
-        (["events", "--limit", "0"], "--limit 0 is invalid"),
+        (["events", "--limit", "-1"], "--limit -1 is invalid"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(

@@ -208,6 +208,7 @@ async def test_an_unreadable_store_is_refused(tmp_path: Path) -> None:  # pragma
         await open_store_sink(f"sqlite:///{path}").start()
 
 
+@pytest.mark.slow
 def test_the_alembic_command_works_with_the_shipped_ini(sqlite_url: str) -> None:
     ini = Path(migrations.__file__).with_name("alembic.ini")
     alembic = Path(sys.executable).with_name("alembic")

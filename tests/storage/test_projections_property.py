@@ -131,6 +131,7 @@ def template(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @settings(
     max_examples=20,
     deadline=None,
@@ -156,6 +157,7 @@ def test_incremental_batches_with_crashes_equal_a_full_rebuild(
     assert incremental == expected_rows(log)
 
 
+@pytest.mark.slow
 async def test_fixed_schedule_with_crashes_equals_a_rebuild_on_postgresql(pg_url):
     specs = [
         CallSpec("a", failures=("rate_limited", "timeout"), rpm_wait_s=0.1, tpm_wait_s=0.2),

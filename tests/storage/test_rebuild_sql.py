@@ -46,6 +46,7 @@ async def assert_rebuild_equals_folds(store, log, prices=None):
     return want
 
 
+@pytest.mark.slow
 async def test_rebuild_adds_many_float_terms_in_log_order(store):
     # Four rpm waits per call and many latencies per minute: sums whose last bit depends on
     # the order of the additions.
@@ -111,6 +112,7 @@ async def test_rebuild_files_events_stamped_in_another_zone_under_utc(store):
     assert rows["usage_daily"][0]["day"] == T0.date()
 
 
+@pytest.mark.slow
 async def test_rebuild_of_unusual_streams_equals_the_folds(store):
     base = call_events(CallSpec("odd-order", start=T0))
     # No trace_created; a completed that is not last; an event of a call after completed;

@@ -148,7 +148,7 @@ def pg_url() -> Iterator[str]:
         _run_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def store_url(request: pytest.FixtureRequest) -> str:
     """A fresh store on each backend in turn."""
     name = "sqlite_url" if request.param == "sqlite" else "pg_url"
