@@ -1,4 +1,5 @@
-"""``llmtrail sql``: read-only by construction, on both backends."""
+"""``llmtrail sql``: read-only by construction, on both backends (the hostile-input suite is
+test_sql_hostile.py)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def populated(store_url):
 
 
 def sql(url, statement, *options):
+    # The test stores are reached as the superuser `postgres`; the role check itself is tested
+    # in test_sql_hostile.py.
+    if url.startswith("postgresql"):
+        options = ("--allow-privileged-role", *options)
     return main(["sql", "--store", url, statement, *options])
 
 
@@ -112,7 +117,7 @@ def test_select_returns_rows_as_csv_and_table(populated, capsys):
 )
 def test_a_statement_that_writes_is_refused_and_changes_nothing(populated, capsys, statement):
     before = counts(populated, capsys)
-    assert sql(populated, statement) == 1
+    assert sql(populated, statement) == 2
     line = error_line(capsys)
     assert "refused: llmtrail sql is read-only" in line
     assert counts(populated, capsys) == before
@@ -127,7 +132,7 @@ def test_a_write_hidden_in_a_select_is_refused_on_postgresql(pg_url, capsys):
     asyncio.run(fill())
     before = counts(pg_url, capsys)
     statement = "WITH gone AS (DELETE FROM events RETURNING 1) SELECT count(*) FROM gone"
-    assert sql(pg_url, statement) == 1
+    assert sql(pg_url, statement) == 2
     assert "read-only" in error_line(capsys)
     assert counts(pg_url, capsys) == before
 
@@ -148,3 +153,24 @@ def test_a_missing_sqlite_store_is_a_usage_error_and_is_not_created(tmp_path, ca
 def test_an_empty_statement_is_a_usage_error(populated, capsys):
     assert sql(populated, "   ") == 2
     assert "empty" in error_line(capsys)
+
+
+def test_a_superuser_is_refused_unless_allowed(pg_url, capsys):
+    assert main(["migrate", "--store", pg_url]) == 0
+    capsys.readouterr()
+    assert main(["sql", "--store", pg_url, "SELECT 1 AS one"]) == 2
+    line = error_line(capsys)
+    assert "'postgres' (SUPERUSER" in line and "--reader-role" in line
+    assert sql(pg_url, "SELECT 1 AS one", "--format", "csv") == 0
+    assert capsys.readouterr().out == "one\n1\n"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_bad_timeout_is_a_usage_error(populated, capsys, value):
+    assert sql(populated, "SELECT 1", "--timeout", value) == 2
+    assert "--timeout" in error_line(capsys)
+
+
+def test_max_rows_is_an_error_not_a_silent_cut(populated, capsys):
+    assert sql(populated, "SELECT * FROM events", "--max-rows", "3") == 1
+    assert "more than --max-rows 3 rows" in error_line(capsys)
