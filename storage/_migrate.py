@@ -256,9 +256,9 @@ def reader_role_sql(role: str, database: str) -> list[str]:
         )
     name = _quoted(role)
     return [
-        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN "
-        f"CREATE ROLE {name} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
-        "NOBYPASSRLS; END IF; END $$",
+        f"DO $$ BEGIN\n  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN\n"
+        f"    CREATE ROLE {name} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION;\n"
+        "  END IF;\nEND $$",
         f"GRANT CONNECT ON DATABASE {_quoted(database)} TO {name}",
         f"GRANT USAGE ON SCHEMA public TO {name}",
         f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {name}",

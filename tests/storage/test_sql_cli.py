@@ -7,12 +7,18 @@ import asyncio
 import csv
 import io
 import json
+import re
+from pathlib import Path
 
+import asyncpg
 import pytest
 
 from llmtrail.pipeline._cli import build_parser
+from llmtrail.storage._migrate import reader_role_sql
 from llmtrail.storage._projections import run_projections
 from tests.storage.projection_events import LogStore, sample_log
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
 
 
 def main(argv: list[str]) -> int:
@@ -174,3 +180,44 @@ def test_a_bad_timeout_is_a_usage_error(populated, capsys, value):
 def test_max_rows_is_an_error_not_a_silent_cut(populated, capsys):
     assert sql(populated, "SELECT * FROM events", "--max-rows", "3") == 1
     assert "more than --max-rows 3 rows" in error_line(capsys)
+
+
+def documented_reader_role() -> tuple[str, str, str]:
+    """(role, database, statements) of the reader-role block of docs/sql.md."""
+    found = re.search(r"```sql\n-- reader-role: (\S+) (\S+)\n(.*?)```", DOC.read_text(), re.S)
+    assert found is not None, "docs/sql.md lost its reader-role snippet"
+    return found.group(1), found.group(2), found.group(3)
+
+
+def test_the_documented_reader_role_is_what_migrate_creates():
+    role, database, statements = documented_reader_role()
+    assert statements == ";\n".join(reader_role_sql(role, database)) + ";\n"
+
+
+def test_the_documented_reader_role_reads_and_nothing_more(pg_url, capsys):
+    """The docs' statements, run as an administrator would (psql: one script), give a role
+    that `llmtrail sql` accepts, that reads the store, and that cannot write."""
+    assert main(["migrate", "--store", pg_url]) == 0
+    role, database, statements = documented_reader_role()
+    name = pg_url.rsplit("/", 1)[1]
+    mine = f"docs_{name[-12:]}"
+    script = statements.replace(role, mine).replace(f'"{database}"', f'"{name}"')
+    dsn = pg_url.replace("postgresql+asyncpg", "postgresql")
+
+    async def admin(sql_text: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql_text)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(script))
+    try:
+        reader = pg_url.replace("postgres@", f"{mine}@", 1)
+        capsys.readouterr()
+        assert main(["sql", "--store", reader, "SELECT count(*) AS n FROM events"]) == 0
+        assert main(["sql", "--store", reader, "DELETE FROM events"]) == 2
+        assert "permission denied" in error_line(capsys)
+        asyncio.run(admin(script))  # idempotent: a second run re-grants
+    finally:
+        asyncio.run(admin(f'DROP OWNED BY "{mine}"; DROP ROLE "{mine}"'))
