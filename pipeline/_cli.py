@@ -23,6 +23,7 @@ from typing import Any
 
 from ._errors import ConfigurationError, LLMTrailError
 from ._events import Event, EventType
+from ._redact import mask_url_password
 from ._types import GenerationRequest, GenerationResult
 
 __all__ = ["build_parser", "main"]
@@ -252,7 +253,7 @@ def _summarise(
         "semaphore_wait_mean_s": round(
             statistics.fmean(r.timings.semaphore_wait_s for r in results), 4
         ),
-        "store": None if args.no_store else args.store,
+        "store": None if args.no_store else mask_url_password(args.store),
     }
 
 

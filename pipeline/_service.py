@@ -49,6 +49,7 @@ from ._flow import AnyGate, CallFlow
 from ._portal import call_on_loop
 from ._pricing import PriceTable
 from ._provider import OpenAIResponsesProvider
+from ._redact import register_secret
 from ._redis_gates import create_gate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
@@ -185,6 +186,7 @@ class BaseLLMService:
         # The budget belongs to the API key, so the shared gates are keyed by a fingerprint of
         # it (never the key itself), the provider and the model.
         secret = api_key or os.environ.get("OPENAI_API_KEY") or ""
+        register_secret(secret)  # masked wherever it appears: events, logs, spans
         fingerprint = hashlib.sha256(secret.encode()).hexdigest()[:16]
         budget_key = f"{self._provider.name}:{model}:{fingerprint}"
         scale = self.rpm_window_seconds / 60.0

@@ -7,7 +7,8 @@ Invariants:
   the fix.
 - A SQLite store file is created by :func:`create_engine` with mode 0600 before SQLAlchemy ever
   opens it (SQLite gives its -wal and -shm files the same mode), so events are private to the
-  owner from the first byte.
+  owner from the first byte; an existing store (and -wal/-shm) opened for writing is made 0600.
+- Statement parameters never appear in SQLAlchemy's logs or errors (``hide_parameters``).
 - Every SQLite connection runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout.
   SQLAlchemy, not the sqlite3 module, emits BEGIN: ``BEGIN IMMEDIATE`` on engines derived with
   :func:`write_engine` (so a writer takes the write lock up front and never fails to upgrade a
@@ -20,7 +21,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import time
 from pathlib import Path
@@ -32,6 +32,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from llmtrail.pipeline import ConfigurationError, LLMTrailError
+from llmtrail.pipeline._redact import mask_url_password
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -85,9 +86,11 @@ class StoreClosedError(StoreError, RuntimeError):
 def mask_url(url: str | URL) -> str:
     """The URL with its password replaced by ``***``, safe for logs and error messages."""
     if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
+        # An unencoded "@" in the password leaves part of it in the parsed host: mask the
+        # rendered text up to the authority's last "@" too.
+        return mask_url_password(url.render_as_string(hide_password=True))
     # A URL that does not parse may still hold a password: mask ``scheme://user:secret@``.
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return mask_url_password(url)
 
 
 def store_url_from_environment(url: str | None = None) -> str:
@@ -192,6 +195,24 @@ def _prepare_sqlite_file(url: URL, *, must_exist: bool) -> None:
             f"{str(path)!r} is not a SQLite database (store URL {shown!r}): "
             "point --store at an llmtrail store or at a new file"
         )
+    if not must_exist:
+        _make_private(path)
+
+
+def _make_private(path: Path) -> None:
+    """Give an existing store (and its -wal/-shm) mode 0600: a store made by an older
+    llmtrail, or copied with a umask of 022, would otherwise stay readable by everyone."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if file.stat().st_mode & 0o077 and file.stat().st_uid == os.getuid():
+                file.chmod(0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreConfigError(
+                f"the event store file {str(file)!r} is readable by other users and cannot be "
+                f"made private ({exc.strerror}): chmod 600 it, or choose another path"
+            ) from None
 
 
 def _set_wal(cursor: Any) -> None:
@@ -266,6 +287,9 @@ def create_engine(
     if busy_timeout_ms < 0:
         raise StoreConfigError(f"busy_timeout_ms={busy_timeout_ms!r} is invalid: use an int >= 0")
     parsed = normalize_store_url(url)
+    # Statement parameters hold event payloads (captured prompts, error text): never put them
+    # in SQLAlchemy's log lines or exception messages.
+    engine_options.setdefault("hide_parameters", True)
     if is_sqlite(parsed):
         _prepare_sqlite_file(parsed, must_exist=must_exist)
         engine = create_async_engine(parsed, **engine_options)
