@@ -7,11 +7,12 @@ and to span attributes and captured HTTP headers (``llmtrail.telemetry`` imports
 Invariants:
 - :func:`redact_text` masks, anywhere in a string: API keys of the known shapes (OpenAI
   ``sk-...``/``sess-...``, Anthropic ``sk-ant-...``, Google ``AIza...``, AWS ``AKIA...``, GitHub
-  ``ghp_...``, Slack ``xox.-...``, Hugging Face ``hf_...``, JWTs), ``Bearer``/``Basic``
-  credentials, the value of an ``Authorization`` or ``api-key`` header written as
-  ``name: value`` or ``name=value``, the password of a URL (``scheme://user:secret@host``, up to
-  the last ``@`` of the authority, so an unencoded ``@`` in it is masked too), and every secret
-  given to :func:`register_secret` (the configured API key itself, whatever its shape).
+  ``ghp_...``, Slack ``xox.-...``, Hugging Face ``hf_...``, JWTs), ``Bearer`` credentials, the
+  value of an ``Authorization``, ``api-key`` or ``*token``/``*secret``/``*password`` header or
+  field written as ``name: value`` or ``name=value``, the password of a URL
+  (``scheme://user:secret@host``, up to the last ``@`` of the authority, so an unencoded ``@``
+  in it is masked too), and every secret given to :func:`register_secret` (the configured API
+  key itself, whatever its shape).
 - :func:`redact_value` does the same through dicts (and any ``Mapping``, such as httpx
   headers), lists, tuples and sets, and masks the whole value of a sensitive *key*: one whose
   name has a part such as ``authorization``, ``token``, ``secret``, ``password``, ``cookie``,
@@ -60,8 +61,8 @@ _HEADER_VALUE = r"(?!\[REDACTED\])(?:(?:bearer|basic|token)\s+)?(?!\[REDACTED\])
 _PATTERNS: Final = (
     # "Authorization: Bearer x", "'authorization': 'Basic y'", "api-key=z".
     re.compile(
-        r"(?i)\b((?:proxy-)?authorization|x-api-key|api[-_]?key)([\"']?\s*[:=]\s*[\"']?)"
-        + _HEADER_VALUE
+        r"(?i)\b((?:proxy-)?authorization|x-api-key|api[-_]?key"
+        r"|[a-z0-9_\-]*(?:token|secret|password|passwd))([\"']?\s*[:=]\s*[\"']?)" + _HEADER_VALUE
     ),
     re.compile(r"(?i)\b(bearer)(\s+)(?!\[REDACTED\])[^\s\"',;}\]]+"),
     # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-) secret keys and session keys (sess-).
@@ -78,6 +79,9 @@ _PATTERNS: Final = (
 )
 _URL_PASSWORD: Final = _PATTERNS[-1]
 _MARKERS: Final = (
+    "token",
+    "secret",
+    "passw",
     "sk-",
     "sess-",
     "bearer",

@@ -8,7 +8,8 @@ Invariants:
 - A SQLite store file is created by :func:`create_engine` with mode 0600 before SQLAlchemy ever
   opens it (SQLite gives its -wal and -shm files the same mode), so events are private to the
   owner from the first byte; an existing store (and -wal/-shm) opened for writing is made 0600.
-- Statement parameters never appear in SQLAlchemy's logs or errors (``hide_parameters``).
+- Statement parameters never appear in SQLAlchemy's logs or errors (``hide_parameters``), nor in
+  aiosqlite's DEBUG lines (a filter on its logger drops the lines that carry them).
 - Every SQLite connection runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout.
   SQLAlchemy, not the sqlite3 module, emits BEGIN: ``BEGIN IMMEDIATE`` on engines derived with
   :func:`write_engine` (so a writer takes the write lock up front and never fails to upgrade a
@@ -20,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -59,6 +61,9 @@ _FIX = "use sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db"
 _SQLITE_DRIVERS = frozenset({"sqlite", "sqlite+aiosqlite"})
 _POSTGRES_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_AIOSQLITE_ARGUMENT_LINES = frozenset(
+    {"executing %s", "operation %s completed", "returning exception %s"}
+)
 # Execution option that marks an engine's transactions as writes (see write_engine()).
 _WRITE_OPTION = "llmtrail_write"
 
@@ -215,6 +220,12 @@ def _make_private(path: Path) -> None:
             ) from None
 
 
+def _no_statement_arguments(record: logging.LogRecord) -> bool:
+    """aiosqlite logs every call it hands its thread, with the arguments: whole event batches
+    (error text, captured prompts). Those three DEBUG lines are dropped; the rest pass."""
+    return record.msg not in _AIOSQLITE_ARGUMENT_LINES
+
+
 def _set_wal(cursor: Any) -> None:
     """``PRAGMA journal_mode = WAL``, retried briefly: switching the mode of a new file needs
     an exclusive lock, and SQLite answers "database is locked" at once, without its busy
@@ -291,6 +302,10 @@ def create_engine(
     # in SQLAlchemy's log lines or exception messages.
     engine_options.setdefault("hide_parameters", True)
     if is_sqlite(parsed):
+        # A filter, not a level: the application still decides what aiosqlite logs.
+        aiosqlite_log = logging.getLogger("aiosqlite")
+        if _no_statement_arguments not in aiosqlite_log.filters:
+            aiosqlite_log.addFilter(_no_statement_arguments)
         _prepare_sqlite_file(parsed, must_exist=must_exist)
         engine = create_async_engine(parsed, **engine_options)
         _install_sqlite_hooks(engine, busy_timeout_ms, cache_size_kib, wal_autocheckpoint_pages)

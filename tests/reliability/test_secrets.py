@@ -25,17 +25,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import structlog
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llmtrail.pipeline import BaseLLMService, GenerationRequest
+from llmtrail.pipeline._provider import OpenAIResponsesProvider
 from tests.conftest import RecordingSink
 from tests.reliability._support import needs_store, sqlite_path
 
 pytestmark = [pytest.mark.timeout(120), needs_store]
 
-FAULTS = ("http_500", "rate_limit_429", "drop", "malformed_json", "http_503")
+# echo_credentials: a 400 whose body echoes the Authorization and X-Custom-Token headers.
+FAULTS = ("http_500", "rate_limit_429", "echo_credentials", "drop", "malformed_json", "http_503")
 UNREDACTED_CREDENTIAL = re.compile(
     r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?|bearer\s+)(?!\[REDACTED\])[A-Za-z0-9_\-]{6,}"
 )
@@ -110,6 +113,8 @@ async def test_the_api_key_appears_nowhere_and_content_only_when_captured(
 ) -> None:
     canary = os.urandom(8).hex()
     key = f"sk-llmtrail-canary-{canary}"
+    # A secret of no known shape, in a custom header: masked because its name says "token".
+    header_secret = f"hdr{os.urandom(12).hex()}"
     wrong_key = f"sk-llmtrail-canary-wrong-{os.urandom(8).hex()}"
     prompt = f"canary-prompt-{os.urandom(8).hex()} please answer"
     server = await mock_server_factory(require_api_key=key, fault_script=FAULTS)
@@ -122,7 +127,15 @@ async def test_the_api_key_appears_nowhere_and_content_only_when_captured(
         "max_attempts": 2,
     }
     results = []
-    async with BaseLLMService(api_key=key, store_url=sqlite_url, **common) as service:
+    provider = OpenAIResponsesProvider(
+        api_key=key,
+        base_url=f"{server.url}/v1",
+        http_client=httpx2.AsyncClient(headers={"X-Custom-Token": header_secret}),
+    )
+    common_with_key = {k: v for k, v in common.items() if k != "base_url"}
+    async with BaseLLMService(
+        api_key=key, provider=provider, store_url=sqlite_url, **common_with_key
+    ) as service:
         for i in range(8):
             request = GenerationRequest(
                 user_prompt=f"{prompt} {i}", system_prompt="be brief", metadata={"n": str(i)}
@@ -130,12 +143,16 @@ async def test_the_api_key_appears_nowhere_and_content_only_when_captured(
             results.append(await service.execute_generation_async(request, "secrets"))
     async with BaseLLMService(api_key=wrong_key, store_url=None, **common) as intruder:
         denied = await intruder.execute_generation_async(GenerationRequest(user_prompt=prompt))
-    exporter, provider = spans
-    provider.force_flush()
+    await provider.aclose()
+    exporter, tracer_provider = spans
+    tracer_provider.force_flush()
 
     # The run really exercised the key, the failures and the store.
     assert all(r.authorization_present for r in server.log)
     assert {r.fault for r in server.log} >= set(FAULTS)
+    # The provider did echo the credentials, and the call failed on it.
+    echoed = [r for r in results if r.error_message and "credentials received" in r.error_message]
+    assert echoed, [r.error_message for r in results]
     assert not denied.success and str(denied.error_type) == "auth"
     answers = [str(r.content) for r in results if r.success]
     assert answers and any(not r.success for r in results)
@@ -155,7 +172,7 @@ async def test_the_api_key_appears_nowhere_and_content_only_when_captured(
     # The instrumentation did record request headers, so the Authorization header was at stake.
     assert "http.request.header.authorization" in places["spans"]
     for where, text in places.items():
-        for secret in (key, wrong_key, canary):
+        for secret in (key, wrong_key, canary, header_secret):
             assert secret not in text, f"the API key leaked into the {where}"
         leaked = UNREDACTED_CREDENTIAL.search(text)
         assert leaked is None, f"a credential leaked into the {where}: {leaked.group(0)!r}"
