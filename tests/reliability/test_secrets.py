@@ -183,6 +183,10 @@ async def test_the_api_key_appears_nowhere_and_content_only_when_captured(
         leaked = UNREDACTED_CREDENTIAL.search(text)
         assert leaked is None, f"a credential leaked into the {where}: {leaked.group(0)!r}"
 
+    # No logger (ours, aiosqlite's, SQLAlchemy's) wrote an event batch: a payload field name
+    # and the batch insert's JSON never appear in the DEBUG logs.
+    assert "estimated_input_tokens" not in logs and "INSERT INTO events" not in logs
+
     for where in ("logs", "spans", "events", "database"):
         has_prompt = prompt in places[where]
         has_answer = any(answer in places[where] for answer in answers)
