@@ -56,12 +56,11 @@ from ._readonly import (
     DEFAULT_MAX_ROWS,
     DEFAULT_TIMEOUT_S,
     ReadOnlyLimits,
-    StatementRefusedError,
     run_readonly_sql,
     stop_on_signal,
 )
 
-__all__ = ["StatementRefusedError", "UsageLine", "register", "run_readonly_sql", "usage_report"]
+__all__ = ["UsageLine", "register", "usage_report"]
 
 _FORMATS = ("table", "csv", "json")
 _BY_FIXED = ("day", "model", "operation")
