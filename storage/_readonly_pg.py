@@ -150,7 +150,10 @@ async def _query(
                 raise _too_many(limits.max_rows)
         return header, rows
     finally:
-        if not conn.is_closed():
+        task = asyncio.current_task()
+        # Cancelled: the connection is dropped instead (run_postgresql), which ends the
+        # transaction on the server; a ROLLBACK would queue behind the cancelled statement.
+        if not conn.is_closed() and not (task is not None and task.cancelling()):
             await transaction.rollback()
 
 
