@@ -4,6 +4,10 @@ Invariants:
 - The database decides what a statement does; nothing here parses SQL. A statement is refused
   (:class:`StatementRefusedError`, exit 2) when a database check says it would write, touch a
   file, load code, signal or lock out another session, or when it is more than one statement.
+  The one look at the text is conservative: on PostgreSQL every word of the statement and of
+  its plan is looked up in ``pg_proc`` (EXPLAIN does not show LIMIT, OFFSET or VALUES
+  expressions), so a volatile function's name anywhere refuses it, even in a string (a false
+  refusal, never a missed call; ``U&"..."`` escapes, which could spell a name, are refused).
 - SQLite: the file is opened by the sqlite3 module as ``file:<percent-encoded path>?mode=ro``
   (a ``#`` or ``?`` in the path cannot reopen another file), never created, with
   ``query_only`` on and no attached database allowed (``SQLITE_LIMIT_ATTACHED`` 0, which also
