@@ -466,6 +466,20 @@ async def active_sql_sessions(url: str) -> int:
     return int(str(count))
 
 
+def test_the_server_drops_the_statement_of_a_client_that_died(pg_store: dict[str, str]) -> None:
+    """SIGKILL: no handler runs; client_connection_check_interval ends the query."""
+
+    def running() -> bool:
+        return asyncio.run(active_sql_sessions(pg_store["superuser"])) > 0
+
+    done = interrupt(pg_store["reader"], "SELECT pg_sleep(120)", signal.SIGKILL, running)
+    assert done.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 15
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling the server
+    assert not running(), "the statement outlived its client"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_cancels_the_postgresql_statement_on_the_server(
     pg_store: dict[str, str], sig: signal.Signals
@@ -483,7 +497,8 @@ def test_a_signal_cancels_the_postgresql_statement_on_the_server(
     assert asyncio.run(active_sql_sessions(pg_store["superuser"])) == 0
 
 
-def test_ctrl_c_stops_a_runaway_sqlite_statement(sqlite_store: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_a_runaway_sqlite_statement(sqlite_store: Path, sig: signal.Signals) -> None:
     statement = (
         "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r"
     )
@@ -496,6 +511,6 @@ def test_ctrl_c_stops_a_runaway_sqlite_statement(sqlite_store: Path) -> None:
         except OSError:
             return False
 
-    done = interrupt(f"sqlite:///{sqlite_store}", statement, signal.SIGINT, running, pids)
-    assert done.returncode == 130, done.stderr
+    done = interrupt(f"sqlite:///{sqlite_store}", statement, sig, running, pids)
+    assert done.returncode == 128 + sig, done.stderr
     assert "interrupted; the statement was cancelled" in done.stderr
