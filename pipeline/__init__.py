@@ -26,6 +26,7 @@ from ._pricing import ModelPrice, PriceTable
 from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
+from ._settings import Limits, RetrySettings, StoreSettings
 from ._stats import OperationUsage, ServiceStats
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
 from .typing import EventSink, ProviderError, ProviderResponse
@@ -54,6 +55,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "LLMTrailError",
+    "Limits",
     "LoopClock",
     "MissingExtraError",
     "ManualClock",
@@ -67,9 +69,11 @@ __all__ = [
     "RateLimitBackendUnavailable",
     "RedisSlidingWindowGate",
     "RetryPolicy",
+    "RetrySettings",
     "ServiceClosedError",
     "ServiceStats",
     "SlidingWindowGate",
+    "StoreSettings",
     "Timings",
     "Usage",
     "VirtualTimeLoop",

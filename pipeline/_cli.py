@@ -26,6 +26,7 @@ from typing import Any
 from ._errors import ConfigurationError, LLMTrailError
 from ._events import Event, EventType
 from ._output import add_format_options, chosen_format
+from ._redact import mask_url_password
 from ._summary import error_summary, latency_figures, print_summary, send_rate
 from ._types import GenerationRequest, GenerationResult
 
@@ -268,7 +269,7 @@ def _summarise(
         "window_s": args.window,
         "window_capacity": int(args.max_rpm * args.window / 60),
         **latency_figures(results),
-        "store": None if args.no_store else args.store,
+        "store": None if args.no_store else mask_url_password(args.store),
     }
 
 

@@ -30,6 +30,7 @@ from ._errors import ErrorType
 from ._events import EventType, Outcome, ReceivedPayload, TraceCreatedPayload, child_span_id
 from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate, parse_reset
 from ._pricing import PriceTable
+from ._redact import redact_text
 from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
@@ -418,7 +419,7 @@ class CallFlow:
                     "status": exc.status,
                     "retryable": exc.retryable and self._retry.should_retry(exc),
                     "retry_after_s": exc.retry_after_s,
-                    "message": exc.message,
+                    "message": redact_text(exc.message),
                     "provider_code": exc.provider_code,
                     "provider_request_id": exc.provider_request_id,
                     "rate_limits": exc.rate_limits,
@@ -559,6 +560,8 @@ class CallFlow:
         outcome: Outcome,
     ) -> GenerationResult:
         total = self._clock.now() - t0
+        # Error text comes from the provider (or an exception's repr): secrets stop here.
+        message = redact_text(message) if message else message
         usage = Usage()
         cost: Decimal | None = None
         if response is not None:

@@ -31,6 +31,7 @@ from openai._types import RequestOptions
 from openai.lib._parsing._responses import type_to_text_format_param
 
 from ._errors import ErrorType
+from ._redact import redact_text
 from ._types import GenerationRequest
 from .typing import ProviderError, ProviderResponse
 
@@ -89,6 +90,8 @@ def classify_status(status: int, code: str | None) -> tuple[ErrorType, bool]:
 
 
 def _short(message: str) -> str:
+    # Redacted before it is cut: a secret cut in half no longer matches its pattern.
+    message = redact_text(message)
     return message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 1] + "…"
 
 

@@ -51,9 +51,18 @@ from ._flow import AnyGate, CallFlow
 from ._portal import call_on_loop
 from ._pricing import PriceTable
 from ._provider import OpenAIResponsesProvider
+from ._redact import register_secret
 from ._redis_gates import create_gate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
+from ._settings import (
+    Limits,
+    RetrySettings,
+    StoreSettings,
+    check_number,
+    limits_from_environment,
+    merge,
+)
 from ._stats import OperationUsage, RateMeter, ServiceStats
 from ._types import GenerationRequest, GenerationResult
 from .typing import Clock, EventSink, Provider, UsageHistory
@@ -65,16 +74,6 @@ _DEFAULT_STORE = "sqlite+aiosqlite:///llmtrail.db"
 _UNSET: Any = object()
 
 
-def _env_int(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not an integer; fix or unset it") from None
-
-
 def _env_bool(name: str) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -82,16 +81,6 @@ def _env_bool(name: str) -> bool:
     if raw in ("1", "true", "yes", "on"):
         return True
     raise ConfigurationError(f"{name}={raw!r} is not a boolean: use 1 or 0, or unset it")
-
-
-def _check_limit(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(
-            f"{name}={value!r} is invalid: use an int >= 1, or None for no limit"
-        )
-    return value
 
 
 def _load_plugin(name: str) -> Callable[..., Any] | None:
@@ -107,7 +96,10 @@ class BaseLLMService:
 
     Configuration: constructor arguments first, then ``LLMTRAIL_*`` environment variables
     (``LLMTRAIL_MAX_RPM``, ``LLMTRAIL_MAX_TPM``, ``LLMTRAIL_MAX_CONCURRENT``,
-    ``LLMTRAIL_STORE_URL``); the SDK reads ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL``.
+    ``LLMTRAIL_STORE_URL``); the SDK reads ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL``. The
+    settings are grouped as :class:`Limits`, :class:`RetrySettings` and :class:`StoreSettings`
+    (``service.limits`` ...), which may be passed instead of their keywords (``limits=``,
+    ``retry=``, ``store=``); every number is validated once, with a one-line error.
     """
 
     def __init__(
@@ -142,39 +134,76 @@ class BaseLLMService:
         rate_limit_replicas: int = 1,
         warm_start: bool = True,
         own_loop: bool = _UNSET,
+        limits: Limits | None = None,
+        retry: RetrySettings | None = None,
+        store: StoreSettings | None = None,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ConfigurationError(
                 f"model={model!r} is invalid: name a model, e.g. 'gpt-4o-mini'"
             )
         self.model = model
-        self.max_rpm = _check_limit(
-            "max_rpm", _env_int("LLMTRAIL_MAX_RPM") if max_rpm is _UNSET else max_rpm
-        )
-        self.max_tpm = _check_limit(
-            "max_tpm", _env_int("LLMTRAIL_MAX_TPM") if max_tpm is _UNSET else max_tpm
-        )
-        if max_concurrent_requests is _UNSET:
-            max_concurrent_requests = _env_int("LLMTRAIL_MAX_CONCURRENT") or 100
-        if not isinstance(rpm_window_seconds, int | float) or not rpm_window_seconds > 0:
-            raise ConfigurationError(
-                f"rpm_window_seconds={rpm_window_seconds!r} is invalid: use a number of seconds > 0"
+        # Every numeric setting is validated here, once (pipeline/_settings.py); a group passed
+        # as an object and the keywords of its fields combine (a field set both ways differently
+        # is an error).
+        counted = {
+            name: value
+            for name, value in (
+                ("max_rpm", max_rpm),
+                ("max_tpm", max_tpm),
+                ("max_concurrent_requests", max_concurrent_requests),
             )
-        if not isinstance(request_timeout_s, int | float) or not request_timeout_s > 0:
-            raise ConfigurationError(
-                f"request_timeout_s={request_timeout_s!r} is invalid: use a number of seconds > 0"
-            )
-        if default_max_output_tokens < 1:
-            raise ConfigurationError("default_max_output_tokens must be >= 1")
-        self.rpm_window_seconds = float(rpm_window_seconds)
-        self.request_timeout_s = float(request_timeout_s)
+            if value is not _UNSET
+        }
+        self.limits = merge(
+            Limits,
+            limits,
+            {
+                **(limits_from_environment(counted) if limits is None else counted),
+                "rpm_window_seconds": rpm_window_seconds,
+                "default_max_output_tokens": default_max_output_tokens,
+                "send_guard_s": send_guard_s,
+                "unanswered_guard_s": unanswered_guard_s,
+            },
+        )
+        self.retry_settings = merge(
+            RetrySettings,
+            retry,
+            {
+                "max_attempts": max_attempts,
+                "request_timeout_s": request_timeout_s,
+                "retry_backoff_base_s": retry_backoff_base_s,
+                "retry_backoff_max_s": retry_backoff_max_s,
+                "max_retry_wait_s": max_retry_wait_s,
+            },
+        )
+        if store is None and store_url is _UNSET:
+            store_url = os.environ.get("LLMTRAIL_STORE_URL") or _DEFAULT_STORE
+        self.store_settings = merge(
+            StoreSettings,
+            store,
+            {
+                **({} if store_url is _UNSET else {"store_url": store_url}),
+                "max_event_queue": max_event_queue,
+            },
+        )
+        check_number("rate_limit_replicas", rate_limit_replicas, integer=True, low=1)
+        lim, rs = self.limits, self.retry_settings
+        self.max_rpm = lim.max_rpm
+        self.max_tpm = lim.max_tpm
+        max_concurrent_requests = lim.max_concurrent_requests
+        self.rpm_window_seconds = float(lim.rpm_window_seconds)
+        self.request_timeout_s = float(rs.request_timeout_s)
+        default_max_output_tokens = lim.default_max_output_tokens
+        send_guard_s, unanswered_guard_s = lim.send_guard_s, lim.unanswered_guard_s
+        max_attempts = rs.max_attempts
         self.capture_content = capture_content
         self.default_max_output_tokens = default_max_output_tokens
         self.prices = price_table or PriceTable.default()
         self.instance = instance or default_instance()
         self._clock: Clock = clock or LoopClock()
         self._retry = RetryPolicy(
-            max_attempts, retry_backoff_base_s, retry_backoff_max_s, max_retry_wait_s
+            rs.max_attempts, rs.retry_backoff_base_s, rs.retry_backoff_max_s, rs.max_retry_wait_s
         )
         self._semaphore = FairSemaphore(max_concurrent_requests)
         self.max_concurrent_requests = max_concurrent_requests
@@ -187,6 +216,7 @@ class BaseLLMService:
         # The budget belongs to the API key, so the shared gates are keyed by a fingerprint of
         # it (never the key itself), the provider and the model.
         secret = api_key or os.environ.get("OPENAI_API_KEY") or ""
+        register_secret(secret)  # masked wherever it appears: events, logs, spans
         fingerprint = hashlib.sha256(secret.encode()).hexdigest()[:16]
         budget_key = f"{self._provider.name}:{model}:{fingerprint}"
         scale = self.rpm_window_seconds / 60.0
@@ -213,8 +243,7 @@ class BaseLLMService:
                 self._tpm = gate
         self._owns_provider = provider is None
         self._sinks: list[EventSink] = list(sinks)
-        if store_url is _UNSET:
-            store_url = os.environ.get("LLMTRAIL_STORE_URL") or _DEFAULT_STORE
+        store_url = self.store_settings.store_url
         self.store_url = store_url
         self._store: EventSink | None = None
         if store_url:
@@ -224,7 +253,9 @@ class BaseLLMService:
                     f"store_url={store_url!r} needs the llmtrail storage package; reinstall "
                     "llmtrail, or pass store_url=None to turn persistence off"
                 )
-            self._store = factory(store_url, instance=self.instance, max_queue=max_event_queue)
+            self._store = factory(
+                store_url, instance=self.instance, max_queue=self.store_settings.max_event_queue
+            )
             self._sinks.append(self._store)
         if tracing is not False:
             factory = _load_plugin("tracing")

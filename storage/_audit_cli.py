@@ -2,18 +2,17 @@
 
 Invariants:
 - :func:`register` only adds parsers; nothing is opened until a command runs.
-- Exit codes: 0 ok, 1 failure (store unreachable, SQL error, statement refused), 2 bad usage
-  (bad option, bad URL, missing store). Errors are one line on stderr, never a traceback.
+- Exit codes: 0 ok, 1 failure (store unreachable, SQL error, timeout), 2 bad usage (bad option,
+  bad URL, missing store, a statement ``sql`` refuses). Errors are one line on stderr, never a
+  traceback.
 - ``usage`` and ``sql`` bring the projections up to date first, then read them (with
   ``--no-catch-up`` they read them as they are and say on stderr how far behind they are);
   money is summed as ``Decimal`` in Python, never as a float in SQL, and printed exactly.
   A cost that leaves out unpriced calls says so; an unpriced group reads ``unpriced``, never 0.
 - Output goes through ``llmtrail.pipeline._output``: ``--json`` everywhere, ``--format``
   where there are more formats, tables that fit the terminal.
-- ``sql`` cannot change the store: SQLite is opened read-only (``file:...?mode=ro``, plus
-  ``PRAGMA query_only``), PostgreSQL runs the statement in a READ ONLY
-  transaction, and either driver refuses more than one statement. A refused statement is
-  reported as such; nothing is checked by parsing the SQL, the database enforces it.
+- ``sql`` runs through :mod:`._readonly` (its invariants: read-only in effect, bounded in time,
+  cancelled on the server by Ctrl-C); a refused statement exits 2, a timeout 1, Ctrl-C 130.
 """
 
 from __future__ import annotations
@@ -28,22 +27,17 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmtrail.pipeline._output import Column, add_format_options, chosen_format, emit_rows
 
 from ._cli import UsageError, add_store_argument, parse_time, run_command
 from ._engine import (
     StoreConfigError,
-    StoreError,
     StoreUnavailableError,
     create_engine,
-    is_sqlite,
     mask_url,
-    normalize_store_url,
 )
 from ._migrate import check_schema, ensure_schema, head_revision
 from ._projections import (
@@ -54,6 +48,13 @@ from ._projections import (
     projection_status,
     rebuild,
     run_projections,
+)
+from ._readonly import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_TIMEOUT_S,
+    ReadOnlyLimits,
+    run_readonly_sql,
+    stop_on_signal,
 )
 from ._usage import COUNTERS, UsageLine, check_by, usage_report
 
@@ -142,6 +143,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sql.add_argument("statement", metavar="SQL", help='e.g. "SELECT * FROM usage_daily"')
     add_catch_up_option(sql)
     add_format_options(sql)
+    sql.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"cancel the statement on the server after S seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    sql.add_argument(
+        "--max-rows",
+        metavar="N",
+        type=int,
+        default=DEFAULT_MAX_ROWS,
+        help=f"fail rather than hold more than N rows in memory (default {DEFAULT_MAX_ROWS:,})",
+    )
+    sql.add_argument(
+        "--allow-privileged-role",
+        action="store_true",
+        help="PostgreSQL: run even as a superuser or a role that reaches server files, "
+        "programs or other sessions (default: refuse; see docs/sql.md for a reader role)",
+    )
     sql.set_defaults(func=_sql_command)
 
 
@@ -449,84 +470,6 @@ def _usage_command(args: argparse.Namespace) -> int:
 
 # -- sql -----------------------------------------------------------------------------------------
 
-_REFUSED = (
-    "attempt to write a readonly database",
-    "read-only transaction",
-    "one statement at a time",
-    "multiple commands into a prepared statement",
-    "too many attached databases",
-)
-
-
-class StatementRefusedError(StoreError):
-    """``llmtrail sql`` was given a statement that writes, or several statements."""
-
-
-def _readonly_engine(url: str) -> AsyncEngine:
-    parsed = normalize_store_url(url)
-    if is_sqlite(parsed):
-        return _readonly_sqlite_engine(parsed)
-    # Every transaction of this engine is BEGIN READ ONLY.
-    return create_engine(parsed, must_exist=True).execution_options(postgresql_readonly=True)
-
-
-def _readonly_sqlite_engine(url: URL) -> AsyncEngine:
-    database = url.database or ""
-    if not database or database == ":memory:":
-        raise StoreConfigError(f"store URL {mask_url(url)!r} names no database file")
-    from pathlib import Path
-
-    if not Path(database).is_file():
-        raise StoreConfigError(
-            f"no event store at {database!r} (store URL {mask_url(url)!r}): check --store"
-        )
-    # SQLite's own read-only mode: the file is opened O_RDONLY, whatever the statement says.
-    readonly = url.set(database=f"file:{Path(database).resolve()}?mode=ro", query={"uri": "true"})
-    engine = create_async_engine(readonly)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _lock_down(dbapi_connection: Any, _record: Any) -> None:
-        # query_only also refuses writes to a database the statement ATTACHes.
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA query_only = ON")
-        finally:
-            cursor.close()
-
-    return engine
-
-
-async def run_readonly_sql(url: str, statement: str) -> tuple[list[str], list[list[Any]]]:
-    """Run one statement read-only; returns its column names and rows.
-
-    Raises :class:`StatementRefusedError` for a statement that would write (or several
-    statements), :class:`StoreUnavailableError` for any other database error.
-    """
-    if not statement.strip():
-        raise UsageError("the SQL statement is empty: give one, e.g. 'SELECT * FROM calls'")
-    engine = _readonly_engine(url)
-    try:
-        async with engine.connect() as conn:
-            try:
-                result = await conn.exec_driver_sql(statement)
-                if not result.returns_rows:
-                    await conn.rollback()
-                    return [], []
-                header = list(result.keys())
-                rows = [list(row) for row in result.all()]
-                await conn.rollback()
-                return header, rows
-            except DBAPIError as exc:
-                message = _db_message(exc)
-                if any(marker in message for marker in _REFUSED):
-                    raise StatementRefusedError(
-                        f"refused: llmtrail sql is read-only and runs one statement; the "
-                        f"database said: {message}"
-                    ) from None
-                raise StoreError(f"SQL error: {message}") from None
-    finally:
-        await engine.dispose()
-
 
 def _sql_columns(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[Column]:
     """Numbers right-aligned; text may wrap; the rightmost columns are hidden first."""
@@ -544,9 +487,10 @@ def _sql_command(args: argparse.Namespace) -> int:
     async def main() -> int:
         fmt = chosen_format(args.format)
         await (await catch_up(args.store, "sql", apply=args.catch_up, required=False)).dispose()
-        header, rows = await run_readonly_sql(args.store, args.statement)
+        limits = ReadOnlyLimits(args.timeout, args.max_rows, args.allow_privileged_role)
+        header, rows = await run_readonly_sql(args.store, args.statement, limits)
         if header:
             emit_rows(_sql_columns(header, rows), rows, fmt)
         return 0
 
-    return _guarded("sql", main)
+    return _guarded("sql", lambda: stop_on_signal("sql", main()))

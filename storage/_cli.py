@@ -33,7 +33,7 @@ from llmtrail.pipeline import ConfigurationError, EventType
 from llmtrail.pipeline._output import add_format_options, chosen_format
 
 from ._engine import STORE_URL_ENV, StoreError, mask_url, store_url_from_environment
-from ._migrate import head_revision, migrate
+from ._migrate import create_reader_role, head_revision, migrate
 from ._reader import EventStore, StoredEvent
 
 __all__ = ["add_store_argument", "parse_time", "register", "run_command"]
@@ -111,6 +111,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     migrate_parser.add_argument(
         "--revision", default="head", help="target revision (default: head)"
     )
+    migrate_parser.add_argument(
+        "--reader-role",
+        metavar="NAME",
+        help="PostgreSQL: also create (or re-grant) NAME, a login role that can only SELECT "
+        "the store, for `llmtrail sql` (see docs/sql.md)",
+    )
     migrate_parser.add_argument("--json", action="store_true", help="print the result as JSON")
     migrate_parser.set_defaults(func=_migrate_command)
 
@@ -173,15 +179,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _migrate_command(args: argparse.Namespace) -> int:
     async def main() -> int:
         before, after = await migrate(args.store, args.revision)
+        if args.reader_role:
+            await create_reader_role(args.store, args.reader_role)
         shown = mask_url(args.store)
         if args.json:
             print(
-                json.dumps({"store": shown, "from": before, "to": after, "head": head_revision()})
+                json.dumps(
+                    {
+                        "store": shown,
+                        "from": before,
+                        "to": after,
+                        "head": head_revision(),
+                        "reader_role": args.reader_role,
+                    }
+                )
             )
         elif before == after:
             print(f"{shown}: already at revision {after}")
         else:
             print(f"{shown}: migrated from {before or 'empty'} to {after}")
+        if args.reader_role and not args.json:
+            print(f"reader role {args.reader_role}: can log in and SELECT the store, nothing more")
         return 0
 
     return run_command("migrate", main)

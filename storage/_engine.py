@@ -7,7 +7,9 @@ Invariants:
   the fix.
 - A SQLite store file is created by :func:`create_engine` with mode 0600 before SQLAlchemy ever
   opens it (SQLite gives its -wal and -shm files the same mode), so events are private to the
-  owner from the first byte.
+  owner from the first byte; an existing store (and -wal/-shm) opened for writing is made 0600.
+- Statement parameters never appear in SQLAlchemy's logs or errors (``hide_parameters``), nor in
+  aiosqlite's DEBUG lines (a filter on its logger drops the lines that carry them).
 - Every SQLite connection runs in WAL mode with ``synchronous=NORMAL`` and a busy timeout.
   SQLAlchemy, not the sqlite3 module, emits BEGIN: ``BEGIN IMMEDIATE`` on engines derived with
   :func:`write_engine` (so a writer takes the write lock up front and never fails to upgrade a
@@ -19,8 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
-import re
 import sqlite3
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from llmtrail.pipeline import ConfigurationError, LLMTrailError, require_extra
+from llmtrail.pipeline._redact import mask_url_password
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -58,6 +61,9 @@ _FIX = "use sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db"
 _SQLITE_DRIVERS = frozenset({"sqlite", "sqlite+aiosqlite"})
 _POSTGRES_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_AIOSQLITE_ARGUMENT_LINES = frozenset(
+    {"executing %s", "operation %s completed", "returning exception %s"}
+)
 # Execution option that marks an engine's transactions as writes (see write_engine()).
 _WRITE_OPTION = "llmtrail_write"
 
@@ -85,9 +91,11 @@ class StoreClosedError(StoreError, RuntimeError):
 def mask_url(url: str | URL) -> str:
     """The URL with its password replaced by ``***``, safe for logs and error messages."""
     if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
+        # An unencoded "@" in the password leaves part of it in the parsed host: mask the
+        # rendered text up to the authority's last "@" too.
+        return mask_url_password(url.render_as_string(hide_password=True))
     # A URL that does not parse may still hold a password: mask ``scheme://user:secret@``.
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return mask_url_password(url)
 
 
 def store_url_from_environment(url: str | None = None) -> str:
@@ -192,6 +200,30 @@ def _prepare_sqlite_file(url: URL, *, must_exist: bool) -> None:
             f"{str(path)!r} is not a SQLite database (store URL {shown!r}): "
             "point --store at an llmtrail store or at a new file"
         )
+    if not must_exist:
+        _make_private(path)
+
+
+def _make_private(path: Path) -> None:
+    """Give an existing store (and its -wal/-shm) mode 0600: a store made by an older
+    llmtrail, or copied with a umask of 022, would otherwise stay readable by everyone."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if file.stat().st_mode & 0o077 and file.stat().st_uid == os.getuid():
+                file.chmod(0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreConfigError(
+                f"the event store file {str(file)!r} is readable by other users and cannot be "
+                f"made private ({exc.strerror}): chmod 600 it, or choose another path"
+            ) from None
+
+
+def _no_statement_arguments(record: logging.LogRecord) -> bool:
+    """aiosqlite logs every call it hands its thread, with the arguments: whole event batches
+    (error text, captured prompts). Those three DEBUG lines are dropped; the rest pass."""
+    return record.msg not in _AIOSQLITE_ARGUMENT_LINES
 
 
 def _set_wal(cursor: Any) -> None:
@@ -266,7 +298,14 @@ def create_engine(
     if busy_timeout_ms < 0:
         raise StoreConfigError(f"busy_timeout_ms={busy_timeout_ms!r} is invalid: use an int >= 0")
     parsed = normalize_store_url(url)
+    # Statement parameters hold event payloads (captured prompts, error text): never put them
+    # in SQLAlchemy's log lines or exception messages.
+    engine_options.setdefault("hide_parameters", True)
     if is_sqlite(parsed):
+        # A filter, not a level: the application still decides what aiosqlite logs.
+        aiosqlite_log = logging.getLogger("aiosqlite")
+        if _no_statement_arguments not in aiosqlite_log.filters:
+            aiosqlite_log.addFilter(_no_statement_arguments)
         _prepare_sqlite_file(parsed, must_exist=must_exist)
         engine = create_async_engine(parsed, **engine_options)
         _install_sqlite_hooks(engine, busy_timeout_ms, cache_size_kib, wal_autocheckpoint_pages)

@@ -8,6 +8,9 @@ Invariants:
 - One migration at a time per store: on PostgreSQL a transaction-level advisory lock, on
   SQLite ``BEGIN IMMEDIATE``. Alembic reads the current revision after the lock is held, so
   two processes opening a new store together migrate it once.
+- :func:`create_reader_role` (``llmtrail migrate --reader-role NAME``) runs exactly the
+  statements of :func:`reader_role_sql`, which docs/sql.md prints: a LOGIN role with SELECT
+  on the store's tables (now and future) and nothing else, read-only by default.
 - :func:`ensure_schema` migrates a store without a schema (or at an older revision this
   llmtrail knows) and refuses one at an unknown revision with :class:`StoreSchemaError`.
 """
@@ -15,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from llmtrail import migrations
 from llmtrail._log import get_logger
 
 from ._engine import (
+    StoreConfigError,
     StoreSchemaError,
     StoreUnavailableError,
     create_engine,
@@ -44,9 +49,11 @@ __all__ = [
     "SchemaState",
     "alembic_config",
     "check_schema",
+    "create_reader_role",
     "ensure_schema",
     "head_revision",
     "migrate",
+    "reader_role_sql",
     "schema_state",
 ]
 
@@ -230,3 +237,59 @@ async def ensure_schema(engine: AsyncEngine) -> None:
     if state.revision is not None and not _known(state.revision):
         raise _unknown_revision(engine, state.revision)
     await migrate(engine)
+
+
+_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def reader_role_sql(role: str, database: str) -> list[str]:
+    """The statements that create (or re-grant) a least-privilege reader role for
+    ``llmtrail sql``: it can log in and SELECT the store's tables, nothing more."""
+    if not _ROLE_NAME.match(role):
+        raise StoreConfigError(
+            f"reader role name {role!r} is invalid: use lower-case letters, digits and _, "
+            "starting with a letter or _ (e.g. llmtrail_reader)"
+        )
+    name = _quoted(role)
+    return [
+        f"DO $$ BEGIN\n  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN\n"
+        f"    CREATE ROLE {name} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION;\n"
+        "  END IF;\nEND $$",
+        f"GRANT CONNECT ON DATABASE {_quoted(database)} TO {name}",
+        f"GRANT USAGE ON SCHEMA public TO {name}",
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {name}",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {name}",
+        f"ALTER ROLE {name} SET default_transaction_read_only = on",
+    ]
+
+
+async def create_reader_role(engine_or_url: AsyncEngine | str, role: str) -> None:
+    """Create (or re-grant) the reader role ``role`` on a PostgreSQL store, after its schema."""
+    if isinstance(engine_or_url, AsyncEngine):
+        engine, owned = engine_or_url, False
+    else:
+        engine, owned = create_engine(engine_or_url), True
+    try:
+        if not is_postgresql(engine):
+            raise StoreConfigError(
+                f"--reader-role is for PostgreSQL stores; {mask_url(engine.url)!r} is SQLite, "
+                "which `llmtrail sql` opens read-only anyway"
+            )
+        statements = reader_role_sql(role, engine.url.database or "")
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.exec_driver_sql(statement)
+        _log.info("reader role ready", store=mask_url(engine.url), role=role)
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailableError(
+            f"cannot create the reader role {role!r} on {mask_url(engine.url)!r}: "
+            f"{_reason(exc)}; the migrating role needs CREATEROLE (or run the statements in "
+            "docs/sql.md as an administrator)"
+        ) from exc
+    finally:
+        if owned:
+            await engine.dispose()

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from llmtrail.pipeline._cli import build_parser
-from llmtrail.storage._audit_cli import run_readonly_sql, usage_report
+from llmtrail.storage._audit_cli import usage_report
 from llmtrail.storage._projections import run_projections
+from llmtrail.storage._readonly import ReadOnlyLimits, run_readonly_sql
 from tests.storage.projection_events import CallSpec, LogStore, call_events, sample_log
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
@@ -199,7 +200,11 @@ async def test_every_documented_query_runs_and_answers_correctly(store_url):
     for name, only, statement in documented_queries():
         if only not in (None, backend):
             continue
-        header, rows = await run_readonly_sql(store_url, statement.replace("CALL_ID", CALL_ID))
+        header, rows = await run_readonly_sql(
+            store_url,
+            statement.replace("CALL_ID", CALL_ID),
+            ReadOnlyLimits(allow_privileged_role=True),
+        )
         try:
             CHECKS[name]([dict(zip(header, row, strict=True)) for row in rows])
         except AssertionError as exc:

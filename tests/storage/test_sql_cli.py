@@ -1,4 +1,5 @@
-"""``llmtrail sql``: read-only by construction, on both backends."""
+"""``llmtrail sql``: read-only by construction, on both backends (the hostile-input suite is
+test_sql_hostile.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ import asyncio
 import csv
 import io
 import json
+import re
+from pathlib import Path
 
+import asyncpg
 import pytest
 
 from llmtrail.pipeline._cli import build_parser
+from llmtrail.storage._migrate import reader_role_sql
 from llmtrail.storage._projections import run_projections
 from tests.storage.projection_events import LogStore, sample_log
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
 
 
 def main(argv: list[str]) -> int:
@@ -36,6 +43,10 @@ def populated(store_url):
 
 
 def sql(url, statement, *options):
+    # The test stores are reached as the superuser `postgres`; the role check itself is tested
+    # in test_sql_hostile.py.
+    if url.startswith("postgresql"):
+        options = ("--allow-privileged-role", *options)
     return main(["sql", "--store", url, statement, *options])
 
 
@@ -112,7 +123,7 @@ def test_select_returns_rows_as_csv_and_table(populated, capsys):
 )
 def test_a_statement_that_writes_is_refused_and_changes_nothing(populated, capsys, statement):
     before = counts(populated, capsys)
-    assert sql(populated, statement) == 1
+    assert sql(populated, statement) == 2
     line = error_line(capsys)
     assert "refused: llmtrail sql is read-only" in line
     assert counts(populated, capsys) == before
@@ -127,7 +138,7 @@ def test_a_write_hidden_in_a_select_is_refused_on_postgresql(pg_url, capsys):
     asyncio.run(fill())
     before = counts(pg_url, capsys)
     statement = "WITH gone AS (DELETE FROM events RETURNING 1) SELECT count(*) FROM gone"
-    assert sql(pg_url, statement) == 1
+    assert sql(pg_url, statement) == 2
     assert "read-only" in error_line(capsys)
     assert counts(pg_url, capsys) == before
 
@@ -148,3 +159,65 @@ def test_a_missing_sqlite_store_is_a_usage_error_and_is_not_created(tmp_path, ca
 def test_an_empty_statement_is_a_usage_error(populated, capsys):
     assert sql(populated, "   ") == 2
     assert "empty" in error_line(capsys)
+
+
+def test_a_superuser_is_refused_unless_allowed(pg_url, capsys):
+    assert main(["migrate", "--store", pg_url]) == 0
+    capsys.readouterr()
+    assert main(["sql", "--store", pg_url, "SELECT 1 AS one"]) == 2
+    line = error_line(capsys)
+    assert "'postgres' (SUPERUSER" in line and "--reader-role" in line
+    assert sql(pg_url, "SELECT 1 AS one", "--format", "csv") == 0
+    assert capsys.readouterr().out == "one\n1\n"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_bad_timeout_is_a_usage_error(populated, capsys, value):
+    assert sql(populated, "SELECT 1", "--timeout", value) == 2
+    assert "--timeout" in error_line(capsys)
+
+
+def test_max_rows_is_an_error_not_a_silent_cut(populated, capsys):
+    assert sql(populated, "SELECT * FROM events", "--max-rows", "3") == 1
+    assert "more than --max-rows 3 rows" in error_line(capsys)
+
+
+def documented_reader_role() -> tuple[str, str, str]:
+    """(role, database, statements) of the reader-role block of docs/sql.md."""
+    found = re.search(r"```sql\n-- reader-role: (\S+) (\S+)\n(.*?)```", DOC.read_text(), re.S)
+    assert found is not None, "docs/sql.md lost its reader-role snippet"
+    return found.group(1), found.group(2), found.group(3)
+
+
+def test_the_documented_reader_role_is_what_migrate_creates():
+    role, database, statements = documented_reader_role()
+    assert statements == ";\n".join(reader_role_sql(role, database)) + ";\n"
+
+
+def test_the_documented_reader_role_reads_and_nothing_more(pg_url, capsys):
+    """The docs' statements, run as an administrator would (psql: one script), give a role
+    that `llmtrail sql` accepts, that reads the store, and that cannot write."""
+    assert main(["migrate", "--store", pg_url]) == 0
+    role, database, statements = documented_reader_role()
+    name = pg_url.rsplit("/", 1)[1]
+    mine = f"docs_{name[-12:]}"
+    script = statements.replace(role, mine).replace(f'"{database}"', f'"{name}"')
+    dsn = pg_url.replace("postgresql+asyncpg", "postgresql")
+
+    async def admin(sql_text: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql_text)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(script))
+    try:
+        reader = pg_url.replace("postgres@", f"{mine}@", 1)
+        capsys.readouterr()
+        assert main(["sql", "--store", reader, "SELECT count(*) AS n FROM events"]) == 0
+        assert main(["sql", "--store", reader, "DELETE FROM events"]) == 2
+        assert "permission denied" in error_line(capsys)
+        asyncio.run(admin(script))  # idempotent: a second run re-grants
+    finally:
+        asyncio.run(admin(f'DROP OWNED BY "{mine}"; DROP ROLE "{mine}"'))

@@ -116,6 +116,9 @@ class Fault(StrEnum):
     DROP = "drop"  # the socket is closed without any response
     MALFORMED_JSON = "malformed_json"  # 200 with a truncated JSON body (or SSE event)
     MISSING_USAGE = "missing_usage"  # 200 with a valid response whose usage is null
+    # 400 whose message echoes the request's credentials (Authorization and any *-token or
+    # *-key header), as some providers and proxies do: a redaction test's bait.
+    ECHO_CREDENTIALS = "echo_credentials"
 
 
 _FAULT_RATE_FIELDS: tuple[tuple[str, Fault], ...] = (
@@ -649,6 +652,14 @@ class MockServer:
         if fault is Fault.RATE_LIMIT_429:
             limit = config.rpm_limit or UNLIMITED
             return self._rate_limited(record, "requests", limit, 1, config.fault_429_retry_after_s)
+        if fault is Fault.ECHO_CREDENTIALS:
+            echoed = ", ".join(
+                f"{name}: {value}"
+                for name, value in request.headers.items()
+                if name.lower() == "authorization" or name.lower().endswith(("-token", "-key"))
+            )
+            message = f"Invalid request; credentials received: {echoed}"
+            return self._error(record, 400, message, "invalid_request_error", None)
         window.entries.append((now, plan.charge))
         window.tokens += plan.charge
         record.counted = True
