@@ -61,6 +61,7 @@ class CallFlow:
     _meter: RateMeter
     _usage: dict[str, OperationUsage]
     _limits: dict[str, Any]
+    _resource: dict[str, str] | None
     _trace_http: bool
     _unanswered_guard_s: float
 
@@ -183,9 +184,18 @@ class CallFlow:
             "server_port": self._provider.server_port,
             "capture_content": self.capture_content,
             "limits": self._limits,
+            "output_type": "json" if request.response_schema is not None else None,
+            "previous_response_id": request.previous_response_id,
         }
+        if self._resource:
+            created["resource"] = self._resource
         if self.capture_content:
-            created["input"] = request.messages()
+            messages = request.messages()
+            if request.system_prompt:
+                # Sent as the Responses API's `instructions`, apart from the input.
+                created["instructions"] = request.system_prompt
+                messages = messages[1:]
+            created["input"] = messages
         call.emit(EventType.TRACE_CREATED, created)
 
         rpm, tpm = self._rpm, self._tpm
@@ -450,6 +460,7 @@ class CallFlow:
             "cost_usd": money(self._cost(model, response)),
             "provider_request_id": response.provider_request_id,
             "rate_limits": response.rate_limits,
+            "service_tier": response.service_tier,
         }
         if self.capture_content:
             received["content"] = response.raw_content

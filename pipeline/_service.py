@@ -82,6 +82,23 @@ def _env_bool(name: str) -> bool:
     raise ConfigurationError(f"{name}={raw!r} is not a boolean: use 1 or 0, or unset it")
 
 
+_CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+
+def _env_capture() -> bool:
+    """The standard GenAI content-capture switch: ``true``/``false``, or the newer
+    ``SPAN_ONLY``/``SPAN_AND_EVENT`` (on) and ``NO_CONTENT``/``EVENT_ONLY`` (off for spans)."""
+    raw = os.environ.get(_CAPTURE_ENV, "").strip().lower()
+    if raw in ("", "false", "no_content", "event_only"):
+        return False
+    if raw in ("true", "span_only", "span_and_event"):
+        return True
+    raise ConfigurationError(
+        f"{_CAPTURE_ENV}={raw!r} is invalid: use true or false (or SPAN_ONLY, SPAN_AND_EVENT, "
+        "NO_CONTENT, EVENT_ONLY), or unset it"
+    )
+
+
 def _check_limit(name: str, value: object) -> int | None:
     if value is None:
         return None
@@ -124,7 +141,7 @@ class BaseLLMService(CallFlow):
         store_url: str | None = _UNSET,
         sinks: Iterable[EventSink] = (),
         tracing: bool | None = None,
-        capture_content: bool = False,
+        capture_content: bool | None = None,
         price_table: PriceTable | None = None,
         clock: Clock | None = None,
         instance: str | None = None,
@@ -166,7 +183,8 @@ class BaseLLMService(CallFlow):
             raise ConfigurationError("default_max_output_tokens must be >= 1")
         self.rpm_window_seconds = float(rpm_window_seconds)
         self.request_timeout_s = float(request_timeout_s)
-        self.capture_content = capture_content
+        # None: the standard OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT decides.
+        self.capture_content = _env_capture() if capture_content is None else capture_content
         self.default_max_output_tokens = default_max_output_tokens
         self.prices = price_table or PriceTable.default()
         self.instance = instance or default_instance()
@@ -230,6 +248,10 @@ class BaseLLMService(CallFlow):
             if sink is not None:
                 self._sinks.append(sink)
         self._trace_http = any(hasattr(s, "instrument_http_client") for s in self._sinks)
+        # The service the spans belong to (name, version, instance), stored with each call.
+        self._resource: dict[str, str] | None = next(
+            (r for s in self._sinks if (r := getattr(s, "resource_attributes", None))), None
+        )
         self._warm_start = warm_start
         self._unanswered_guard_s = unanswered_guard_s
         # The settings a replay needs to reproduce this run; shared by every trace_created.
