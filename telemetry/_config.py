@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
@@ -41,7 +41,7 @@ from llmtrail.pipeline import ConfigurationError, default_instance
 
 from . import _attributes as A
 from ._outage import OutageAwareExporter
-from ._sink import DEFAULT_TIMEOUT_S, TracingSink, close_at_exit, shut_down
+from ._sink import DEFAULT_TIMEOUT_S, TracingSink, close_at_exit, shut_down_within
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -70,7 +70,10 @@ def _truthy(name: str) -> bool:
 def service_resource(service_name: str | None, instance: str | None = None) -> Resource:
     """The resource of llmtrail's spans and metrics: ``OTEL_RESOURCE_ATTRIBUTES`` and
     ``OTEL_SERVICE_NAME`` first, then ``service_name`` (default ``llmtrail``), and
-    ``service.instance.id`` = ``instance`` unless the variables set one."""
+    ``service.instance.id`` = ``instance`` unless ``OTEL_RESOURCE_ATTRIBUTES`` sets one.
+
+    (``Resource.create`` gives every call a new random instance id: two providers built from
+    it would never join.)"""
     resource = Resource.create({})
     extra: dict[str, str] = {}
     current = resource.attributes.get(A.SERVICE_NAME)
@@ -78,7 +81,7 @@ def service_resource(service_name: str | None, instance: str | None = None) -> R
         extra[A.SERVICE_NAME] = service_name
     elif not isinstance(current, str) or current.startswith("unknown_service"):
         extra[A.SERVICE_NAME] = DEFAULT_SERVICE_NAME
-    if instance and A.SERVICE_INSTANCE_ID not in resource.attributes:
+    if instance and A.SERVICE_INSTANCE_ID not in OTELResourceDetector().detect().attributes:
         extra[A.SERVICE_INSTANCE_ID] = instance
     return resource.merge(Resource(extra)) if extra else resource
 
@@ -175,8 +178,7 @@ def otlp_meter_provider(
 
 
 def _shutdown(providers: tuple[TracerProvider | SDKMeterProvider, ...]) -> None:
-    for provider in providers:
-        shut_down(provider)
+    shut_down_within(providers)
 
 
 def configure(
@@ -224,6 +226,7 @@ def configure(
         )
     owned: list[TracerProvider | SDKMeterProvider] = []
     resource = service_resource(service_name, default_instance())
+    own_exporter = exporter is not None  # a test's or a non-OTLP one: metrics stay global
     if tracer_provider is None:
         if exporter is None:
             exporter = _watched_span_exporter(endpoint, protocol)
@@ -234,7 +237,7 @@ def configure(
     if meter_provider is None and endpoint is None:
         meter_provider = _global_sdk_meter_provider()
     if meter_provider is None and (
-        endpoint is not None or (exporter is None and _env_wants_metrics(force=True))
+        endpoint is not None or (not own_exporter and _env_wants_metrics(force=True))
     ):
         meter_provider = otlp_meter_provider(endpoint, protocol, resource)
         owned.append(meter_provider)

@@ -7,14 +7,17 @@ warning per batch, and each flush waits out the whole retry schedule again.
 Invariants:
 - :class:`OutageAwareExporter` is a plain ``SpanExporter`` around another one (public API
   only): spans, results and shutdown pass through unchanged while the collector answers.
-- The first failed export starts an outage: one warning names the endpoint and the
-  exporter's own reason. While it lasts, batches are dropped at once (``FAILURE``, no network)
-  except one probe every ``retry_after_s``; the first successful export ends it with one info
-  line counting the spans dropped. Spans are not lost for good: the event store keeps the
-  calls, and ``llmtrail traces export`` resends them.
+- The first failed export starts an outage: while it lasts, batches are dropped at once
+  (``FAILURE``, no network) except one probe every ``retry_after_s``; the first successful
+  export ends it.
+- One warning per outage in the process (:data:`outages`): whoever notices first (this
+  exporter, or a tracing sink whose flush overran or whose exporters complained) says it, with
+  the reason; the end of the outage is one info line. Spans are not lost for good: the
+  event store keeps the calls, and ``llmtrail traces export`` resends them.
 - The wrapped exporter's own log records are kept off the output while *this* exporter calls
-  it (a filter scoped to that thread and moment, on the exporter modules' loggers); records of
-  any other exporter in the process are untouched.
+  it, and while a tracing sink flushes or closes (:func:`exporter_logs_muted`: a filter
+  scoped to that thread and moment, on the OTLP exporter modules' loggers); records of any
+  other export in the process are untouched.
 - Time comes from ``clock`` (monotonic seconds), so tests drive it.
 """
 
@@ -23,13 +26,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-__all__ = ["DEFAULT_RETRY_AFTER_S", "OutageAwareExporter"]
+__all__ = ["DEFAULT_RETRY_AFTER_S", "OutageAwareExporter", "exporter_logs_muted", "outages"]
 
 _log = structlog.get_logger(__name__)
 
@@ -38,6 +42,7 @@ DEFAULT_RETRY_AFTER_S = 5.0
 # The loggers the OTLP exporters write their retry and failure lines to.
 _EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
     "opentelemetry.exporter.otlp.common.http",
 )
@@ -45,20 +50,21 @@ _EXPORTER_LOGGERS = (
 
 class _Muted(threading.local):
     active = False
-    last: str | None = None
+    first: str | None = None  # the first record dropped: why the export failed
 
 
 _muted = _Muted()
 
 
 class _MuteWhileExporting(logging.Filter):
-    """Drops records logged on the thread where an OutageAwareExporter is exporting (and
-    remembers the last one: it is the reason given in the outage warning)."""
+    """Drops the exporters' records on a thread inside :func:`exporter_logs_muted` (and keeps
+    the first one, which names the cause: it is the reason in the outage warning)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not _muted.active:
             return True
-        _muted.last = record.getMessage()
+        if _muted.first is None:
+            _muted.first = record.getMessage()
         return False
 
 
@@ -74,6 +80,49 @@ def _install_filter() -> None:
             for name in _EXPORTER_LOGGERS:
                 logging.getLogger(name).addFilter(_filter)
             _installed = True
+
+
+class _Outages:
+    """Whether telemetry export is failing in this process: one warning per outage."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.down = False
+
+    def failed(self, where: str, reason: str | None) -> None:
+        with self._lock:
+            if self.down:
+                return
+            self.down = True
+        _log.warning(
+            f"OTLP collector at {where} is not taking telemetry; spans are dropped until it "
+            "answers again, and the calls are not slowed. The event store keeps the calls: "
+            "`llmtrail traces export` resends their spans",
+            reason=reason,
+        )
+
+    def recovered(self, where: str, dropped_spans: int = 0) -> None:
+        with self._lock:
+            if not self.down:
+                return
+            self.down = False
+        _log.info("OTLP collector reachable again", endpoint=where, dropped_spans=dropped_spans)
+
+
+outages = _Outages()
+
+
+@contextmanager
+def exporter_logs_muted() -> Iterator[_Muted]:
+    """Keep the OTLP exporters' records logged on this thread off the output meanwhile; the
+    yielded object's ``first`` is the first one dropped (``None``: the exporters said nothing)."""
+    _install_filter()
+    previous = _muted.active
+    _muted.active, _muted.first = True, None
+    try:
+        yield _muted
+    finally:
+        _muted.active = previous
 
 
 class OutageAwareExporter(SpanExporter):
@@ -107,35 +156,26 @@ class OutageAwareExporter(SpanExporter):
             if self._down and self._clock() < self._next_probe:
                 self._dropped += len(spans)
                 return SpanExportResult.FAILURE
-        _muted.active, _muted.last = True, None
-        try:
-            result = self.exporter.export(spans)
-        except Exception as exc:  # an exporter bug must not kill the export thread
-            _muted.last = f"{type(exc).__name__}: {exc}"
-            result = SpanExportResult.FAILURE
-        finally:
-            _muted.active = False
+        with exporter_logs_muted() as muted:
+            try:
+                result = self.exporter.export(spans)
+            except Exception as exc:  # an exporter bug must not kill the export thread
+                muted.first = f"{type(exc).__name__}: {exc}"
+                result = SpanExportResult.FAILURE
+            reason, muted.first = muted.first, None  # reported here, not by an enclosing scope
+        dropped = self._dropped
         with self._lock:
             if result is SpanExportResult.SUCCESS:
-                if self._down:
-                    _log.info(
-                        "OTLP collector reachable again; spans of the outage were dropped",
-                        endpoint=self._endpoint,
-                        dropped_spans=self._dropped,
-                    )
                 self._down, self._dropped = False, 0
-                return result
-            self._dropped += len(spans)
-            self._next_probe = self._clock() + self._retry_after_s
-            if not self._down:
+            else:
                 self._down = True
-                _log.warning(
-                    f"OTLP collector at {self._endpoint} is not taking spans; they are "
-                    f"dropped until it answers again (tried every {self._retry_after_s:g}s). "
-                    "The event store keeps the calls: `llmtrail traces export` resends them",
-                    reason=_muted.last,
-                )
-            return result
+                self._dropped += len(spans)
+                self._next_probe = self._clock() + self._retry_after_s
+        if result is SpanExportResult.SUCCESS:
+            outages.recovered(self._endpoint, dropped)
+        else:
+            outages.failed(self._endpoint, reason)
+        return result
 
     def shutdown(self) -> None:
         self.exporter.shutdown()

@@ -13,7 +13,9 @@ Invariants:
 - ``flush`` force-flushes the span processors and metric readers; ``aclose`` flushes and then
   shuts down only the providers this sink created, never a user's. Both return within
   ``timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`) whatever the collector does: the work runs
-  on a daemon thread that is left to finish (or to die with the process) when time is up.
+  on a daemon thread that is left to finish (or to die with the process) when time is up, and
+  once one overran, later ones do not wait behind it. The exporters' per-batch log lines are
+  muted there; the sink says once per outage that the collector is not taking telemetry.
 - ``instrument_http_client`` instruments one httpx2 client (the SDK's) with the same tracer
   provider, so its CLIENT span nests under the attempt span the pipeline makes current.
 - ``resource_attributes`` names the service the spans belong to (service name, version and
@@ -28,7 +30,7 @@ import contextlib
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -40,12 +42,13 @@ from llmtrail.pipeline import Event, EventType
 from . import _attributes as A
 from ._httpx import instrument_client
 from ._metrics import GenAIMetrics
+from ._outage import exporter_logs_muted, outages
 from ._spans import llmtrail_tracer, plan_call_spans, record_spans
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
 
-__all__ = ["DEFAULT_TIMEOUT_S", "TracingSink", "close_at_exit", "shut_down", "within"]
+__all__ = ["DEFAULT_TIMEOUT_S", "TracingSink", "close_at_exit", "shut_down_within", "within"]
 
 _log = structlog.get_logger(__name__)
 
@@ -75,54 +78,56 @@ def shut_down(provider: TracerProvider | SDKMeterProvider) -> None:
         provider.shutdown()
 
 
-def _shut_down_all() -> None:
-    providers = list(_live)
-    if providers:
-
-        def run() -> None:
-            for provider in providers:
-                shut_down(provider)
-
-        worker = threading.Thread(
-            target=run,
-            name="llmtrail-telemetry-exit",
-            daemon=True,
-        )
-        worker.start()
-        worker.join(DEFAULT_TIMEOUT_S)
-
-
-atexit.register(_shut_down_all)
-
-
-async def within(timeout_s: float, work: Callable[[], object], what: str) -> bool:
-    """Run ``work`` on a daemon thread and wait for it at most ``timeout_s``; return whether
-    it finished. A thread that overruns is left to finish on its own (or to end with the
-    process), so a blocked exporter can never hold up the caller."""
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
+def shut_down_within(
+    providers: Iterable[TracerProvider | SDKMeterProvider], timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """Shut ``providers`` down, waiting at most ``timeout_s`` (a daemon thread goes on)."""
+    chosen = list(providers)
+    if not chosen:
+        return
 
     def run() -> None:
-        try:
-            work()
-        except Exception:
-            _log.exception("telemetry could not " + what)
-        finally:
-            # RuntimeError: the loop closed while the work overran; nobody waits any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(done.set)
+        with exporter_logs_muted():
+            for provider in chosen:
+                shut_down(provider)
 
-    threading.Thread(target=run, name=f"llmtrail-telemetry-{what}", daemon=True).start()
-    try:
-        await asyncio.wait_for(done.wait(), timeout_s)
-    except TimeoutError:
-        _log.warning(
-            f"telemetry {what} did not finish within {timeout_s}s (is the collector down?); "
-            "it goes on in the background, and `llmtrail traces export` can resend the spans",
-            timeout_s=timeout_s,
-        )
-        return False
-    return True
+    worker = threading.Thread(target=run, name="llmtrail-telemetry-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+
+
+atexit.register(lambda: shut_down_within(_live))
+
+
+def within(
+    timeout_s: float, work: Callable[[], object], what: str
+) -> tuple[threading.Thread, asyncio.Future[str | None]]:
+    """Start ``work`` on a daemon thread, with the exporters' own log lines muted; return the
+    thread and a future of the first line they logged (``None``: all went well). A thread that
+    overruns a wait is left to finish on its own (or to end with the process), so a blocked
+    exporter can never hold up the caller."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str | None] = loop.create_future()
+
+    def settle(reason: str | None) -> None:
+        if not done.done():
+            done.set_result(reason)
+
+    def run() -> None:
+        reason: str | None = None
+        with exporter_logs_muted() as muted:
+            try:
+                work()
+            except Exception as exc:
+                muted.first = f"{type(exc).__name__}: {exc}"
+            reason = muted.first
+        # RuntimeError: the loop closed while the work overran; nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, reason)
+
+    thread = threading.Thread(target=run, name=f"llmtrail-telemetry-{what}", daemon=True)
+    thread.start()
+    return thread, done
 
 
 class TracingSink:
@@ -166,6 +171,7 @@ class TracingSink:
         self._lock = threading.Lock()
         self._pending: OrderedDict[str, list[Event]] = OrderedDict()
         self._closed = False
+        self._overrun: threading.Thread | None = None  # a flush still running past its wait
 
     @property
     def resource_attributes(self) -> dict[str, str]:
@@ -205,7 +211,7 @@ class TracingSink:
         return None
 
     async def flush(self) -> None:
-        await within(self._timeout_s, self._force_flush, "flush")
+        await self._bounded(self._force_flush, "flush")
 
     async def aclose(self) -> None:
         if self._closed:
@@ -213,7 +219,24 @@ class TracingSink:
         self._closed = True
         with self._lock:
             self._pending.clear()
-        await within(self._timeout_s, self._shutdown, "close")
+        await self._bounded(self._shutdown, "close")
+
+    async def _bounded(self, work: Callable[[], object], what: str) -> None:
+        """Run ``work`` off the loop and wait for it at most ``timeout_s``; an overrun or an
+        exporter's complaint is an outage (reported once per outage)."""
+        if self._overrun is not None and self._overrun.is_alive():
+            # An earlier flush is still stuck on the collector: this one would only queue
+            # behind it. Start the work, but do not wait for it.
+            within(self._timeout_s, work, what)
+            return
+        thread, done = within(self._timeout_s, work, what)
+        try:
+            reason = await asyncio.wait_for(asyncio.shield(done), self._timeout_s)
+        except TimeoutError:
+            self._overrun = thread
+            reason = f"no answer within {self._timeout_s:g}s"
+        if reason is not None:
+            outages.failed("the OTLP endpoint", f"{what}: {reason}")
 
     # --- HTTP client instrumentation --------------------------------------------------------
     def instrument_http_client(self, client: Any) -> None:
