@@ -30,6 +30,7 @@ from llmtrail import telemetry
 from llmtrail.pipeline import BaseLLMService, Event, EventType, GenerationRequest, child_span_id
 from llmtrail.telemetry._spans import to_ns
 from tests.conftest import RecordingSink
+from tests.telemetry.servers import serve
 
 KEY = "sk-test-e2e-0123456789abcdef"
 
@@ -163,21 +164,14 @@ async def otlp_receiver() -> AsyncIterator[Receiver]:
             content_type="application/x-protobuf",
         )
 
-    app = web.Application()
-    app.router.add_post("/v1/traces", traces)
-    app.router.add_post("/v1/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        yield receiver
-    finally:
-        # Shut down what telemetry.configure() made while this loop still serves: the final
-        # export would otherwise wait for a receiver whose loop has stopped.
-        await asyncio.to_thread(telemetry.reset)
-        await runner.cleanup()
+    async with serve({"/v1/traces": traces, "/v1/metrics": metrics}) as url:
+        receiver.url = url
+        try:
+            yield receiver
+        finally:
+            # Shut down what telemetry.configure() made while this loop still serves: the
+            # final export would otherwise wait for a receiver whose loop has stopped.
+            await asyncio.to_thread(telemetry.reset)
 
 
 @pytest.fixture(autouse=True)

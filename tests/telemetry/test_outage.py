@@ -19,6 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from llmtrail.telemetry._outage import OutageAwareExporter, outages
 
+from .servers import serve
+
 
 @dataclass
 class Collector:
@@ -36,17 +38,9 @@ async def collector() -> AsyncIterator[Collector]:
         state.arrivals += 1
         return web.Response(status=state.status, content_type="application/x-protobuf")
 
-    app = web.Application()
-    app.router.add_post("/v1/traces", traces)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
-    try:
+    async with serve({"/v1/traces": traces}) as url:
+        state.url = f"{url}/v1/traces"
         yield state
-    finally:
-        await runner.cleanup()
 
 
 def _spans() -> list[ReadableSpan]:

@@ -20,6 +20,7 @@ from llmtrail.telemetry import TracingSink, rebuild_spans
 
 from . import streams
 from .conftest import span_fingerprint
+from .servers import serve
 from .streams import API_KEY
 
 
@@ -147,17 +148,8 @@ async def echo_server() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
         seen.append(dict(request.headers))
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_post("/v1/responses", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with serve({"/v1/responses": handle}) as url:
+        yield url, seen
 
 
 async def test_http_span_nests_under_the_attempt_span_the_pipeline_makes_current(
