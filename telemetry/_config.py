@@ -141,22 +141,27 @@ def _otlp_metric_exporter(endpoint: str | None, protocol: str | None) -> MetricE
 
         metric_exporter: MetricExporter = GrpcMetricExporter(endpoint=endpoint)
         return metric_exporter
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from ._metric_export import OutageAwareMetricExporter
 
     url = _signal_url(endpoint, "/v1/metrics", protocol) if endpoint else None
-    return OTLPMetricExporter(endpoint=url)
+    return OutageAwareMetricExporter(endpoint=url, where=_where(endpoint, "METRICS"))
+
+
+def _where(endpoint: str | None, signal: str) -> str:
+    """Where a signal goes, for messages."""
+    return (
+        endpoint
+        or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or "http://localhost:4318"
+    )
 
 
 def _watched_span_exporter(endpoint: str | None, protocol: str | None) -> SpanExporter:
     """The OTLP span exporter llmtrail builds, reporting collector outages once."""
-    exporter = otlp_span_exporter(endpoint, protocol)
-    where = (
-        endpoint
-        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or "http://localhost:4318"
+    return OutageAwareExporter(
+        otlp_span_exporter(endpoint, protocol), endpoint=_where(endpoint, "TRACES")
     )
-    return OutageAwareExporter(exporter, endpoint=where)
 
 
 def _new_tracer_provider(exporter: SpanExporter, resource: Resource) -> TracerProvider:
