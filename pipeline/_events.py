@@ -23,8 +23,8 @@ Payload fields, by type (``None`` where unknown):
     window_s, max_concurrent_requests, max_attempts, default_max_output_tokens, send_guard_s:
     what a replay needs to reproduce the run), output_type ("json" for a structured-output
     request), previous_response_id, resource (service name, version and instance of the
-    spans, when tracing is on); with capture_content also ``input`` (the messages) and
-    ``instructions`` (the system prompt, when given).
+    spans; None with tracing off); with capture_content also ``input`` (the messages) and
+    ``instructions`` (the system prompt, or None).
 ``gate_wait``
     gate ("rpm" | "tpm"), attempt (the HTTP attempt the slot is for; tpm is always 1), amount,
     waited_s, waiters_ahead. ``occurred_at`` is when the wait ended; it began ``waited_s``

@@ -186,16 +186,12 @@ class CallFlow:
             "limits": self._limits,
             "output_type": "json" if request.response_schema is not None else None,
             "previous_response_id": request.previous_response_id,
+            "resource": self._resource,
         }
-        if self._resource:
-            created["resource"] = self._resource
         if self.capture_content:
-            messages = request.messages()
-            if request.system_prompt:
-                # Sent as the Responses API's `instructions`, apart from the input.
-                created["instructions"] = request.system_prompt
-                messages = messages[1:]
-            created["input"] = messages
+            # The system prompt is sent as the Responses API's `instructions`, not as input.
+            created["instructions"] = request.system_prompt
+            created["input"] = request.messages()[1 if request.system_prompt else 0 :]
         call.emit(EventType.TRACE_CREATED, created)
 
         rpm, tpm = self._rpm, self._tpm

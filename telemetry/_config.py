@@ -182,10 +182,6 @@ def otlp_meter_provider(
     return provider
 
 
-def _shutdown(providers: tuple[TracerProvider | SDKMeterProvider, ...]) -> None:
-    shut_down_within(providers)
-
-
 def configure(
     *,
     endpoint: str | None = None,
@@ -207,7 +203,8 @@ def configure(
     - ``tracer_provider``: use this SDK provider as it is (nothing is added to it).
     - ``meter_provider``: where the metrics go; by default a global SDK one when the
       application set one, else OTLP (``endpoint``, or the ``OTEL_*`` variables unless
-      ``OTEL_METRICS_EXPORTER=none``); with an ``exporter`` and no endpoint, only a global one.
+      ``OTEL_METRICS_EXPORTER=none``); with an ``exporter`` or a ``tracer_provider`` of yours,
+      OTLP only when an endpoint or the ``OTEL_*`` variables ask for it.
     - ``timeout_s``: the most a service's ``flush()``/``aclose()`` waits for the exporters
       (default 2 s), so a collector that is down never holds up the application.
 
@@ -231,7 +228,9 @@ def configure(
         )
     owned: list[TracerProvider | SDKMeterProvider] = []
     resource = service_resource(service_name, default_instance())
-    own_exporter = exporter is not None  # a test's or a non-OTLP one: metrics stay global
+    # With a test's or a non-OTLP exporter, or the user's own provider, metrics go to OTLP
+    # only when asked for (an endpoint, or the OTEL_* variables).
+    otlp_by_default = exporter is None and tracer_provider is None
     if tracer_provider is None:
         if exporter is None:
             exporter = _watched_span_exporter(endpoint, protocol)
@@ -242,7 +241,7 @@ def configure(
     if meter_provider is None and endpoint is None:
         meter_provider = _global_sdk_meter_provider()
     if meter_provider is None and (
-        endpoint is not None or (not own_exporter and _env_wants_metrics(force=True))
+        endpoint is not None or _env_wants_metrics(force=otlp_by_default)
     ):
         meter_provider = otlp_meter_provider(endpoint, protocol, resource)
         owned.append(meter_provider)
@@ -251,7 +250,7 @@ def configure(
         _Configured(tracer_provider, meter_provider, tuple(owned), float(timeout_s)),
     )
     if previous is not None:
-        _shutdown(previous.owned)
+        shut_down_within(previous.owned)
     return tracer_provider
 
 
@@ -260,7 +259,7 @@ def reset() -> None:
     global _configured
     previous, _configured = _configured, None
     if previous is not None:
-        _shutdown(previous.owned)
+        shut_down_within(previous.owned)
 
 
 def _global_sdk_tracer_provider() -> TracerProvider | None:

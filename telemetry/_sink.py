@@ -66,8 +66,17 @@ _STORED_RESOURCE = (A.SERVICE_NAME, A.SERVICE_VERSION, A.SERVICE_INSTANCE_ID)
 _live: weakref.WeakSet[TracerProvider | SDKMeterProvider] = weakref.WeakSet()
 
 
+_exit_hook = threading.Lock()
+_exit_hooked = False
+
+
 def close_at_exit(provider: TracerProvider | SDKMeterProvider) -> None:
     """Shut ``provider`` (made with ``shutdown_on_exit=False``) down at exit, within a bound."""
+    global _exit_hooked
+    with _exit_hook:
+        if not _exit_hooked:  # registered on first use: importing configures nothing
+            atexit.register(lambda: shut_down_within(_live))
+            _exit_hooked = True
     _live.add(provider)
 
 
@@ -94,9 +103,6 @@ def shut_down_within(
     worker = threading.Thread(target=run, name="llmtrail-telemetry-shutdown", daemon=True)
     worker.start()
     worker.join(timeout_s)
-
-
-atexit.register(lambda: shut_down_within(_live))
 
 
 def within(

@@ -211,3 +211,35 @@ async def test_metrics_only_when_traces_are_off_but_an_endpoint_is_set(
     sink._owns_meter_provider = False  # don't try to export to the closed port on shutdown
     await sink.aclose()
     sink.meter_provider.shutdown(timeout_millis=100)
+
+
+def test_a_bad_timeout_names_the_fix() -> None:
+    with pytest.raises(ConfigurationError, match=r"timeout_s=0.*seconds > 0"):
+        telemetry.configure(exporter=InMemorySpanExporter(), timeout_s=0)
+
+
+async def test_spans_and_metrics_share_one_instance_unless_the_variables_name_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llmtrail.pipeline import default_instance
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    sink = tracing_sink_from_environment()
+    assert sink is not None and sink.tracer_provider is not None
+    assert isinstance(sink.meter_provider, MeterProvider)
+    # The SDK would give each provider a random instance id of its own.
+    assert sink.tracer_provider.resource is sink.meter_provider._sdk_config.resource
+    assert sink.resource_attributes == {
+        "service.name": "llmtrail",
+        "service.instance.id": default_instance(),
+    }
+    sink._owns_meter_provider = False  # nothing listens: do not wait for a final export
+    await sink.aclose()
+    sink.meter_provider.shutdown(timeout_millis=100)
+
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=pod-7,service.version=2.1")
+    provider = telemetry.configure(exporter=InMemorySpanExporter())
+    assert provider.resource.attributes["service.instance.id"] == "pod-7"
+    sink = tracing_sink_from_environment()
+    assert sink is not None
+    assert sink.resource_attributes["service.version"] == "2.1"
