@@ -89,19 +89,20 @@ class _Outages:
         self._lock = threading.Lock()
         self.down = False
 
-    def failed(self, where: str, reason: str | None) -> None:
+    def failed(self, where: str | None, reason: str | None) -> None:
         with self._lock:
             if self.down:
                 return
             self.down = True
+        at = f" at {where}" if where else ""
         _log.warning(
-            f"OTLP collector at {where} is not taking telemetry; spans are dropped until it "
+            f"OTLP collector{at} is not taking telemetry; spans are dropped until it "
             "answers again, and the calls are not slowed. The event store keeps the calls: "
             "`llmtrail traces export` resends their spans",
             reason=reason,
         )
 
-    def recovered(self, where: str, dropped_spans: int = 0) -> None:
+    def recovered(self, where: str | None, dropped_spans: int = 0) -> None:
         with self._lock:
             if not self.down:
                 return

@@ -83,7 +83,7 @@ def close_at_exit(provider: TracerProvider | SDKMeterProvider) -> None:
 def shut_down(provider: TracerProvider | SDKMeterProvider) -> None:
     """Shut ``provider`` down now (once), instead of at exit."""
     if provider in _live:
-        _live.discard(provider)
+        _live.discard(provider)  # first: a shutdown that overran is not waited for again
         provider.shutdown()
 
 
@@ -242,7 +242,7 @@ class TracingSink:
             self._overrun = thread
             reason = f"no answer within {self._timeout_s:g}s"
         if reason is not None:
-            outages.failed("the OTLP endpoint", f"{what}: {reason}")
+            outages.failed(None, f"{what}: {reason}")
 
     # --- HTTP client instrumentation --------------------------------------------------------
     def instrument_http_client(self, client: Any) -> None:
@@ -273,13 +273,17 @@ class TracingSink:
             self.meter_provider.force_flush()
 
     def _shutdown(self) -> None:
-        if self._owns_tracer_provider and self.tracer_provider is not None:
-            self.tracer_provider.shutdown()  # exports what is queued first
-            _live.discard(self.tracer_provider)
+        tracer = self.tracer_provider if self._owns_tracer_provider else None
+        meter = self.meter_provider if self._owns_meter_provider else None
+        # Off the exit list first: a shutdown that overran its bound is not waited for twice.
+        for owned in (tracer, meter):
+            if isinstance(owned, TracerProvider | SDKMeterProvider):
+                _live.discard(owned)
+        if tracer is not None:
+            tracer.shutdown()  # exports what is queued first
         elif self.tracer_provider is not None:
             self.tracer_provider.force_flush()
-        if self._owns_meter_provider and isinstance(self.meter_provider, SDKMeterProvider):
-            self.meter_provider.shutdown()
-            _live.discard(self.meter_provider)
+        if isinstance(meter, SDKMeterProvider):
+            meter.shutdown()
         elif isinstance(self.meter_provider, SDKMeterProvider):
             self.meter_provider.force_flush()
