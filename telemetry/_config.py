@@ -58,6 +58,7 @@ class _Configured:
     meter_provider: MeterProvider | None
     owned: tuple[TracerProvider | SDKMeterProvider, ...]
     timeout_s: float
+    endpoint: str | None  # the OTLP collector llmtrail sends to, when it built the exporters
 
 
 _configured: _Configured | None = None
@@ -245,9 +246,10 @@ def configure(
     ):
         meter_provider = otlp_meter_provider(endpoint, protocol, resource)
         owned.append(meter_provider)
+    where = _where(endpoint, "TRACES") if otlp_by_default or endpoint is not None else None
     previous, _configured = (
         _configured,
-        _Configured(tracer_provider, meter_provider, tuple(owned), float(timeout_s)),
+        _Configured(tracer_provider, meter_provider, tuple(owned), float(timeout_s), where),
     )
     if previous is not None:
         shut_down_within(previous.owned)
@@ -326,6 +328,7 @@ def tracing_sink_from_environment(*, force: bool = False, **_: object) -> Tracin
             tracer_provider=_configured.tracer_provider,
             meter_provider=_configured.meter_provider,
             timeout_s=_configured.timeout_s,
+            endpoint=_configured.endpoint,
         )
     global_tracer = _global_sdk_tracer_provider()
     global_meter = _global_sdk_meter_provider()
@@ -349,4 +352,5 @@ def tracing_sink_from_environment(*, force: bool = False, **_: object) -> Tracin
         meter_provider=meter_provider,
         owns_tracer_provider=tracer_provider is not None,
         owns_meter_provider=wants_metrics,
+        endpoint=_where(None, "TRACES"),
     )

@@ -10,10 +10,11 @@ Invariants:
 - The first failed export starts an outage: while it lasts, batches are dropped at once
   (``FAILURE``, no network) except one probe every ``retry_after_s``; the first successful
   export ends it.
-- One warning per outage in the process (:data:`outages`): whoever notices first (this
-  exporter, or a tracing sink whose flush overran or whose exporters complained) says it, with
-  the reason; the end of the outage is one info line. Spans are not lost for good: the
-  event store keeps the calls, and ``llmtrail traces export`` resends them.
+- One warning per outage of a collector (:data:`outages`, keyed by its endpoint): whoever
+  notices first (this exporter, the metric exporter, or a tracing sink whose flush overran or
+  whose exporters complained) says it, with the reason; the end of the outage is one info
+  line. Spans are not lost for good: the event store keeps the calls, and
+  ``llmtrail traces export`` resends them.
 - The wrapped exporter's own log records are kept off the output while *this* exporter calls
   it, and while a tracing sink flushes or closes (:func:`exporter_logs_muted`: a filter
   scoped to that thread and moment, on the OTLP exporter modules' loggers); records of any
@@ -83,17 +84,26 @@ def _install_filter() -> None:
 
 
 class _Outages:
-    """Whether telemetry export is failing in this process: one warning per outage."""
+    """Which collectors are not taking telemetry from this process: one warning per outage
+    of each (``where`` is its endpoint, ``None`` for one llmtrail did not configure)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.down = False
+        self._down: set[str | None] = set()
+
+    def is_down(self, where: str | None) -> bool:
+        return where in self._down
+
+    def forget(self) -> None:
+        """No outage known any more (for tests)."""
+        with self._lock:
+            self._down.clear()
 
     def failed(self, where: str | None, reason: str | None) -> None:
         with self._lock:
-            if self.down:
+            if where in self._down:
                 return
-            self.down = True
+            self._down.add(where)
         at = f" at {where}" if where else ""
         _log.warning(
             f"OTLP collector{at} is not taking telemetry; spans are dropped until it "
@@ -104,9 +114,9 @@ class _Outages:
 
     def recovered(self, where: str | None, dropped_spans: int = 0) -> None:
         with self._lock:
-            if not self.down:
+            if where not in self._down:
                 return
-            self.down = False
+            self._down.discard(where)
         _log.info("OTLP collector reachable again", endpoint=where, dropped_spans=dropped_spans)
 
 

@@ -141,7 +141,8 @@ class TracingSink:
 
     Give a ``tracer_provider`` (an SDK one) for spans, a ``meter_provider`` for the GenAI
     metrics, or both. ``owns_*`` says whether :meth:`aclose` shuts that provider down.
-    ``timeout_s`` bounds :meth:`flush` and :meth:`aclose`.
+    ``timeout_s`` bounds :meth:`flush` and :meth:`aclose`; ``endpoint`` names the collector
+    in the warning when it is not taking telemetry.
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class TracingSink:
         owns_meter_provider: bool = False,
         max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        endpoint: str | None = None,
     ) -> None:
         if tracer_provider is None and meter_provider is None:
             raise ValueError(
@@ -173,6 +175,7 @@ class TracingSink:
         self._owns_meter_provider = owns_meter_provider
         self._max_pending = max_pending_calls
         self._timeout_s = float(timeout_s)
+        self._endpoint = endpoint  # the collector, for the outage warning (None: unknown)
         # emit() may run on several threads (the sync API); one lock guards the buffer.
         self._lock = threading.Lock()
         self._pending: OrderedDict[str, list[Event]] = OrderedDict()
@@ -242,7 +245,7 @@ class TracingSink:
             self._overrun = thread
             reason = f"no answer within {self._timeout_s:g}s"
         if reason is not None:
-            outages.failed(None, f"{what}: {reason}")
+            outages.failed(self._endpoint, f"{what}: {reason}")
 
     # --- HTTP client instrumentation --------------------------------------------------------
     def instrument_http_client(self, client: Any) -> None:

@@ -56,7 +56,7 @@ def _spans() -> list[ReadableSpan]:
 async def test_an_outage_is_reported_once_and_the_collector_is_probed_not_hammered(
     collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
-    outages.down = False
+    outages.forget()
     now = [100.0]
     exporter = OutageAwareExporter(
         # A short export timeout: one attempt and no backoff retry per batch.
@@ -73,7 +73,7 @@ async def test_an_outage_is_reported_once_and_the_collector_is_probed_not_hammer
             assert result is SpanExportResult.FAILURE
         reached = collector.arrivals
         assert reached >= 1
-        assert exporter.down and outages.down
+        assert exporter.down and outages.is_down(collector.url)
         # Within the probe interval nothing was sent again: batches were dropped at once.
         now[0] += 4.9
         assert await asyncio.to_thread(exporter.export, spans) is SpanExportResult.FAILURE
@@ -86,7 +86,7 @@ async def test_an_outage_is_reported_once_and_the_collector_is_probed_not_hammer
         collector.status = 200
         now[0] += 5.1
         assert await asyncio.to_thread(exporter.export, spans) is SpanExportResult.SUCCESS
-        assert not exporter.down and not outages.down
+        assert not exporter.down and not outages.is_down(collector.url)
         assert await asyncio.to_thread(exporter.export, spans) is SpanExportResult.SUCCESS
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == 1, warnings
