@@ -48,7 +48,7 @@ from ._spans import llmtrail_tracer, plan_call_spans, record_spans
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
 
-__all__ = ["DEFAULT_TIMEOUT_S", "TracingSink", "close_at_exit", "shut_down_within", "within"]
+__all__ = ["DEFAULT_TIMEOUT_S", "TracingSink", "close_at_exit", "off_loop", "shut_down_within"]
 
 _log = structlog.get_logger(__name__)
 
@@ -105,13 +105,13 @@ def shut_down_within(
     worker.join(timeout_s)
 
 
-def within(
-    timeout_s: float, work: Callable[[], object], what: str
+def off_loop(
+    work: Callable[[], object], what: str
 ) -> tuple[threading.Thread, asyncio.Future[str | None]]:
     """Start ``work`` on a daemon thread, with the exporters' own log lines muted; return the
-    thread and a future of the first line they logged (``None``: all went well). A thread that
-    overruns a wait is left to finish on its own (or to end with the process), so a blocked
-    exporter can never hold up the caller."""
+    thread and a future of the first line they logged, or of the error ``work`` raised
+    (``None``: all went well). A thread that overruns a wait is left to finish on its own (or
+    to end with the process), so a blocked exporter can never hold up the caller."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[str | None] = loop.create_future()
 
@@ -236,9 +236,9 @@ class TracingSink:
         if self._overrun is not None and self._overrun.is_alive():
             # An earlier flush is still stuck on the collector: this one would only queue
             # behind it. Start the work, but do not wait for it.
-            within(self._timeout_s, work, what)
+            off_loop(work, what)
             return
-        thread, done = within(self._timeout_s, work, what)
+        thread, done = off_loop(work, what)
         try:
             reason = await asyncio.wait_for(asyncio.shield(done), self._timeout_s)
         except TimeoutError:
