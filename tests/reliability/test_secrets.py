@@ -44,7 +44,7 @@ UNREDACTED_CREDENTIAL = re.compile(
 @pytest.fixture
 def debug_logs() -> Iterator[io.StringIO]:
     """Everything llmtrail and the libraries log, rendered as the user would see it."""
-    telemetry = pytest.importorskip("telemetry")
+    telemetry = pytest.importorskip("llmtrail.telemetry")
     stream = io.StringIO()
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
@@ -61,7 +61,7 @@ def debug_logs() -> Iterator[io.StringIO]:
 
 @pytest.fixture
 def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[InMemorySpanExporter, Any]]:
-    telemetry = pytest.importorskip("telemetry")
+    telemetry = pytest.importorskip("llmtrail.telemetry")
     for name in list(os.environ):
         if name.startswith("OTEL_"):
             monkeypatch.delenv(name)
