@@ -12,7 +12,11 @@ service emits them: one attempt, no waits -> 2 spans; a 429 then success -> 4 sp
 - + OTLP encoding: the same plus the protobuf encoding of every span (the exporter encodes,
   sends nothing), CPU time of the process until ``force_flush`` returns;
 - + OTLP/HTTP export: spans sent to a local receiver in another process, until flushed;
-- + metrics: emit only, with the GenAI histograms recorded too.
+- + metrics: emit only, with the GenAI histograms recorded too;
+- the HTTP span: CPU per request of the SDK's httpx2 client, instrumented the way the sink
+  does it (opentelemetry-instrumentation-httpx as shipped) against plain, over an in-memory
+  transport that answers with OpenAI's usual 20 response headers (no network, so the figure
+  is the instrumentation's own cost; the span is encoded until flushed).
 
 Invariants: no network beyond 127.0.0.1; medians of interleaved rounds; CPU time, not wall
 time; the receiver process's CPU is not counted. A calibration figure (``sum(range(1000))``)
@@ -22,6 +26,7 @@ says how fast the machine was.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import time
@@ -152,6 +157,47 @@ def _run(sink: TracingSink, calls: list[list[Event]], until_flushed: bool) -> fl
     return elapsed / len(calls) * 1e6
 
 
+# What OpenAI answers with (values shortened): the instrumentation reads every header.
+_RESPONSE_HEADERS = [
+    ("date", "Thu, 04 Dec 2026 12:00:00 GMT"), ("content-type", "application/json"),
+    ("content-length", "2"), ("connection", "keep-alive"), ("openai-organization", "org-x"),
+    ("openai-processing-ms", "412"), ("openai-project", "proj_x"),
+    ("openai-version", "2020-10-01"), ("x-envoy-upstream-service-time", "415"),
+    ("x-ratelimit-limit-requests", "10000"), ("x-ratelimit-limit-tokens", "2000000"),
+    ("x-ratelimit-remaining-requests", "9999"), ("x-ratelimit-remaining-tokens", "1999900"),
+    ("x-ratelimit-reset-requests", "6ms"), ("x-ratelimit-reset-tokens", "3ms"),
+    ("x-request-id", "req_0123456789"), ("strict-transport-security", "max-age=31536000"),
+    ("cf-cache-status", "DYNAMIC"), ("server", "cloudflare"), ("cf-ray", "8f00-AMS"),
+]  # fmt: skip
+
+
+def _http_requests(n: int, instrumented: bool) -> float:
+    """CPU microseconds per request of an httpx2 client (the process, until flushed)."""
+    import httpx2
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers=_RESPONSE_HEADERS, content=b"{}")
+
+    async def run() -> float:
+        sink = _sink(_EncodeOnly()) if instrumented else None
+        transport = httpx2.MockTransport(answer)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            if sink is not None:
+                sink.instrument_http_client(client)
+            headers = {"authorization": "Bearer sk-x", "x-client-request-id": "call:1"}
+            started = time.process_time()
+            for _ in range(n):
+                await client.post("/v1/responses", content=b"{}", headers=headers)
+            if sink is not None and sink.tracer_provider is not None:
+                sink.tracer_provider.force_flush()
+            elapsed = time.process_time() - started
+        if sink is not None and sink.tracer_provider is not None:
+            sink.tracer_provider.shutdown()
+        return elapsed / n * 1e6
+
+    return asyncio.run(run())
+
+
 def _off(n: int) -> float:
     started = time.thread_time()
     for _ in range(n):
@@ -193,6 +239,23 @@ def main(quick: bool = False) -> dict[str, Any]:
                     samples[name].append(variant([_stream(retry) for _ in range(n)]))
             for name, values in samples.items():
                 section.add(Figure(f"{name} [{label}]", "CPU us/call", values))
+    plain: list[float] = []
+    traced: list[float] = []
+    for _ in range(rounds):
+        plain.append(_http_requests(n // 4, instrumented=False))
+        traced.append(_http_requests(n // 4, instrumented=True))
+    section.add(Figure("HTTP request, plain httpx2 client", "CPU us/req", plain))
+    section.add(
+        Figure(
+            "HTTP request, instrumented (its span encoded)",
+            "CPU us/req",
+            traced,
+            baseline="HTTP request, plain httpx2 client",
+            ratio_samples=[t / p for t, p in zip(traced, plain, strict=True) if p > 0],
+            note=f"the HTTP span adds {statistics.median(traced) - statistics.median(plain):.0f}"
+            " us per request",
+        )
+    )
     section.add(
         Figure("off (nothing configured): sink lookup, once per service", "CPU us", [_off(1000)])
     )

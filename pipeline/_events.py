@@ -90,6 +90,9 @@ class _TraceCreatedFields(TypedDict):
     server_address: str | None
     server_port: int | None
     capture_content: bool
+    output_type: str | None  # "json" for a structured-output request
+    previous_response_id: str | None
+    resource: dict[str, str] | None  # the spans' service name, version, instance; None untraced
 
 
 # Optional fields go in a total=False subclass: NotRequired[] inside postponed (string)
@@ -100,6 +103,7 @@ class TraceCreatedPayload(_TraceCreatedFields, total=False):
     # reproduce the run. Absent on a call that failed validation.
     limits: dict[str, Any]
     input: list[dict[str, str]]  # the messages, only with capture_content
+    instructions: str | None  # the system prompt, only with capture_content
 
 
 class GateWaitPayload(TypedDict):
@@ -142,6 +146,7 @@ class _ReceivedFields(TypedDict):
     cost_usd: str | None
     provider_request_id: str | None
     rate_limits: dict[str, str]  # the x-ratelimit-* headers
+    service_tier: str | None
 
 
 class ReceivedPayload(_ReceivedFields, total=False):

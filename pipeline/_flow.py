@@ -72,6 +72,7 @@ class CallFlow:
         limits: dict[str, Any],
         unanswered_guard_s: float,
         trace_http: bool,
+        resource: dict[str, str] | None,
     ) -> None:
         self.model = model
         self.request_timeout_s = request_timeout_s
@@ -89,6 +90,7 @@ class CallFlow:
         self._limits = limits
         self._unanswered_guard_s = unanswered_guard_s
         self._trace_http = trace_http  # a sink wants an HTTP span per attempt
+        self._resource = resource  # the spans' service name, version and instance, if traced
 
     async def run(
         self,
@@ -180,6 +182,9 @@ class CallFlow:
                 "server_address": self._provider.server_address,
                 "server_port": self._provider.server_port,
                 "capture_content": False,
+                "output_type": None,
+                "previous_response_id": None,
+                "resource": self._resource,
             },
         )
         return self._complete(
@@ -219,9 +224,14 @@ class CallFlow:
             "server_port": self._provider.server_port,
             "capture_content": self.capture_content,
             "limits": self._limits,
+            "output_type": "json" if request.response_schema is not None else None,
+            "previous_response_id": request.previous_response_id,
+            "resource": self._resource,
         }
         if self.capture_content:
-            created["input"] = request.messages()
+            # The system prompt is sent as the Responses API's `instructions`, not as input.
+            created["instructions"] = request.system_prompt
+            created["input"] = request.messages()[1 if request.system_prompt else 0 :]
         call.emit(EventType.TRACE_CREATED, created)
 
         rpm, tpm = self._rpm, self._tpm
@@ -486,6 +496,7 @@ class CallFlow:
             "cost_usd": money(self._cost(model, response)),
             "provider_request_id": response.provider_request_id,
             "rate_limits": response.rate_limits,
+            "service_tier": response.service_tier,
         }
         if self.capture_content:
             received["content"] = response.raw_content

@@ -194,10 +194,12 @@ class OpenAIResponsesProvider:
             body = exc.body if isinstance(exc.body, dict) else {}
             error = body.get("error", body) if isinstance(body, dict) else {}
             code = error.get("code") if isinstance(error, dict) else None
+            said = error.get("message") if isinstance(error, dict) else None
             error_type, retryable = classify_status(exc.status_code, code)
             raise ProviderError(
                 error_type,
-                _short(f"HTTP {exc.status_code}: {exc.message}"),
+                # The provider's own message; the SDK's repeats the code and the whole body.
+                _short(f"HTTP {exc.status_code}: {said if isinstance(said, str) else exc.message}"),
                 retryable=retryable,
                 status=exc.status_code,
                 retry_after_s=_retry_after(exc.response.headers),
@@ -256,6 +258,7 @@ class OpenAIResponsesProvider:
             finish = ["stop"] if status == "completed" else [str(status)]
         response_id = response.get("id")
         response_model = response.get("model")
+        tier = response.get("service_tier")
         return ProviderResponse(
             content=content,
             raw_content=text,
@@ -269,6 +272,7 @@ class OpenAIResponsesProvider:
             status=raw.status_code,
             provider_request_id=request_id,
             rate_limits=rate_limits,
+            service_tier=tier if isinstance(tier, str) else None,
         )
 
     async def aclose(self) -> None:

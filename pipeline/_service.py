@@ -83,6 +83,23 @@ def _env_bool(name: str) -> bool:
     raise ConfigurationError(f"{name}={raw!r} is not a boolean: use 1 or 0, or unset it")
 
 
+_CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+
+def _env_capture() -> bool:
+    """The standard GenAI content-capture switch: ``true``/``false``, or the newer
+    ``SPAN_ONLY``/``SPAN_AND_EVENT`` (on) and ``NO_CONTENT``/``EVENT_ONLY`` (off for spans)."""
+    raw = os.environ.get(_CAPTURE_ENV, "").strip().lower()
+    if raw in ("", "false", "no_content", "event_only"):
+        return False
+    if raw in ("true", "span_only", "span_and_event"):
+        return True
+    raise ConfigurationError(
+        f"{_CAPTURE_ENV}={raw!r} is invalid: use true or false (or SPAN_ONLY, SPAN_AND_EVENT, "
+        "NO_CONTENT, EVENT_ONLY), or unset it"
+    )
+
+
 def _load_plugin(name: str) -> Callable[..., Any] | None:
     for entry in importlib.metadata.entry_points(group="llmtrail.sinks"):
         if entry.name == name:
@@ -118,7 +135,7 @@ class BaseLLMService:
         store_url: str | None = _UNSET,
         sinks: Iterable[EventSink] = (),
         tracing: bool | None = None,
-        capture_content: bool = False,
+        capture_content: bool | None = None,
         price_table: PriceTable | None = None,
         clock: Clock | None = None,
         instance: str | None = None,
@@ -197,7 +214,8 @@ class BaseLLMService:
         default_max_output_tokens = lim.default_max_output_tokens
         send_guard_s, unanswered_guard_s = lim.send_guard_s, lim.unanswered_guard_s
         max_attempts = rs.max_attempts
-        self.capture_content = capture_content
+        # None: the standard OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT decides.
+        self.capture_content = _env_capture() if capture_content is None else capture_content
         self.default_max_output_tokens = default_max_output_tokens
         self.prices = price_table or PriceTable.default()
         self.instance = instance or default_instance()
@@ -263,6 +281,10 @@ class BaseLLMService:
             if sink is not None:
                 self._sinks.append(sink)
         self._trace_http = any(hasattr(s, "instrument_http_client") for s in self._sinks)
+        # The service the spans belong to (name, version, instance), stored with each call.
+        self._resource: dict[str, str] | None = next(
+            (r for s in self._sinks if (r := getattr(s, "resource_attributes", None))), None
+        )
         self._warm_start = warm_start
         self._unanswered_guard_s = unanswered_guard_s
         # The settings a replay needs to reproduce this run; shared by every trace_created.
@@ -298,6 +320,7 @@ class BaseLLMService:
             limits=self._limits,
             unanswered_guard_s=self._unanswered_guard_s,
             trace_http=self._trace_http,
+            resource=self._resource,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._portal: threading.Thread | None = None

@@ -91,6 +91,7 @@ class ProviderResponse:
     status: int = 200
     provider_request_id: str | None = None
     rate_limits: dict[str, str] = field(default_factory=dict)
+    service_tier: str | None = None  # the tier that served the request, when reported
 
 
 class ProviderError(Exception):

@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import Final
 
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+    GEN_AI_CONVERSATION_ID,
     GEN_AI_INPUT_MESSAGES,
     GEN_AI_OPERATION_NAME,
     GEN_AI_OUTPUT_MESSAGES,
+    GEN_AI_OUTPUT_TYPE,
     GEN_AI_PROVIDER_NAME,
     GEN_AI_REQUEST_MAX_TOKENS,
     GEN_AI_REQUEST_MODEL,
@@ -24,20 +26,33 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_RESPONSE_FINISH_REASONS,
     GEN_AI_RESPONSE_ID,
     GEN_AI_RESPONSE_MODEL,
+    GEN_AI_SYSTEM_INSTRUCTIONS,
     GEN_AI_TOKEN_TYPE,
     GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
     GEN_AI_USAGE_INPUT_TOKENS,
     GEN_AI_USAGE_OUTPUT_TOKENS,
     GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
 )
+from opentelemetry.semconv._incubating.attributes.openai_attributes import (
+    OPENAI_API_TYPE,
+    OPENAI_RESPONSE_SERVICE_TIER,
+)
 from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
     GEN_AI_CLIENT_OPERATION_DURATION,
     GEN_AI_CLIENT_TOKEN_USAGE,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
+from opentelemetry.semconv.attributes.http_attributes import (
+    HTTP_REQUEST_RESEND_COUNT,
+    HTTP_RESPONSE_STATUS_CODE,
+)
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
-from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME
+from opentelemetry.semconv.attributes.service_attributes import (
+    SERVICE_INSTANCE_ID,
+    SERVICE_NAME,
+    SERVICE_VERSION,
+)
+from opentelemetry.semconv.schemas import Schemas
 
 __all__ = [
     "ERROR_TYPE",
@@ -45,9 +60,11 @@ __all__ = [
     "EVENT_UNMARKED",
     "GEN_AI_CLIENT_OPERATION_DURATION",
     "GEN_AI_CLIENT_TOKEN_USAGE",
+    "GEN_AI_CONVERSATION_ID",
     "GEN_AI_INPUT_MESSAGES",
     "GEN_AI_OPERATION_NAME",
     "GEN_AI_OUTPUT_MESSAGES",
+    "GEN_AI_OUTPUT_TYPE",
     "GEN_AI_PROVIDER_NAME",
     "GEN_AI_REQUEST_MAX_TOKENS",
     "GEN_AI_REQUEST_MODEL",
@@ -55,11 +72,13 @@ __all__ = [
     "GEN_AI_RESPONSE_FINISH_REASONS",
     "GEN_AI_RESPONSE_ID",
     "GEN_AI_RESPONSE_MODEL",
+    "GEN_AI_SYSTEM_INSTRUCTIONS",
     "GEN_AI_TOKEN_TYPE",
     "GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS",
     "GEN_AI_USAGE_INPUT_TOKENS",
     "GEN_AI_USAGE_OUTPUT_TOKENS",
     "GEN_AI_USAGE_REASONING_OUTPUT_TOKENS",
+    "HTTP_REQUEST_RESEND_COUNT",
     "HTTP_RESPONSE_STATUS_CODE",
     "INSTRUMENTATION_SCOPE",
     "LLMTRAIL_AMOUNT",
@@ -85,11 +104,18 @@ __all__ = [
     "LLMTRAIL_TPM_WAIT_S",
     "LLMTRAIL_WAITERS_AHEAD",
     "LLMTRAIL_WAIT_S",
+    "OPENAI_API_TYPE",
+    "OPENAI_RESPONSE_SERVICE_TIER",
     "OPERATION_CHAT",
+    "OUTPUT_TYPE_JSON",
+    "API_TYPE_RESPONSES",
     "PROVIDER_OPENAI",
     "SERVER_ADDRESS",
     "SERVER_PORT",
+    "SCHEMA_URL",
+    "SERVICE_INSTANCE_ID",
     "SERVICE_NAME",
+    "SERVICE_VERSION",
     "SPAN_ATTEMPT",
     "SPAN_RPM_GATE",
     "SPAN_SEMAPHORE",
@@ -100,13 +126,17 @@ __all__ = [
     "OPERATION_DURATION_BUCKETS",
 ]
 
-# The tracer's and meter's instrumentation scope.
+# The tracer's and meter's instrumentation scope, and the semantic conventions it follows
+# (the GenAI conventions' last release in the main repository).
 INSTRUMENTATION_SCOPE: Final = "llmtrail"
+SCHEMA_URL: Final = Schemas.V1_41_1.value
 
 # --- GenAI attribute values ------------------------------------------------------------------
 # The Responses API is a chat-style generation; the semconv has no separate value for it.
 OPERATION_CHAT: Final = "chat"
 PROVIDER_OPENAI: Final = "openai"
+API_TYPE_RESPONSES: Final = "responses"
+OUTPUT_TYPE_JSON: Final = "json"
 TOKEN_TYPE_INPUT: Final = "input"
 TOKEN_TYPE_OUTPUT: Final = "output"
 

@@ -85,7 +85,10 @@ def register(subparsers: Any) -> None:
     export.add_argument(
         "--service-name",
         metavar="NAME",
-        help="service.name of the exported spans (default: OTEL_SERVICE_NAME, then llmtrail)",
+        help=(
+            "service.name of the exported spans (default: the name stored with each call, "
+            "then OTEL_SERVICE_NAME, then llmtrail)"
+        ),
     )
     export.add_argument(
         "--timeout", type=float, default=10.0, metavar="S", help="export timeout in seconds"
@@ -146,7 +149,7 @@ async def _load_events(args: argparse.Namespace) -> list[Event]:
 
 
 def _export_command(args: argparse.Namespace) -> int:
-    from ._config import otlp_span_exporter, service_resource
+    from ._config import otlp_span_exporter
     from ._export import ExportError, export_traces
 
     if args.since and args.until and args.until <= args.since:
@@ -171,7 +174,7 @@ def _export_command(args: argparse.Namespace) -> int:
     exporter = otlp_span_exporter(args.endpoint, args.protocol, timeout=args.timeout)
     try:
         with _quiet_exporter() as exporter_log:
-            summary = export_traces(events, exporter, service_resource(args.service_name))
+            summary = export_traces(events, exporter, service_name=args.service_name)
     except ExportError as exc:
         where = args.endpoint or "the OTEL_EXPORTER_OTLP_* endpoint (default localhost:4318)"
         last = exporter_log.messages[-1:]

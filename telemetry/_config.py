@@ -9,18 +9,22 @@ Invariants:
   ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_TRACES_EXPORTER=otlp|console`` -> a new
   provider with a BatchSpanProcessor and that exporter; otherwise ``None`` (tracing off, and
   the request path pays nothing for it).
+- :func:`configure` with no argument does what those variables alone do: spans *and* GenAI
+  metrics by OTLP to ``OTEL_EXPORTER_OTLP_*`` (default ``http://localhost:4318``), unless
+  ``OTEL_METRICS_EXPORTER=none``.
+- The tracer and meter providers llmtrail builds together share one Resource: the same
+  ``service.name`` and ``service.instance.id`` (``host:pid``, as the events' ``instance``,
+  unless ``OTEL_RESOURCE_ATTRIBUTES`` sets one), so metrics join traces per instance.
 - A sink shuts down only what it created for itself; providers made by :func:`configure` live
-  until the next :func:`configure` or process exit (the SDK flushes them at exit).
+  until the next :func:`configure` or process exit. At exit they are shut down within
+  ``DEFAULT_TIMEOUT_S`` (not the SDK's 30 s): a dead collector never holds the process.
 - Exporters read their endpoint, headers, timeout and compression from the ``OTEL_*``
-  variables themselves; ``OTEL_SERVICE_NAME`` names the service (default ``llmtrail``).
-- An OTLP span exporter llmtrail builds runs in a helper process (:mod:`._export_process`)
-  unless ``configure(export_process=False)`` or ``LLMTRAIL_OTLP_EXPORT_PROCESS=0``; it is
-  built here first, so a bad configuration fails at once, in this process.
+  variables themselves; ``OTEL_SERVICE_NAME`` names the service (default ``llmtrail``). The
+  OTLP span exporter is wrapped in :class:`OutageAwareExporter` (one warning per outage).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -29,16 +33,15 @@ from typing import TYPE_CHECKING
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-from llmtrail.pipeline import ConfigurationError
+from llmtrail.pipeline import ConfigurationError, default_instance
 
 from . import _attributes as A
-from ._bundle import OwnSpanProcessors
-from ._export_process import ProcessSpanExporter
-from ._sink import TracingSink
+from ._outage import OutageAwareExporter
+from ._sink import DEFAULT_TIMEOUT_S, TracingSink, close_at_exit, shut_down_within
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -54,12 +57,8 @@ class _Configured:
     tracer_provider: TracerProvider | None
     meter_provider: MeterProvider | None
     owned: tuple[TracerProvider | SDKMeterProvider, ...]
-    # The active span processor of a tracer provider configure() made (None for a user's),
-    # and the batch processor it holds.
-    span_processor: SpanProcessor | None = None
-    batch_processor: BatchSpanProcessor | None = None
-    # The export helper records the GenAI metrics on a provider like meter_provider.
-    metrics_in_helper: bool = False
+    timeout_s: float
+    endpoint: str | None  # the OTLP collector llmtrail sends to, when it built the exporters
 
 
 _configured: _Configured | None = None
@@ -69,14 +68,23 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() == "true"
 
 
-def service_resource(service_name: str | None) -> Resource:
-    resource = Resource.create({})  # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
-    if service_name:
-        return resource.merge(Resource({A.SERVICE_NAME: service_name}))
+def service_resource(service_name: str | None, instance: str | None = None) -> Resource:
+    """The resource of llmtrail's spans and metrics: ``OTEL_RESOURCE_ATTRIBUTES`` and
+    ``OTEL_SERVICE_NAME`` first, then ``service_name`` (default ``llmtrail``), and
+    ``service.instance.id`` = ``instance`` unless ``OTEL_RESOURCE_ATTRIBUTES`` sets one.
+
+    (``Resource.create`` gives every call a new random instance id: two providers built from
+    it would never join.)"""
+    resource = Resource.create({})
+    extra: dict[str, str] = {}
     current = resource.attributes.get(A.SERVICE_NAME)
-    if not isinstance(current, str) or current.startswith("unknown_service"):
-        return resource.merge(Resource({A.SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    return resource
+    if service_name:
+        extra[A.SERVICE_NAME] = service_name
+    elif not isinstance(current, str) or current.startswith("unknown_service"):
+        extra[A.SERVICE_NAME] = DEFAULT_SERVICE_NAME
+    if instance and A.SERVICE_INSTANCE_ID not in OTELResourceDetector().detect().attributes:
+        extra[A.SERVICE_INSTANCE_ID] = instance
+    return resource.merge(Resource(extra)) if extra else resource
 
 
 def _protocol(explicit: str | None, signal: str) -> str:
@@ -134,89 +142,45 @@ def _otlp_metric_exporter(endpoint: str | None, protocol: str | None) -> MetricE
 
         metric_exporter: MetricExporter = GrpcMetricExporter(endpoint=endpoint)
         return metric_exporter
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from ._metric_export import OutageAwareMetricExporter
 
     url = _signal_url(endpoint, "/v1/metrics", protocol) if endpoint else None
-    return OTLPMetricExporter(endpoint=url)
+    return OutageAwareMetricExporter(endpoint=url, where=_where(endpoint, "METRICS"))
 
 
-def _timeout_s() -> float:
-    for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
-        value = os.environ.get(name)
-        if value:
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigurationError(
-                    f"{name}={value!r} is not a number of seconds: set e.g. {name}=10"
-                ) from None
-    return 10.0
-
-
-def _export_process_wanted(explicit: bool | None) -> bool:
-    if explicit is not None:
-        return explicit
-    value = os.environ.get("LLMTRAIL_OTLP_EXPORT_PROCESS", "1").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(
-        f"LLMTRAIL_OTLP_EXPORT_PROCESS={value!r} is invalid: use 1 (export spans from a "
-        "helper process, the default) or 0 (export in this process)"
+def _where(endpoint: str | None, signal: str) -> str:
+    """Where a signal goes, for messages."""
+    return (
+        endpoint
+        or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or "http://localhost:4318"
     )
 
 
-def traces_exporter(
-    endpoint: str | None = None, protocol: str | None = None, export_process: bool | None = None
-) -> SpanExporter:
-    """The OTLP span exporter llmtrail uses: in a helper process unless told otherwise."""
-    exporter = otlp_span_exporter(endpoint, protocol)  # fails here on a bad configuration
-    if not _export_process_wanted(export_process):
-        return exporter
-    factory = functools.partial(otlp_span_exporter, endpoint, protocol)
-    return ProcessSpanExporter(factory, timeout_s=_timeout_s(), fallback=exporter)
+def _watched_span_exporter(endpoint: str | None, protocol: str | None) -> SpanExporter:
+    """The OTLP span exporter llmtrail builds, reporting collector outages once."""
+    return OutageAwareExporter(
+        otlp_span_exporter(endpoint, protocol), endpoint=_where(endpoint, "TRACES")
+    )
 
 
-def _new_tracer_provider(
-    exporter: SpanExporter, service_name: str | None
-) -> tuple[TracerProvider, OwnSpanProcessors, BatchSpanProcessor]:
-    """A provider batch-exporting to ``exporter``, its active span processor and the batch one.
-
-    The processors are made here (not left to the provider) so the tracing sink can hand them
-    finished spans, or finished calls for the export helper, directly; processors a user adds
-    to the provider later join the active one too (and the sink then sends spans only).
-    """
-    active = OwnSpanProcessors()
-    provider = TracerProvider(resource=service_resource(service_name), active_span_processor=active)
-    batch = BatchSpanProcessor(exporter)
-    provider.add_span_processor(batch)
-    return provider, active, batch
-
-
-def _new_meter_provider(exporter: MetricExporter, service_name: str | None) -> SDKMeterProvider:
-    reader = PeriodicExportingMetricReader(exporter)
-    return SDKMeterProvider(resource=service_resource(service_name), metric_readers=[reader])
+def _new_tracer_provider(exporter: SpanExporter, resource: Resource) -> TracerProvider:
+    """A provider batch-exporting to ``exporter``; closed within a bound at exit."""
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    close_at_exit(provider)
+    return provider
 
 
 def otlp_meter_provider(
-    endpoint: str | None, protocol: str | None, service_name: str | None
+    endpoint: str | None, protocol: str | None, resource: Resource
 ) -> SDKMeterProvider:
-    """The OTLP meter provider llmtrail builds (also in the export helper, from this recipe)."""
-    return _new_meter_provider(_otlp_metric_exporter(endpoint, protocol), service_name)
-
-
-def _metrics_in_helper(
-    exporter: SpanExporter, endpoint: str | None, protocol: str | None, service_name: str | None
-) -> bool:
-    """Let the export helper (if ``exporter`` uses one) record the GenAI metrics on a provider
-    built like ``otlp_meter_provider(endpoint, protocol, service_name)``."""
-    if not isinstance(exporter, ProcessSpanExporter):
-        return False
-    exporter.record_metrics_with(
-        functools.partial(otlp_meter_provider, endpoint, protocol, service_name)
-    )
-    return True
+    """GenAI metrics by OTLP to ``endpoint`` (``None``: the ``OTEL_*`` variables)."""
+    reader = PeriodicExportingMetricReader(_otlp_metric_exporter(endpoint, protocol))
+    provider = SDKMeterProvider(resource=resource, metric_readers=[reader], shutdown_on_exit=False)
+    close_at_exit(provider)
+    return provider
 
 
 def configure(
@@ -227,20 +191,23 @@ def configure(
     exporter: SpanExporter | None = None,
     tracer_provider: TracerProvider | None = None,
     meter_provider: MeterProvider | None = None,
-    export_process: bool | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> TracerProvider:
-    """Send llmtrail's spans (and GenAI metrics) somewhere, for every service created after.
+    """Send llmtrail's spans and GenAI metrics somewhere, for every service created after.
 
     - ``endpoint``: an OTLP base URL such as ``http://localhost:4318`` (``/v1/traces`` and
-      ``/v1/metrics`` are appended for http/protobuf); ``None`` reads the ``OTEL_*`` variables.
+      ``/v1/metrics`` are appended for http/protobuf); ``None`` reads the ``OTEL_*`` variables
+      (default ``http://localhost:4318``), for spans and metrics alike.
     - ``protocol``: ``"http/protobuf"`` (default) or ``"grpc"`` (needs
       opentelemetry-exporter-otlp-proto-grpc).
     - ``exporter``: any SpanExporter instead of OTLP (e.g. ``InMemorySpanExporter`` in tests).
     - ``tracer_provider``: use this SDK provider as it is (nothing is added to it).
-    - ``meter_provider``: where the metrics go; by default an OTLP one when ``endpoint`` is
-      given, else the global one.
-    - ``export_process``: run the OTLP span exporter in a helper process (the default, also
-      ``LLMTRAIL_OTLP_EXPORT_PROCESS``), so that encoding spans takes no CPU from this one.
+    - ``meter_provider``: where the metrics go; by default a global SDK one when the
+      application set one, else OTLP (``endpoint``, or the ``OTEL_*`` variables unless
+      ``OTEL_METRICS_EXPORTER=none``); with an ``exporter`` or a ``tracer_provider`` of yours,
+      OTLP only when an endpoint or the ``OTEL_*`` variables ask for it.
+    - ``timeout_s``: the most a service's ``flush()``/``aclose()`` waits for the exporters
+      (default 2 s), so a collector that is down never holds up the application.
 
     Returns the TracerProvider llmtrail will use. Calling it again replaces the previous
     configuration and shuts down the providers the previous call created.
@@ -256,31 +223,36 @@ def configure(
             "configure(tracer_provider=..., exporter/endpoint=...) is ambiguous: add your "
             "exporter to your provider, or pass exporter/endpoint without a provider"
         )
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
+        raise ConfigurationError(
+            f"configure(timeout_s={timeout_s!r}) is invalid: use a number of seconds > 0"
+        )
     owned: list[TracerProvider | SDKMeterProvider] = []
-    span_processor: SpanProcessor | None = None
-    batch: BatchSpanProcessor | None = None
+    resource = service_resource(service_name, default_instance())
+    # With a test's or a non-OTLP exporter, or the user's own provider, metrics go to OTLP
+    # only when asked for (an endpoint, or the OTEL_* variables).
+    otlp_by_default = exporter is None and tracer_provider is None
     if tracer_provider is None:
         if exporter is None:
-            exporter = traces_exporter(endpoint, protocol, export_process)
-        tracer_provider, span_processor, batch = _new_tracer_provider(exporter, service_name)
+            exporter = _watched_span_exporter(endpoint, protocol)
+        tracer_provider = _new_tracer_provider(exporter, resource)
         owned.append(tracer_provider)
-    in_helper = False
-    if meter_provider is None and endpoint is not None:
-        meter_provider = otlp_meter_provider(endpoint, protocol, service_name)
-        owned.append(meter_provider)
-        if exporter is not None:
-            in_helper = _metrics_in_helper(exporter, endpoint, protocol, service_name)
-    if meter_provider is None:
+    elif service_name is None:
+        resource = tracer_provider.resource  # metrics join the user's spans
+    if meter_provider is None and endpoint is None:
         meter_provider = _global_sdk_meter_provider()
+    if meter_provider is None and (
+        endpoint is not None or _env_wants_metrics(force=otlp_by_default)
+    ):
+        meter_provider = otlp_meter_provider(endpoint, protocol, resource)
+        owned.append(meter_provider)
+    where = _where(endpoint, "TRACES") if otlp_by_default or endpoint is not None else None
     previous, _configured = (
         _configured,
-        _Configured(
-            tracer_provider, meter_provider, tuple(owned), span_processor, batch, in_helper
-        ),
+        _Configured(tracer_provider, meter_provider, tuple(owned), float(timeout_s), where),
     )
     if previous is not None:
-        for provider in previous.owned:
-            provider.shutdown()
+        shut_down_within(previous.owned)
     return tracer_provider
 
 
@@ -289,8 +261,7 @@ def reset() -> None:
     global _configured
     previous, _configured = _configured, None
     if previous is not None:
-        for provider in previous.owned:
-            provider.shutdown()
+        shut_down_within(previous.owned)
 
 
 def _global_sdk_tracer_provider() -> TracerProvider | None:
@@ -307,7 +278,7 @@ def _env_exporters(name: str) -> list[str]:
     return [part.strip().lower() for part in os.environ.get(name, "").split(",") if part.strip()]
 
 
-def _env_span_exporter() -> SpanExporter | None:
+def _env_span_exporter(force: bool) -> SpanExporter | None:
     names = _env_exporters("OTEL_TRACES_EXPORTER")
     if "none" in names:
         return None
@@ -320,20 +291,22 @@ def _env_span_exporter() -> SpanExporter | None:
     if "console" in names:
         return ConsoleSpanExporter()
     if (
-        "otlp" in names
+        force
+        or "otlp" in names
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     ):
-        return traces_exporter()
+        return _watched_span_exporter(None, None)
     return None
 
 
-def _env_wants_metrics() -> bool:
+def _env_wants_metrics(force: bool) -> bool:
     names = _env_exporters("OTEL_METRICS_EXPORTER")
     if "none" in names:
         return False
     return bool(
-        "otlp" in names
+        force
+        or "otlp" in names
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
     )
@@ -343,10 +316,10 @@ def tracing_sink_from_environment(*, force: bool = False, **_: object) -> Tracin
     """The tracing sink the service adds when the user passed none, or ``None`` (tracing off).
 
     ``force=True`` (the service's ``tracing=True``) turns tracing on even when nothing is
-    configured: spans then go by OTLP to ``OTEL_EXPORTER_OTLP_*`` or the OTLP default
-    ``http://localhost:4318``. ``OTEL_SDK_DISABLED=true`` still wins: it is the operator's
-    switch. Other keyword arguments are accepted and ignored, so the service can pass more
-    without breaking this entry point.
+    configured: spans and metrics then go by OTLP to ``OTEL_EXPORTER_OTLP_*`` or the OTLP
+    default ``http://localhost:4318``. ``OTEL_SDK_DISABLED=true`` still wins: it is the
+    operator's switch. Other keyword arguments are accepted and ignored, so the service can
+    pass more without breaking this entry point.
     """
     if _truthy("OTEL_SDK_DISABLED"):
         return None
@@ -354,40 +327,30 @@ def tracing_sink_from_environment(*, force: bool = False, **_: object) -> Tracin
         return TracingSink(
             tracer_provider=_configured.tracer_provider,
             meter_provider=_configured.meter_provider,
-            span_processor=_configured.span_processor,
-            batch_processor=_configured.batch_processor,
-            metrics_in_helper=_configured.metrics_in_helper,
+            timeout_s=_configured.timeout_s,
+            endpoint=_configured.endpoint,
         )
     global_tracer = _global_sdk_tracer_provider()
     global_meter = _global_sdk_meter_provider()
     if global_tracer is not None:
         return TracingSink(tracer_provider=global_tracer, meter_provider=global_meter)
 
-    span_exporter = _env_span_exporter()
-    if span_exporter is None and force and "none" not in _env_exporters("OTEL_TRACES_EXPORTER"):
-        span_exporter = traces_exporter()
-    meter_provider: MeterProvider | None = global_meter
-    owns_meter = False
-    if meter_provider is None and _env_wants_metrics():
-        meter_provider = otlp_meter_provider(None, None, None)
-        owns_meter = True
-    if span_exporter is None and meter_provider is None:
+    span_exporter = _env_span_exporter(force)
+    wants_metrics = global_meter is None and _env_wants_metrics(force)
+    if span_exporter is None and global_meter is None and not wants_metrics:
         # Nothing asked for telemetry: the common case, decided without building anything.
         return None
-    tracer_provider: TracerProvider | None = None
-    span_processor: SpanProcessor | None = None
-    batch: BatchSpanProcessor | None = None
-    in_helper = False
-    if span_exporter is not None:
-        tracer_provider, span_processor, batch = _new_tracer_provider(span_exporter, None)
-        if owns_meter:
-            in_helper = _metrics_in_helper(span_exporter, None, None, None)
+    resource = service_resource(None, default_instance())
+    tracer_provider = (
+        _new_tracer_provider(span_exporter, resource) if span_exporter is not None else None
+    )
+    meter_provider: MeterProvider | None = global_meter
+    if wants_metrics:
+        meter_provider = otlp_meter_provider(None, None, resource)
     return TracingSink(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         owns_tracer_provider=tracer_provider is not None,
-        owns_meter_provider=owns_meter,
-        span_processor=span_processor,
-        batch_processor=batch,
-        metrics_in_helper=in_helper,
+        owns_meter_provider=wants_metrics,
+        endpoint=_where(None, "TRACES"),
     )

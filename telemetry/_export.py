@@ -6,6 +6,10 @@ Invariants:
 - The tree comes from :func:`plan_call_spans`, the function the live sink uses, and is recorded
   by :func:`record_spans` on a private provider with the same instrumentation scope, so the
   exported spans carry the live trace ids, span ids, names, attributes and times.
+- The resource is the live one when the events carry it: the service name, version and
+  instance stored in ``trace_created["resource"]`` (else the event's ``instance`` as
+  ``service.instance.id``) over the exporting shell's ``OTEL_*`` resource; an explicit
+  ``service_name`` (``--service-name``) wins over the stored name.
 - The exporter is called directly, batch by batch, so a failed export is reported (the CLI
   exits 1) instead of being dropped silently by a background processor.
 """
@@ -16,12 +20,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llmtrail.pipeline import Event, EventType
 
+from . import _attributes as A
 from ._config import service_resource
 from ._spans import llmtrail_tracer, plan_call_spans, record_spans
 
@@ -57,30 +62,56 @@ def _complete_calls(events: Iterable[Event]) -> tuple[list[list[Event]], int]:
     return complete, skipped
 
 
+def call_resource(created: Event, service_name: str | None = None) -> Resource:
+    """The resource of a call's spans, from its ``trace_created`` event (see module doc)."""
+    stored = created.payload.get("resource")
+    attributes: dict[str, str] = {}
+    if isinstance(stored, dict):
+        attributes = {str(k): str(v) for k, v in stored.items() if isinstance(v, str)}
+    if created.instance and A.SERVICE_INSTANCE_ID not in attributes:
+        attributes[A.SERVICE_INSTANCE_ID] = created.instance
+    if service_name:
+        attributes[A.SERVICE_NAME] = service_name
+    return service_resource(service_name).merge(Resource(attributes))
+
+
 def rebuild_spans(
-    events: Iterable[Event], resource: Resource | None = None
+    events: Iterable[Event], resource: Resource | None = None, *, service_name: str | None = None
 ) -> tuple[list[ReadableSpan], int, int]:
-    """The finished spans of every complete call in ``events``: (spans, calls, skipped)."""
+    """The finished spans of every complete call in ``events``: (spans, calls, skipped).
+
+    ``resource`` (for every call) overrides the one each call's events carry.
+    """
     collector = InMemorySpanExporter()
-    provider = TracerProvider(resource=resource if resource is not None else service_resource(None))
-    provider.add_span_processor(SimpleSpanProcessor(collector))
-    tracer = llmtrail_tracer(provider)
+    tracers: dict[tuple[tuple[str, object], ...], tuple[TracerProvider, Tracer]] = {}
     complete, skipped = _complete_calls(events)
     for stream in complete:
-        record_spans(tracer, stream[0].trace_id, plan_call_spans(stream))
+        chosen = resource if resource is not None else call_resource(stream[0], service_name)
+        key = tuple(sorted(chosen.attributes.items()))
+        entry = tracers.get(key)
+        if entry is None:
+            provider = TracerProvider(resource=chosen, shutdown_on_exit=False)
+            provider.add_span_processor(SimpleSpanProcessor(collector))
+            entry = tracers[key] = (provider, llmtrail_tracer(provider))
+        record_spans(entry[1], stream[0].trace_id, plan_call_spans(stream))
     spans = list(collector.get_finished_spans())
-    provider.shutdown()
+    for provider, _ in tracers.values():
+        provider.shutdown()
     return spans, len(complete), skipped
 
 
 def export_traces(
-    events: Iterable[Event], exporter: SpanExporter, resource: Resource | None = None
+    events: Iterable[Event],
+    exporter: SpanExporter,
+    resource: Resource | None = None,
+    *,
+    service_name: str | None = None,
 ) -> ExportSummary:
     """Rebuild the complete calls in ``events`` and send their spans through ``exporter``.
 
     Raises :class:`ExportError` when the exporter reports a failure.
     """
-    spans, calls, skipped = rebuild_spans(events, resource)
+    spans, calls, skipped = rebuild_spans(events, resource, service_name=service_name)
     for start in range(0, len(spans), _BATCH):
         if exporter.export(spans[start : start + _BATCH]) is not SpanExportResult.SUCCESS:
             raise ExportError(

@@ -6,28 +6,40 @@ Invariants:
   (s) gets one measurement per call, the call's total time (gates, semaphore and retries
   included: it is the duration the caller experienced), with ``error.type`` when it failed.
 - Both histograms use the explicit bucket boundaries of the GenAI semantic conventions.
-- Attributes are the convention's low-cardinality ones only (operation, provider, models,
-  server); never call ids or metadata. Their dicts are built once per call shape and reused
-  (bounded cache), so recording a call allocates no attribute dict.
+- Attributes are the convention's low-cardinality ones only (operation, provider, OpenAI API
+  type and response service tier, models, server); never call ids or metadata. Their dicts
+  are built once per call shape and reused (bounded cache), so recording a call allocates
+  no attribute dict.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.util.types import AttributeValue
 
-from llmtrail.pipeline import Event
+from llmtrail.pipeline import Event, EventType
 
 from . import _attributes as A
 
-__all__ = ["GenAIMetrics"]
+__all__ = ["GenAIMetrics", "scope_version"]
+
+
+def scope_version() -> str:
+    """llmtrail's version, the version of its instrumentation scope."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmtrail")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return ""
 
 
 class GenAIMetrics:
     def __init__(self, meter_provider: MeterProvider) -> None:
-        meter = meter_provider.get_meter(A.INSTRUMENTATION_SCOPE)
+        meter = meter_provider.get_meter(A.INSTRUMENTATION_SCOPE, scope_version(), A.SCHEMA_URL)
         self._token_usage = meter.create_histogram(
             A.GEN_AI_CLIENT_TOKEN_USAGE,
             unit="{token}",
@@ -43,6 +55,15 @@ class GenAIMetrics:
         # Attribute dicts per call shape, built once: the SDK only reads them.
         self._attrs: dict[_AttrKey, tuple[_Attrs, _Attrs, _Attrs]] = {}
 
+    def record_call(self, events: Sequence[Event]) -> None:
+        """Record one finished call (``trace_created`` .. ``completed``)."""
+        received = None
+        for event in reversed(events):
+            if event.type is EventType.RECEIVED:
+                received = event.payload
+                break
+        self.record(events[0], events[-1], received)
+
     def record(self, created: Event, completed: Event, received: dict[str, Any] | None) -> None:
         """Record one finished call from its first and last events and its last response."""
         start, end = created.payload, completed.payload
@@ -50,6 +71,7 @@ class GenAIMetrics:
         key = (
             start.get("model"),
             received.get("response_model") if received is not None else None,
+            received.get("service_tier") if received is not None else None,
             start.get("server_address"),
             start.get("server_port"),
             None if outcome == "succeeded" else str(end.get("error_type") or outcome),
@@ -76,24 +98,32 @@ class GenAIMetrics:
 
 
 _Attrs = dict[str, AttributeValue]
-_AttrKey = tuple[Any, Any, Any, Any, str | None]
+_AttrKey = tuple[Any, Any, Any, Any, Any, str | None]
 
-# Distinct (model, response model, server, error type) combinations kept precomputed.
+# Distinct (model, response model, tier, server, error type) combinations kept precomputed.
 _MAX_ATTRIBUTE_SETS = 1024
 
 
 def _attribute_sets(
-    model: Any, response_model: Any, address: Any, port: Any, error_type: str | None
+    model: Any,
+    response_model: Any,
+    service_tier: Any,
+    address: Any,
+    port: Any,
+    error_type: str | None,
 ) -> tuple[_Attrs, _Attrs, _Attrs]:
     """The duration's, the input tokens' and the output tokens' attributes for one call shape."""
     attrs: _Attrs = {
         A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
         A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
+        A.OPENAI_API_TYPE: A.API_TYPE_RESPONSES,
     }
     if isinstance(model, str):
         attrs[A.GEN_AI_REQUEST_MODEL] = model
     if isinstance(response_model, str):
         attrs[A.GEN_AI_RESPONSE_MODEL] = response_model
+    if isinstance(service_tier, str):
+        attrs[A.OPENAI_RESPONSE_SERVICE_TIER] = service_tier
     if isinstance(address, str):
         attrs[A.SERVER_ADDRESS] = address
     if isinstance(port, int) and not isinstance(port, bool):

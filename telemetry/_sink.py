@@ -2,109 +2,138 @@
 
 Invariants:
 - ``emit`` buffers a call's events by ``call_id`` and, on ``completed``, builds the call's span
-  tree with :func:`plan_call_spans` (the function ``traces export`` uses on stored events) and
-  ends the spans into the provider's processors (a BatchSpanProcessor exports them off the
-  request path). ``emit`` does no I/O and always has room: ``wait_for_room`` returns at once.
+  tree with :func:`plan_call_spans` and records it with :func:`record_spans` on llmtrail's
+  tracer (the two functions ``traces export`` uses on stored events): real SDK spans, ended
+  into the provider's processors; a BatchSpanProcessor exports them off the request path.
+  ``emit`` does no I/O and always has room: ``wait_for_room`` returns at once.
 - A bug in span building never reaches the caller: it is logged and the call's events dropped.
 - At most ``max_pending_calls`` calls are buffered; beyond that the oldest is dropped with a
   warning (only a call that never completes can stay that long, and the store keeps its
   events for ``traces export``).
-- ``flush`` force-flushes the span processors (and metric readers); ``aclose`` flushes and
-  then shuts down only the providers this sink created, never a user's.
-- With ``span_processor`` (the active processor of a provider llmtrail made: always-on
-  sampling, default limits), finished spans are built directly (:func:`finished_spans`) and
-  handed to it; the Tracer path (:func:`record_spans`) serves every other provider and any call
-  whose spans would exceed the span limits. Both give the same spans.
+- ``flush`` force-flushes the span processors and metric readers; ``aclose`` flushes and then
+  shuts down only the providers this sink created, never a user's. Both return within
+  ``timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`) whatever the collector does: the work runs
+  on a daemon thread that is left to finish (or to die with the process) when time is up, and
+  once one overran, later ones do not wait behind it. The exporters' per-batch log lines are
+  muted there; the sink says once per outage that the collector is not taking telemetry.
 - ``instrument_http_client`` instruments one httpx2 client (the SDK's) with the same tracer
-  provider, so its CLIENT span nests under the attempt span the pipeline makes current, and
-  masks any captured credential header on it.
-- The helper route: when the provider is one llmtrail built around the OTLP export helper
-  (:class:`ProcessSpanExporter`) and nobody added a span processor to it, a finished call is
-  handed to the batch processor as one :class:`CallBundle` (its events) instead of spans;
-  the exporter builds the spans (and, with ``metrics_in_helper``, records the GenAI metrics)
-  in the helper, or here while the helper is away. The HTTP span then is a light
-  :mod:`._http_spans` span on the same queue. The moment a user adds a processor, both go
-  back to real SDK spans for every later call.
+  provider, so its CLIENT span nests under the attempt span the pipeline makes current.
+- ``resource_attributes`` names the service the spans belong to (service name, version and
+  instance), so the pipeline can store it with each call and ``traces export`` can reuse it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import threading
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import (
-    SpanLimits,
-    SpanProcessor,
-    Tracer,
-    TracerProvider,
-    sampling,
-)
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
+from opentelemetry.sdk.trace import Tracer, TracerProvider
 
 from llmtrail._log import get_logger
 from llmtrail.pipeline import Event, EventType
 
-from ._bundle import CallBundle, OwnSpanProcessors, SpanTarget, record_call_metrics
-from ._export_process import ProcessSpanExporter
-from ._http_spans import HttpTracerProvider
+from . import _attributes as A
 from ._httpx import instrument_client
 from ._metrics import GenAIMetrics
-from ._spans import finished_spans, fits_limits, llmtrail_tracer, plan_call_spans, record_spans
+from ._outage import exporter_logs_muted, outages
+from ._spans import llmtrail_tracer, plan_call_spans, record_spans
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
 
-__all__ = ["TracingSink"]
+__all__ = ["DEFAULT_TIMEOUT_S", "TracingSink", "close_at_exit", "off_loop", "shut_down_within"]
 
 _log = get_logger(__name__)
 
 DEFAULT_MAX_PENDING_CALLS = 100_000
+# How long flush() and aclose() wait for the exporters: short, because an application's
+# shutdown must not hang on a collector that is down; a live one takes milliseconds.
+DEFAULT_TIMEOUT_S = 2.0
+
+# The resource attributes stored with each call (see resource_attributes).
+_STORED_RESOURCE = (A.SERVICE_NAME, A.SERVICE_VERSION, A.SERVICE_INSTANCE_ID)
 
 
-@dataclass(slots=True, frozen=True)
-class _Direct:
-    """What building spans without the Tracer needs, taken from llmtrail's tracer once."""
-
-    processor: SpanProcessor
-    resource: Resource
-    scope: InstrumentationScope
-    info: InstrumentationInfo
-    limits: SpanLimits
+# Providers llmtrail built and has not shut down yet: shut down at exit within the timeout
+# (instead of the SDK's own exit hook, which may wait 30 s for a dead collector).
+_live: weakref.WeakSet[TracerProvider | SDKMeterProvider] = weakref.WeakSet()
 
 
-def _direct_path(tracer: Tracer, processor: SpanProcessor | None) -> _Direct | None:
-    """The direct path when it gives exactly the Tracer's spans, else ``None``."""
-    if processor is None:
-        return None
-    # Any other sampler may drop calls or add attributes: only the Tracer applies it right.
-    if tracer.sampler is not sampling.DEFAULT_ON and tracer.sampler is not sampling.ALWAYS_ON:
-        return None
-    # The provider was made with SpanLimits() read from the same environment.
-    limits = SpanLimits()
-    if limits.max_attribute_length is not None or limits.max_span_attribute_length is not None:
-        return None  # values would be truncated; leave that to the SDK
-    info = tracer.instrumentation_info
-    scope = InstrumentationScope(info.name, info.version, info.schema_url)
-    return _Direct(processor, tracer.resource, scope, info, limits)
+_exit_hook = threading.Lock()
+_exit_hooked = False
 
 
-@dataclass(slots=True, frozen=True)
-class _Route:
-    """The way to the export helper: bundles go to ``batch`` while ``active`` holds it alone."""
+def close_at_exit(provider: TracerProvider | SDKMeterProvider) -> None:
+    """Shut ``provider`` (made with ``shutdown_on_exit=False``) down at exit, within a bound."""
+    global _exit_hooked
+    with _exit_hook:
+        if not _exit_hooked:  # registered on first use: importing configures nothing
+            atexit.register(lambda: shut_down_within(_live))
+            _exit_hooked = True
+    _live.add(provider)
 
-    active: OwnSpanProcessors
-    batch: BatchSpanProcessor
-    exporter: ProcessSpanExporter
-    target: SpanTarget
 
-    def open(self) -> bool:
-        return self.active.added == 1
+def shut_down(provider: TracerProvider | SDKMeterProvider) -> None:
+    """Shut ``provider`` down now (once), instead of at exit."""
+    if provider in _live:
+        _live.discard(provider)  # first: a shutdown that overran is not waited for again
+        provider.shutdown()
+
+
+def shut_down_within(
+    providers: Iterable[TracerProvider | SDKMeterProvider], timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """Shut ``providers`` down, waiting at most ``timeout_s`` (a daemon thread goes on)."""
+    chosen = list(providers)
+    if not chosen:
+        return
+
+    def run() -> None:
+        with exporter_logs_muted():
+            for provider in chosen:
+                shut_down(provider)
+
+    worker = threading.Thread(target=run, name="llmtrail-telemetry-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+
+
+def off_loop(
+    work: Callable[[], object], what: str
+) -> tuple[threading.Thread, asyncio.Future[str | None]]:
+    """Start ``work`` on a daemon thread, with the exporters' own log lines muted; return the
+    thread and a future of the first line they logged, or of the error ``work`` raised
+    (``None``: all went well). A thread that overruns a wait is left to finish on its own (or
+    to end with the process), so a blocked exporter can never hold up the caller."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str | None] = loop.create_future()
+
+    def settle(reason: str | None) -> None:
+        if not done.done():
+            done.set_result(reason)
+
+    def run() -> None:
+        reason: str | None = None
+        with exporter_logs_muted() as muted:
+            try:
+                work()
+            except Exception as exc:
+                muted.first = f"{type(exc).__name__}: {exc}"
+            reason = muted.first
+        # RuntimeError: the loop closed while the work overran; nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, reason)
+
+    thread = threading.Thread(target=run, name=f"llmtrail-telemetry-{what}", daemon=True)
+    thread.start()
+    return thread, done
 
 
 class TracingSink:
@@ -112,8 +141,8 @@ class TracingSink:
 
     Give a ``tracer_provider`` (an SDK one) for spans, a ``meter_provider`` for the GenAI
     metrics, or both. ``owns_*`` says whether :meth:`aclose` shuts that provider down.
-    ``span_processor`` is for a provider llmtrail built with that active span processor
-    (``telemetry.configure`` and the ``OTEL_*`` setup pass it): spans then skip the Tracer.
+    ``timeout_s`` bounds :meth:`flush` and :meth:`aclose`; ``endpoint`` names the collector
+    in the warning when it is not taking telemetry.
     """
 
     def __init__(
@@ -124,9 +153,8 @@ class TracingSink:
         owns_tracer_provider: bool = False,
         owns_meter_provider: bool = False,
         max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
-        span_processor: SpanProcessor | None = None,
-        batch_processor: BatchSpanProcessor | None = None,
-        metrics_in_helper: bool = False,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        endpoint: str | None = None,
     ) -> None:
         if tracer_provider is None and meter_provider is None:
             raise ValueError(
@@ -135,25 +163,32 @@ class TracingSink:
             )
         if max_pending_calls < 1:
             raise ValueError(f"max_pending_calls={max_pending_calls!r} is invalid: use an int >= 1")
+        if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s!r} is invalid: use a number of seconds > 0")
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self._tracer: Tracer | None = (
             llmtrail_tracer(tracer_provider) if tracer_provider is not None else None
         )
-        self._direct = (
-            _direct_path(self._tracer, span_processor) if self._tracer is not None else None
-        )
         self._metrics = GenAIMetrics(meter_provider) if meter_provider is not None else None
-        self._route = self._helper_route(span_processor, batch_processor, metrics_in_helper)
-        if self._route is not None:
-            self._route.exporter.start_soon()  # ready before the first batch, as a rule
         self._owns_tracer_provider = owns_tracer_provider
         self._owns_meter_provider = owns_meter_provider
         self._max_pending = max_pending_calls
+        self._timeout_s = float(timeout_s)
+        self._endpoint = endpoint  # the collector, for the outage warning (None: unknown)
         # emit() may run on several threads (the sync API); one lock guards the buffer.
         self._lock = threading.Lock()
         self._pending: OrderedDict[str, list[Event]] = OrderedDict()
         self._closed = False
+        self._overrun: threading.Thread | None = None  # a flush still running past its wait
+
+    @property
+    def resource_attributes(self) -> dict[str, str]:
+        """Service name, version and instance of the spans' resource (those it has)."""
+        if self.tracer_provider is None:
+            return {}
+        attributes = self.tracer_provider.resource.attributes
+        return {k: str(attributes[k]) for k in _STORED_RESOURCE if k in attributes}
 
     # --- EventSink ---------------------------------------------------------------------------
     def emit(self, event: Event) -> bool:
@@ -185,13 +220,32 @@ class TracingSink:
         return None
 
     async def flush(self) -> None:
-        await asyncio.to_thread(self._force_flush)
+        await self._bounded(self._force_flush, "flush")
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        await asyncio.to_thread(self._shutdown)
+        with self._lock:
+            self._pending.clear()
+        await self._bounded(self._shutdown, "close")
+
+    async def _bounded(self, work: Callable[[], object], what: str) -> None:
+        """Run ``work`` off the loop and wait for it at most ``timeout_s``; an overrun or an
+        exporter's complaint is an outage (reported once per outage)."""
+        if self._overrun is not None and self._overrun.is_alive():
+            # An earlier flush is still stuck on the collector: this one would only queue
+            # behind it. Start the work, but do not wait for it.
+            off_loop(work, what)
+            return
+        thread, done = off_loop(work, what)
+        try:
+            reason = await asyncio.wait_for(asyncio.shield(done), self._timeout_s)
+        except TimeoutError:
+            self._overrun = thread
+            reason = f"no answer within {self._timeout_s:g}s"
+        if reason is not None:
+            outages.failed(self._endpoint, f"{what}: {reason}")
 
     # --- HTTP client instrumentation --------------------------------------------------------
     def instrument_http_client(self, client: Any) -> None:
@@ -200,73 +254,16 @@ class TracingSink:
 
         Only this client is instrumented, so there is exactly one HTTP span per attempt.
         """
-        if self.tracer_provider is None:
-            return
-        route, direct = self._route, self._direct
-        if route is not None and direct is not None:
-            # While bundles go to the helper, the HTTP span goes to the same queue as
-            # plain fields (identical to the SDK's span; see _http_spans).
-            provider: Any = HttpTracerProvider(
-                self.tracer_provider, route.batch, route.open, direct.limits
-            )
-            instrument_client(client, provider)
-        else:
+        if self.tracer_provider is not None:
             instrument_client(client, self.tracer_provider)
 
     # --- internals ---------------------------------------------------------------------------
-    def _helper_route(
-        self,
-        active: SpanProcessor | None,
-        batch: BatchSpanProcessor | None,
-        metrics_in_helper: bool,
-    ) -> _Route | None:
-        """The route to the export helper when this sink's spans may be built there."""
-        direct = self._direct
-        if direct is None or batch is None or not isinstance(active, OwnSpanProcessors):
-            return None
-        exporter = batch.span_exporter
-        if not isinstance(exporter, ProcessSpanExporter):
-            return None
-        target = SpanTarget(
-            direct.resource, direct.scope, direct.info, self._metrics if metrics_in_helper else None
-        )
-        return _Route(active, batch, exporter, target)
-
     def _finish(self, events: list[Event]) -> None:
-        route = self._route
-        metrics_by_route = False
-        if route is not None:
-            if route.open():
-                # The export helper builds the spans (and records the metrics) from the events.
-                if self._metrics is not None and not route.target.metrics_anywhere:
-                    try:
-                        record_call_metrics(self._metrics, events)
-                    except Exception:
-                        _log.exception(
-                            "tracing sink could not record metrics", call_id=events[-1].call_id
-                        )
-                route.batch.on_end(CallBundle(events, route.target))  # type: ignore[arg-type]
-                return
-            # A user's processor wants real spans, built below; the metric points still go
-            # where the earlier calls' went, so that one process writes each series.
-            metrics_by_route = route.target.metrics_anywhere
         try:
             if self._tracer is not None:
-                plans = plan_call_spans(events)
-                direct = self._direct
-                if direct is not None and fits_limits(plans, direct.limits):
-                    on_end = direct.processor.on_end
-                    for span in finished_spans(
-                        events[0].trace_id, plans, direct.resource, direct.scope, direct.info
-                    ):
-                        on_end(span)
-                else:
-                    record_spans(self._tracer, events[0].trace_id, plans)
-            if metrics_by_route:
-                bundle = CallBundle(events, route.target, spans=False)  # type: ignore[union-attr]
-                route.batch.on_end(bundle)  # type: ignore[union-attr, arg-type]
-            elif self._metrics is not None:
-                record_call_metrics(self._metrics, events)
+                record_spans(self._tracer, events[0].trace_id, plan_call_spans(events))
+            if self._metrics is not None:
+                self._metrics.record_call(events)
         except Exception:
             # Tracing is an observer: it must never fail the call it observes. The events
             # stay in the store, so `llmtrail traces export` can still rebuild the tree.
@@ -275,16 +272,21 @@ class TracingSink:
     def _force_flush(self) -> None:
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
-        if self._route is not None and self._route.target.metrics_anywhere:
-            self._route.exporter.flush_metrics()
         if isinstance(self.meter_provider, SDKMeterProvider):
             self.meter_provider.force_flush()
 
     def _shutdown(self) -> None:
-        self._force_flush()
-        with self._lock:
-            self._pending.clear()
-        if self._owns_tracer_provider and self.tracer_provider is not None:
-            self.tracer_provider.shutdown()
-        if self._owns_meter_provider and isinstance(self.meter_provider, SDKMeterProvider):
-            self.meter_provider.shutdown()
+        tracer = self.tracer_provider if self._owns_tracer_provider else None
+        meter = self.meter_provider if self._owns_meter_provider else None
+        # Off the exit list first: a shutdown that overran its bound is not waited for twice.
+        for owned in (tracer, meter):
+            if isinstance(owned, TracerProvider | SDKMeterProvider):
+                _live.discard(owned)
+        if tracer is not None:
+            tracer.shutdown()  # exports what is queued first
+        elif self.tracer_provider is not None:
+            self.tracer_provider.force_flush()
+        if isinstance(meter, SDKMeterProvider):
+            meter.shutdown()
+        elif isinstance(self.meter_provider, SDKMeterProvider):
+            self.meter_provider.force_flush()

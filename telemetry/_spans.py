@@ -14,20 +14,21 @@ Invariants:
   (``MIN_WAIT_SPAN_NS``); every wait is on the call span's ``llmtrail.*_wait_s`` anyway.
 - Prompt and response text appear only when ``trace_created.payload["capture_content"]`` is
   true; error messages pass through :func:`redact_text`, so no API key reaches a span.
+- Prompt text goes to ``gen_ai.input.messages`` and the system prompt (``instructions``) to
+  ``gen_ai.system_instructions``, both in the GenAI conventions' JSON shape (role + parts).
+- Status descriptions say what went wrong without the HTTP code, which is on the span as
+  ``http.response.status_code`` already.
 - :func:`record_spans` creates real SDK spans with exactly the planned ids through the public
   Tracer API, with an :class:`IdGenerator` that hands out preset ids. It is installed on
-  llmtrail's own tracer only, and falls back to the provider's generator otherwise.
-- :func:`finished_spans` builds the same spans as :func:`record_spans` would end (ids, flags,
-  parent contexts, times, attributes, events, status, resource, scope) directly as
-  ``ReadableSpan`` objects, for a provider llmtrail made itself (always-on sampling, default
-  span limits): no sampler call, no attribute re-validation, no span copied at ``end()``.
-  The plans' attribute dicts become the spans' (planned values are already OTel-valid).
+  llmtrail's own tracer only, and falls back to the provider's generator otherwise. It is the
+  one way spans are made: by the live sink and by ``traces export``.
 """
 
 from __future__ import annotations
 
 import contextvars
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,17 +37,15 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event as OTelEvent
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, Tracer, TracerProvider
+from opentelemetry.sdk.trace import Tracer, TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.util.instrumentation import InstrumentationInfo, InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from llmtrail.pipeline import Event, EventType, child_span_id
 
 from . import _attributes as A
+from ._metrics import scope_version
 from ._redact import redact_text
 
 __all__ = [
@@ -54,8 +53,6 @@ __all__ = [
     "SpanEvent",
     "SpanPlan",
     "child_key",
-    "finished_spans",
-    "fits_limits",
     "llmtrail_tracer",
     "plan_call_spans",
     "record_spans",
@@ -160,6 +157,21 @@ def _message_parts(messages: Any) -> str:
     return json.dumps(out, ensure_ascii=False, default=str)
 
 
+def _instruction_parts(instructions: str) -> str:
+    """The system prompt as ``gen_ai.system_instructions`` wants it: a JSON list of parts."""
+    return json.dumps([{"type": "text", "content": instructions}], ensure_ascii=False)
+
+
+# "HTTP 429: " at the start of a provider error message: the span says it already.
+_HTTP_PREFIX = re.compile(r"^HTTP \d{3}: ")
+
+
+def _description(message: Any, fallback: str) -> str:
+    """A status description: the error's own words, masked, without the HTTP code."""
+    text = _HTTP_PREFIX.sub("", str(message)) if message else ""
+    return redact_text(text or fallback)
+
+
 def _output_parts(content: Any, finish_reasons: Any) -> str:
     text = content if isinstance(content, str) else json.dumps(content, default=str)
     message: dict[str, Any] = {"role": "assistant", "parts": [{"type": "text", "content": text}]}
@@ -195,7 +207,11 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     attrs: Attributes = {}
     _put(attrs, A.GEN_AI_OPERATION_NAME, A.OPERATION_CHAT)
     _put(attrs, A.GEN_AI_PROVIDER_NAME, A.PROVIDER_OPENAI)
+    _put(attrs, A.OPENAI_API_TYPE, A.API_TYPE_RESPONSES)
     _put(attrs, A.GEN_AI_REQUEST_MODEL, model)
+    _put(attrs, A.GEN_AI_OUTPUT_TYPE, start.get("output_type"))
+    # A response chained on an earlier one continues that conversation.
+    _put(attrs, A.GEN_AI_CONVERSATION_ID, start.get("previous_response_id"))
     _put(attrs, A.GEN_AI_REQUEST_MAX_TOKENS, start.get("max_output_tokens"))
     _put(attrs, A.GEN_AI_REQUEST_TEMPERATURE, start.get("temperature"))
     _put(attrs, A.SERVER_ADDRESS, start.get("server_address"))
@@ -210,6 +226,8 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
             _put(attrs, A.LLMTRAIL_METADATA_PREFIX + str(key), redact_text(str(metadata[key])))
     if capture and start.get("input") is not None:
         attrs[A.GEN_AI_INPUT_MESSAGES] = _message_parts(start.get("input"))
+    if capture and isinstance(start.get("instructions"), str):
+        attrs[A.GEN_AI_SYSTEM_INSTRUCTIONS] = _instruction_parts(start["instructions"])
 
     call = SpanPlan(
         name=f"{A.OPERATION_CHAT} {model}",
@@ -299,7 +317,7 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
                 _put(a, A.LLMTRAIL_RETRYABLE, p.get("retryable"))
                 _put(a, A.LLMTRAIL_RETRY_AFTER_S, p.get("retry_after_s"))
                 _put(a, A.LLMTRAIL_PROVIDER_CODE, p.get("provider_code"))
-                plan.error = redact_text(str(p.get("message") or error_type))
+                plan.error = _description(p.get("message"), error_type)
         elif event.type is EventType.RETRY_SCHEDULED:
             failed = int(p.get("attempt") or 1)
             ev_attrs: Attributes = {}
@@ -338,6 +356,7 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     _put(attrs, A.GEN_AI_RESPONSE_MODEL, response.get("response_model"))
     _put(attrs, A.GEN_AI_RESPONSE_ID, end.get("response_id") or response.get("response_id"))
     _put(attrs, A.GEN_AI_RESPONSE_FINISH_REASONS, response.get("finish_reasons"))
+    _put(attrs, A.OPENAI_RESPONSE_SERVICE_TIER, response.get("service_tier"))
     if outcome == "succeeded" or last_received is not None:
         _put(attrs, A.GEN_AI_USAGE_INPUT_TOKENS, end.get("input_tokens"))
         _put(attrs, A.GEN_AI_USAGE_OUTPUT_TOKENS, end.get("output_tokens"))
@@ -351,7 +370,7 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     if outcome != "succeeded":
         error_type = end.get("error_type") or outcome
         _put(attrs, A.ERROR_TYPE, error_type)
-        call.error = redact_text(str(end.get("error_message") or error_type))
+        call.error = _description(end.get("error_message"), error_type)
     return [call, *children]
 
 
@@ -389,13 +408,7 @@ def llmtrail_tracer(provider: TracerProvider) -> Tracer:
     The provider caches one tracer per instrumentation scope; only that tracer's id generator
     is replaced, so the user's other tracers on the same provider keep theirs.
     """
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        scope_version = version("llmtrail")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        scope_version = ""
-    tracer = provider.get_tracer(A.INSTRUMENTATION_SCOPE, scope_version)
+    tracer = provider.get_tracer(A.INSTRUMENTATION_SCOPE, scope_version(), A.SCHEMA_URL)
     if not isinstance(tracer, Tracer):
         # A disabled provider (OTEL_SDK_DISABLED) returns a NoOpTracer.
         raise TypeError(f"{provider!r} gave a {type(tracer).__name__}, not an SDK Tracer")
@@ -453,85 +466,3 @@ def record_spans(tracer: Tracer, trace_id: str, plans: Sequence[SpanPlan]) -> in
         _start(tracer, plan, trace_int, root).end(end_time=plan.end_ns)
     root.end(end_time=root_plan.end_ns)
     return len(plans) if root.get_span_context().trace_flags.sampled else 0
-
-
-_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-_UNSET = Status(StatusCode.UNSET)
-
-
-def fits_limits(plans: Sequence[SpanPlan], limits: SpanLimits) -> bool:
-    """Whether ``limits`` would leave every planned span as it is (nothing dropped)."""
-    max_attrs, max_events = limits.max_span_attributes, limits.max_events
-    max_event_attrs = limits.max_event_attributes
-    for plan in plans:
-        if max_attrs is not None and len(plan.attributes) > max_attrs:
-            return False
-        if plan.events:
-            if max_events is not None and len(plan.events) > max_events:
-                return False
-            if max_event_attrs is not None and any(
-                len(e.attributes) > max_event_attrs for e in plan.events
-            ):
-                return False
-    return True
-
-
-def finished_spans(
-    trace_id: str,
-    plans: Sequence[SpanPlan],
-    resource: Resource,
-    scope: InstrumentationScope,
-    info: InstrumentationInfo | None = None,
-) -> list[ReadableSpan]:
-    """The spans :func:`record_spans` would end on an always-on llmtrail tracer with default
-    limits (children first, the call span last, as they end there), built directly.
-
-    The caller checks :func:`fits_limits` first: nothing here truncates.
-    """
-    if not plans:
-        return []
-    trace_int = int(trace_id, 16)
-    root_plan = plans[0]
-    root_context = SpanContext(
-        trace_int, int(root_plan.span_id, 16), is_remote=False, trace_flags=_SAMPLED
-    )
-    out: list[ReadableSpan] = []
-    for plan in plans[1:]:
-        out.append(_readable(plan, trace_int, root_context, resource, scope, info))
-    if root_plan.parent_id:
-        caller: SpanContext | None = SpanContext(
-            trace_int, int(root_plan.parent_id, 16), is_remote=False, trace_flags=_SAMPLED
-        )
-    else:
-        caller = None
-    out.append(_readable(root_plan, trace_int, caller, resource, scope, info, root_context))
-    return out
-
-
-def _readable(
-    plan: SpanPlan,
-    trace_int: int,
-    parent: SpanContext | None,
-    resource: Resource,
-    scope: InstrumentationScope,
-    info: InstrumentationInfo | None,
-    context: SpanContext | None = None,
-) -> ReadableSpan:
-    if context is None:
-        context = SpanContext(
-            trace_int, int(plan.span_id, 16), is_remote=False, trace_flags=_SAMPLED
-        )
-    return ReadableSpan(
-        name=plan.name,
-        context=context,
-        parent=parent,
-        resource=resource,
-        attributes=plan.attributes,
-        events=tuple(OTelEvent(e.name, e.attributes, e.time_ns) for e in plan.events),
-        kind=plan.kind,
-        status=_UNSET if plan.error is None else Status(StatusCode.ERROR, plan.error),
-        start_time=plan.start_ns,
-        end_time=plan.end_ns,
-        instrumentation_info=info,
-        instrumentation_scope=scope,
-    )

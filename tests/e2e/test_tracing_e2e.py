@@ -30,6 +30,7 @@ from llmtrail import telemetry
 from llmtrail.pipeline import BaseLLMService, Event, EventType, GenerationRequest, child_span_id
 from llmtrail.telemetry._spans import to_ns
 from tests.conftest import RecordingSink
+from tests.telemetry.servers import serve
 
 KEY = "sk-test-e2e-0123456789abcdef"
 
@@ -58,6 +59,7 @@ class ReceivedSpan:
     events: tuple[tuple[str, int, tuple[tuple[str, Any], ...]], ...]
     scope: str
     service_name: str
+    resource: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def fingerprint(self) -> tuple[Any, ...]:
         """What a rebuilt span must reproduce (everything but the exporting process)."""
@@ -82,6 +84,7 @@ class Receiver:
     url: str
     spans: list[ReceivedSpan] = field(default_factory=list)
     metric_names: set[str] = field(default_factory=set)
+    metric_resources: list[dict[str, Any]] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
 
     def by_trace(self, trace_id: str) -> list[ReceivedSpan]:
@@ -116,6 +119,7 @@ def _decode_spans(request: ExportTraceServiceRequest) -> list[ReceivedSpan]:
                         ),
                         scope=ss.scope.name,
                         service_name=str(resource.get("service.name")),
+                        resource=resource,
                     )
                 )
     return out
@@ -150,6 +154,9 @@ async def otlp_receiver() -> AsyncIterator[Receiver]:
         message = ExportMetricsServiceRequest()
         message.ParseFromString(await body_of(request))
         for rm in message.resource_metrics:
+            receiver.metric_resources.append(
+                {kv.key: _value(kv.value) for kv in rm.resource.attributes}
+            )
             for sm in rm.scope_metrics:
                 receiver.metric_names.update(m.name for m in sm.metrics)
         return web.Response(
@@ -157,21 +164,14 @@ async def otlp_receiver() -> AsyncIterator[Receiver]:
             content_type="application/x-protobuf",
         )
 
-    app = web.Application()
-    app.router.add_post("/v1/traces", traces)
-    app.router.add_post("/v1/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        yield receiver
-    finally:
-        # Shut down what telemetry.configure() made while this loop still serves: the final
-        # export would otherwise wait for a receiver whose loop has stopped.
-        await asyncio.to_thread(telemetry.reset)
-        await runner.cleanup()
+    async with serve({"/v1/traces": traces, "/v1/metrics": metrics}) as url:
+        receiver.url = url
+        try:
+            yield receiver
+        finally:
+            # Shut down what telemetry.configure() made while this loop still serves: the
+            # final export would otherwise wait for a receiver whose loop has stopped.
+            await asyncio.to_thread(telemetry.reset)
 
 
 @pytest.fixture(autouse=True)
@@ -182,6 +182,9 @@ def clean_telemetry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         "OTEL_SERVICE_NAME",
+        "OTEL_METRICS_EXPORTER",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_RESOURCE_ATTRIBUTES",
     ):
         monkeypatch.delenv(name, raising=False)
     telemetry.reset()
@@ -318,7 +321,11 @@ async def test_live_spans_reach_a_real_otlp_receiver_as_one_tree_per_call(
 
 
 async def test_traces_export_from_the_store_rebuilds_the_live_tree(
-    mock_server_factory: Any, otlp_receiver: Receiver, recorder: RecordingSink, sqlite_url: str
+    mock_server_factory: Any,
+    otlp_receiver: Receiver,
+    recorder: RecordingSink,
+    sqlite_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from llmtrail.pipeline._cli import main as cli_main
     from llmtrail.storage import EventStore
@@ -341,17 +348,17 @@ async def test_traces_export_from_the_store_rebuilds_the_live_tree(
             assert call_span.trace_id == stored[0].event.trace_id == results[key].trace_id
 
     otlp_receiver.spans.clear()
+    # The shell that exports is another service: the resource comes from the stored calls.
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "the-exporting-shell")
     code = await asyncio.to_thread(
-        cli_main,
-        [
-            "traces", "export", "--store", sqlite_url, "--endpoint", otlp_receiver.url,
-            "--service-name", "e2e",
-        ],
-    )  # fmt: skip
+        cli_main, ["traces", "export", "--store", sqlite_url, "--endpoint", otlp_receiver.url]
+    )
     assert code == 0
     rebuilt = otlp_receiver.spans
     assert sorted(s.fingerprint() for s in rebuilt) == sorted(s.fingerprint() for s in live)
     assert {s.service_name for s in rebuilt} == {"e2e"}
+    instance = "service.instance.id"
+    assert {s.resource[instance] for s in rebuilt} == {s.resource[instance] for s in live}
     # The HTTP spans' parents are spans of the rebuilt tree.
     assert {s.parent_id for s in http} <= {s.span_id for s in rebuilt}
 
@@ -386,3 +393,82 @@ async def test_traces_export_reports_a_collector_that_is_down_in_one_line(
     assert len([line for line in err if "traces export" in line]) == 1
     assert "Traceback" not in "\n".join(err)
     assert "collector" in err[-1]
+
+
+@pytest.mark.parametrize("how", ["configure()", "variables alone"])
+async def test_configure_without_arguments_exports_spans_and_metrics_with_one_resource(
+    mock_server: Any,
+    otlp_receiver: Receiver,
+    recorder: RecordingSink,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.url)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-variables")
+    if how == "configure()":
+        telemetry.configure()
+    results = await _run_calls(mock_server.url, recorder, None)
+    assert results["root"].success
+    # Spans and GenAI metrics both reached the receiver...
+    assert otlp_receiver.by_trace(results["root"].trace_id)
+    assert {"gen_ai.client.token.usage", "gen_ai.client.operation.duration"} <= (
+        otlp_receiver.metric_names
+    )
+    # ... under one resource, whose instance is the one the events carry.
+    span_resources = {tuple(sorted(s.resource.items())) for s in otlp_receiver.spans}
+    llmtrail_resources = {
+        tuple(sorted(s.resource.items())) for s in otlp_receiver.spans if s.scope == "llmtrail"
+    }
+    assert len(llmtrail_resources) == 1
+    (resource,) = llmtrail_resources
+    assert span_resources == llmtrail_resources, "the HTTP spans share it too"
+    assert {tuple(sorted(r.items())) for r in otlp_receiver.metric_resources} == {resource}
+    attributes = dict(resource)
+    assert attributes["service.name"] == "from-variables"
+    assert attributes["service.instance.id"] == recorder.events[0].instance
+    assert recorder.events[0].payload["resource"] == {
+        "service.name": "from-variables",
+        "service.instance.id": recorder.events[0].instance,
+    }
+
+
+async def test_a_dead_collector_never_holds_up_the_application(
+    mock_server: Any,
+    recorder: RecordingSink,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import socket
+    import time
+
+    import structlog
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", dead)
+    telemetry.configure()
+    with structlog.testing.capture_logs() as logs:
+        started = time.monotonic()
+        async with BaseLLMService(
+            "gpt-4o-mini", base_url=f"{mock_server.url}/v1", api_key=KEY, store_url=None,
+            sinks=[recorder],
+        ) as service:  # fmt: skip
+            results = await asyncio.gather(
+                *(
+                    service.execute_generation_async(GenerationRequest(user_prompt="hi"), "dead")
+                    for _ in range(20)
+                )
+            )
+            calls_done = time.monotonic()
+            await service.flush()
+        closed = time.monotonic()
+    assert all(r.success for r in results)
+    # flush() and aclose() are bounded by the 2 s default whatever the collector does (the
+    # bound here leaves room for a loaded machine; without it they took 14 s and 20 s).
+    assert closed - calls_done < 6, closed - calls_done
+    assert closed - started < 30
+    warnings = [e for e in logs if e["log_level"] == "warning" and "collector" in e["event"]]
+    assert len(warnings) == 1, warnings
+    # None of the exporter's per-retry lines reached the logs.
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry.exporter")]

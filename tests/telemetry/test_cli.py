@@ -54,6 +54,43 @@ def test_export_skips_calls_without_completed_and_counts_traces() -> None:
     assert summary.spans == len(exporter.get_finished_spans()) == 4 + 4
 
 
+def test_export_takes_each_calls_resource_from_its_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "the-exporting-shell")
+    stored = streams.success()
+    stored.events[0].payload["resource"] = {
+        "service.name": "checkout",
+        "service.version": "1.2",
+        "service.instance.id": "pod-7",
+    }
+    older = streams.failure()  # stored before resources were: only the event's instance
+    assert "resource" not in older.events[0].payload
+    exporter = InMemorySpanExporter()
+    export_traces([*stored.events, *older.events], exporter)
+    by_trace = {
+        f"{s.context.trace_id:032x}": dict(s.resource.attributes)
+        for s in exporter.get_finished_spans()
+        if s.context is not None
+    }
+    new, old = by_trace[stored.trace_id], by_trace[older.trace_id]
+    assert (new["service.name"], new["service.version"], new["service.instance.id"]) == (
+        "checkout",
+        "1.2",
+        "pod-7",
+    )
+    assert (old["service.name"], old["service.instance.id"]) == (
+        "the-exporting-shell",
+        older.instance,
+    )
+    # --service-name wins over the stored name.
+    exporter.clear()
+    export_traces(stored.events, exporter, service_name="renamed")
+    assert {s.resource.attributes["service.name"] for s in exporter.get_finished_spans()} == {
+        "renamed"
+    }
+
+
 async def _store_with(url: str, builders: list[streams.StreamBuilder]) -> None:
     writer = open_store_sink(url)
     await writer.start()

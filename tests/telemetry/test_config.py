@@ -17,8 +17,7 @@ from opentelemetry.util._once import Once
 from llmtrail import telemetry
 from llmtrail.pipeline import ConfigurationError
 from llmtrail.telemetry import TracingSink, tracing_sink_from_environment
-from llmtrail.telemetry._config import traces_exporter
-from llmtrail.telemetry._export_process import ProcessSpanExporter
+from llmtrail.telemetry._outage import OutageAwareExporter
 
 from . import streams
 
@@ -74,10 +73,17 @@ def test_sdk_disabled_wins_over_everything(monkeypatch: pytest.MonkeyPatch) -> N
     assert tracing_sink_from_environment(force=True) is None
 
 
-def test_traces_exporter_none_turns_traces_off(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_traces_exporter_none_turns_traces_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert tracing_sink_from_environment() is None
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     assert tracing_sink_from_environment(force=True) is None
+    # tracing=True with only traces off still records the GenAI metrics.
+    monkeypatch.delenv("OTEL_METRICS_EXPORTER")
+    sink = tracing_sink_from_environment(force=True)
+    assert sink is not None and sink.tracer_provider is None
+    assert isinstance(sink.meter_provider, MeterProvider)
+    await sink.aclose()
 
 
 def test_unknown_traces_exporter_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,24 +92,18 @@ def test_unknown_traces_exporter_is_a_configuration_error(monkeypatch: pytest.Mo
         tracing_sink_from_environment()
 
 
-@pytest.mark.parametrize(
-    ("value", "kind"),
-    [(None, ProcessSpanExporter), ("1", ProcessSpanExporter), ("off", OTLPSpanExporter)],
-)
-def test_otlp_export_runs_in_a_helper_process_unless_turned_off(
-    monkeypatch: pytest.MonkeyPatch, value: str | None, kind: type
+async def test_the_otlp_span_exporter_runs_in_process_and_reports_outages_once(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if value is not None:
-        monkeypatch.setenv("LLMTRAIL_OTLP_EXPORT_PROCESS", value)
-    exporter = traces_exporter("http://127.0.0.1:4318")
-    assert type(exporter) is kind
-    exporter.shutdown()
-
-
-def test_a_bad_export_process_switch_names_the_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LLMTRAIL_OTLP_EXPORT_PROCESS", "maybe")
-    with pytest.raises(ConfigurationError, match="LLMTRAIL_OTLP_EXPORT_PROCESS='maybe'.*use 1"):
-        traces_exporter("http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    sink = tracing_sink_from_environment()
+    assert sink is not None and sink.tracer_provider is not None
+    processors = sink.tracer_provider._active_span_processor._span_processors
+    assert len(processors) == 1
+    exporter = processors[0].span_exporter  # type: ignore[attr-defined]
+    assert isinstance(exporter, OutageAwareExporter)
+    assert isinstance(exporter.exporter, OTLPSpanExporter)
+    await sink.aclose()
 
 
 def test_unknown_protocol_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,3 +211,35 @@ async def test_metrics_only_when_traces_are_off_but_an_endpoint_is_set(
     sink._owns_meter_provider = False  # don't try to export to the closed port on shutdown
     await sink.aclose()
     sink.meter_provider.shutdown(timeout_millis=100)
+
+
+def test_a_bad_timeout_names_the_fix() -> None:
+    with pytest.raises(ConfigurationError, match=r"timeout_s=0.*seconds > 0"):
+        telemetry.configure(exporter=InMemorySpanExporter(), timeout_s=0)
+
+
+async def test_spans_and_metrics_share_one_instance_unless_the_variables_name_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llmtrail.pipeline import default_instance
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    sink = tracing_sink_from_environment()
+    assert sink is not None and sink.tracer_provider is not None
+    assert isinstance(sink.meter_provider, MeterProvider)
+    # The SDK would give each provider a random instance id of its own.
+    assert sink.tracer_provider.resource is sink.meter_provider._sdk_config.resource
+    assert sink.resource_attributes == {
+        "service.name": "llmtrail",
+        "service.instance.id": default_instance(),
+    }
+    sink._owns_meter_provider = False  # nothing listens: do not wait for a final export
+    await sink.aclose()
+    sink.meter_provider.shutdown(timeout_millis=100)
+
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=pod-7,service.version=2.1")
+    provider = telemetry.configure(exporter=InMemorySpanExporter())
+    assert provider.resource.attributes["service.instance.id"] == "pod-7"
+    sink = tracing_sink_from_environment()
+    assert sink is not None
+    assert sink.resource_attributes["service.version"] == "2.1"

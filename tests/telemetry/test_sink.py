@@ -10,18 +10,17 @@ import pytest
 from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import ReadableSpan, SynchronousMultiSpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
-from llmtrail import telemetry
 from llmtrail.pipeline import EventSink, child_span_id
-from llmtrail.telemetry import TracingSink, rebuild_spans, tracing_sink_from_environment
+from llmtrail.telemetry import TracingSink, rebuild_spans
 
 from . import streams
 from .conftest import span_fingerprint
+from .servers import serve
 from .streams import API_KEY
 
 
@@ -149,17 +148,8 @@ async def echo_server() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
         seen.append(dict(request.headers))
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_post("/v1/responses", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with serve({"/v1/responses": handle}) as url:
+        yield url, seen
 
 
 async def test_http_span_nests_under_the_attempt_span_the_pipeline_makes_current(
@@ -218,88 +208,40 @@ async def test_instrument_http_client_rejects_other_clients(provider: TracerProv
     await sink.aclose()
 
 
-# --- the direct span path (a provider llmtrail made) ---------------------------------------
-def _spans_both_ways(
-    calls: list[streams.StreamBuilder], monkeypatch: pytest.MonkeyPatch | None = None
-) -> tuple[list[ReadableSpan], list[ReadableSpan], TracingSink]:
-    """The same calls through a direct-path sink and through the Tracer path."""
-    direct_exporter = InMemorySpanExporter()
-    active = SynchronousMultiSpanProcessor()
-    direct_provider = TracerProvider(shutdown_on_exit=False, active_span_processor=active)
-    direct_provider.add_span_processor(SimpleSpanProcessor(direct_exporter))
-    direct = TracingSink(
-        tracer_provider=direct_provider, owns_tracer_provider=True, span_processor=active
-    )
-    tracer_exporter = InMemorySpanExporter()
-    tracer_provider = TracerProvider(shutdown_on_exit=False)
-    tracer_provider.add_span_processor(SimpleSpanProcessor(tracer_exporter))
-    via_tracer = TracingSink(tracer_provider=tracer_provider, owns_tracer_provider=True)
-    for call in calls:
-        for event in call.events:
-            direct.emit(event)
-            via_tracer.emit(event)
-    return (
-        list(direct_exporter.get_finished_spans()),
-        list(tracer_exporter.get_finished_spans()),
-        direct,
-    )
-
-
-async def test_direct_spans_equal_the_tracers_field_for_field_and_on_the_wire() -> None:
-    calls = [factory() for factory in streams.ALL_SCENARIOS.values()]
-    direct, via_tracer, sink = _spans_both_ways(calls)
-    assert sink._direct is not None, "the direct path was taken"
-    assert len(direct) == len(via_tracer) > len(calls)
-    # to_json covers ids, flags, parent, kind, times, status, attributes, events, resource.
-    assert sorted(s.to_json() for s in direct) == sorted(s.to_json() for s in via_tracer)
-    assert sorted(map(span_fingerprint, direct)) == sorted(map(span_fingerprint, via_tracer))
-    for a, b in zip(
-        sorted(direct, key=span_fingerprint), sorted(via_tracer, key=span_fingerprint), strict=True
-    ):
-        assert a.instrumentation_scope == b.instrumentation_scope
-        assert a.parent == b.parent and a.context == b.context
-        assert (a.dropped_attributes, a.dropped_events) == (b.dropped_attributes, b.dropped_events)
-    # What the OTLP exporter sends is byte for byte the same.
-    assert (
-        encode_spans(sorted(direct, key=span_fingerprint)).SerializeToString()
-        == encode_spans(sorted(via_tracer, key=span_fingerprint)).SerializeToString()
-    )
-    await sink.aclose()
-
-
-async def test_a_call_beyond_the_span_limits_takes_the_tracer_path_and_is_truncated_alike(
+# --- the one span path: the SDK's Tracer, with its sampler and limits ----------------------
+async def test_span_limits_and_samplers_apply_as_the_sdk_applies_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "5")
-    direct, via_tracer, sink = _spans_both_ways([streams.success()])
-    assert sink._direct is not None
-    assert sorted(s.to_json() for s in direct) == sorted(s.to_json() for s in via_tracer)
-    assert max(len(s.attributes or {}) for s in direct) == 5
-    await sink.aclose()
-
-
-async def test_a_non_default_sampler_keeps_the_tracer_path(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
-    direct, via_tracer, sink = _spans_both_ways([streams.success()])
-    assert sink._direct is None
-    assert direct == via_tracer == []
-    await sink.aclose()
-
-
-async def test_a_processor_added_to_configures_provider_gets_the_direct_spans() -> None:
     exporter = InMemorySpanExporter()
-    provider = telemetry.configure(exporter=exporter)
-    added = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(added))
-    sink = tracing_sink_from_environment()
-    assert sink is not None and sink._direct is not None
-    for event in streams.retry_then_success().events:
+    limited = TracerProvider(shutdown_on_exit=False)
+    limited.add_span_processor(SimpleSpanProcessor(exporter))
+    sink = TracingSink(tracer_provider=limited, owns_tracer_provider=True)
+    for event in streams.success().events:
         sink.emit(event)
-    await sink.flush()
-    assert len(added.get_finished_spans()) == 4
-    assert sorted(map(span_fingerprint, added.get_finished_spans())) == sorted(
-        map(span_fingerprint, exporter.get_finished_spans())
-    )
+    assert max(len(s.attributes or {}) for s in exporter.get_finished_spans()) == 5
     await sink.aclose()
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    exporter.clear()
+    dropping = TracerProvider(shutdown_on_exit=False)
+    dropping.add_span_processor(SimpleSpanProcessor(exporter))
+    sink = TracingSink(tracer_provider=dropping, owns_tracer_provider=True)
+    for event in streams.success().events:
+        sink.emit(event)
+    assert exporter.get_finished_spans() == ()
+    await sink.aclose()
+
+
+async def test_spans_carry_the_scope_version_and_schema_url(
+    provider: TracerProvider, memory_exporter: InMemorySpanExporter
+) -> None:
+    sink = TracingSink(tracer_provider=provider)
+    for event in streams.success().events:
+        sink.emit(event)
+    await sink.aclose()
+    scopes = {s.instrumentation_scope for s in memory_exporter.get_finished_spans()}
+    assert len(scopes) == 1
+    (scope,) = scopes
+    assert scope is not None and scope.name == "llmtrail"
+    assert scope.schema_url == "https://opentelemetry.io/schemas/1.41.1"
