@@ -125,6 +125,9 @@ class CallState:
         "latency",
         "rpm_now",
         "tpm_now",
+        "stream",
+        "holding",
+        "sent_at",
     )
 
     def __init__(self) -> None:
@@ -138,6 +141,9 @@ class CallState:
         self.latency = 0.0
         self.rpm_now = 0
         self.tpm_now = 0
+        self.stream = False  # a streamed call (pipeline/_stream.py)
+        self.holding = False  # an opened stream holds its semaphore permit until it ends
+        self.sent_at = 0.0  # when the open stream's attempt was sent
 
 
 def money(value: Decimal | None) -> str | None:

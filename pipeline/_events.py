@@ -19,7 +19,8 @@ Payload fields, by type (``None`` where unknown):
     operation_name, model, request_id, metadata (str -> str), estimated_input_tokens,
     max_output_tokens, reserved_tokens (what the TPM gate is asked for), rpm_at_start,
     tpm_at_start, parent_span_id (the caller's span, or None), temperature, reasoning_effort,
-    server_address, server_port, capture_content, limits (the service's max_rpm, max_tpm,
+    server_address, server_port, capture_content, stream (a streamed call), api
+    ("responses" | "chat": the provider's API), limits (the service's max_rpm, max_tpm,
     window_s, max_concurrent_requests, max_attempts, default_max_output_tokens, send_guard_s:
     what a replay needs to reproduce the run); with capture_content also ``input`` (the
     messages).
@@ -32,11 +33,20 @@ Payload fields, by type (``None`` where unknown):
     is released between attempts, so a retry never waits at a gate holding one.
 ``sent``
     attempt. ``occurred_at`` is when the attempt was handed to the SDK.
+``first_token``
+    (streamed calls only, between ``sent`` and ``received``) attempt, ttft_s (from the
+    attempt's ``sent`` to its first text delta: the provider's time to first token),
+    call_ttft_s (from the call's start, gates and semaphore included: what the caller waited).
 ``received``
     attempt, latency_s, status, response_id, response_model, finish_reasons (list),
     input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd
     (decimal string, or None when the model has no price), provider_request_id, rate_limits
     (the x-ratelimit-* headers, name -> value); with capture_content also ``content``.
+    A streamed call's ``received`` comes when its stream ends (``latency_s`` is then the
+    whole stream) and adds streamed (True), partial (the stream ended before the answer was
+    complete: abandoned, cancelled or broken) and usage_estimated (the provider sent no usage,
+    so the tokens are the documented estimate of ``pipeline/_stream.py``). It is the one
+    event that carries billed tokens, for streamed and plain calls alike.
 ``attempt_failed``
     attempt, latency_s, error_type, status, retryable, retry_after_s, message, provider_code,
     provider_request_id, rate_limits.
@@ -78,6 +88,7 @@ class EventType(StrEnum):
     GATE_WAIT = "gate_wait"
     SEMAPHORE_ACQUIRED = "semaphore_acquired"
     SENT = "sent"
+    FIRST_TOKEN = "first_token"
     RECEIVED = "received"
     ATTEMPT_FAILED = "attempt_failed"
     RETRY_SCHEDULED = "retry_scheduled"

@@ -36,7 +36,7 @@ from ._stats import OperationUsage, RateMeter
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
 from .typing import Clock, Provider, ProviderError, ProviderResponse
 
-__all__ = ["AnyGate", "CallFlow"]
+__all__ = ["AnyGate", "CallFlow", "coerce_request"]
 
 # What the service holds: the in-process gate or the shared one (the same methods).
 AnyGate = SlidingWindowGate | RedisSlidingWindowGate
@@ -110,13 +110,7 @@ class CallFlow:
         state = CallState()
         if not isinstance(request, GenerationRequest):
             try:
-                request = (
-                    GenerationRequest(**request)
-                    if isinstance(request, Mapping)
-                    else GenerationRequest(user_prompt=request)
-                    if isinstance(request, str)
-                    else _reject(request)
-                )
+                request = coerce_request(request)
             except (TypeError, ValueError) as exc:
                 op = operation_name or "generation"
                 return self._fail_early(
@@ -127,19 +121,7 @@ class CallFlow:
         try:
             return await self._run(call, state, request, op, model, parent, t0)
         except asyncio.CancelledError:
-            self._give_back(call, state, "cancelled")
-            self._complete(
-                call,
-                state,
-                request,
-                op,
-                model,
-                None,
-                ErrorType.CANCELLED,
-                "the call was cancelled by its caller",
-                t0,
-                Outcome.CANCELLED,
-            )
+            self._cancelled(call, state, request, op, model, t0)
             raise
         except Exception as exc:  # a bug of ours: report it as a result, never leak slots
             # The traceback without local variables: a renderer that shows locals would
@@ -149,6 +131,30 @@ class CallFlow:
             )
             message = f"internal error in llmtrail: {exc!r}"
             return self._fail(call, state, request, op, model, ErrorType.INTERNAL, message, t0)
+
+    def _cancelled(
+        self,
+        call: CallStream,
+        state: CallState,
+        request: GenerationRequest,
+        op: str,
+        model: str,
+        t0: float,
+    ) -> None:
+        """Give back what the provider never counted; complete the call as cancelled."""
+        self._give_back(call, state, "cancelled")
+        self._complete(
+            call,
+            state,
+            request,
+            op,
+            model,
+            None,
+            ErrorType.CANCELLED,
+            "the call was cancelled by its caller",
+            t0,
+            Outcome.CANCELLED,
+        )
 
     def _fail_early(
         self,
@@ -194,6 +200,41 @@ class CallFlow:
         parent: otel_trace.SpanContext,
         t0: float,
     ) -> GenerationResult:
+        failed = await self._admit(call, state, request, op, model, parent, t0)
+        if failed is not None:
+            return failed
+        tpm = self._tpm
+        max_out = request.max_output_tokens
+        try:
+            response = await self._attempts(call, state, request, model)
+        except ProviderError as exc:
+            # Slots of attempts that never reached the provider go back; the rest stay counted.
+            reason = "not_sent" if state.reached else "connection_refused"
+            return self._fail(
+                call, state, request, op, model, exc.error_type, exc.message, t0, reason
+            )
+        except RateLimitBackendUnavailable as exc:  # a retry's RPM slot could not be had
+            error_type = ErrorType.LIMITER_UNAVAILABLE
+            return self._fail(call, state, request, op, model, error_type, str(exc), t0)
+        if state.tpm_res is not None and tpm is not None:
+            # The provider's TPM counts real input plus max_output_tokens when given.
+            counted = response.input_tokens + (max_out or response.output_tokens)
+            tpm.reconcile(state.tpm_res, counted)
+        return self._complete(
+            call, state, request, op, model, response, None, None, t0, Outcome.SUCCEEDED
+        )
+
+    async def _admit(
+        self,
+        call: CallStream,
+        state: CallState,
+        request: GenerationRequest,
+        op: str,
+        model: str,
+        parent: otel_trace.SpanContext,
+        t0: float,
+    ) -> GenerationResult | None:
+        """``trace_created`` and both gates; a failed result when a gate refused the call."""
         now = t0
         est_input = estimate_input_tokens(request)
         max_out = request.max_output_tokens
@@ -216,6 +257,8 @@ class CallFlow:
             "server_address": self._provider.server_address,
             "server_port": self._provider.server_port,
             "capture_content": self.capture_content,
+            "stream": state.stream,
+            "api": getattr(self._provider, "api", "responses"),
             "limits": self._limits,
         }
         if self.capture_content:
@@ -255,25 +298,7 @@ class CallFlow:
         except RateLimitBackendUnavailable as exc:
             error_type = ErrorType.LIMITER_UNAVAILABLE
             return self._fail(call, state, request, op, model, error_type, str(exc), t0)
-
-        try:
-            response = await self._attempts(call, state, request, model)
-        except ProviderError as exc:
-            # Slots of attempts that never reached the provider go back; the rest stay counted.
-            reason = "not_sent" if state.reached else "connection_refused"
-            return self._fail(
-                call, state, request, op, model, exc.error_type, exc.message, t0, reason
-            )
-        except RateLimitBackendUnavailable as exc:  # a retry's RPM slot could not be had
-            error_type = ErrorType.LIMITER_UNAVAILABLE
-            return self._fail(call, state, request, op, model, error_type, str(exc), t0)
-        if state.tpm_res is not None and tpm is not None:
-            # The provider's TPM counts real input plus max_output_tokens when given.
-            counted = response.input_tokens + (max_out or response.output_tokens)
-            tpm.reconcile(state.tpm_res, counted)
-        return self._complete(
-            call, state, request, op, model, response, None, None, t0, Outcome.SUCCEEDED
-        )
+        return None
 
     def _fail(
         self,
@@ -367,7 +392,8 @@ class CallFlow:
             )
             return await self._send(call, state, request, model, n)
         finally:
-            sem.release()
+            if not state.holding:  # an opened stream keeps its permit until it ends
+                sem.release()
 
     async def _send(
         self, call: CallStream, state: CallState, request: GenerationRequest, model: str, n: int
@@ -396,7 +422,7 @@ class CallFlow:
                 otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(span_context))
             )
         try:
-            invoke: Any = self._provider.invoke
+            invoke: Any = self._provider.open_stream if state.stream else self._provider.invoke
             response: ProviderResponse = await invoke(
                 request,
                 model=model,
@@ -469,9 +495,28 @@ class CallFlow:
                 otel_context.detach(token)
         state.reached = True
         state.latency = clock.now() - sent_at
+        if state.stream:  # opened: `received` is emitted when the stream ends (_stream.py)
+            state.holding = True
+            state.sent_at = sent_at
+            self._observe(response.rate_limits)
+            return response
+        self._received(call, model, n, state.latency, response)
+        self._observe(response.rate_limits)
+        return response
+
+    def _received(
+        self,
+        call: CallStream,
+        model: str,
+        n: int,
+        latency: float,
+        response: ProviderResponse,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Emit ``received`` for the answer of attempt ``n`` (``extra``: a stream's fields)."""
         received: dict[str, Any] = {
             "attempt": n,
-            "latency_s": state.latency,
+            "latency_s": latency,
             "status": response.status,
             "response_id": response.response_id,
             "response_model": response.response_model,
@@ -485,11 +530,11 @@ class CallFlow:
             "provider_request_id": response.provider_request_id,
             "rate_limits": response.rate_limits,
         }
+        if extra:
+            received.update(extra)
         if self.capture_content:
             received["content"] = response.raw_content
         call.emit(EventType.RECEIVED, received)
-        self._observe(response.rate_limits)
-        return response
 
     def _observe(self, rate_limits: Mapping[str, str]) -> None:
         if not rate_limits:
@@ -615,14 +660,24 @@ class CallFlow:
                 totals = self._usage[op] = OperationUsage()
             totals.add(result)
         else:
-            totals = self._usage.setdefault(op, OperationUsage())
-            totals.calls += 1
-            totals.cancelled += 1
+            self._usage.setdefault(op, OperationUsage()).add(result, cancelled=True)
         if error_type is not None and outcome is Outcome.FAILED:
             _log.warning(
                 "llm call failed", operation=op, error_type=str(error_type), attempts=state.attempts
             )
         return result
+
+
+def coerce_request(request: object) -> GenerationRequest:
+    """A GenerationRequest from what a caller passed (a request, a dict of its fields or a
+    prompt string); anything else raises TypeError naming the fix."""
+    if isinstance(request, GenerationRequest):
+        return request
+    if isinstance(request, Mapping):
+        return GenerationRequest(**request)
+    if isinstance(request, str):
+        return GenerationRequest(user_prompt=request)
+    return _reject(request)
 
 
 def _reject(request: object) -> GenerationRequest:
