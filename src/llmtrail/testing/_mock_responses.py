@@ -2,7 +2,8 @@
 
 Everything here is a pure function of the request body and its arguments (ids aside): the
 server's state (rate window, prompt cache, quota, faults) lives in
-:mod:`llmtrail.testing._mock_server`, which calls :func:`plan_request` once per arrival and builds its answer from the plan.
+:mod:`llmtrail.testing._mock_server`, which calls :func:`plan_request` once per arrival and
+builds its answer from the plan.
 
 This module imports nothing from ``pipeline``: the server runs it in a child process that must
 not import the package (and with it the openai SDK).
