@@ -56,6 +56,9 @@ class Fault(StrEnum):
     DROP = "drop"  # the socket is closed without any response
     MALFORMED_JSON = "malformed_json"  # 200 with a truncated JSON body (or SSE event)
     MISSING_USAGE = "missing_usage"  # 200 with a valid response whose usage is null
+    # A stream cut after half its text deltas (the socket closed mid-body); a plain answer is
+    # dropped like DROP.
+    STREAM_BREAK = "stream_break"
 
 
 _FAULT_RATE_FIELDS: tuple[tuple[str, Fault], ...] = (
@@ -67,6 +70,7 @@ _FAULT_RATE_FIELDS: tuple[tuple[str, Fault], ...] = (
     ("fault_drop_rate", Fault.DROP),
     ("fault_malformed_rate", Fault.MALFORMED_JSON),
     ("fault_no_usage_rate", Fault.MISSING_USAGE),
+    ("fault_stream_break_rate", Fault.STREAM_BREAK),
 )
 
 
@@ -96,6 +100,9 @@ class MockServerConfig:
     fault_drop_rate: float = field(default=0.0, metadata=_opt("share of dropped connections"))
     fault_malformed_rate: float = field(default=0.0, metadata=_opt("share of invalid JSON"))
     fault_no_usage_rate: float = field(default=0.0, metadata=_opt("share without usage"))
+    fault_stream_break_rate: float = field(
+        default=0.0, metadata=_opt("share of streams cut mid-body")
+    )
     fault_script: tuple[str, ...] = field(
         default=(),
         metadata=_opt("faults of the first arrivals, comma separated ('none' for no fault)"),
@@ -178,6 +185,7 @@ class LogRecord:
     client_request_id: str | None
     authorization_present: bool
     model: str | None = None
+    api: str = "responses"  # or "chat" (/v1/chat/completions)
     stream: bool = False
     status: int | None = None
     fault: str | None = None

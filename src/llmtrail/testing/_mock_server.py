@@ -1,14 +1,17 @@
 """A local OpenAI-compatible server for tests, the demo and benchmarks (``llmtrail mock-server``).
 
-It serves ``POST /v1/responses`` (JSON and SSE) with aiohttp, plus control endpoints under
-``/_mock/`` (``GET /_mock/log``, ``POST /_mock/reset``, ``GET``/``POST /_mock/config``).
+It serves ``POST /v1/responses`` and ``POST /v1/chat/completions`` (each JSON and SSE) with
+aiohttp, plus control endpoints under ``/_mock/`` (``GET /_mock/log``, ``POST /_mock/reset``,
+``GET``/``POST /_mock/config``). Both APIs share one log, rate window, prompt cache, quota and
+fault sequence, and answer the same conversation with the same text and usage (a Chat
+Completions stream sends its usage chunk only when ``stream_options.include_usage`` is set).
 
 Invariants:
 - Given the config, the seed and the order of arrivals, everything is deterministic: usage, the
   output text, and the fault and latency jitter drawn for the n-th arrival.
 - One arrival decides auth, validation, quota, rate window and fault with no ``await`` in
   between, so two concurrent arrivals can never both take the last slot of a window.
-- Every arrival at ``/v1/responses`` gets exactly one log record; its ``status`` is set when an
+- Every arrival at either API gets exactly one log record; its ``status`` is set when an
   HTTP answer is actually sent (``None``: dropped, hung, or the client left before the answer).
 - Every HTTP answer carries ``x-request-id`` and the six ``x-ratelimit-*`` headers.
 
@@ -72,11 +75,16 @@ from ._mock_config import (
 from ._mock_responses import (
     BadRequest,
     Plan,
+    chat_as_responses,
+    chat_body,
+    chat_chunks,
+    chat_usage,
     error_body,
     new_id,
     plan_request,
     response_body,
     sse,
+    sse_data,
     stream_head,
     stream_tail,
     usage_of,
@@ -188,6 +196,7 @@ class MockServer:
         self._closing = asyncio.Event()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/responses", self._handle_responses)
+        app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/_mock/log", self._handle_log)
         app.router.add_post("/_mock/reset", self._handle_reset)
         app.router.add_get("/_mock/config", self._handle_config)
@@ -327,6 +336,12 @@ class MockServer:
         return web.Response()
 
     async def _handle_responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         raw = await request.read()
         config, now = self._config, self._clock()
         index, self._next_index = self._next_index, self._next_index + 1
@@ -341,6 +356,7 @@ class MockServer:
             request_id=new_id("req_", 16),
             client_request_id=request.headers.get("x-client-request-id"),
             authorization_present=authorization is not None,
+            api="chat" if chat else "responses",
         )
         self._log.append(record)
         for count, waiter in self._arrival_waiters:
@@ -362,7 +378,7 @@ class MockServer:
         try:
             body = json.loads(raw)
             plan = plan_request(
-                body,
+                chat_as_responses(body) if chat else body,
                 output_tokens_min=config.output_tokens_min,
                 output_tokens_max=config.output_tokens_max,
             )
@@ -437,14 +453,20 @@ class MockServer:
             if fault is Fault.SLOW
             else (config.latency_s + jitter_draw * config.latency_jitter_s)
         )
-        usage = None if fault is Fault.MISSING_USAGE else usage_of(plan, cached)
+        usage_shape = chat_usage if chat else usage_of
+        usage = None if fault is Fault.MISSING_USAGE else usage_shape(plan, cached)
         if plan.stream:
-            return await self._stream(request, record, plan, body, usage, fault, delay)
+            return await self._stream(request, record, plan, body, usage, fault, delay, chat)
+        if fault is Fault.STREAM_BREAK:
+            return self._drop(request)
         if delay > 0 and not await self._sleep(delay):
             return self._drop(request)
-        status = "incomplete" if plan.incomplete else "completed"
-        ids = (new_id("resp_"), new_id("msg_"))
-        answer = response_body(plan, body, ids, int(time.time()), status, usage)
+        if chat:
+            answer = chat_body(plan, new_id("chatcmpl-"), int(time.time()), usage)
+        else:
+            status = "incomplete" if plan.incomplete else "completed"
+            ids = (new_id("resp_"), new_id("msg_"))
+            answer = response_body(plan, body, ids, int(time.time()), status, usage)
         payload = json.dumps(answer).encode()
         if fault is Fault.MALFORMED_JSON:
             payload = payload[: len(payload) // 2]
@@ -459,7 +481,9 @@ class MockServer:
         usage: dict[str, Any] | None,
         fault: Fault | None,
         delay: float,
+        chat: bool,
     ) -> web.StreamResponse:
+        """An SSE answer: its head at once, the rest after ``delay`` (or a fault instead)."""
         response = web.StreamResponse(
             status=200,
             headers={
@@ -470,19 +494,43 @@ class MockServer:
         )
         await response.prepare(request)
         record.status = 200
-        ids, created_at = (new_id("resp_"), new_id("msg_")), int(time.time())
-        head = stream_head(plan, body, ids, created_at)
-        await response.write(sse(head, 0))
+        chunks, created_at = self._config.stream_chunks, int(time.time())
+        encode: Callable[[list[dict[str, Any]], int, bool], bytes]
+        if chat:
+            options = body.get("stream_options")
+            include = isinstance(options, dict) and options.get("include_usage") is True
+            events = chat_chunks(
+                plan, new_id("chatcmpl-"), created_at, usage if include else None, chunks
+            )
+            head, tail = events[:1], events[1:]
+
+            def encode(items: list[dict[str, Any]], first: int, done: bool) -> bytes:
+                return sse_data(items, done=done)
+
+            malformed = b'data: {"id": "chatcmpl-\n\n'
+        else:
+            ids = (new_id("resp_"), new_id("msg_"))
+            head = stream_head(plan, body, ids, created_at)
+            status = "incomplete" if plan.incomplete else "completed"
+            tail = stream_tail(plan, body, ids, created_at, status, usage, chunks)
+
+            def encode(items: list[dict[str, Any]], first: int, done: bool) -> bytes:
+                return sse(items, first)
+
+            malformed = b'event: response.output_text.delta\ndata: {"type": "resp\n\n'
+        await response.write(encode(head, 0, False))
         if delay > 0 and not await self._sleep(delay):
             self._drop(request)
             return response
         if fault is Fault.MALFORMED_JSON:
-            await response.write(b'event: response.output_text.delta\ndata: {"type": "resp\n\n')
-            await response.write_eof()
+            await response.write(malformed)
+        elif fault is Fault.STREAM_BREAK:
+            # Half the events, then the socket closes: the client reads an incomplete body.
+            await response.write(encode(tail[: max(len(tail) // 2, 1)], len(head), False))
+            self._drop(request)
             return response
-        status = "incomplete" if plan.incomplete else "completed"
-        events = stream_tail(plan, body, ids, created_at, status, usage, self._config.stream_chunks)
-        await response.write(sse(events, len(head)))
+        else:
+            await response.write(encode(tail, len(head), True))
         await response.write_eof()
         return response
 
