@@ -354,12 +354,14 @@ async def test_rpm_cap_holds_for_streamed_calls(
 
 def test_the_sync_twin_streams_from_a_thread_and_ends_an_abandoned_stream_cancelled() -> None:
     recorder = RecordingSink()
-    with running_in_thread() as server:
-        with service_for(server.url, recorder, "openai-chat") as service:
-            items = list(service.execute_generation_stream_sync(GenerationRequest(user_prompt="a")))
-            for _ in service.execute_generation_stream_sync(GenerationRequest(user_prompt="b")):
-                break
-            stats = service.stats()
+    with (
+        running_in_thread() as server,
+        service_for(server.url, recorder, "openai-chat") as service,
+    ):
+        items = list(service.execute_generation_stream_sync(GenerationRequest(user_prompt="a")))
+        for _ in service.execute_generation_stream_sync(GenerationRequest(user_prompt="b")):
+            break
+        stats = service.stats()
     *deltas, result = items
     assert isinstance(result, GenerationResult) and result.success
     assert "".join(deltas) == result.content
