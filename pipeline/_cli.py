@@ -55,6 +55,7 @@ class _Tally:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.ttft: list[float] = []  # per streamed call: seconds to its first text delta
 
     def emit(self, event: Event) -> bool:
         if event.type is EventType.ATTEMPT_FAILED:
@@ -102,6 +103,15 @@ def _add_demo(subparsers: Any) -> None:
     p.add_argument("--no-store", action="store_true", help="do not persist events")
     p.add_argument("--openai", action="store_true", help="call OpenAI (needs OPENAI_API_KEY)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--api",
+        choices=("responses", "chat"),
+        default="responses",
+        help="the API to call: the Responses API or Chat Completions (default responses)",
+    )
+    p.add_argument(
+        "--stream", action="store_true", help="stream the answers (the summary adds TTFT)"
+    )
     p.set_defaults(func=_demo)
 
 
@@ -176,6 +186,7 @@ async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
             api_key=api_key,
             store_url=None if args.no_store else args.store,
             sinks=[tally],
+            provider="openai-chat" if args.api == "chat" else "openai",
         ) as service:
             with Progress(
                 "[progress.description]{task.description}",
@@ -197,7 +208,10 @@ async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
                         metadata={"tenant": _TENANTS[i % len(_TENANTS)], "demo": "1"},
                         request_id=f"demo-{i}",
                     )
-                    results.append(await service.execute_generation_async(request, op))
+                    if args.stream:
+                        results.append(await _streamed(service, request, op, tally))
+                    else:
+                        results.append(await service.execute_generation_async(request, op))
                     progress.advance(task)
 
                 await asyncio.gather(*(one(i) for i in range(args.calls)))
@@ -209,6 +223,24 @@ async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
             server_429 = sum(1 for r in server.log if r.status == 429)
             await server.stop()
     return _summarise(results, tally, elapsed, server_429, args)
+
+
+async def _streamed(
+    service: Any, request: GenerationRequest, op: str, tally: _Tally
+) -> GenerationResult:
+    """One streamed call, read to its end; the time to its first delta goes to the tally."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result: GenerationResult | None = None
+    async with service.execute_generation_stream(request, op) as stream:
+        async for item in stream:
+            if isinstance(item, GenerationResult):
+                result = item
+            elif len(tally.ttft) < tally.counts["streams"] + 1:
+                tally.ttft.append(loop.time() - started)
+        tally.counts["streams"] += 1
+    assert result is not None
+    return result
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -252,6 +284,16 @@ def _summarise(
         "semaphore_wait_mean_s": round(
             statistics.fmean(r.timings.semaphore_wait_s for r in results), 4
         ),
+        "api": args.api,
+        "stream": args.stream,
+        **(
+            {
+                "ttft_p50_s": round(_percentile(tally.ttft, 50), 4),
+                "ttft_p95_s": round(_percentile(tally.ttft, 95), 4),
+            }
+            if args.stream
+            else {}
+        ),
         "store": None if args.no_store else args.store,
     }
 
@@ -279,7 +321,7 @@ def _add_mock_server(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "mock-server",
-        help="run the local OpenAI-compatible server (POST /v1/responses)",
+        help="run the local OpenAI-compatible server (/v1/responses, /v1/chat/completions)",
         description="A local Responses API server with rate limits, latency and faults.",
     )
     add_arguments(p)
