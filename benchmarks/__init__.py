@@ -17,12 +17,13 @@ BENCHES: dict[str, tuple[str, str]] = {
     "replay": ("benchmarks.bench_replay", "4. Replay"),
     "scale": ("benchmarks.bench_scale", "5. Scale: 10,000 concurrent calls"),
     "scale_out": ("benchmarks.bench_scale_out", "6. Scale out"),
+    "stream": ("benchmarks.bench_stream", "7. Streamed calls"),
     # Micro-benchmarks of one component, for its engineer: run with --only NAME or --all.
     "tracing_sink": ("benchmarks.bench_tracing_sink", "Extra: tracing sink cost per call"),
     "store_writer": ("benchmarks.bench_store_writer", "Extra: event writer in detail"),
 }
 
 #: What runs without --only / --all: the figures the issues ask for.
-DEFAULT_BENCHES = ("overhead", "gates", "store", "replay", "scale", "scale_out")
+DEFAULT_BENCHES = ("overhead", "gates", "store", "replay", "scale", "scale_out", "stream")
 
 __all__ = ["BENCHES", "DEFAULT_BENCHES"]

@@ -110,7 +110,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     def ready(url: str) -> None:
         print(url, flush=True)
-        print(f"llmtrail mock-server: POST {url}/v1/responses; Ctrl-C to stop", file=sys.stderr)
+        print(
+            f"llmtrail mock-server: POST {url}/v1/responses or {url}/v1/chat/completions; "
+            "Ctrl-C to stop",
+            file=sys.stderr,
+        )
 
     try:
         serve(config, args.host, args.port, on_ready=ready)
