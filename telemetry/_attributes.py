@@ -34,6 +34,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
 )
 from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
     GEN_AI_CLIENT_OPERATION_DURATION,
+    GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK,
     GEN_AI_CLIENT_TOKEN_USAGE,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
@@ -47,6 +48,7 @@ __all__ = [
     "EVENT_RETRY_SCHEDULED",
     "EVENT_UNMARKED",
     "GEN_AI_CLIENT_OPERATION_DURATION",
+    "GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK",
     "GEN_AI_CLIENT_TOKEN_USAGE",
     "GEN_AI_INPUT_MESSAGES",
     "GEN_AI_OPERATION_NAME",

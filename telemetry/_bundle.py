@@ -147,12 +147,16 @@ class _Collect(SpanProcessor):
 
 def record_call_metrics(metrics: GenAIMetrics, events: Sequence[Event]) -> None:
     """Record one finished call's GenAI metric points."""
-    received = None
+    received = first_token = None
     for event in reversed(events):
-        if event.type is EventType.RECEIVED:
+        if event.type is EventType.RECEIVED and received is None:
             received = event.payload
+        elif event.type is EventType.FIRST_TOKEN:
+            first_token = event.payload
             break
-    metrics.record(events[0], events[-1], received)
+        elif event.type is EventType.SENT:  # a stream's first_token follows its last send
+            break
+    metrics.record(events[0], events[-1], received, first_token)
 
 
 # --- the wire form ----------------------------------------------------------------------

@@ -47,9 +47,8 @@ def service_for(url: str, recorder: RecordingSink, api: str, **kwargs: Any) -> B
     kwargs.setdefault("tracing", False)
     kwargs.setdefault("max_rpm", 6000)
     kwargs.setdefault("max_tpm", 10_000_000)
-    return BaseLLMService(
-        "gpt-4o-mini", base_url=f"{url}/v1", api_key=KEY, sinks=[recorder], provider=api, **kwargs
-    )
+    kwargs.setdefault("sinks", [recorder])
+    return BaseLLMService("gpt-4o-mini", base_url=f"{url}/v1", api_key=KEY, provider=api, **kwargs)
 
 
 async def consume(stream: GenerationStream) -> tuple[list[str], GenerationResult]:
@@ -387,3 +386,69 @@ async def test_a_streamed_call_span_carries_time_to_first_chunk(
     assert [e.name for e in attempt.events] == [A.EVENT_FIRST_TOKEN]
     assert attempt.events[0].attributes[A.LLMTRAIL_TTFT_S] == first["ttft_s"]
     assert attempt.attributes[A.LLMTRAIL_OUTCOME] == "succeeded"
+
+
+async def test_time_to_first_chunk_is_recorded_as_the_genai_metric(
+    mock_server: Any, recorder: RecordingSink
+) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+
+    from llmtrail.telemetry import TracingSink
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    sink = TracingSink(meter_provider=meters)
+    try:
+        async with service_for(
+            mock_server.url, recorder, "openai-chat", sinks=[recorder, sink]
+        ) as service:
+            _, streamed = await consume(
+                service.execute_generation_stream(GenerationRequest(user_prompt="Hi"))
+            )
+            await service.execute_generation_async(GenerationRequest(user_prompt="Hi"))
+        data = reader.get_metrics_data()
+    finally:
+        meters.shutdown()
+    assert data is not None
+    points = [
+        p
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == A.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK
+        for p in m.data.data_points
+        if isinstance(p, HistogramDataPoint)
+    ]
+    first = payload(events_of(recorder, streamed.call_id), "first_token")
+    assert [p.count for p in points] == [1]  # the plain call records none
+    assert points[0].sum == pytest.approx(first["call_ttft_s"])
+
+
+async def test_own_loop_streams_run_on_the_service_loop_and_end_cancelled_when_abandoned(
+    mock_server: Any, recorder: RecordingSink
+) -> None:
+    async with service_for(mock_server.url, recorder, "openai", own_loop=True) as service:
+        deltas, result = await consume(
+            service.execute_generation_stream(GenerationRequest(user_prompt="Hi"))
+        )
+        async with service.execute_generation_stream(GenerationRequest(user_prompt="Hi")) as s:
+            async for _ in s:
+                break
+    assert result.success and "".join(deltas) == result.content
+    outcomes = [e.payload["outcome"] for e in recorder.events if str(e.type) == "completed"]
+    assert outcomes == ["succeeded", "cancelled"]
+
+
+async def test_aclose_ends_a_stream_left_open_and_still_referenced(
+    mock_server: Any, recorder: RecordingSink
+) -> None:
+    service = service_for(mock_server.url, recorder, "openai-chat")
+    await service.start()
+    stream = service.execute_generation_stream(GenerationRequest(user_prompt="Hi"))
+    assert isinstance(await anext(stream), str)
+    async with asyncio.timeout(10):
+        await service.aclose()  # would wait forever on the open stream's call otherwise
+    assert recorder.events[-1].payload["outcome"] == "cancelled"
+    assert service.semaphore.in_flight() == 0
+    del stream
