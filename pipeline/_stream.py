@@ -34,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
@@ -139,25 +140,13 @@ async def _call_stream(
         op = operation_name or request.operation_name or "generation"
         model = request.model or flow.model
         try:
-            failed = await flow._admit(call, state, request, op, model, parent, t0)
-            if failed is None:
-                try:
-                    stream: Any = await flow._attempts(call, state, request, model)
-                except ProviderError as exc:
-                    reason = "not_sent" if state.reached else "connection_refused"
-                    failed = flow._fail(
-                        call, state, request, op, model, exc.error_type, exc.message, t0, reason
-                    )
-                except RateLimitBackendUnavailable as exc:
-                    error_type = ErrorType.LIMITER_UNAVAILABLE
-                    failed = flow._fail(call, state, request, op, model, error_type, str(exc), t0)
-                else:
-                    opened = _Open(stream, state.attempts)
-            if failed is not None:
+            with _bound(call):  # within one step of the generator: one context throughout
+                opening = await _open_stream(flow, call, state, request, op, model, parent, t0)
+            if isinstance(opening, GenerationResult):  # failed as a plain call would
                 finished = True
-                yield failed
+                yield opening
                 return
-            assert opened is not None
+            opened = _Open(opening, state.attempts)
             first = True
             error: ProviderError | None = None
             try:
@@ -177,14 +166,16 @@ async def _call_stream(
             except ProviderError as exc:
                 error = exc
             outcome = Outcome.SUCCEEDED if error is None else Outcome.FAILED
-            result = _finish(flow, call, state, request, op, model, opened, t0, error, outcome)
+            with _bound(call):
+                result = _finish(flow, call, state, request, op, model, opened, t0, error, outcome)
+            finished = True  # before the await below: a cancellation there changes nothing
             await opened.stream.aclose()
-            finished = True
             yield result
         except (asyncio.CancelledError, GeneratorExit):
             if not finished:
                 finished = True
-                _abandon(flow, call, state, request, op, model, opened, t0)
+                with _bound(call):
+                    _abandon(flow, call, state, request, op, model, opened, t0)
             raise
         except Exception as exc:  # a bug of ours: report it as a result, never leak slots
             if finished:
@@ -201,6 +192,46 @@ async def _call_stream(
         if opened is not None:
             await opened.stream.aclose()
         service._close_call()
+
+
+async def _open_stream(
+    flow: CallFlow,
+    call: CallStream,
+    state: CallState,
+    request: GenerationRequest,
+    op: str,
+    model: str,
+    parent: otel_trace.SpanContext,
+    t0: float,
+) -> GenerationResult | ProviderStream:
+    """The gates, then attempts until a stream opened (it holds its permit from then on), or
+    the failed result of a call that could not open one, failed as a plain call would be."""
+    failed = await flow._admit(call, state, request, op, model, parent, t0)
+    if failed is not None:
+        return failed
+    try:
+        stream: ProviderStream = await flow._attempts(call, state, request, model)  # type: ignore[assignment]
+    except ProviderError as exc:
+        reason = "not_sent" if state.reached else "connection_refused"
+        error_type, message = exc.error_type, exc.message
+        return flow._fail(call, state, request, op, model, error_type, message, t0, reason)
+    except RateLimitBackendUnavailable as exc:
+        error_type = ErrorType.LIMITER_UNAVAILABLE
+        return flow._fail(call, state, request, op, model, error_type, str(exc), t0)
+    return stream
+
+
+@contextlib.contextmanager
+def _bound(call: CallStream) -> Iterator[None]:
+    """The call's ids on every log line, as for a plain call. Only around code that does not
+    yield: between two steps the generator may run in another task's context."""
+    tokens = structlog.contextvars.bind_contextvars(
+        call_id=call.call_id, trace_id=call.trace_id, span_id=call.span_id
+    )
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
 
 
 def _abandon(
