@@ -11,6 +11,9 @@ Invariants:
   with an ``unmarked`` event. The semaphore permit is released in ``finally``.
 - An attempt's slots end their windows one window after its answer (``mark_done``), or a
   guard later when it ended without one.
+- A streamed call (``state.stream``, driven by pipeline/_stream.py) takes the same steps; its
+  attempt ends when the stream's headers arrive (its answer) and keeps the permit
+  (``state.holding``) until the stream ends, when ``received`` is emitted.
 """
 
 from __future__ import annotations
