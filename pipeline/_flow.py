@@ -203,13 +203,36 @@ class CallFlow:
         parent: otel_trace.SpanContext,
         t0: float,
     ) -> GenerationResult:
+        response = await self._answer(call, state, request, op, model, parent, t0)
+        if isinstance(response, GenerationResult):
+            return response
+        tpm = self._tpm
+        max_out = request.max_output_tokens
+        if state.tpm_res is not None and tpm is not None:
+            # The provider's TPM counts real input plus max_output_tokens when given.
+            counted = response.input_tokens + (max_out or response.output_tokens)
+            tpm.reconcile(state.tpm_res, counted)
+        return self._complete(
+            call, state, request, op, model, response, None, None, t0, Outcome.SUCCEEDED
+        )
+
+    async def _answer(
+        self,
+        call: CallStream,
+        state: CallState,
+        request: GenerationRequest,
+        op: str,
+        model: str,
+        parent: otel_trace.SpanContext,
+        t0: float,
+    ) -> Any:
+        """The gates, then attempts: the last attempt's answer (a ProviderResponse, or the
+        open ProviderStream of a streamed call), or the call's failed result."""
         failed = await self._admit(call, state, request, op, model, parent, t0)
         if failed is not None:
             return failed
-        tpm = self._tpm
-        max_out = request.max_output_tokens
         try:
-            response = await self._attempts(call, state, request, model)
+            return await self._attempts(call, state, request, model)
         except ProviderError as exc:
             # Slots of attempts that never reached the provider go back; the rest stay counted.
             reason = "not_sent" if state.reached else "connection_refused"
@@ -219,13 +242,6 @@ class CallFlow:
         except RateLimitBackendUnavailable as exc:  # a retry's RPM slot could not be had
             error_type = ErrorType.LIMITER_UNAVAILABLE
             return self._fail(call, state, request, op, model, error_type, str(exc), t0)
-        if state.tpm_res is not None and tpm is not None:
-            # The provider's TPM counts real input plus max_output_tokens when given.
-            counted = response.input_tokens + (max_out or response.output_tokens)
-            tpm.reconcile(state.tpm_res, counted)
-        return self._complete(
-            call, state, request, op, model, response, None, None, t0, Outcome.SUCCEEDED
-        )
 
     async def _admit(
         self,

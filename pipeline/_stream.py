@@ -48,7 +48,6 @@ from ._errors import ErrorType
 from ._events import EventType, Outcome
 from ._flow import CallFlow, coerce_request
 from ._portal import call_on_loop
-from ._redis_gates import RateLimitBackendUnavailable
 from ._types import GenerationRequest, GenerationResult
 from .typing import ProviderError, ProviderStream
 
@@ -141,8 +140,9 @@ async def _call_stream(
         model = request.model or flow.model
         try:
             with _bound(call):  # within one step of the generator: one context throughout
-                opening = await _open_stream(flow, call, state, request, op, model, parent, t0)
-            if isinstance(opening, GenerationResult):  # failed as a plain call would
+                # The stream once open (holding its permit), or a failure like a plain call's.
+                opening = await flow._answer(call, state, request, op, model, parent, t0)
+            if isinstance(opening, GenerationResult):
                 finished = True
                 yield opening
                 return
@@ -192,33 +192,6 @@ async def _call_stream(
         if opened is not None:
             await opened.stream.aclose()
         service._close_call()
-
-
-async def _open_stream(
-    flow: CallFlow,
-    call: CallStream,
-    state: CallState,
-    request: GenerationRequest,
-    op: str,
-    model: str,
-    parent: otel_trace.SpanContext,
-    t0: float,
-) -> GenerationResult | ProviderStream:
-    """The gates, then attempts until a stream opened (it holds its permit from then on), or
-    the failed result of a call that could not open one, failed as a plain call would be."""
-    failed = await flow._admit(call, state, request, op, model, parent, t0)
-    if failed is not None:
-        return failed
-    try:
-        stream: ProviderStream = await flow._attempts(call, state, request, model)  # type: ignore[assignment]
-    except ProviderError as exc:
-        reason = "not_sent" if state.reached else "connection_refused"
-        error_type, message = exc.error_type, exc.message
-        return flow._fail(call, state, request, op, model, error_type, message, t0, reason)
-    except RateLimitBackendUnavailable as exc:
-        error_type = ErrorType.LIMITER_UNAVAILABLE
-        return flow._fail(call, state, request, op, model, error_type, str(exc), t0)
-    return stream
 
 
 @contextlib.contextmanager
