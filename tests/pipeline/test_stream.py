@@ -494,3 +494,18 @@ async def test_stored_projections_count_streamed_and_plain_calls_of_both_apis_id
     assert rows[broken.call_id]["error_type"] == "stream_broken"
     assert rows[broken.call_id]["output_tokens"] == broken.usage.output_tokens > 0
     assert usage["broken"]["failed"] == 1
+
+
+def test_the_demo_streams_through_chat_and_shows_time_to_first_token(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from llmtrail.pipeline._cli import main
+
+    argv = ["demo", "--api", "chat", "--stream", "--calls", "12", "--no-store", "--json"]
+    assert main([*argv, "--fault-rate", "0", "--latency", "0.02"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["api"], summary["stream"], summary["succeeded"]) == ("chat", True, 12)
+    assert 0.02 <= summary["ttft_p50_s"] <= summary["ttft_p95_s"]
+    assert summary["output_tokens"] > 0 and summary["server_429s"] == 0
