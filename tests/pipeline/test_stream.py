@@ -509,3 +509,66 @@ def test_the_demo_streams_through_chat_and_shows_time_to_first_token(
     assert (summary["api"], summary["stream"], summary["succeeded"]) == ("chat", True, 12)
     assert 0.02 <= summary["ttft_p50_s"] <= summary["ttft_p95_s"]
     assert summary["output_tokens"] > 0 and summary["server_429s"] == 0
+
+
+class _CompletionSink(RecordingSink):
+    """Records events, and says when a call's ``completed`` went by."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.completed = asyncio.Event()
+
+    def emit(self, event: object) -> bool:
+        super().emit(event)
+        if str(getattr(event, "type", "")) == "completed":
+            self.completed.set()
+        return True
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_a_stream_relayed_to_a_client_that_disconnects_ends_cancelled(
+    mock_server_factory: Any, api: str
+) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    # 8 deltas, 0.2 s apart: the application's client leaves after the first one.
+    server = await mock_server_factory(stream_chunks=8, stream_interval_s=0.2)
+    sink = _CompletionSink()
+    async with service_for(server.url, sink, api) as service:
+
+        async def relay(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse()
+            await response.prepare(request)
+            prompt = GenerationRequest(user_prompt="Tell me everything")
+            async with service.execute_generation_stream(prompt) as stream:
+                async for item in stream:
+                    if isinstance(item, str):
+                        await response.write(item.encode())
+            return response
+
+        app = web.Application()
+        app.router.add_get("/chat", relay)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                response = await session.get(f"http://127.0.0.1:{port}/chat")
+                first = await response.content.readany()
+                response.close()  # the browser tab is closed
+            async with asyncio.timeout(5):
+                await sink.completed.wait()
+        finally:
+            await runner.cleanup()
+        assert_released(service)
+    assert first
+    (call_id,) = sink.by_call()
+    events = events_of(sink, call_id)
+    completed = payload(events, "completed")
+    assert completed["outcome"] == "cancelled"
+    received = payload(events, "received")
+    assert received["partial"] is True and received["output_tokens"] > 0
+    assert server.log[0].stream and server.log[0].status == 200

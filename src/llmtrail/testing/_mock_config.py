@@ -109,7 +109,10 @@ class MockServerConfig:
     )
     slow_s: float = field(default=120.0, metadata=_opt("delay of the slow fault"))
     fault_429_retry_after_s: float = field(default=0.1, metadata=_opt("retry-after of forced 429"))
-    stream_chunks: int = field(default=4, metadata=_opt("output_text.delta events per stream"))
+    stream_chunks: int = field(default=4, metadata=_opt("text deltas per stream"))
+    stream_interval_s: float = field(
+        default=0.0, metadata=_opt("pause after each text delta of a stream")
+    )
     log_max_records: int = field(default=1_000_000, metadata=_opt("older records are dropped"))
 
     def __post_init__(self) -> None:
@@ -128,7 +131,13 @@ class MockServerConfig:
             else:
                 ok = isinstance(value, int | float) and math.isfinite(value)
                 _check(f.name, ok, f"={value!r}: expected a finite number")
-        for name in ("latency_s", "latency_jitter_s", "slow_s", "fault_429_retry_after_s"):
+        for name in (
+            "latency_s",
+            "latency_jitter_s",
+            "slow_s",
+            "fault_429_retry_after_s",
+            "stream_interval_s",
+        ):
             _check(name, getattr(self, name) >= 0, "must be >= 0")
         _check("output_tokens_min", self.output_tokens_min >= 1, "must be >= 1")
         _check(

@@ -36,6 +36,7 @@ __all__ = [
     "chat_chunks",
     "chat_usage",
     "error_body",
+    "is_text_delta",
     "new_id",
     "plan_request",
     "response_body",
@@ -563,3 +564,13 @@ def sse_data(events: list[dict[str, Any]], *, done: bool) -> bytes:
     if done:
         out.append("data: [DONE]\n\n")
     return "".join(out).encode()
+
+
+def is_text_delta(event: Mapping[str, Any]) -> bool:
+    """Whether a stream event of either API carries text."""
+    if event.get("type") == "response.output_text.delta":
+        return True
+    choices = event.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    return bool(_mapping(_mapping(choices[0]).get("delta")).get("content"))

@@ -80,6 +80,7 @@ from ._mock_responses import (
     chat_chunks,
     chat_usage,
     error_body,
+    is_text_delta,
     new_id,
     plan_request,
     response_body,
@@ -529,6 +530,13 @@ class MockServer:
             await response.write(encode(tail[: max(len(tail) // 2, 1)], len(head), False))
             self._drop(request)
             return response
+        elif self._config.stream_interval_s > 0:
+            # One event at a time, pausing after each text delta: a stream that takes time.
+            for i, event in enumerate(tail):
+                await response.write(encode([event], len(head) + i, i == len(tail) - 1))
+                if is_text_delta(event) and not await self._sleep(self._config.stream_interval_s):
+                    self._drop(request)
+                    return response
         else:
             await response.write(encode(tail, len(head), True))
         await response.write_eof()
