@@ -167,6 +167,8 @@ async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 fault_500_rate=args.fault_rate / 2,
                 fault_503_rate=args.fault_rate / 2,
                 seed=args.seed,
+                # A streamed answer's text then takes as long again as its first token.
+                stream_interval_s=args.latency / 4 if args.stream else 0.0,
             )
         )
         base_url = f"{await server.start()}/v1"
