@@ -44,9 +44,10 @@ Payload fields, by type (``None`` where unknown):
     (the x-ratelimit-* headers, name -> value); with capture_content also ``content``.
     A streamed call's ``received`` comes when its stream ends (``latency_s`` is then the
     whole stream) and adds streamed (True), partial (the stream ended before the answer was
-    complete: abandoned, cancelled or broken) and usage_estimated (the provider sent no usage,
-    so the tokens are the documented estimate of ``pipeline/_stream.py``). It is the one
-    event that carries billed tokens, for streamed and plain calls alike.
+    complete: abandoned, cancelled or broken), usage_estimated (the provider sent no usage,
+    so the tokens are the documented estimate of ``pipeline/_stream.py``) and chunks (text
+    deltas received). It is the one event that carries billed tokens, for streamed and plain
+    calls alike.
 ``attempt_failed``
     attempt, latency_s, error_type, status, retryable, retry_after_s, message, provider_code,
     provider_request_id, rate_limits.

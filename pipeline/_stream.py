@@ -64,11 +64,12 @@ StreamItem = str | GenerationResult
 class _Open:
     """What one streamed call holds once its stream is open."""
 
-    __slots__ = ("stream", "attempt")
+    __slots__ = ("stream", "attempt", "chunks")
 
     def __init__(self, stream: ProviderStream, attempt: int) -> None:
         self.stream = stream
         self.attempt = attempt
+        self.chunks = 0  # text deltas received
 
 
 def _release(flow: CallFlow, state: CallState) -> None:
@@ -95,7 +96,12 @@ def _finish(
     response, estimated = stream.snapshot(estimate_input_tokens(request))
     state.latency = flow._clock.now() - state.sent_at
     partial = not stream.complete or error is not None
-    extra = {"streamed": True, "partial": partial, "usage_estimated": estimated}
+    extra = {
+        "streamed": True,
+        "partial": partial,
+        "usage_estimated": estimated,
+        "chunks": opened.chunks,
+    }
     flow._received(call, model, opened.attempt, state.latency, response, extra)
     tpm = flow._tpm
     if state.tpm_res is not None and tpm is not None:
@@ -151,6 +157,7 @@ async def _call_stream(
             error: ProviderError | None = None
             try:
                 async for delta in opened.stream:
+                    opened.chunks += 1
                     if first:
                         first = False
                         now = clock.now()

@@ -106,6 +106,7 @@ async def test_a_stream_consumed_fully_yields_deltas_then_the_result_and_its_eve
     assert received["latency_s"] >= first["ttft_s"]
     assert received["streamed"] is True
     assert received["partial"] is False and received["usage_estimated"] is False
+    assert received["chunks"] == len(deltas)
     completed = payload(events, "completed")
     assert completed["outcome"] == "succeeded"
     assert completed["output_tokens"] == received["output_tokens"] == result.usage.output_tokens
