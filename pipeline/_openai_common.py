@@ -159,12 +159,17 @@ def provider_error(exc: openai.OpenAIError, timeout_s: float, *, streaming: bool
             provider_request_id=exc.request_id,
             rate_limits=rate_limits(exc.response.headers),
         )
-    if isinstance(exc, openai.APIError):  # an error event inside a stream
+    if isinstance(exc, openai.APIError):
         body = exc.body if isinstance(exc.body, dict) else {}
         code = body.get("code")
+        if streaming:  # an error event inside the stream
+            message = f"the server sent an error mid-stream: {exc.message}"
+            error_type = ErrorType.STREAM_BROKEN
+        else:  # the SDK could not read the answer
+            message, error_type = exc.message, ErrorType.INVALID_RESPONSE
         return ProviderError(
-            ErrorType.STREAM_BROKEN,
-            short(f"the server sent an error mid-stream: {exc.message}"),
+            error_type,
+            short(message),
             retryable=False,
             status=200,
             provider_code=code if isinstance(code, str) else None,

@@ -235,3 +235,71 @@ def test_an_unknown_provider_name_is_a_configuration_error_naming_the_choices() 
         BaseLLMService(provider="anthropic", api_key="k", store_url=None, tracing=False)
     with pytest.raises(ConfigurationError, match="max_tokens_param"):
         OpenAIChatProvider(api_key="k", max_tokens_param="tokens")  # type: ignore[arg-type]
+
+
+def _stream(sse: bytes) -> tuple[list[str], ProviderError | None, Any]:
+    """Stream ``sse`` over a real SDK client whose transport serves it: (deltas, error,
+    snapshot of the answer)."""
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "text/event-stream", "x-request-id": "req_2"}
+        return httpx2.Response(200, content=sse, headers=headers)
+
+    async def run() -> tuple[list[str], ProviderError | None, Any]:
+        client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
+        provider = OpenAIChatProvider(
+            api_key="k", base_url="http://127.0.0.1:9/v1", http_client=client
+        )
+        deltas: list[str] = []
+        error = None
+        try:
+            stream = await provider.open_stream(
+                GenerationRequest(user_prompt="hi"), model="m", timeout_s=5
+            )
+            try:
+                async for delta in stream:
+                    deltas.append(delta)
+            except ProviderError as exc:
+                error = exc
+            return deltas, error, stream.snapshot(7)
+        finally:
+            await provider.aclose()
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def _chunk(content: str | None = None, **extra: Any) -> bytes:
+    choice = {"index": 0, "delta": {"content": content}, "finish_reason": None}
+    body = {"id": "chatcmpl-9", "model": "m-1", "choices": [choice], **extra}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def test_an_error_event_mid_stream_is_a_broken_stream_after_the_text_before_it() -> None:
+    error_event = b'data: {"error": {"message": "overloaded", "code": "server_error"}}\n\n'
+    deltas, error, (answer, estimated) = _stream(_chunk("Hel") + _chunk("lo") + error_event)
+    assert deltas == ["Hel", "lo"]
+    assert error is not None and error.error_type is ErrorType.STREAM_BROKEN
+    assert not error.retryable and "overloaded" in error.message
+    assert estimated and (answer.input_tokens, answer.output_tokens) == (7, 2)
+    assert answer.raw_content == "Hello" and answer.response_id == "chatcmpl-9"
+
+
+def test_a_stream_reads_usage_from_its_last_chunk_and_its_finish_reason() -> None:
+    usage = {**_USAGE, "completion_tokens": 3}
+    last = f"data: {json.dumps({'id': 'chatcmpl-9', 'choices': [], 'usage': usage})}\n\n"
+    choice = {"index": 0, "delta": {}, "finish_reason": "length"}
+    finish = f"data: {json.dumps({'id': 'chatcmpl-9', 'choices': [choice]})}\n\n".encode()
+    sse = _chunk("Hi") + finish + last.encode() + b"data: [DONE]\n\n"
+    deltas, error, (answer, estimated) = _stream(sse)
+    assert deltas == ["Hi"] and error is None and not estimated
+    assert (answer.input_tokens, answer.cached_tokens) == (12, 4)
+    assert (answer.output_tokens, answer.reasoning_tokens) == (3, 20)
+    assert answer.finish_reasons == ["length"] and answer.content == "Hi"
+
+
+def test_a_malformed_chunk_is_an_invalid_response() -> None:
+    deltas, error, _ = _stream(_chunk("a") + b'data: {"choices": 5}\n\n')
+    assert deltas == ["a"]
+    assert error is not None and error.error_type is ErrorType.INVALID_RESPONSE
+    assert "choices is a int" in error.message
