@@ -1,5 +1,6 @@
 """OpenAIChatProvider reads chat completions as the SDK's own ``ChatCompletion`` does, and
-classifies failures exactly like the Responses provider (one classification for both)."""
+classifies failures exactly like the Responses provider (one classification for both); both
+providers' stream readers turn error events into broken streams."""
 
 from __future__ import annotations
 
@@ -237,7 +238,9 @@ def test_an_unknown_provider_name_is_a_configuration_error_naming_the_choices() 
         OpenAIChatProvider(api_key="k", max_tokens_param="tokens")  # type: ignore[arg-type]
 
 
-def _stream(sse: bytes) -> tuple[list[str], ProviderError | None, Any]:
+def _stream(
+    sse: bytes, provider_class: Any = OpenAIChatProvider
+) -> tuple[list[str], ProviderError | None, Any]:
     """Stream ``sse`` over a real SDK client whose transport serves it: (deltas, error,
     snapshot of the answer)."""
 
@@ -247,9 +250,7 @@ def _stream(sse: bytes) -> tuple[list[str], ProviderError | None, Any]:
 
     async def run() -> tuple[list[str], ProviderError | None, Any]:
         client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
-        provider = OpenAIChatProvider(
-            api_key="k", base_url="http://127.0.0.1:9/v1", http_client=client
-        )
+        provider = provider_class(api_key="k", base_url="http://127.0.0.1:9/v1", http_client=client)
         deltas: list[str] = []
         error = None
         try:
@@ -303,3 +304,21 @@ def test_a_malformed_chunk_is_an_invalid_response() -> None:
     assert deltas == ["a"]
     assert error is not None and error.error_type is ErrorType.INVALID_RESPONSE
     assert "choices is a int" in error.message
+
+
+@pytest.mark.parametrize("kind", ["error", "response.failed"])
+def test_a_responses_stream_error_event_is_a_broken_stream(kind: str) -> None:
+    def event(data: dict[str, Any]) -> bytes:
+        return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+    error = {"code": "server_error", "message": "overloaded"}
+    failure = (
+        {"type": kind, **error} if kind == "error" else {"type": kind, "response": {"error": error}}
+    )
+    delta = {"type": "response.output_text.delta", "delta": "Hi", "item_id": "m", "output_index": 0}
+    deltas, caught, (answer, estimated) = _stream(
+        event(delta) + event(failure), OpenAIResponsesProvider
+    )
+    assert deltas == ["Hi"] and estimated and answer.output_tokens == 1
+    assert caught is not None and caught.error_type is ErrorType.STREAM_BROKEN
+    assert caught.provider_code == "server_error" and "overloaded" in caught.message
