@@ -50,7 +50,9 @@ class OpenAIChatProvider(OpenAIProviderBase):
     ``max_tokens`` (older OpenAI-compatible servers that do not know the new name).
     """
 
-    name = "openai-chat"
+    # The budget (the shared gates' key) belongs to the API key and model, whichever API
+    # spends it: the same name as the Responses provider's; ``api`` tells them apart.
+    name = "openai"
     api = "chat"
 
     def __init__(
