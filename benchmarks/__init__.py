@@ -18,12 +18,22 @@ BENCHES: dict[str, tuple[str, str]] = {
     "scale": ("benchmarks.bench_scale", "5. Scale: 10,000 concurrent calls"),
     "scale_out": ("benchmarks.bench_scale_out", "6. Scale out"),
     "startup": ("benchmarks.bench_startup", "7. Start-up and import time"),
+    "stream": ("benchmarks.bench_stream", "8. Streamed calls"),
     # Micro-benchmarks of one component, for its engineer: run with --only NAME or --all.
     "tracing_sink": ("benchmarks.bench_tracing_sink", "Extra: tracing sink cost per call"),
     "store_writer": ("benchmarks.bench_store_writer", "Extra: event writer in detail"),
 }
 
 #: What runs without --only / --all: the figures the issues ask for.
-DEFAULT_BENCHES = ("overhead", "gates", "store", "replay", "scale", "scale_out", "startup")
+DEFAULT_BENCHES = (
+    "overhead",
+    "gates",
+    "store",
+    "replay",
+    "scale",
+    "scale_out",
+    "startup",
+    "stream",
+)
 
 __all__ = ["BENCHES", "DEFAULT_BENCHES"]

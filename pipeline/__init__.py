@@ -29,15 +29,22 @@ from ._semaphore import FairSemaphore
 from ._settings import Limits, RetrySettings, StoreSettings
 from ._stats import OperationUsage, ServiceStats
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
-from .typing import EventSink, ProviderError, ProviderResponse
+from .typing import EventSink, ProviderError, ProviderResponse, ProviderStream
 
 if TYPE_CHECKING:
+    from ._chat_provider import OpenAIChatProvider
     from ._provider import OpenAIResponsesProvider
     from ._service import BaseLLMService
+    from ._stream import GenerationStream
 
 # The OpenAI SDK takes about a second to import, so the names that need it load on first use:
 # `import llmtrail.storage` (which needs only the event types) never pays for it.
-_LAZY = {"BaseLLMService": "._service", "OpenAIResponsesProvider": "._provider"}
+_LAZY = {
+    "BaseLLMService": "._service",
+    "GenerationStream": "._stream",
+    "OpenAIChatProvider": "._chat_provider",
+    "OpenAIResponsesProvider": "._provider",
+}
 
 __getattr__ = lazy_names(__name__, _LAZY)
 
@@ -54,18 +61,21 @@ __all__ = [
     "GateReservation",
     "GenerationRequest",
     "GenerationResult",
+    "GenerationStream",
     "LLMTrailError",
     "Limits",
     "LoopClock",
     "MissingExtraError",
     "ManualClock",
     "ModelPrice",
+    "OpenAIChatProvider",
     "OpenAIResponsesProvider",
     "OperationUsage",
     "Outcome",
     "PriceTable",
     "ProviderError",
     "ProviderResponse",
+    "ProviderStream",
     "RateLimitBackendUnavailable",
     "RedisSlidingWindowGate",
     "RetryPolicy",

@@ -25,6 +25,7 @@ from ._events import (
     CompletedPayload,
     Event,
     EventType,
+    FirstTokenPayload,
     GateWaitPayload,
     Payload,
     ReceivedPayload,
@@ -115,6 +116,8 @@ class CallStream:
     @overload
     def emit(self, type_: Literal[EventType.SENT], payload: SentPayload) -> None: ...
     @overload
+    def emit(self, type_: Literal[EventType.FIRST_TOKEN], payload: FirstTokenPayload) -> None: ...
+    @overload
     def emit(self, type_: Literal[EventType.RECEIVED], payload: ReceivedPayload) -> None: ...
     @overload
     def emit(
@@ -167,6 +170,9 @@ class CallState:
         "latency",
         "rpm_now",
         "tpm_now",
+        "stream",
+        "holding",
+        "sent_at",
     )
 
     def __init__(self) -> None:
@@ -180,6 +186,9 @@ class CallState:
         self.latency = 0.0
         self.rpm_now = 0
         self.tpm_now = 0
+        self.stream = False  # a streamed call (pipeline/_stream.py)
+        self.holding = False  # an opened stream holds its semaphore permit until it ends
+        self.sent_at = 0.0  # when the open stream's attempt was sent
 
 
 def money(value: Decimal | None) -> str | None:

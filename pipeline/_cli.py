@@ -27,7 +27,7 @@ from ._errors import ConfigurationError, LLMTrailError
 from ._events import Event, EventType
 from ._output import add_format_options, chosen_format
 from ._redact import mask_url_password
-from ._summary import error_summary, latency_figures, print_summary, send_rate
+from ._summary import error_summary, latency_figures, print_summary, send_rate, ttft_figures
 from ._types import GenerationRequest, GenerationResult
 
 __all__ = ["build_parser", "main"]
@@ -64,6 +64,7 @@ class _Tally:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.sent_at: list[float] = []  # POSIX seconds
+        self.ttft: list[float] = []  # per streamed call: seconds to its first text delta
 
     def emit(self, event: Event) -> bool:
         if event.type is EventType.ATTEMPT_FAILED:
@@ -116,6 +117,15 @@ def _add_demo(subparsers: Any) -> None:
     p.add_argument("--no-store", action="store_true", help="do not persist events")
     p.add_argument("--openai", action="store_true", help="call OpenAI (needs OPENAI_API_KEY)")
     add_format_options(p, formats=("table", "plain", "json"))
+    p.add_argument(
+        "--api",
+        choices=("responses", "chat"),
+        default="responses",
+        help="the API to call: the Responses API or Chat Completions (default responses)",
+    )
+    p.add_argument(
+        "--stream", action="store_true", help="stream the answers (the summary adds TTFT)"
+    )
     p.set_defaults(func=_demo)
 
 
@@ -181,6 +191,8 @@ async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 fault_500_rate=args.fault_rate / 2,
                 fault_503_rate=args.fault_rate / 2,
                 seed=args.seed,
+                # A streamed answer's text then takes as long again as its first token.
+                stream_interval_s=args.latency / 4 if args.stream else 0.0,
             )
         )
         base_url = f"{await server.start()}/v1"
@@ -200,6 +212,7 @@ async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
             api_key=api_key,
             store_url=None if args.no_store else args.store,
             sinks=[tally],
+            provider="openai-chat" if args.api == "chat" else "openai",
         ) as service:
             with Progress(
                 "[progress.description]{task.description}",
@@ -221,7 +234,10 @@ async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
                         metadata={"tenant": _TENANTS[i % len(_TENANTS)], "demo": "1"},
                         request_id=f"demo-{i}",
                     )
-                    results.append(await service.execute_generation_async(request, op))
+                    if args.stream:
+                        results.append(await _streamed(service, request, op, tally))
+                    else:
+                        results.append(await service.execute_generation_async(request, op))
                     progress.advance(task)
 
                 await asyncio.gather(*(one(i) for i in range(args.calls)))
@@ -233,6 +249,24 @@ async def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
             server_429 = sum(1 for r in server.log if r.status == 429)
             await server.stop()
     return _summarise(results, tally, elapsed, server_429, args)
+
+
+async def _streamed(
+    service: Any, request: GenerationRequest, op: str, tally: _Tally
+) -> GenerationResult:
+    """One streamed call, read to its end; the time to its first delta goes to the tally."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result: GenerationResult | None = None
+    async with service.execute_generation_stream(request, op) as stream:
+        async for item in stream:
+            if isinstance(item, GenerationResult):
+                result = item
+            elif len(tally.ttft) < tally.counts["streams"] + 1:
+                tally.ttft.append(loop.time() - started)
+        tally.counts["streams"] += 1
+    assert result is not None
+    return result
 
 
 def _summarise(
@@ -269,6 +303,9 @@ def _summarise(
         "window_s": args.window,
         "window_capacity": int(args.max_rpm * args.window / 60),
         **latency_figures(results),
+        "api": args.api,
+        "stream": args.stream,
+        **(ttft_figures(tally.ttft) if args.stream else {}),
         "store": None if args.no_store else mask_url_password(args.store),
     }
 
@@ -278,7 +315,7 @@ def _add_mock_server(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "mock-server",
-        help="run the local OpenAI-compatible server (POST /v1/responses)",
+        help="run the local OpenAI-compatible server (/v1/responses, /v1/chat/completions)",
         description="A local Responses API server with rate limits, latency and faults.",
     )
     add_arguments(p)

@@ -32,6 +32,9 @@ class ErrorType(StrEnum):
     BAD_REQUEST = "bad_request"  # 400, 404, 422
     AUTH = "auth"  # 401, 403
     INVALID_RESPONSE = "invalid_response"  # not JSON, no usage, schema mismatch
+    # A streamed answer broke after its first byte (connection lost, read timeout, an error
+    # event): never retried, since part of it may already be with the caller.
+    STREAM_BROKEN = "stream_broken"
     TOO_LARGE = "too_large"  # the request can never fit the configured TPM window
     LIMITER_UNAVAILABLE = "limiter_unavailable"  # the shared rate limiter (Redis) is down
     VALIDATION = "validation"  # the GenerationRequest itself is invalid

@@ -37,6 +37,7 @@ __all__ = [
     "CompletedPayload",
     "Event",
     "EventType",
+    "FirstTokenPayload",
     "GateWaitPayload",
     "Outcome",
     "Payload",
@@ -58,6 +59,7 @@ class EventType(StrEnum):
     GATE_WAIT = "gate_wait"
     SEMAPHORE_ACQUIRED = "semaphore_acquired"
     SENT = "sent"
+    FIRST_TOKEN = "first_token"
     RECEIVED = "received"
     ATTEMPT_FAILED = "attempt_failed"
     RETRY_SCHEDULED = "retry_scheduled"
@@ -93,6 +95,8 @@ class _TraceCreatedFields(TypedDict):
     output_type: str | None  # "json" for a structured-output request
     previous_response_id: str | None
     resource: dict[str, str] | None  # the spans' service name, version, instance; None untraced
+    stream: bool  # a streamed call (pipeline/_stream.py)
+    api: str  # "responses" | "chat": the provider's API
 
 
 # Optional fields go in a total=False subclass: NotRequired[] inside postponed (string)
@@ -131,6 +135,14 @@ class SentPayload(TypedDict):
     attempt: int
 
 
+class FirstTokenPayload(TypedDict):
+    """Streamed calls only, between ``sent`` and ``received``."""
+
+    attempt: int
+    ttft_s: float  # from the attempt's ``sent`` to its first text delta (the provider's time)
+    call_ttft_s: float  # from the call's start, gates and semaphore included
+
+
 class _ReceivedFields(TypedDict):
     attempt: int
     latency_s: float
@@ -149,8 +161,24 @@ class _ReceivedFields(TypedDict):
     service_tier: str | None
 
 
+class StreamedFields(TypedDict):
+    """What a streamed call's ``received`` adds."""
+
+    streamed: bool
+    partial: bool  # the stream ended before the answer was complete (abandoned, cancelled, broken)
+    usage_estimated: bool  # no usage from the provider: the documented estimate of _stream.py
+    chunks: int  # text deltas received
+
+
 class ReceivedPayload(_ReceivedFields, total=False):
+    """A streamed call's ``received`` comes when its stream ends (``latency_s`` is then the
+    whole stream); it is the one event that carries billed tokens, streamed or not."""
+
     content: str | None  # only with capture_content
+    streamed: bool  # the four below only on streamed calls
+    partial: bool  # the stream ended before the answer was complete (abandoned, cancelled, broken)
+    usage_estimated: bool  # no usage from the provider: the documented estimate of _stream.py
+    chunks: int  # text deltas received
 
 
 class AttemptFailedPayload(TypedDict):
@@ -206,6 +234,7 @@ Payload = (
     | GateWaitPayload
     | SemaphoreAcquiredPayload
     | SentPayload
+    | FirstTokenPayload
     | ReceivedPayload
     | AttemptFailedPayload
     | RetryScheduledPayload
@@ -219,6 +248,7 @@ PAYLOAD_TYPES: dict[EventType, type[Any]] = {
     EventType.GATE_WAIT: GateWaitPayload,
     EventType.SEMAPHORE_ACQUIRED: SemaphoreAcquiredPayload,
     EventType.SENT: SentPayload,
+    EventType.FIRST_TOKEN: FirstTokenPayload,
     EventType.RECEIVED: ReceivedPayload,
     EventType.ATTEMPT_FAILED: AttemptFailedPayload,
     EventType.RETRY_SCHEDULED: RetryScheduledPayload,
@@ -310,6 +340,8 @@ def payload_of(
 ) -> SemaphoreAcquiredPayload: ...
 @overload
 def payload_of(event: Event, type_: Literal[EventType.SENT]) -> SentPayload: ...
+@overload
+def payload_of(event: Event, type_: Literal[EventType.FIRST_TOKEN]) -> FirstTokenPayload: ...
 @overload
 def payload_of(event: Event, type_: Literal[EventType.RECEIVED]) -> ReceivedPayload: ...
 @overload

@@ -11,6 +11,9 @@ Invariants:
   with an ``unmarked`` event. The semaphore permit is released in ``finally``.
 - An attempt's slots end their windows one window after its answer (``mark_done``), or a
   guard later when it ended without one.
+- A streamed call (``state.stream``, driven by pipeline/_stream.py) takes the same steps; its
+  attempt ends when the stream's headers arrive (its answer) and keeps the permit
+  (``state.holding``) until the stream ends, when ``received`` is emitted.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from llmtrail._log import get_logger
 
 from ._call import CallState, CallStream, estimate_input_tokens, money, plain_traceback, to_int
 from ._errors import ErrorType
-from ._events import EventType, Outcome, ReceivedPayload, TraceCreatedPayload, child_span_id
+from ._events import (
+    EventType,
+    Outcome,
+    ReceivedPayload,
+    StreamedFields,
+    TraceCreatedPayload,
+    child_span_id,
+)
 from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate, parse_reset
 from ._pricing import PriceTable
 from ._redact import redact_text
@@ -38,7 +48,7 @@ from ._stats import OperationUsage, RateMeter
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
 from .typing import Clock, Provider, ProviderError, ProviderResponse
 
-__all__ = ["AnyGate", "CallFlow"]
+__all__ = ["AnyGate", "CallFlow", "coerce_request"]
 
 # What the service holds: the in-process gate or the shared one (the same methods).
 AnyGate = SlidingWindowGate | RedisSlidingWindowGate
@@ -114,13 +124,7 @@ class CallFlow:
         state = CallState()
         if not isinstance(request, GenerationRequest):
             try:
-                request = (
-                    GenerationRequest(**request)
-                    if isinstance(request, Mapping)
-                    else GenerationRequest(user_prompt=request)
-                    if isinstance(request, str)
-                    else _reject(request)
-                )
+                request = coerce_request(request)
             except (TypeError, ValueError) as exc:
                 op = operation_name or "generation"
                 return self._fail_early(
@@ -131,19 +135,7 @@ class CallFlow:
         try:
             return await self._run(call, state, request, op, model, parent, t0)
         except asyncio.CancelledError:
-            self._give_back(call, state, "cancelled")
-            self._complete(
-                call,
-                state,
-                request,
-                op,
-                model,
-                None,
-                ErrorType.CANCELLED,
-                "the call was cancelled by its caller",
-                t0,
-                Outcome.CANCELLED,
-            )
+            self._cancelled(call, state, request, op, model, t0)
             raise
         except Exception as exc:  # a bug of ours: report it as a result, never leak slots
             # The traceback without local variables: a renderer that shows locals would
@@ -153,6 +145,30 @@ class CallFlow:
             )
             message = f"internal error in llmtrail: {exc!r}"
             return self._fail(call, state, request, op, model, ErrorType.INTERNAL, message, t0)
+
+    def _cancelled(
+        self,
+        call: CallStream,
+        state: CallState,
+        request: GenerationRequest,
+        op: str,
+        model: str,
+        t0: float,
+    ) -> None:
+        """Give back what the provider never counted; complete the call as cancelled."""
+        self._give_back(call, state, "cancelled")
+        self._complete(
+            call,
+            state,
+            request,
+            op,
+            model,
+            None,
+            ErrorType.CANCELLED,
+            "the call was cancelled by its caller",
+            t0,
+            Outcome.CANCELLED,
+        )
 
     def _fail_early(
         self,
@@ -185,6 +201,8 @@ class CallFlow:
                 "output_type": None,
                 "previous_response_id": None,
                 "resource": self._resource,
+                "stream": False,
+                "api": getattr(self._provider, "api", "responses"),
             },
         )
         return self._complete(
@@ -201,6 +219,57 @@ class CallFlow:
         parent: otel_trace.SpanContext,
         t0: float,
     ) -> GenerationResult:
+        response = await self._answer(call, state, request, op, model, parent, t0)
+        if isinstance(response, GenerationResult):
+            return response
+        tpm = self._tpm
+        max_out = request.max_output_tokens
+        if state.tpm_res is not None and tpm is not None:
+            # The provider's TPM counts real input plus max_output_tokens when given.
+            counted = response.input_tokens + (max_out or response.output_tokens)
+            tpm.reconcile(state.tpm_res, counted)
+        return self._complete(
+            call, state, request, op, model, response, None, None, t0, Outcome.SUCCEEDED
+        )
+
+    async def _answer(
+        self,
+        call: CallStream,
+        state: CallState,
+        request: GenerationRequest,
+        op: str,
+        model: str,
+        parent: otel_trace.SpanContext,
+        t0: float,
+    ) -> Any:
+        """The gates, then attempts: the last attempt's answer (a ProviderResponse, or the
+        open ProviderStream of a streamed call), or the call's failed result."""
+        failed = await self._admit(call, state, request, op, model, parent, t0)
+        if failed is not None:
+            return failed
+        try:
+            return await self._attempts(call, state, request, model)
+        except ProviderError as exc:
+            # Slots of attempts that never reached the provider go back; the rest stay counted.
+            reason = "not_sent" if state.reached else "connection_refused"
+            return self._fail(
+                call, state, request, op, model, exc.error_type, exc.message, t0, reason
+            )
+        except RateLimitBackendUnavailable as exc:  # a retry's RPM slot could not be had
+            error_type = ErrorType.LIMITER_UNAVAILABLE
+            return self._fail(call, state, request, op, model, error_type, str(exc), t0)
+
+    async def _admit(
+        self,
+        call: CallStream,
+        state: CallState,
+        request: GenerationRequest,
+        op: str,
+        model: str,
+        parent: otel_trace.SpanContext,
+        t0: float,
+    ) -> GenerationResult | None:
+        """``trace_created`` and both gates; a failed result when a gate refused the call."""
         now = t0
         est_input = estimate_input_tokens(request)
         max_out = request.max_output_tokens
@@ -223,6 +292,8 @@ class CallFlow:
             "server_address": self._provider.server_address,
             "server_port": self._provider.server_port,
             "capture_content": self.capture_content,
+            "stream": state.stream,
+            "api": getattr(self._provider, "api", "responses"),
             "limits": self._limits,
             "output_type": "json" if request.response_schema is not None else None,
             "previous_response_id": request.previous_response_id,
@@ -267,25 +338,7 @@ class CallFlow:
         except RateLimitBackendUnavailable as exc:
             error_type = ErrorType.LIMITER_UNAVAILABLE
             return self._fail(call, state, request, op, model, error_type, str(exc), t0)
-
-        try:
-            response = await self._attempts(call, state, request, model)
-        except ProviderError as exc:
-            # Slots of attempts that never reached the provider go back; the rest stay counted.
-            reason = "not_sent" if state.reached else "connection_refused"
-            return self._fail(
-                call, state, request, op, model, exc.error_type, exc.message, t0, reason
-            )
-        except RateLimitBackendUnavailable as exc:  # a retry's RPM slot could not be had
-            error_type = ErrorType.LIMITER_UNAVAILABLE
-            return self._fail(call, state, request, op, model, error_type, str(exc), t0)
-        if state.tpm_res is not None and tpm is not None:
-            # The provider's TPM counts real input plus max_output_tokens when given.
-            counted = response.input_tokens + (max_out or response.output_tokens)
-            tpm.reconcile(state.tpm_res, counted)
-        return self._complete(
-            call, state, request, op, model, response, None, None, t0, Outcome.SUCCEEDED
-        )
+        return None
 
     def _fail(
         self,
@@ -379,7 +432,8 @@ class CallFlow:
             )
             return await self._send(call, state, request, model, n)
         finally:
-            sem.release()
+            if not state.holding:  # an opened stream keeps its permit until it ends
+                sem.release()
 
     async def _send(
         self, call: CallStream, state: CallState, request: GenerationRequest, model: str, n: int
@@ -408,7 +462,7 @@ class CallFlow:
                 otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(span_context))
             )
         try:
-            invoke: Any = self._provider.invoke
+            invoke: Any = self._provider.open_stream if state.stream else self._provider.invoke
             response: ProviderResponse = await invoke(
                 request,
                 model=model,
@@ -481,9 +535,28 @@ class CallFlow:
                 otel_context.detach(token)
         state.reached = True
         state.latency = clock.now() - sent_at
+        if state.stream:  # opened: `received` is emitted when the stream ends (_stream.py)
+            state.holding = True
+            state.sent_at = sent_at
+            self._observe(response.rate_limits)
+            return response
+        self._received(call, model, n, state.latency, response)
+        self._observe(response.rate_limits)
+        return response
+
+    def _received(
+        self,
+        call: CallStream,
+        model: str,
+        n: int,
+        latency: float,
+        response: ProviderResponse,
+        extra: StreamedFields | None = None,
+    ) -> None:
+        """Emit ``received`` for the answer of attempt ``n`` (``extra``: a stream's fields)."""
         received: ReceivedPayload = {
             "attempt": n,
-            "latency_s": state.latency,
+            "latency_s": latency,
             "status": response.status,
             "response_id": response.response_id,
             "response_model": response.response_model,
@@ -498,11 +571,14 @@ class CallFlow:
             "rate_limits": response.rate_limits,
             "service_tier": response.service_tier,
         }
+        if extra is not None:
+            received["streamed"] = extra["streamed"]
+            received["partial"] = extra["partial"]
+            received["usage_estimated"] = extra["usage_estimated"]
+            received["chunks"] = extra["chunks"]
         if self.capture_content:
             received["content"] = response.raw_content
         call.emit(EventType.RECEIVED, received)
-        self._observe(response.rate_limits)
-        return response
 
     def _observe(self, rate_limits: Mapping[str, str]) -> None:
         if not rate_limits:
@@ -631,14 +707,24 @@ class CallFlow:
                 totals = self._usage[op] = OperationUsage()
             totals.add(result)
         else:
-            totals = self._usage.setdefault(op, OperationUsage())
-            totals.calls += 1
-            totals.cancelled += 1
+            self._usage.setdefault(op, OperationUsage()).add(result, cancelled=True)
         if error_type is not None and outcome is Outcome.FAILED:
             _log.warning(
                 "llm call failed", operation=op, error_type=str(error_type), attempts=state.attempts
             )
         return result
+
+
+def coerce_request(request: object) -> GenerationRequest:
+    """A GenerationRequest from what a caller passed (a request, a dict of its fields or a
+    prompt string); anything else raises TypeError naming the fix."""
+    if isinstance(request, GenerationRequest):
+        return request
+    if isinstance(request, Mapping):
+        return GenerationRequest(**request)
+    if isinstance(request, str):
+        return GenerationRequest(user_prompt=request)
+    return _reject(request)
 
 
 def _reject(request: object) -> GenerationRequest:

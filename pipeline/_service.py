@@ -33,10 +33,10 @@ import importlib.metadata
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import structlog
 from opentelemetry import trace as otel_trace
@@ -44,13 +44,13 @@ from opentelemetry import trace as otel_trace
 from llmtrail._log import get_logger
 
 from ._call import CallStream
+from ._chat_provider import builtin_provider
 from ._clock import LoopClock
 from ._errors import ConfigurationError, ServiceClosedError
 from ._events import default_instance
 from ._flow import AnyGate, CallFlow
 from ._portal import call_on_loop
 from ._pricing import PriceTable
-from ._provider import OpenAIResponsesProvider
 from ._redact import register_secret
 from ._redis_gates import create_gate
 from ._retry import RetryPolicy
@@ -66,6 +66,9 @@ from ._settings import (
 from ._stats import OperationUsage, RateMeter, ServiceStats
 from ._types import GenerationRequest, GenerationResult
 from .typing import Clock, EventSink, Provider, UsageHistory
+
+if TYPE_CHECKING:
+    from ._stream import GenerationStream
 
 __all__ = ["BaseLLMService"]
 
@@ -131,7 +134,7 @@ class BaseLLMService:
         request_timeout_s: float = 60.0,
         base_url: str | None = None,
         api_key: str | None = None,
-        provider: Provider | None = None,
+        provider: Provider | str | None = None,
         store_url: str | None = _UNSET,
         sinks: Iterable[EventSink] = (),
         tracing: bool | None = None,
@@ -225,8 +228,10 @@ class BaseLLMService:
         )
         self._semaphore = FairSemaphore(max_concurrent_requests)
         self.max_concurrent_requests = max_concurrent_requests
-        self._provider: Provider = provider or OpenAIResponsesProvider(
-            api_key=api_key, base_url=base_url, max_connections=max_concurrent_requests
+        self._provider: Provider = (
+            provider
+            if provider is not None and not isinstance(provider, str)
+            else builtin_provider(provider or "openai", api_key, base_url, max_concurrent_requests)
         )
         if rate_limit_url is _UNSET:
             rate_limit_url = os.environ.get("LLMTRAIL_RATE_LIMIT_URL") or None
@@ -259,7 +264,7 @@ class BaseLLMService:
                 self._rpm = gate
             else:
                 self._tpm = gate
-        self._owns_provider = provider is None
+        self._owns_provider = provider is None or isinstance(provider, str)
         self._sinks: list[EventSink] = list(sinks)
         store_url = self.store_settings.store_url
         self.store_url = store_url
@@ -398,6 +403,10 @@ class BaseLLMService:
                 await asyncio.to_thread(self._stop_portal)
                 return
         self._closed = True
+        if self._active:
+            from ._stream import close_open_streams
+
+            await close_open_streams(self)  # abandoned but still referenced: end them
         if self._idle is not None and self._active:
             await self._idle.wait()
         try:
@@ -523,9 +532,8 @@ class BaseLLMService:
             return await call_on_loop(own, self._execute(request, operation_name, parent))
         return await self._execute(request, operation_name, parent)
 
-    async def _execute(
-        self, request: Any, operation_name: str | None, parent: otel_trace.SpanContext
-    ) -> GenerationResult:
+    async def _open_call(self, parent: otel_trace.SpanContext) -> CallStream:
+        """Admit one call (closed check, start, backpressure) and count it as active."""
         if self._closed:
             raise ServiceClosedError(f"{type(self).__name__} is closed; create a new one")
         if not self._started:
@@ -545,6 +553,17 @@ class BaseLLMService:
         self._active += 1
         if self._idle is not None:
             self._idle.clear()
+        return call
+
+    def _close_call(self) -> None:
+        self._active -= 1
+        if self._active == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def _execute(
+        self, request: Any, operation_name: str | None, parent: otel_trace.SpanContext
+    ) -> GenerationResult:
+        call = await self._open_call(parent)
         # Every log line of the call carries its ids. bind/reset directly: the generator-based
         # bound_contextvars() was the largest single cost of ours per call (profiled).
         tokens = structlog.contextvars.bind_contextvars(
@@ -554,9 +573,31 @@ class BaseLLMService:
             return await self._flow.run(call, request, operation_name, parent)
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
-            self._active -= 1
-            if self._active == 0 and self._idle is not None:
-                self._idle.set()
+            self._close_call()
+
+    # -- streamed calls (pipeline/_stream.py) -------------------------------------------
+
+    def execute_generation_stream(
+        self, request: GenerationRequest, operation_name: str | None = None
+    ) -> GenerationStream:
+        """A streamed call: ``async with service.execute_generation_stream(r) as stream:
+        async for item in stream`` yields the answer's text deltas (``str``) as they arrive,
+        then its :class:`GenerationResult`. Same gates, semaphore (held until the stream
+        ends), retries (before the first byte only), events and spans as a plain call."""
+        from ._stream import open_generation_stream
+
+        return open_generation_stream(self, request, operation_name)
+
+    def execute_generation_stream_sync(
+        self, request: GenerationRequest, operation_name: str | None = None
+    ) -> Iterator[str | GenerationResult]:
+        """The blocking twin of :meth:`execute_generation_stream`, safe from any thread:
+        ``for item in service.execute_generation_stream_sync(r)``. Leaving the loop early
+        (``break``, an exception) ends the call as cancelled once the iterator is closed or
+        collected."""
+        from ._stream import iterate_sync
+
+        return iterate_sync(self, request, operation_name)
 
     # -- figures ------------------------------------------------------------------------
 

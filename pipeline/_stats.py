@@ -32,9 +32,13 @@ class OperationUsage:
     cost_usd: Decimal = field(default_factory=Decimal)
     unpriced_calls: int = 0
 
-    def add(self, result: GenerationResult) -> None:
+    def add(self, result: GenerationResult, *, cancelled: bool = False) -> None:
+        """Count one finished call; a cancelled one adds the tokens it was billed for (a
+        stream abandoned after its first token), like the projections do."""
         self.calls += 1
-        if result.success:
+        if cancelled:
+            self.cancelled += 1
+        elif result.success:
             self.succeeded += 1
         else:
             self.failed += 1

@@ -111,6 +111,14 @@ def latency_figures(results: Sequence[GenerationResult]) -> dict[str, float]:
     }
 
 
+def ttft_figures(ttft: Sequence[float]) -> dict[str, float]:
+    """Time to first token of streamed calls, from the call's start (p50, p95)."""
+    return {
+        "ttft_p50_s": round(_percentile(ttft, 50), 4),
+        "ttft_p95_s": round(_percentile(ttft, 95), 4),
+    }
+
+
 def _cost_text(summary: dict[str, Any]) -> str:
     cost, unpriced = summary["cost_usd"], summary["unpriced_calls"]
     if cost is None:
@@ -148,6 +156,13 @@ def print_summary(summary: dict[str, Any], fmt: str) -> None:
             ("mean wait: TPM gate, s", summary["tpm_wait_mean_s"]),
             ("mean wait: semaphore, s", summary["semaphore_wait_mean_s"]),
         ]
+    if "ttft_p50_s" in summary:
+        rows.append(
+            (
+                "time to first token p50 / p95, s",
+                f"{summary['ttft_p50_s']} / {summary['ttft_p95_s']}",
+            )
+        )
     columns = [Column("figure", wrap=True), Column("value", numeric=True)]
     emit_rows(columns, [[label, str(value)] for label, value in rows], fmt, title="llmtrail demo")
     out = sys.stdout

@@ -3,13 +3,14 @@
 - :class:`EventSink` consumes lifecycle events (the store writer, the tracing sink).
 - :class:`UsageHistory` lets a restarted process warm its gates from the store.
 - :class:`Clock` is the time source of the gates, the semaphore and the retry waits.
-- :class:`Provider` performs one HTTP attempt against an LLM API.
+- :class:`Provider` performs one HTTP attempt against an LLM API, plain or streamed
+  (:class:`ProviderStream`).
 - :class:`GateBackend` is a rate gate (in-process by default, Redis for many processes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -26,6 +27,7 @@ __all__ = [
     "Provider",
     "ProviderError",
     "ProviderResponse",
+    "ProviderStream",
     "Reservation",
     "TimerHandle",
     "UsageHistory",
@@ -126,15 +128,49 @@ class ProviderError(Exception):
         self.reached_provider = reached_provider
 
 
-class Provider(Protocol):
-    """One LLM API. The service calls :meth:`invoke` once per HTTP attempt.
+class ProviderStream(Protocol):
+    """One streamed answer whose HTTP headers arrived with a success status.
 
-    ``invoke`` must not retry by itself (the service's tenacity loop is the only retry
-    layer), must raise :class:`ProviderError` for every provider or network failure, and
-    must let ``asyncio.CancelledError`` through.
+    Iterating it yields the answer's text deltas (non-empty strings) as they arrive. A failure
+    while iterating raises :class:`ProviderError` (``stream_broken`` for a lost connection, a
+    read timeout or an error event; ``invalid_response`` for a malformed event or content that
+    does not validate). Nothing raised after the headers is retryable: part of the answer may
+    already be with the caller. ``aclose`` releases the connection; it is idempotent.
+    """
+
+    status: int
+    provider_request_id: str | None
+    rate_limits: dict[str, str]
+    complete: bool  # the stream ended normally (its last delta was received)
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    async def __anext__(self) -> str: ...
+
+    def snapshot(self, estimated_input_tokens: int) -> tuple[ProviderResponse, bool]:
+        """The answer as far as it came, and whether its usage is an estimate.
+
+        The usage is the provider's when the stream carried it; otherwise input tokens are
+        ``estimated_input_tokens`` and output tokens ``ceil(characters received / 4)``, the
+        same rule as the service's input estimate. ``content`` is the validated content after
+        a normal end, else the text received so far.
+        """
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Provider(Protocol):
+    """One LLM API. The service calls :meth:`invoke` (or :meth:`open_stream` for a streamed
+    call) once per HTTP attempt.
+
+    Neither may retry by itself (the service's tenacity loop is the only retry layer); both
+    raise :class:`ProviderError` for every provider or network failure and let
+    ``asyncio.CancelledError`` through. ``api`` names the wire API ("responses" or "chat").
     """
 
     name: str
+    api: str
     server_address: str | None
     server_port: int | None
 
@@ -148,6 +184,18 @@ class Provider(Protocol):
     ) -> ProviderResponse:
         """One HTTP attempt. ``client_request_id`` (``call_id:attempt``) is sent as
         ``X-Client-Request-Id`` so the provider's logs can be joined with the event store."""
+        ...
+
+    async def open_stream(
+        self,
+        request: GenerationRequest,
+        *,
+        model: str,
+        timeout_s: float,
+        client_request_id: str | None = None,
+    ) -> ProviderStream:
+        """One streamed HTTP attempt: returns once the answer's headers arrived (an error
+        status raises :class:`ProviderError` like :meth:`invoke`, and may be retried)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -16,8 +16,9 @@ import json
 from typing import Any
 
 import asyncpg
-import structlog
 from sqlalchemy.engine import URL
+
+from llmtrail._log import get_logger
 
 from ._engine import StoreError, StoreUnavailableError, mask_url
 from ._readonly import (
@@ -35,7 +36,7 @@ from ._readonly import (
 
 __all__ = ["run_postgresql"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 _ROLE_QUERY = """
 SELECT current_user AS name, r.rolsuper AS superuser, r.rolreplication AS replication,

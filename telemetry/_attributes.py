@@ -22,10 +22,12 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_PROVIDER_NAME,
     GEN_AI_REQUEST_MAX_TOKENS,
     GEN_AI_REQUEST_MODEL,
+    GEN_AI_REQUEST_STREAM,
     GEN_AI_REQUEST_TEMPERATURE,
     GEN_AI_RESPONSE_FINISH_REASONS,
     GEN_AI_RESPONSE_ID,
     GEN_AI_RESPONSE_MODEL,
+    GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
     GEN_AI_SYSTEM_INSTRUCTIONS,
     GEN_AI_TOKEN_TYPE,
     GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
@@ -39,6 +41,7 @@ from opentelemetry.semconv._incubating.attributes.openai_attributes import (
 )
 from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
     GEN_AI_CLIENT_OPERATION_DURATION,
+    GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK,
     GEN_AI_CLIENT_TOKEN_USAGE,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
@@ -56,9 +59,11 @@ from opentelemetry.semconv.schemas import Schemas
 
 __all__ = [
     "ERROR_TYPE",
+    "EVENT_FIRST_TOKEN",
     "EVENT_RETRY_SCHEDULED",
     "EVENT_UNMARKED",
     "GEN_AI_CLIENT_OPERATION_DURATION",
+    "GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK",
     "GEN_AI_CLIENT_TOKEN_USAGE",
     "GEN_AI_CONVERSATION_ID",
     "GEN_AI_INPUT_MESSAGES",
@@ -68,11 +73,13 @@ __all__ = [
     "GEN_AI_PROVIDER_NAME",
     "GEN_AI_REQUEST_MAX_TOKENS",
     "GEN_AI_REQUEST_MODEL",
+    "GEN_AI_REQUEST_STREAM",
     "GEN_AI_REQUEST_TEMPERATURE",
     "GEN_AI_RESPONSE_FINISH_REASONS",
     "GEN_AI_RESPONSE_ID",
     "GEN_AI_RESPONSE_MODEL",
     "GEN_AI_SYSTEM_INSTRUCTIONS",
+    "GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK",
     "GEN_AI_TOKEN_TYPE",
     "GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS",
     "GEN_AI_USAGE_INPUT_TOKENS",
@@ -102,6 +109,7 @@ __all__ = [
     "LLMTRAIL_RPM_WAIT_S",
     "LLMTRAIL_SEMAPHORE_WAIT_S",
     "LLMTRAIL_TPM_WAIT_S",
+    "LLMTRAIL_TTFT_S",
     "LLMTRAIL_WAITERS_AHEAD",
     "LLMTRAIL_WAIT_S",
     "OPENAI_API_TYPE",
@@ -148,6 +156,8 @@ SPAN_SEMAPHORE: Final = "semaphore"
 SPAN_ATTEMPT: Final = "attempt {n}"
 EVENT_RETRY_SCHEDULED: Final = "retry_scheduled"
 EVENT_UNMARKED: Final = "unmarked"
+# On a streamed call's attempt span, when its first text delta arrived.
+EVENT_FIRST_TOKEN: Final = "first_token"
 
 # --- llmtrail's own attributes ---------------------------------------------------------------
 # On the call span. Deliberately few: every attribute costs on every call (the SDK validates
@@ -178,6 +188,8 @@ LLMTRAIL_PROVIDER_REQUEST_ID: Final = "llmtrail.provider_request_id"
 LLMTRAIL_NEXT_ATTEMPT: Final = "llmtrail.next_attempt"
 LLMTRAIL_WAIT_S: Final = "llmtrail.wait_s"
 LLMTRAIL_REASON: Final = "llmtrail.reason"
+# On the first_token span event: seconds from the attempt's send to its first text delta.
+LLMTRAIL_TTFT_S: Final = "llmtrail.ttft_s"
 
 # --- Metric bucket boundaries (GenAI semantic conventions, explicit_bucket_boundaries) --------
 TOKEN_USAGE_BUCKETS: Final[tuple[float, ...]] = (

@@ -5,7 +5,10 @@ Invariants:
   that received a response, tagged ``gen_ai.token.type``; ``gen_ai.client.operation.duration``
   (s) gets one measurement per call, the call's total time (gates, semaphore and retries
   included: it is the duration the caller experienced), with ``error.type`` when it failed.
-- Both histograms use the explicit bucket boundaries of the GenAI semantic conventions.
+- ``gen_ai.client.operation.time_to_first_chunk`` (s) gets one measurement per streamed call
+  that received a text delta: ``first_token.call_ttft_s``, from the call's start like the
+  duration, with the duration's attributes.
+- The histograms use the explicit bucket boundaries of the GenAI semantic conventions.
 - Attributes are the convention's low-cardinality ones only (operation, provider, OpenAI API
   type and response service tier, models, server); never call ids or metadata. Their dicts
   are built once per call shape and reused (bounded cache), so recording a call allocates
@@ -52,20 +55,34 @@ class GenAIMetrics:
             description="GenAI operation duration.",
             explicit_bucket_boundaries_advisory=A.OPERATION_DURATION_BUCKETS,
         )
+        self._ttft = meter.create_histogram(
+            A.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK,
+            unit="s",
+            description="Time to receive the first chunk in a streaming operation.",
+            explicit_bucket_boundaries_advisory=A.OPERATION_DURATION_BUCKETS,
+        )
         # Attribute dicts per call shape, built once: the SDK only reads them.
         self._attrs: dict[_AttrKey, tuple[_Attrs, _Attrs, _Attrs]] = {}
 
     def record_call(self, events: Sequence[Event]) -> None:
         """Record one finished call (``trace_created`` .. ``completed``)."""
-        received = None
+        received = first_token = None
         for event in reversed(events):
-            if event.type is EventType.RECEIVED:
+            if event.type is EventType.RECEIVED and received is None:
                 received = event.payload
-                break
-        self.record(events[0], events[-1], received)
+            elif event.type is EventType.FIRST_TOKEN and first_token is None:
+                first_token = event.payload
+        self.record(events[0], events[-1], received, first_token)
 
-    def record(self, created: Event, completed: Event, received: dict[str, Any] | None) -> None:
-        """Record one finished call from its first and last events and its last response."""
+    def record(
+        self,
+        created: Event,
+        completed: Event,
+        received: dict[str, Any] | None,
+        first_token: dict[str, Any] | None = None,
+    ) -> None:
+        """Record one finished call from its first and last events, its last response and,
+        for a streamed call, its ``first_token`` payload."""
         start, end = created.payload, completed.payload
         outcome = end.get("outcome")
         key = (
@@ -87,6 +104,9 @@ class GenAIMetrics:
         total_s = end.get("total_s")
         if isinstance(total_s, int | float) and total_s >= 0:
             self._duration.record(float(total_s), duration_attrs)
+        ttft = first_token.get("call_ttft_s") if first_token is not None else None
+        if isinstance(ttft, int | float) and ttft >= 0:
+            self._ttft.record(float(ttft), duration_attrs)
         if received is None:
             return
         value = end.get("input_tokens")

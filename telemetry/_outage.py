@@ -30,13 +30,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from llmtrail._log import get_logger
+
 __all__ = ["DEFAULT_RETRY_AFTER_S", "OutageAwareExporter", "exporter_logs_muted", "outages"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 DEFAULT_RETRY_AFTER_S = 5.0
 

@@ -220,6 +220,8 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     _put(attrs, A.LLMTRAIL_OPERATION_NAME, start.get("operation_name"))
     _put(attrs, A.LLMTRAIL_REQUEST_ID, start.get("request_id"))
     _put(attrs, A.LLMTRAIL_REASONING_EFFORT, start.get("reasoning_effort"))
+    if start.get("stream"):
+        attrs[A.GEN_AI_REQUEST_STREAM] = True
     metadata = start.get("metadata") or {}
     if isinstance(metadata, dict):
         for key in sorted(metadata):
@@ -309,7 +311,8 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
             _put(a, A.LLMTRAIL_PROVIDER_REQUEST_ID, p.get("provider_request_id"))
             if event.type is EventType.RECEIVED:
                 last_received = p
-                a[A.LLMTRAIL_OUTCOME] = "succeeded"
+                # A stream cut short still delivered (and billed) part of an answer.
+                a[A.LLMTRAIL_OUTCOME] = "partial" if p.get("partial") else "succeeded"
             else:
                 error_type = p.get("error_type") or "error"
                 a[A.LLMTRAIL_OUTCOME] = "cancelled" if error_type == "cancelled" else "failed"
@@ -318,6 +321,14 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
                 _put(a, A.LLMTRAIL_RETRY_AFTER_S, p.get("retry_after_s"))
                 _put(a, A.LLMTRAIL_PROVIDER_CODE, p.get("provider_code"))
                 plan.error = _description(p.get("message"), error_type)
+        elif event.type is EventType.FIRST_TOKEN:
+            # Time to first chunk as the caller saw it (from the call's start), per GenAI
+            # semconv; the provider's own (from the send) on the attempt's span event.
+            _put(attrs, A.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, p.get("call_ttft_s"))
+            ttft_attrs: Attributes = {}
+            _put(ttft_attrs, A.LLMTRAIL_TTFT_S, p.get("ttft_s"))
+            plan = attempt_span(int(p.get("attempt") or 1), at)
+            plan.events.append(SpanEvent(A.EVENT_FIRST_TOKEN, at, ttft_attrs))
         elif event.type is EventType.RETRY_SCHEDULED:
             failed = int(p.get("attempt") or 1)
             ev_attrs: Attributes = {}

@@ -8,6 +8,7 @@ import enum
 import json
 import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import openai
@@ -682,3 +683,115 @@ async def test_stop_returns_while_a_request_hangs(mock_server_factory: MockServe
         await server.stop()
         with pytest.raises(openai.APIConnectionError):
             await pending
+
+
+# ---------------------------------------------------------------- Chat Completions
+
+
+async def test_chat_answers_the_same_conversation_with_the_responses_text_and_usage(
+    client: AsyncOpenAI, mock_server: MockServer
+) -> None:
+    responses = await client.responses.create(
+        model="gpt-4o-mini", instructions=INSTRUCTIONS, input=PROMPT, max_output_tokens=40
+    )
+    chat = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[
+            {"role": "system", "content": INSTRUCTIONS},
+            {"role": "user", "content": PROMPT},
+        ],
+        max_completion_tokens=40,
+    )
+    assert chat.choices[0].message.content == responses.output_text
+    assert responses.usage is not None and chat.usage is not None
+    assert chat.usage.prompt_tokens == responses.usage.input_tokens
+    assert chat.usage.completion_tokens == responses.usage.output_tokens
+    assert chat.choices[0].finish_reason == (
+        "length" if responses.status == "incomplete" else "stop"
+    )
+    assert [r.api for r in mock_server.log] == ["responses", "chat"]
+    assert mock_server.log[1].output_tokens == chat.usage.completion_tokens
+
+
+async def test_chat_stream_sends_usage_only_when_include_usage_is_set(
+    client: AsyncOpenAI,
+) -> None:
+    messages: Any = [{"role": "user", "content": PROMPT}]
+    plain = await client.chat.completions.create(model="m", messages=messages)
+    with_usage = await client.chat.completions.create(
+        model="m", messages=messages, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in with_usage]
+    without = [
+        c
+        async for c in await client.chat.completions.create(
+            model="m", messages=messages, stream=True
+        )
+    ]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+    assert all(c.usage is None for c in without)
+    assert without[-1].choices[0].finish_reason == "stop"
+
+
+async def test_chat_structured_output_parses_into_the_pydantic_model(client: AsyncOpenAI) -> None:
+    class Answer(BaseModel):
+        city: str
+        population: int
+
+    parsed = await client.chat.completions.parse(
+        model="m", messages=[{"role": "user", "content": "Biggest city?"}], response_format=Answer
+    )
+    assert parsed.choices[0].message.parsed == Answer(city="text", population=0)
+
+
+@pytest.mark.parametrize("api", ["responses", "chat"])
+async def test_stream_break_cuts_a_stream_mid_body_after_some_text(
+    mock_server_factory: MockServerFactory, api: str
+) -> None:
+    server = await mock_server_factory(fault_script=("stream_break", "stream_break"))
+    texts: list[str] = []
+    async with client_for(server) as c:
+        with pytest.raises(openai.APIConnectionError):
+            if api == "chat":
+                stream: Any = await c.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": PROMPT}], stream=True
+                )
+                async for chunk in stream:
+                    texts.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+            else:
+                stream = await c.responses.create(model="m", input=PROMPT, stream=True)
+                async for event in stream:
+                    if event.type == "response.output_text.delta":
+                        texts.append(event.delta)
+        with pytest.raises(openai.APIConnectionError):  # a plain call is dropped
+            if api == "chat":
+                await c.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": PROMPT}]
+                )
+            else:
+                await c.responses.create(model="m", input=PROMPT)
+    assert "".join(texts), "some text arrived before the break"
+    assert [r.fault for r in server.log] == ["stream_break", "stream_break"]
+    assert all(r.counted for r in server.log)
+
+
+async def test_chat_shares_the_rate_window_with_responses(
+    mock_server_factory: MockServerFactory,
+) -> None:
+    server = await mock_server_factory(rpm_limit=2, window_s=60.0)
+    async with client_for(server) as c:
+        await c.responses.create(model="m", input=PROMPT)
+        await c.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}])
+        with pytest.raises(openai.RateLimitError):
+            await c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": PROMPT}]
+            )
+    assert [r.status for r in server.log] == [200, 200, 429]
+
+
+async def test_chat_without_messages_is_a_400_naming_the_parameter(client: AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model="m", messages=[])
+    assert caught.value.body["param"] == "messages"  # type: ignore[index]

@@ -31,11 +31,17 @@ from typing import Any
 __all__ = [
     "BadRequest",
     "Plan",
+    "chat_as_responses",
+    "chat_body",
+    "chat_chunks",
+    "chat_usage",
     "error_body",
+    "is_text_delta",
     "new_id",
     "plan_request",
     "response_body",
     "sse",
+    "sse_data",
     "stream_head",
     "stream_tail",
     "usage_of",
@@ -450,3 +456,121 @@ def stream_tail(
         },
     ]
     return events
+
+
+# ---------------------------------------------------------------- Chat Completions
+
+
+def chat_as_responses(body: Any) -> dict[str, Any]:
+    """A Chat Completions request body in Responses terms, for :func:`plan_request`.
+
+    The messages become the input (a system message's text counts like ``instructions``), so
+    the same conversation gets the same usage and text from either API.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", None)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest(
+            "Missing required parameter: 'messages'.", "messages", "missing_required_parameter"
+        )
+    out: dict[str, Any] = {"model": body.get("model"), "input": messages}
+    out["stream"] = body.get("stream")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        out["max_output_tokens"] = max_tokens
+    if body.get("reasoning_effort") is not None:
+        out["reasoning"] = {"effort": body["reasoning_effort"]}
+    response_format = _mapping(body.get("response_format"))
+    if response_format.get("type") == "json_schema":
+        schema = _mapping(response_format.get("json_schema")).get("schema")
+        out["text"] = {"format": {"type": "json_schema", "schema": schema}}
+    elif response_format.get("type") == "json_object":
+        out["text"] = {"format": {"type": "json_object"}}
+    return out
+
+
+def chat_usage(plan: Plan, cached: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": plan.input_tokens,
+        "completion_tokens": plan.output_tokens,
+        "total_tokens": plan.input_tokens + plan.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": plan.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def chat_body(
+    plan: Plan, chat_id: str, created: int, usage: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A ``chat.completion`` object."""
+    return {
+        "id": chat_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": plan.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": plan.text,
+                    "refusal": None,
+                    "annotations": [],
+                },
+                "logprobs": None,
+                "finish_reason": "length" if plan.incomplete else "stop",
+            }
+        ],
+        "usage": usage,
+        "service_tier": "default",
+        "system_fingerprint": "fp_mock",
+    }
+
+
+def chat_chunks(
+    plan: Plan, chat_id: str, created: int, usage: dict[str, Any] | None, chunks: int
+) -> list[dict[str, Any]]:
+    """The ``chat.completion.chunk`` objects of a stream: a role chunk, ``chunks`` content
+    chunks, a finish chunk and, when ``usage`` is given, the usage chunk without choices."""
+    base = {
+        "id": chat_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": plan.model,
+        "system_fingerprint": "fp_mock",
+    }
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**base, "choices": [choice], "usage": None}
+
+    out = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
+    out += [chunk({"content": part}, None) for part in _chunks(plan.text, chunks)]
+    out.append(chunk({}, "length" if plan.incomplete else "stop"))
+    if usage is not None:
+        out.append({**base, "choices": [], "usage": usage})
+    return out
+
+
+def sse_data(events: list[dict[str, Any]], *, done: bool) -> bytes:
+    """Data-only server-sent events (Chat Completions' framing), ending ``[DONE]`` if ``done``."""
+    out = [f"data: {json.dumps(event)}\n\n" for event in events]
+    if done:
+        out.append("data: [DONE]\n\n")
+    return "".join(out).encode()
+
+
+def is_text_delta(event: Mapping[str, Any]) -> bool:
+    """Whether a stream event of either API carries text."""
+    if event.get("type") == "response.output_text.delta":
+        return True
+    choices = event.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    return bool(_mapping(_mapping(choices[0]).get("delta")).get("content"))

@@ -1,14 +1,17 @@
 """A local OpenAI-compatible server for tests, the demo and benchmarks (``llmtrail mock-server``).
 
-It serves ``POST /v1/responses`` (JSON and SSE) with aiohttp, plus control endpoints under
-``/_mock/`` (``GET /_mock/log``, ``POST /_mock/reset``, ``GET``/``POST /_mock/config``).
+It serves ``POST /v1/responses`` and ``POST /v1/chat/completions`` (each JSON and SSE) with
+aiohttp, plus control endpoints under ``/_mock/`` (``GET /_mock/log``, ``POST /_mock/reset``,
+``GET``/``POST /_mock/config``). Both APIs share one log, rate window, prompt cache, quota and
+fault sequence, and answer the same conversation with the same text and usage (a Chat
+Completions stream sends its usage chunk only when ``stream_options.include_usage`` is set).
 
 Invariants:
 - Given the config, the seed and the order of arrivals, everything is deterministic: usage, the
   output text, and the fault and latency jitter drawn for the n-th arrival.
 - One arrival decides auth, validation, quota, rate window and fault with no ``await`` in
   between, so two concurrent arrivals can never both take the last slot of a window.
-- Every arrival at ``/v1/responses`` gets exactly one log record; its ``status`` is set when an
+- Every arrival at either API gets exactly one log record; its ``status`` is set when an
   HTTP answer is actually sent (``None``: dropped, hung, or the client left before the answer).
 - Every HTTP answer carries ``x-request-id`` and the six ``x-ratelimit-*`` headers.
 
@@ -40,37 +43,49 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import random
-import select
-import signal
-import subprocess
 import sys
-import threading
 import time
-import types
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Self, Union, get_args, get_origin, get_type_hints
+from collections.abc import Callable, Mapping
+from typing import Any, Self
 
 from aiohttp import web
 
 # A relative import even when run_in_process starts this file: its bootstrap registers a bare
 # `pipeline` package (no __init__, so no openai SDK) for this module and its sibling.
+from ._mock_config import (
+    _FAULT_RATE_FIELDS,
+    _QUOTA_MESSAGE,
+    _RATE_DOCS,
+    ORGANIZATION,
+    UNLIMITED,
+    Fault,
+    LogRecord,
+    MockServerConfig,
+    _ceil_ms,
+    _PrefixCache,
+    _Window,
+    format_duration,
+    max_arrivals_in_window,
+)
 from ._mock_responses import (
     BadRequest,
     Plan,
+    chat_as_responses,
+    chat_body,
+    chat_chunks,
+    chat_usage,
     error_body,
+    is_text_delta,
     new_id,
     plan_request,
     response_body,
     sse,
+    sse_data,
     stream_head,
     stream_tail,
     usage_of,
@@ -90,255 +105,6 @@ __all__ = [
     "running_in_thread",
     "serve",
 ]
-
-UNLIMITED = 1_000_000_000  # the limit reported in headers when no limit is configured
-ORGANIZATION = "org-mock"
-_RATE_DOCS = "Visit https://platform.openai.com/account/rate-limits to learn more."
-_QUOTA_MESSAGE = (
-    "You exceeded your current quota, please check your plan and billing details. For more "
-    "information on this error, read the docs: "
-    "https://platform.openai.com/docs/guides/error-codes/api-errors."
-)
-_CACHE_MIN_TOKENS = 1024
-_CACHE_STEP_CHARS = 128 * 4
-_CACHE_MAX_ENTRIES = 200_000  # the prefix set is cleared when it grows past this
-
-
-class Fault(StrEnum):
-    """An injected fault, as recorded in the log."""
-
-    HTTP_500 = "http_500"  # 500, type server_error
-    HTTP_503 = "http_503"  # 503, type server_error
-    RATE_LIMIT_429 = "rate_limit_429"  # 429 rate_limit_exceeded with retry-after, not counted
-    # A normal answer after slow_s instead of the latency; a stream stalls after in_progress.
-    SLOW = "slow"
-    HANG = "hang"  # never answers; the handler waits until the client goes away
-    DROP = "drop"  # the socket is closed without any response
-    MALFORMED_JSON = "malformed_json"  # 200 with a truncated JSON body (or SSE event)
-    MISSING_USAGE = "missing_usage"  # 200 with a valid response whose usage is null
-    # 400 whose message echoes the request's credentials (Authorization and any *-token or
-    # *-key header), as some providers and proxies do: a redaction test's bait.
-    ECHO_CREDENTIALS = "echo_credentials"
-
-
-_FAULT_RATE_FIELDS: tuple[tuple[str, Fault], ...] = (
-    ("fault_500_rate", Fault.HTTP_500),
-    ("fault_503_rate", Fault.HTTP_503),
-    ("fault_429_rate", Fault.RATE_LIMIT_429),
-    ("fault_slow_rate", Fault.SLOW),
-    ("fault_hang_rate", Fault.HANG),
-    ("fault_drop_rate", Fault.DROP),
-    ("fault_malformed_rate", Fault.MALFORMED_JSON),
-    ("fault_no_usage_rate", Fault.MISSING_USAGE),
-)
-
-
-def _opt(help_: str) -> Any:
-    return {"help": help_}
-
-
-@dataclass(frozen=True)
-class MockServerConfig:
-    """The server's behaviour. Invalid values raise ValueError naming the field."""
-
-    latency_s: float = field(default=0.0, metadata=_opt("fixed latency of every answer"))
-    latency_jitter_s: float = field(default=0.0, metadata=_opt("extra seeded uniform jitter"))
-    output_tokens_min: int = field(default=20, metadata=_opt("smallest planned output"))
-    output_tokens_max: int = field(default=60, metadata=_opt("largest planned output"))
-    rpm_limit: int | None = field(default=None, metadata=_opt("requests per minute"))
-    tpm_limit: int | None = field(default=None, metadata=_opt("tokens per minute"))
-    window_s: float = field(default=60.0, metadata=_opt("sliding window length, seconds"))
-    token_quota: int | None = field(default=None, metadata=_opt("total tokens before 429 quota"))
-    require_api_key: str | None = field(default=None, metadata=_opt("401 unless this bearer"))
-    seed: int = field(default=0, metadata=_opt("seed of faults and jitter"))
-    fault_500_rate: float = field(default=0.0, metadata=_opt("share of 500 answers"))
-    fault_503_rate: float = field(default=0.0, metadata=_opt("share of 503 answers"))
-    fault_429_rate: float = field(default=0.0, metadata=_opt("share of forced 429 answers"))
-    fault_slow_rate: float = field(default=0.0, metadata=_opt("share answered after slow_s"))
-    fault_hang_rate: float = field(default=0.0, metadata=_opt("share never answered"))
-    fault_drop_rate: float = field(default=0.0, metadata=_opt("share of dropped connections"))
-    fault_malformed_rate: float = field(default=0.0, metadata=_opt("share of invalid JSON"))
-    fault_no_usage_rate: float = field(default=0.0, metadata=_opt("share without usage"))
-    fault_script: tuple[str, ...] = field(
-        default=(),
-        metadata=_opt("faults of the first arrivals, comma separated ('none' for no fault)"),
-    )
-    slow_s: float = field(default=120.0, metadata=_opt("delay of the slow fault"))
-    fault_429_retry_after_s: float = field(default=0.1, metadata=_opt("retry-after of forced 429"))
-    stream_chunks: int = field(default=4, metadata=_opt("output_text.delta events per stream"))
-    log_max_records: int = field(default=1_000_000, metadata=_opt("older records are dropped"))
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "fault_script":
-                continue
-            optional = value is None and "None" in str(f.type)
-            if f.name == "require_api_key":
-                ok = optional or (isinstance(value, str) and value != "")
-                _check(f.name, ok, f"={value!r}: use a non-empty string, or None for no check")
-            elif isinstance(value, bool):
-                _check(f.name, False, f"={value!r}: expected a number, not a bool")
-            elif str(f.type).startswith("int"):
-                _check(f.name, optional or isinstance(value, int), f"={value!r}: expected an int")
-            else:
-                ok = isinstance(value, int | float) and math.isfinite(value)
-                _check(f.name, ok, f"={value!r}: expected a finite number")
-        for name in ("latency_s", "latency_jitter_s", "slow_s", "fault_429_retry_after_s"):
-            _check(name, getattr(self, name) >= 0, "must be >= 0")
-        _check("output_tokens_min", self.output_tokens_min >= 1, "must be >= 1")
-        _check(
-            "output_tokens_max",
-            self.output_tokens_max >= self.output_tokens_min,
-            f"must be >= output_tokens_min ({self.output_tokens_min})",
-        )
-        _check("window_s", self.window_s > 0, "must be > 0")
-        for name in ("rpm_limit", "tpm_limit"):
-            limit = getattr(self, name)
-            _check(
-                name,
-                limit is None or limit * self.window_s / 60 >= 1,
-                f"with window_s={self.window_s} must allow at least one per window "
-                "(limit * window_s / 60 >= 1); raise it or lengthen window_s",
-            )
-        _check("token_quota", self.token_quota is None or self.token_quota >= 0, "must be >= 0")
-        _check("stream_chunks", self.stream_chunks >= 1, "must be >= 1")
-        _check("log_max_records", self.log_max_records >= 1, "must be >= 1")
-        for name, _ in _FAULT_RATE_FIELDS:
-            _check(name, 0 <= getattr(self, name) <= 1, "must be within [0, 1]")
-        total = sum(getattr(self, name) for name, _ in _FAULT_RATE_FIELDS)
-        _check("fault_500_rate", total <= 1, f"the fault rates sum to {total}, more than 1")
-        script = self.fault_script
-        ok = not isinstance(script, str) and all(isinstance(item, str) for item in script)
-        _check("fault_script", ok, f"={script!r}: expected a sequence of fault names")
-        allowed = {f.value for f in Fault} | {"none", ""}
-        for item in script:
-            _check(
-                "fault_script", item in allowed, f"unknown fault {item!r}; use {sorted(allowed)}"
-            )
-        object.__setattr__(self, "fault_script", tuple(script))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["fault_script"] = list(self.fault_script)
-        return data
-
-
-def _check(name: str, ok: bool, problem: str) -> None:
-    if not ok:
-        separator = "" if problem.startswith("=") else " "
-        raise ValueError(f"MockServerConfig.{name}{separator}{problem}")
-
-
-@dataclass(slots=True)
-class LogRecord:
-    """One arrival at /v1/responses. ``status`` None means no HTTP answer was sent."""
-
-    index: int
-    arrival_monotonic: float
-    arrival_wall: float
-    request_id: str
-    client_request_id: str | None
-    authorization_present: bool
-    model: str | None = None
-    stream: bool = False
-    status: int | None = None
-    fault: str | None = None
-    error_type: str | None = None
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    counted: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-# ---------------------------------------------------------------- rate window and prompt cache
-
-
-def _ceil_ms(seconds: float) -> int:
-    # The tolerance keeps float noise (1000.0 + 1 - 1000.9 = 0.10000000000002) from adding 1 ms.
-    return max(math.ceil(seconds * 1000 - 1e-6), 0)
-
-
-def format_duration(seconds: float) -> str:
-    """OpenAI's header format: "20ms", "1s", "1.5s", "6m0s", "1h2m3s" (rounded up to a ms)."""
-    ms = _ceil_ms(seconds)
-    if ms == 0:
-        return "0s"
-    if ms < 1000:
-        return f"{ms}ms"
-    hours, ms = divmod(ms, 3_600_000)
-    minutes, ms = divmod(ms, 60_000)
-    secs = f"{ms / 1000:.3f}".rstrip("0").rstrip(".")
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
-class _Window:
-    """Counted arrivals ``(t, tokens)`` in arrival order; an entry leaves at ``t + window_s``."""
-
-    def __init__(self) -> None:
-        self.entries: deque[tuple[float, int]] = deque()
-        self.tokens = 0
-
-    def purge(self, now: float, window_s: float) -> None:
-        entries = self.entries
-        while entries and entries[0][0] + window_s <= now:
-            self.tokens -= entries.popleft()[1]
-
-    def wait_for(self, now: float, window_s: float, requests: int, tokens: int) -> float:
-        """Seconds until ``requests`` more entries and ``tokens`` more tokens have left."""
-        until = 0.0
-        freed_tokens = 0
-        for freed_requests, (t, cost) in enumerate(self.entries):
-            if freed_requests >= requests and freed_tokens >= tokens:
-                break
-            freed_tokens += cost
-            until = t + window_s - now
-        return max(until, 0.0)
-
-
-class _PrefixCache:
-    def __init__(self) -> None:
-        self.seen: set[bytes] = set()
-
-    def lookup_and_add(self, prompt: str) -> int:
-        steps = len(prompt) // _CACHE_STEP_CHARS
-        if math.ceil(len(prompt) / 4) < _CACHE_MIN_TOKENS or steps * 128 < _CACHE_MIN_TOKENS:
-            return 0
-        if len(self.seen) > _CACHE_MAX_ENTRIES:
-            self.seen.clear()
-        hasher = hashlib.sha1(usedforsecurity=False)
-        cached = 0
-        for k in range(1, steps + 1):
-            hasher.update(prompt[(k - 1) * _CACHE_STEP_CHARS : k * _CACHE_STEP_CHARS].encode())
-            if k * 128 < _CACHE_MIN_TOKENS:
-                continue
-            digest = hasher.copy().digest()
-            if digest in self.seen:
-                cached = k * 128
-            else:
-                self.seen.add(digest)
-        return cached
-
-
-def max_arrivals_in_window(arrival_times: Iterable[float], window_s: float) -> int:
-    """The most arrivals in any half-open window ``[t, t + window_s)``.
-
-    Also usable on the ``arrival_monotonic`` values of ``GET /_mock/log`` from a child process.
-    """
-    times = sorted(arrival_times)
-    best = start = 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window_s:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
 
 # ---------------------------------------------------------------- the server
 
@@ -431,6 +197,7 @@ class MockServer:
         self._closing = asyncio.Event()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/responses", self._handle_responses)
+        app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/_mock/log", self._handle_log)
         app.router.add_post("/_mock/reset", self._handle_reset)
         app.router.add_get("/_mock/config", self._handle_config)
@@ -570,6 +337,12 @@ class MockServer:
         return web.Response()
 
     async def _handle_responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _handle(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         raw = await request.read()
         config, now = self._config, self._clock()
         index, self._next_index = self._next_index, self._next_index + 1
@@ -584,6 +357,7 @@ class MockServer:
             request_id=new_id("req_", 16),
             client_request_id=request.headers.get("x-client-request-id"),
             authorization_present=authorization is not None,
+            api="chat" if chat else "responses",
         )
         self._log.append(record)
         for count, waiter in self._arrival_waiters:
@@ -605,7 +379,7 @@ class MockServer:
         try:
             body = json.loads(raw)
             plan = plan_request(
-                body,
+                chat_as_responses(body) if chat else body,
                 output_tokens_min=config.output_tokens_min,
                 output_tokens_max=config.output_tokens_max,
             )
@@ -688,14 +462,20 @@ class MockServer:
             if fault is Fault.SLOW
             else (config.latency_s + jitter_draw * config.latency_jitter_s)
         )
-        usage = None if fault is Fault.MISSING_USAGE else usage_of(plan, cached)
+        usage_shape = chat_usage if chat else usage_of
+        usage = None if fault is Fault.MISSING_USAGE else usage_shape(plan, cached)
         if plan.stream:
-            return await self._stream(request, record, plan, body, usage, fault, delay)
+            return await self._stream(request, record, plan, body, usage, fault, delay, chat)
+        if fault is Fault.STREAM_BREAK:
+            return self._drop(request)
         if delay > 0 and not await self._sleep(delay):
             return self._drop(request)
-        status = "incomplete" if plan.incomplete else "completed"
-        ids = (new_id("resp_"), new_id("msg_"))
-        answer = response_body(plan, body, ids, int(time.time()), status, usage)
+        if chat:
+            answer = chat_body(plan, new_id("chatcmpl-"), int(time.time()), usage)
+        else:
+            status = "incomplete" if plan.incomplete else "completed"
+            ids = (new_id("resp_"), new_id("msg_"))
+            answer = response_body(plan, body, ids, int(time.time()), status, usage)
         payload = json.dumps(answer).encode()
         if fault is Fault.MALFORMED_JSON:
             payload = payload[: len(payload) // 2]
@@ -710,7 +490,9 @@ class MockServer:
         usage: dict[str, Any] | None,
         fault: Fault | None,
         delay: float,
+        chat: bool,
     ) -> web.StreamResponse:
+        """An SSE answer: its head at once, the rest after ``delay`` (or a fault instead)."""
         response = web.StreamResponse(
             status=200,
             headers={
@@ -721,19 +503,50 @@ class MockServer:
         )
         await response.prepare(request)
         record.status = 200
-        ids, created_at = (new_id("resp_"), new_id("msg_")), int(time.time())
-        head = stream_head(plan, body, ids, created_at)
-        await response.write(sse(head, 0))
+        chunks, created_at = self._config.stream_chunks, int(time.time())
+        encode: Callable[[list[dict[str, Any]], int, bool], bytes]
+        if chat:
+            options = body.get("stream_options")
+            include = isinstance(options, dict) and options.get("include_usage") is True
+            events = chat_chunks(
+                plan, new_id("chatcmpl-"), created_at, usage if include else None, chunks
+            )
+            head, tail = events[:1], events[1:]
+
+            def encode(items: list[dict[str, Any]], first: int, done: bool) -> bytes:
+                return sse_data(items, done=done)
+
+            malformed = b'data: {"id": "chatcmpl-\n\n'
+        else:
+            ids = (new_id("resp_"), new_id("msg_"))
+            head = stream_head(plan, body, ids, created_at)
+            status = "incomplete" if plan.incomplete else "completed"
+            tail = stream_tail(plan, body, ids, created_at, status, usage, chunks)
+
+            def encode(items: list[dict[str, Any]], first: int, done: bool) -> bytes:
+                return sse(items, first)
+
+            malformed = b'event: response.output_text.delta\ndata: {"type": "resp\n\n'
+        await response.write(encode(head, 0, False))
         if delay > 0 and not await self._sleep(delay):
             self._drop(request)
             return response
         if fault is Fault.MALFORMED_JSON:
-            await response.write(b'event: response.output_text.delta\ndata: {"type": "resp\n\n')
-            await response.write_eof()
+            await response.write(malformed)
+        elif fault is Fault.STREAM_BREAK:
+            # Half the events, then the socket closes: the client reads an incomplete body.
+            await response.write(encode(tail[: max(len(tail) // 2, 1)], len(head), False))
+            self._drop(request)
             return response
-        status = "incomplete" if plan.incomplete else "completed"
-        events = stream_tail(plan, body, ids, created_at, status, usage, self._config.stream_chunks)
-        await response.write(sse(events, len(head)))
+        elif self._config.stream_interval_s > 0:
+            # One event at a time, pausing after each text delta: a stream that takes time.
+            for i, event in enumerate(tail):
+                await response.write(encode([event], len(head) + i, i == len(tail) - 1))
+                if is_text_delta(event) and not await self._sleep(self._config.stream_interval_s):
+                    self._drop(request)
+                    return response
+        else:
+            await response.write(encode(tail, len(head), True))
         await response.write_eof()
         return response
 
@@ -764,186 +577,15 @@ class MockServer:
         return web.json_response(self._config.to_dict())
 
 
-# ---------------------------------------------------------------- CLI and child process
-
-
-def serve(
-    config: MockServerConfig | None = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    *,
-    on_ready: Callable[[str], None] | None = None,
-) -> None:
-    """Run the server until Ctrl-C or SIGTERM (blocking). ``on_ready`` receives the URL."""
-
-    async def main() -> None:
-        server = MockServer(config)
-        url = await server.start(host, port)
-        stopping = asyncio.Event()
-        # Explicit handlers also work where SIGINT is ignored (a background job of a script).
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
-                asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
-        if on_ready is not None:
-            on_ready(url)
-        try:
-            await stopping.wait()
-        finally:
-            await server.stop()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
-
-
-def _field_parser(name: str) -> tuple[Callable[[str], Any], str]:
-    hint = get_type_hints(MockServerConfig)[name]
-    if get_origin(hint) in (Union, types.UnionType):
-        hint = next(a for a in get_args(hint) if a is not type(None))
-    if get_origin(hint) is tuple:
-        return (lambda text: tuple(s.strip() for s in text.split(",") if s.strip())), "A,B"
-    return hint, hint.__name__.upper()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--host``, ``--port`` and one option per MockServerConfig field."""
-    parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default)")
-    for f in dataclasses.fields(MockServerConfig):
-        parse, metavar = _field_parser(f.name)
-        default = "none" if f.default is None else f.default
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=parse,
-            default=None,
-            metavar=metavar,
-            help=f"{f.metadata.get('help', '')} (default {default})",
-        )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """``llmtrail mock-server``: print the URL, serve until Ctrl-C; 0 on a clean stop."""
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(MockServerConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    try:
-        config = MockServerConfig(**given)
-    except ValueError as exc:
-        print(f"llmtrail mock-server: {exc}", file=sys.stderr)
-        return 2
-
-    def ready(url: str) -> None:
-        print(url, flush=True)
-        print(f"llmtrail mock-server: POST {url}/v1/responses; Ctrl-C to stop", file=sys.stderr)
-
-    try:
-        serve(config, args.host, args.port, on_ready=ready)
-    except OSError as exc:
-        print(
-            f"llmtrail mock-server: cannot listen on {args.host}:{args.port}: {exc}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-def _config_argv(config: MockServerConfig) -> list[str]:
-    argv = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if value is None or value == f.default:
-            continue
-        text = ",".join(value) if isinstance(value, tuple) else repr(value)
-        argv += ["--" + f.name.replace("_", "-"), text.strip("'")]
-    return argv
-
-
-def run_in_process(
-    config: MockServerConfig | None = None,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    startup_timeout_s: float = 30.0,
-) -> tuple[str, Callable[[], None]]:
-    """Start ``python -m llmtrail.testing._mock_server`` in a child process: ``(url, stop)``.
-
-    A benchmark's client then does not share a core with the server. ``stop()`` sends SIGTERM
-    and waits (SIGKILL after 10 s); it is idempotent.
-    """
-    # `python -m llmtrail.testing._mock_server`: importing `llmtrail` and `llmtrail.testing`
-    # is light (the OpenAI SDK is imported only when the request path is used), so the child
-    # starts in well under a second.
-    argv = [
-        sys.executable,
-        "-m",
-        "llmtrail.testing._mock_server",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
-    argv += _config_argv(config or MockServerConfig())
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    readable, _, _ = select.select([proc.stdout], [], [], startup_timeout_s)
-    url = proc.stdout.readline().strip() if readable else ""
-    if not url.startswith("http"):
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        raise RuntimeError(
-            f"the mock server child process reported no URL within {startup_timeout_s}s "
-            f"(exit code {proc.returncode}); run `python -m llmtrail.testing._mock_server "
-            f"{' '.join(argv[3:])}` to see why"
-        )
-
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-    return url, stop
-
-
-@contextlib.contextmanager
-def running_in_process(config: MockServerConfig | None = None, **kwargs: Any) -> Iterator[str]:
-    """``with running_in_process(config) as url:`` a server in a child process."""
-    url, stop = run_in_process(config, **kwargs)
-    try:
-        yield url
-    finally:
-        stop()
-
-
-@contextlib.contextmanager
-def running_in_thread(
-    config: MockServerConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
-) -> Iterator[MockServer]:
-    """``with running_in_thread(config) as server:`` a server on its own loop in a thread.
-
-    For synchronous tests that also want ``server.log`` in process. Read the log from the
-    test thread only after the calls under test have returned.
-    """
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="llmtrail-mock-server", daemon=True)
-    thread.start()
-    server = MockServer(config)
-    try:
-        asyncio.run_coroutine_threadsafe(server.start(host, port), loop).result(timeout=30)
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-        loop.close()
+# The ways to run it, re-exported here (they import MockServer lazily: no import cycle).
+from ._mock_process import (  # noqa: E402
+    add_arguments,
+    run_from_args,
+    run_in_process,
+    running_in_process,
+    running_in_thread,
+    serve,
+)
 
 
 def _main() -> int:
