@@ -36,7 +36,8 @@ Payload fields, by type (``None`` where unknown):
     attempt, latency_s, status, response_id, response_model, finish_reasons (list),
     input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd
     (decimal string, or None when the model has no price), provider_request_id, rate_limits
-    (the x-ratelimit-* headers, name -> value); with capture_content also ``content``.
+    (the x-ratelimit-* headers, name -> value), processing_s (the provider's own time from
+    ``openai-processing-ms``, or None); with capture_content also ``content``.
 ``attempt_failed``
     attempt, latency_s, error_type, status, retryable, retry_after_s, message, provider_code,
     provider_request_id, rate_limits.

@@ -450,6 +450,7 @@ class CallFlow:
             "cost_usd": money(self._cost(model, response)),
             "provider_request_id": response.provider_request_id,
             "rate_limits": response.rate_limits,
+            "processing_s": response.processing_s,
         }
         if self.capture_content:
             received["content"] = response.raw_content

@@ -71,6 +71,15 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
     return None
 
 
+def _processing_s(headers: Mapping[str, str]) -> float | None:
+    """The provider's ``openai-processing-ms``, in seconds (None when absent or malformed)."""
+    raw = headers.get("openai-processing-ms")
+    try:
+        return max(float(raw) / 1000.0, 0.0) if raw else None
+    except ValueError:
+        return None
+
+
 def classify_status(status: int, code: str | None) -> tuple[ErrorType, bool]:
     """(error_type, retryable) for an HTTP error status and the body's error code."""
     if status == 429:
@@ -266,6 +275,7 @@ class OpenAIResponsesProvider:
             status=raw.status_code,
             provider_request_id=request_id,
             rate_limits=rate_limits,
+            processing_s=_processing_s(headers),
         )
 
     async def aclose(self) -> None:

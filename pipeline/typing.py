@@ -91,6 +91,8 @@ class ProviderResponse:
     status: int = 200
     provider_request_id: str | None = None
     rate_limits: dict[str, str] = field(default_factory=dict)
+    # The provider's own time on the request (``openai-processing-ms``), when it says.
+    processing_s: float | None = None
 
 
 class ProviderError(Exception):

@@ -24,7 +24,9 @@ Rate limits: requests and tokens are counted in one sliding window of ``window_s
 capacity is ``limit * window_s / 60``. A request is counted when it arrives, charged
 ``input_tokens + (max_output_tokens or its real output)``, and stays until ``arrival + window_s``.
 Requests answered 429 (by the limits, the quota or the forced-429 fault), 400 or 401 are not
-counted; every other answer, faults included, is (the provider saw the request). Limits are
+counted; every other answer, faults included, is (the provider saw the request). With
+``count_rate_limited=1`` a 429 for the limits counts as a request (no tokens), as OpenAI documents
+for failed requests. Every answer carries ``openai-processing-ms`` (arrival to answer). Limits are
 global, not per model. ``remaining`` headers are what is left in the current window; ``reset``
 headers are the time until the window is empty again. ``retry-after-ms`` on a 429 is the time
 until enough of the window has left for that request to fit. ``token_quota`` is a total over the
@@ -48,6 +50,7 @@ import math
 import random
 import select
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -140,6 +143,9 @@ class MockServerConfig:
 
     latency_s: float = field(default=0.0, metadata=_opt("fixed latency of every answer"))
     latency_jitter_s: float = field(default=0.0, metadata=_opt("extra seeded uniform jitter"))
+    latency_sigma: float = field(
+        default=0.0, metadata=_opt("lognormal spread: latency_s x exp(sigma x z), seeded")
+    )
     output_tokens_min: int = field(default=20, metadata=_opt("smallest planned output"))
     output_tokens_max: int = field(default=60, metadata=_opt("largest planned output"))
     rpm_limit: int | None = field(default=None, metadata=_opt("requests per minute"))
@@ -162,6 +168,9 @@ class MockServerConfig:
     )
     slow_s: float = field(default=120.0, metadata=_opt("delay of the slow fault"))
     fault_429_retry_after_s: float = field(default=0.1, metadata=_opt("retry-after of forced 429"))
+    count_rate_limited: int = field(
+        default=0, metadata=_opt("1: a rate-limit 429 still counts as a request in the window")
+    )
     stream_chunks: int = field(default=4, metadata=_opt("output_text.delta events per stream"))
     log_max_records: int = field(default=1_000_000, metadata=_opt("older records are dropped"))
 
@@ -181,7 +190,14 @@ class MockServerConfig:
             else:
                 ok = isinstance(value, int | float) and math.isfinite(value)
                 _check(f.name, ok, f"={value!r}: expected a finite number")
-        for name in ("latency_s", "latency_jitter_s", "slow_s", "fault_429_retry_after_s"):
+        _check("count_rate_limited", self.count_rate_limited in (0, 1), "must be 0 or 1")
+        for name in (
+            "latency_s",
+            "latency_jitter_s",
+            "latency_sigma",
+            "slow_s",
+            "fault_429_retry_after_s",
+        ):
             _check(name, getattr(self, name) >= 0, "must be >= 0")
         _check("output_tokens_min", self.output_tokens_min >= 1, "must be >= 1")
         _check(
@@ -501,11 +517,17 @@ class MockServer:
         self, record: LogRecord, status: int, body: bytes, headers: Mapping[str, str] | None = None
     ) -> web.Response:
         record.status = status
+        # As OpenAI does: the time the server spent on the request, arrival to answer.
+        processing_ms = max(round((self._clock() - record.arrival_monotonic) * 1000), 0)
         return web.Response(
             status=status,
             body=body,
             content_type="application/json",
-            headers={"x-request-id": record.request_id, **(headers or {})},
+            headers={
+                "x-request-id": record.request_id,
+                "openai-processing-ms": str(processing_ms),
+                **(headers or {}),
+            },
         )
 
     def _error(
@@ -536,6 +558,15 @@ class MockServer:
         wait_ms = max(_ceil_ms(wait_s), 1)
         headers = {"retry-after-ms": str(wait_ms), "retry-after": str(math.ceil(wait_ms / 1000))}
         return self._error(record, 429, message, kind, "rate_limit_exceeded", None, headers)
+
+    def _latency(self, draw: float) -> float:
+        """The answer's delay for the uniform ``draw``: fixed + lognormal spread + jitter."""
+        config = self._config
+        delay = config.latency_s
+        if config.latency_sigma > 0:
+            z = statistics.NormalDist().inv_cdf(min(max(draw, 1e-12), 1 - 1e-12))
+            delay *= math.exp(config.latency_sigma * z)
+        return delay + draw * config.latency_jitter_s
 
     def _pick_fault(self, index: int, draw: float) -> Fault | None:
         script = self._config.fault_script
@@ -640,6 +671,8 @@ class MockServer:
         need_tokens = window.tokens + plan.charge - cap_tokens if config.tpm_limit else 0
         if need_requests > 0 or need_tokens > 0:
             wait = window.wait_for(now, config.window_s, max(need_requests, 0), max(need_tokens, 0))
+            if config.count_rate_limited:  # as OpenAI documents: failed requests count too
+                window.entries.append((now, 0))
             if need_requests > 0:
                 return self._rate_limited(record, "requests", len(window.entries), 1, wait)
             return self._rate_limited(record, "tokens", window.tokens, plan.charge, wait)
@@ -658,7 +691,7 @@ class MockServer:
             await self._closing.wait()
             return self._drop(request)
         if fault in (Fault.HTTP_500, Fault.HTTP_503):
-            delay = config.latency_s + jitter_draw * config.latency_jitter_s
+            delay = self._latency(jitter_draw)
             if delay > 0 and not await self._sleep(delay):
                 return self._drop(request)
             if fault is Fault.HTTP_500:
@@ -672,11 +705,7 @@ class MockServer:
         self._quota_used += plan.input_tokens + plan.output_tokens
         record.cached_tokens, record.output_tokens = cached, plan.output_tokens
         record.reasoning_tokens = plan.reasoning_tokens
-        delay = (
-            config.slow_s
-            if fault is Fault.SLOW
-            else (config.latency_s + jitter_draw * config.latency_jitter_s)
-        )
+        delay = config.slow_s if fault is Fault.SLOW else self._latency(jitter_draw)
         usage = None if fault is Fault.MISSING_USAGE else usage_of(plan, cached)
         if plan.stream:
             return await self._stream(request, record, plan, body, usage, fault, delay)
