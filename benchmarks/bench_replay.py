@@ -249,7 +249,7 @@ async def fill_store(url: str, calls: int) -> int:
 
 async def _load(url: str) -> Any:
     from llmtrail.storage import EventStore
-    from llmtrail.storage._workload import load_workload
+    from llmtrail.storage._workload_read import load_workload
 
     store = await EventStore.open(url)
     try:

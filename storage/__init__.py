@@ -48,7 +48,8 @@ from ._replay import (
     sweep,
 )
 from ._schema import events, metadata, stored_payload
-from ._workload import Workload, extract_workload, load_workload
+from ._workload import Workload
+from ._workload_read import extract_workload, load_workload
 from ._writer import EventWriter, open_store_sink
 
 __all__ = [

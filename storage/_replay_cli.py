@@ -39,7 +39,8 @@ from ._replay import (
     replay,
     sweep,
 )
-from ._workload import EmptyWorkloadError, Workload, load_workload
+from ._workload import EmptyWorkloadError, Workload
+from ._workload_read import load_workload
 
 __all__ = ["parse_sweep", "plot_replay", "register"]
 

@@ -21,7 +21,8 @@ import pytest
 from llmtrail.pipeline import BaseLLMService, GenerationRequest
 from llmtrail.storage import EventStore
 from llmtrail.storage._replay import ReplaySettings, recorded_figures, replay_async
-from llmtrail.storage._workload import Workload, load_workload
+from llmtrail.storage._workload import Workload
+from llmtrail.storage._workload_read import load_workload
 from llmtrail.testing.fixtures import MockServerFactory
 
 

@@ -29,7 +29,8 @@ from llmtrail.storage._replay import (
     scaled_calls,
     sweep,
 )
-from llmtrail.storage._workload import EmptyWorkloadError, extract_workload, load_workload
+from llmtrail.storage._workload import EmptyWorkloadError, ProviderLimits
+from llmtrail.storage._workload_read import extract_workload, load_workload
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 LIMITS = {
@@ -66,7 +67,8 @@ class Recording:
         unsent: bool = False,
     ) -> str:
         """One call arriving ``at`` seconds after T0. ``attempts``: dicts with ``latency``
-        and optionally ``error`` (+ ``status``, ``retry_after``, ``wait``, ``refused``)."""
+        and optionally ``error`` (+ ``status``, ``retry_after``, ``wait``, ``refused``),
+        ``headers`` (the x-ratelimit-* headers) and ``processing`` (the provider's time)."""
         call_id = f"call{self._n:04d}"
         self._n += 1
         seq = iter(range(100))
@@ -117,6 +119,8 @@ class Recording:
                     "cached_tokens": 0,
                     "output_tokens": output_tokens,
                     "reasoning_tokens": 0,
+                    "rate_limits": attempt.get("headers", {}),
+                    "processing_s": attempt.get("processing"),
                 }
                 emit(EventType.RECEIVED, t, answer)
                 break
@@ -129,6 +133,8 @@ class Recording:
                     "error_type": error,
                     "status": attempt.get("status", 429 if error == "rate_limited" else None),
                     "retry_after_s": attempt.get("retry_after"),
+                    "retryable": attempt.get("retryable", True),
+                    "rate_limits": attempt.get("headers", {}),
                 },
             )
             if attempt.get("refused"):
@@ -256,10 +262,29 @@ async def _load(url: str, **kwargs: Any) -> Any:
 
 async def test_the_store_reader_extracts_what_the_event_reader_does(store_url: str) -> None:
     rec = Recording(max_rpm=120, max_tpm=90_000, window_s=2.0)
-    rec.call(0.0, [{"latency": 0.5}], max_output_tokens=32)
+    stated = {
+        "x-ratelimit-limit-requests": "300",
+        "x-ratelimit-limit-tokens": "1000000000",
+        "x-ratelimit-reset-requests": "1.95s",
+    }
+    rec.call(0.0, [{"latency": 0.5, "processing": 0.42, "headers": stated}], max_output_tokens=32)
     rec.call(
         0.25,
         [
+            {
+                "latency": 0.01,
+                "error": "rate_limited",
+                "retry_after": 0.1,
+                "wait": 0.1,
+                "headers": {**stated, "x-ratelimit-remaining-requests": "0"},
+            },
+            {
+                "latency": 0.01,
+                "error": "rate_limited",
+                "retry_after": 0.1,
+                "wait": 0.1,
+                "headers": {**stated, "x-ratelimit-remaining-requests": "7"},
+            },
             {"latency": 0.1, "error": "server_error", "status": 503, "wait": 0.8},
             {"latency": 0.2, "error": "connection", "refused": True, "wait": 0.4},
             {"latency": 0.3},
@@ -271,6 +296,11 @@ async def test_the_store_reader_extracts_what_the_event_reader_does(store_url: s
 
     expected = rec.workload(until=T0 + timedelta(seconds=5))
     loaded = await _load(store_url, until=T0 + timedelta(seconds=5))
+    # Provider time, limit vs other 429s and the stated limits come through both readers.
+    assert expected.calls[0].attempts[0].provider_s == 0.42
+    assert [a.limit_hit for a in expected.calls[1].attempts] == [True, False, False, False, False]
+    assert expected.provider_limits == ProviderLimits(rpm=300, tpm=None, window_s=2.0)
+    assert loaded.provider_limits == expected.provider_limits
     assert loaded.settings == expected.settings
     assert loaded.start == expected.start
     assert len(loaded.calls) == 3
@@ -280,6 +310,21 @@ async def test_the_store_reader_extracts_what_the_event_reader_does(store_url: s
         )
         assert got.arrival_s == pytest.approx(want.arrival_s, abs=1e-6)
         assert got.finished_s == pytest.approx(want.finished_s, abs=1e-6)
+
+
+async def test_the_store_reader_reads_timestamps_exactly_near_a_whole_second(
+    sqlite_url: str,
+) -> None:
+    # SQLite's strftime('%s') rounds to the millisecond: read naively, 10:00:00.9996 comes
+    # out as 10:00:01 + 0.9996 s, a second late, and the two calls swap order.
+    rec = Recording()
+    rec.call(0.9996)
+    rec.call(1.0002)
+    await _write(sqlite_url, rec.events)
+    loaded = await _load(sqlite_url)
+    assert loaded.start == T0 + timedelta(seconds=0.9996)
+    assert [c.arrival_s for c in loaded.calls] == pytest.approx([0.0, 0.0006], abs=1e-6)
+    assert loaded.calls[0].finished_s == pytest.approx(1.0, abs=1e-6)
 
 
 async def test_the_store_reader_says_how_to_fix_an_empty_range(sqlite_url: str) -> None:
