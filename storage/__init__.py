@@ -39,14 +39,9 @@ from ._projections import (
     usage_daily,
 )
 from ._reader import EventStore, StoredEvent
-from ._replay import (
-    ReplaySettings,
-    ReplayStalledError,
-    cheapest_meeting,
-    replay,
-    replay_async,
-    sweep,
-)
+from ._replay import ReplayStalledError, replay, replay_async
+from ._replay_model import ReplaySettings
+from ._replay_plan import Recommendation, Tier, recommend, sweep
 from ._schema import events, metadata, stored_payload
 from ._workload import Workload
 from ._workload_read import extract_workload, load_workload
@@ -60,6 +55,7 @@ __all__ = [
     "ProjectionConflictError",
     "ProjectionRunner",
     "ProjectionStatus",
+    "Recommendation",
     "ReplaySettings",
     "ReplayStalledError",
     "STORE_URL_ENV",
@@ -69,10 +65,11 @@ __all__ = [
     "StoreSchemaError",
     "StoreUnavailableError",
     "StoredEvent",
+    "Tier",
     "UnknownProjectionError",
     "Workload",
     "calls",
-    "cheapest_meeting",
+    "recommend",
     "check_schema",
     "create_engine",
     "ensure_schema",

@@ -467,9 +467,9 @@ class WorkloadBuilder:
         finish = self._finish
         calls = [finish(cid, created[cid], done[cid], t0) for cid in ids]
         rpm, tpm, reset = self._stated
-        limits = None
+        stated: ProviderLimits | None = None
         if rpm or tpm:
-            limits = ProviderLimits(
+            stated = ProviderLimits(
                 int(rpm) if 0 < rpm < _UNLIMITED else None,
                 int(tpm) if 0 < tpm < _UNLIMITED else None,
                 math.ceil(reset * 10 - 1e-6) / 10 if reset > 0 else None,
@@ -480,7 +480,7 @@ class WorkloadBuilder:
             settings,
             settings_variants=max(len(variants), 1),
             incomplete=incomplete,
-            provider_limits=limits,
+            provider_limits=stated,
         )
 
     def _finish(self, call_id: str, c: _Created, done: _Done, t0: float) -> RecordedCall:

@@ -17,18 +17,20 @@ from typing import Any
 
 import pytest
 
-from llmtrail.pipeline import Event, EventType, PriceTable
+from llmtrail.pipeline import ConfigurationError, Event, EventType, PriceTable
 from llmtrail.pipeline._cli import main as cli_main
 from llmtrail.storage import EventStore, open_store_sink
-from llmtrail.storage._replay import (
+from llmtrail.storage._replay import replay
+from llmtrail.storage._replay_figures import recorded_figures
+from llmtrail.storage._replay_model import (
+    FaultModel,
     ProviderModel,
     ReplaySettings,
-    cheapest_meeting,
-    recorded_figures,
-    replay,
+    provider_defaults,
     scaled_calls,
-    sweep,
 )
+from llmtrail.storage._replay_plan import Tier, parse_tier, recommend, sweep
+from llmtrail.storage._replay_sim import calibrated_client_cpu
 from llmtrail.storage._workload import EmptyWorkloadError, ProviderLimits
 from llmtrail.storage._workload_read import extract_workload, load_workload
 
@@ -486,29 +488,127 @@ def test_provider_model_answers_429_over_its_limit_and_the_retry_policy_waits() 
         assert t >= (i // 2) * 1.0 + 0.5 - 1e-6
 
 
-def test_provider_model_drops_recorded_429s_and_keeps_other_failures() -> None:
-    rec = Recording()
-    rec.call(0.0, [{"latency": 0.2, "error": "rate_limited", "wait": 3.0}, {"latency": 1.0}])
-    rec.call(0.0, [{"latency": 0.3, "error": "server_error", "status": 500, "wait": 0.5}, {}])
-    workload = rec.workload()
-    generous = ReplaySettings.recorded(workload, provider_rpm=10_000)
-    result = replay(workload, generous)
-    assert result.figures.rate_limited == 0
-    # The first call's recorded 429 and its 3 s wait are gone; the 500 and its wait stay.
-    assert sorted(result.run.finished) == pytest.approx([1.0, 0.3 + 0.5 + 1.0])
-
-
-def test_provider_model_window_counts_requests_and_tokens() -> None:
+def test_provider_model_counts_every_arrival_and_gives_each_429_its_own_retry_after() -> None:
     model = ProviderModel(rpm=120, tpm=600, window_s=1.0)  # 2 requests, 10 tokens per second
-    assert model.arrive(0.0, 4) == (True, None)
-    assert model.arrive(0.1, 4) == (True, None)
-    admitted, retry_after = model.arrive(0.2, 1)
-    assert not admitted and retry_after == pytest.approx(0.8)
-    assert model.arrive(1.0, 4) == (True, None)
-    assert model.arrive(1.05, 20) == (False, None)  # larger than the window: never fits
+    for t in (0.0, 0.1):
+        assert model.check(t, 4) == (True, None)
+        model.count(t, 4)
+    # Full: each refused request counts too, so each is told a later time than the one before
+    # it (the slots free at 1.0, 1.1, then the refused ones' own at 1.2 ...).
+    retry_afters = [model.check(t, 1) for t in (0.2, 0.3, 0.35)]
+    assert [ok for ok, _ in retry_afters] == [False] * 3
+    told = [round(t + r, 6) for t, (_, r) in zip((0.2, 0.3, 0.35), retry_afters, strict=True)]
+    assert told == [1.0, 1.1, 1.2]
+    assert model.check(1.05, 20) == (False, None)  # larger than the window: never fits
     remaining_requests, remaining_tokens, reset = model.headers(1.05)
-    assert (remaining_requests, remaining_tokens) == (0, 2)
-    assert reset == pytest.approx(0.95)
+    assert (remaining_requests, remaining_tokens) == (0, 6)  # 4 counted, 1 of them with tokens
+    assert reset == pytest.approx(0.3)
+    # A provider that does not count refusals tells them all the same time.
+    lenient = ProviderModel(rpm=120, tpm=None, window_s=1.0, counts_rejected=False)
+    lenient.count(0.0, 0)
+    lenient.count(0.1, 0)
+    assert {round(t + lenient.check(t, 1)[1], 6) for t in (0.2, 0.3, 0.35)} == {1.0}  # type: ignore[operator]
+
+
+def _faulty(n: int = 200, **limits: Any) -> Any:
+    """``n`` calls 0.1 s apart; every 5th first got a 500 and was retried (recorded
+    max_attempts 3), every 10th (offset) first got a 429 with room left (not the limit)."""
+    rec = Recording(**limits)
+    room = {"x-ratelimit-remaining-requests": "50", "x-ratelimit-limit-requests": "6000"}
+    for i in range(n):
+        attempts: list[dict[str, Any]] = [{"latency": 0.5}]
+        if i % 5 == 0:
+            attempts.insert(
+                0, {"latency": 0.2, "error": "server_error", "status": 500, "wait": 0.3}
+            )
+        elif i % 10 == 3:
+            attempts.insert(
+                0,
+                {
+                    "latency": 0.01,
+                    "error": "rate_limited",
+                    "retry_after": 0.1,
+                    "wait": 0.1,
+                    "headers": room,
+                },
+            )
+        rec.call(i * 0.1, attempts)
+    return rec.workload()
+
+
+def test_the_fault_model_keeps_recorded_errors_and_injected_429s_at_their_share() -> None:
+    workload = _faulty()
+    faults = FaultModel(workload, limit_429s=False)
+    # 200 answers + 40 500s + 20 429s reached the provider.
+    assert faults.reached == 260
+    shares = {
+        f.error_type: (share, f.status, f.latency_s, f.retry_after_s) for share, f in faults.faults
+    }
+    assert shares["server_error"] == (pytest.approx(40 / 260), 500, pytest.approx(0.2), None)
+    assert shares["rate_limited"] == (pytest.approx(20 / 260), 429, pytest.approx(0.01), 0.1)
+    assert faults.draw(0.0) is not None and faults.draw(0.999) is None
+
+
+def test_max_attempts_is_a_knob_and_retries_are_drawn_not_scripted() -> None:
+    workload = _faulty()
+    once = replay(workload, ReplaySettings.recorded(workload, max_attempts=1)).figures
+    thrice = replay(workload, ReplaySettings.recorded(workload, max_attempts=3)).figures
+    # One attempt: about 60 / 260 of the calls fail (binomial, seeded: well inside 25-70).
+    assert 25 <= once.failed <= 70
+    assert set(once.failures_by_type) == {"server_error", "rate_limited"}
+    assert once.requests == 200
+    # Three attempts: a call fails only if all three do (0.23^3 x 200 ~ 2.5).
+    assert thrice.failed <= 8
+    assert thrice.requests > 200 + 25
+    # The recorded scripts alone could not do it: replayed as recorded, nothing fails.
+    assert replay(workload).figures.failed == 0
+
+
+def test_calls_that_only_got_429s_are_failures() -> None:
+    # The provider takes 2 per 1 s window; one attempt each: 4 of 6 calls get only a 429.
+    workload = burst(6, latency=0.5)
+    settings = ReplaySettings.recorded(
+        workload, provider_rpm=120, provider_window_s=1.0, max_attempts=1
+    )
+    f = replay(workload, settings).figures
+    assert (f.succeeded, f.failed) == (2, 4)
+    assert f.failures_by_type == {"rate_limited": 4}
+    assert f.rate_limited == 4 and f.rate_limited_share == pytest.approx(4 / 6)
+
+
+def test_the_provider_model_turns_on_when_the_gate_is_looser_than_the_stated_limit() -> None:
+    stated = {"x-ratelimit-limit-requests": "120", "x-ratelimit-reset-requests": "0.98s"}
+    rec = Recording(max_rpm=120, window_s=1.0)
+    for i in range(8):
+        rec.call(i * 0.5, [{"latency": 0.3, "headers": stated}])
+    workload = rec.workload()
+    same, notes = provider_defaults(workload, ReplaySettings.recorded(workload))
+    assert not same.provider_model and notes == []
+    loose, notes = provider_defaults(workload, ReplaySettings.recorded(workload, max_rpm=None))
+    assert (loose.provider_rpm, loose.provider_window_s) == (120, 1.0)
+    assert len(notes) == 1 and "provider model ON" in notes[0] and "max_rpm=None" in notes[0]
+    # Without stated limits it says so rather than assume silently.
+    bare = Recording(max_rpm=120, window_s=1.0)
+    bare.call(0.0)
+    workload = bare.workload()
+    kept, notes = provider_defaults(workload, ReplaySettings.recorded(workload, max_rpm=None))
+    assert not kept.provider_model
+    assert (
+        len(notes) == 1 and "states no provider limit" in notes[0] and "--provider-rpm" in notes[0]
+    )
+
+
+def test_client_cpu_is_calibrated_and_queues_one_attempt_at_a_time() -> None:
+    rec = Recording()
+    for _ in range(10):  # recorded: 0.15 s each, of which the provider's own time is 0.1 s
+        rec.call(0.0, [{"latency": 0.15, "processing": 0.1}])
+    workload = rec.workload()
+    assert calibrated_client_cpu(workload) == pytest.approx(0.05)
+    run = replay(workload, ReplaySettings.recorded(workload, client_cpu_s=0.01)).run
+    # Ten calls share one client: the k-th is sent after k x 10 ms, answered 0.1 s later.
+    assert sorted(run.finished) == pytest.approx([0.01 * k + 0.1 for k in range(1, 11)])
+    # Off (the default): recorded latencies, provider and client time together.
+    assert replay(workload).run.finished == pytest.approx([0.15] * 10)
 
 
 def test_cost_is_priced_on_real_tokens_and_unpriced_models_are_counted() -> None:
@@ -578,12 +678,57 @@ def test_sweep_replays_every_combination_and_names_the_cheapest_meeting_the_targ
     assert p95[(12, 360)] == pytest.approx(3.0, abs=0.01)
     assert p95[(4, 720)] == pytest.approx(3.0, abs=0.01)
     assert p95[(12, 720)] == pytest.approx(1.0, abs=0.01)
-    chosen = cheapest_meeting(rows, 3.01)
-    assert chosen is not None
+    chosen = recommend(rows, target_p95_s=3.01)
+    assert chosen.row is not None
     # The first knob is the most significant: the fewest permits that make it, then the
     # lowest RPM among those.
-    assert chosen.knobs == {"max_concurrent": 4, "max_rpm": 720}
-    assert cheapest_meeting(rows, 0.5) is None
+    assert chosen.row.knobs == {"max_concurrent": 4, "max_rpm": 720}
+    assert chosen.line.startswith("RECOMMENDED: max_concurrent=4, max_rpm=720")
+    assert "next cheaper, max_concurrent=4, max_rpm=360" in chosen.evidence[1]
+    assert "p95 " in chosen.evidence[1] and "> target 3.01 s" in chosen.evidence[1]
+    nothing = recommend(rows, target_p95_s=0.5)
+    assert nothing.row is None and nothing.line.startswith("NO RECOMMENDATION")
+
+
+def test_the_recommendation_never_picks_a_setting_under_which_calls_fail() -> None:
+    # The issue's case: with the provider enforcing 2 per second, loosening the gate makes
+    # calls fast *because they fail*. The fast failing settings must not be recommended.
+    stated = {"x-ratelimit-limit-requests": "120", "x-ratelimit-reset-requests": "1s"}
+    rec = Recording(max_rpm=120, window_s=1.0)
+    for i in range(12):
+        rec.call(i * 0.05, [{"latency": 0.5, "headers": stated}])
+    workload = rec.workload()
+    base = ReplaySettings.recorded(workload, max_attempts=1)
+    rows = sweep(workload, base, [("max_rpm", [120, 600, None])])
+    by_rpm = {r.knobs["max_rpm"]: r.replay.figures for r in rows}  # type: ignore[union-attr]
+    assert by_rpm[600].failed > 0 and by_rpm[None].failed > 0  # the provider refuses them
+    assert by_rpm[120].failed == 0
+    assert by_rpm[None].total_latency_s["p95"] < by_rpm[120].total_latency_s["p95"]
+    chosen = recommend(rows, target_p95_s=60.0)
+    assert chosen.row is not None and chosen.row.knobs == {"max_rpm": 120}
+    # Tolerating failures is a choice the planner makes explicitly.
+    tolerant = recommend(rows, max_failure_rate=1.0, target_p95_s=60.0)
+    assert tolerant.row is not None and tolerant.row.knobs == {"max_rpm": 120}  # cheapest
+    assert all("provider model ON" in r.notes[0] for r in rows if r.knobs["max_rpm"] != 120)
+
+
+def test_tiers_are_replayed_with_their_limits_and_ranked_by_price() -> None:
+    workload = burst(12, latency=1.0, window_s=1.0)
+    tiers = [parse_tier("big=1200,1000000,900"), parse_tier("small=120,1000000,100")]
+    assert tiers[1] == Tier("small", 120, 1_000_000, Decimal(100))
+    assert tiers[0].usd_per_hour == Decimal(900) / 730
+    rows = sweep(workload, ReplaySettings.recorded(workload, window_s=1.0), [], tiers=tiers)
+    assert [r.knobs for r in rows] == [{"tier": "big"}, {"tier": "small"}]
+    for row in rows:  # the gates follow the tier, so nothing fails: it queues instead
+        assert row.replay is not None and row.replay.figures.failed == 0
+        assert row.replay.settings.provider_rpm == row.tier.rpm == row.replay.settings.max_rpm  # type: ignore[union-attr]
+    cheap = recommend(rows)
+    assert cheap.row is not None and cheap.row.knobs == {"tier": "small"}
+    fast = recommend(rows, target_p95_s=2.0)
+    assert fast.row is not None and fast.row.knobs == {"tier": "big"}
+    assert "next cheaper, tier=small, does not qualify: p95" in fast.evidence[1]
+    with pytest.raises(ConfigurationError, match="NAME=rpm,tpm,usd_per_month"):
+        parse_tier("small=120,1000")
 
 
 # -- the command line -----------------------------------------------------------------------
@@ -629,12 +774,13 @@ def test_cli_sweep_with_target_names_the_cheapest_and_draws_a_png(
     assert code == 0
     assert len(doc["rows"]) == 6
     assert doc["cheapest_order"] == ["max_concurrent", "max_rpm"]
-    chosen = doc["cheapest"]
+    chosen = doc["recommendation"]["knobs"]
     assert chosen is not None
-    meeting = [r for r in doc["rows"] if r["total_latency_s"]["p95"] <= 2.5]
+    meeting = [r for r in doc["rows"] if r["total_latency_s"]["p95"] <= 2.5 and r["failed"] == 0]
     assert chosen == min(
         (r["knobs"] for r in meeting), key=lambda k: (k["max_concurrent"], k["max_rpm"])
     )
+    assert doc["recommendation"]["line"].startswith("RECOMMENDED: ")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
 
@@ -650,7 +796,9 @@ def test_cli_table_output(recorded_store: str, capsys: pytest.CaptureFixture[str
 def test_cli_unmet_target_exits_1(recorded_store: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli_main(["replay", "--store", recorded_store, "--target-p95", "0.01", "--json"])
     assert code == 1
-    assert json.loads(capsys.readouterr().out)["meets_target"] is False
+    recommendation = json.loads(capsys.readouterr().out)["recommendation"]
+    assert recommendation["knobs"] is None
+    assert "> target 0.01 s" in recommendation["evidence"][0]
 
 
 def test_cli_empty_range_is_one_line_with_the_fix(
