@@ -368,6 +368,21 @@ async def _load(args: argparse.Namespace, update: Callable[[str, int, int], None
         await store.aclose()
 
 
+def _provider_limit(
+    grid: list[tuple[str, list[Any]]], settings: ReplaySettings, workload: Workload
+) -> float | None:
+    """The provider's known limit on the first swept knob, if it is a rate limit."""
+    if not grid:
+        return None
+    field = KNOBS[grid[0][0]]
+    stated = workload.provider_limits
+    if field == "max_rpm":
+        return settings.provider_rpm or (stated.rpm if stated else None)
+    if field == "max_tpm":
+        return settings.provider_tpm or (stated.tpm if stated else None)
+    return None
+
+
 def _tiers(args: argparse.Namespace) -> list[Tier]:
     tiers = list(args.tier)
     if args.tier_file:
@@ -429,6 +444,7 @@ def _replay_command(args: argparse.Namespace) -> int:
                     target_p95_s=args.target_p95,
                     max_failure_rate=args.max_failure_rate,
                     chosen=report.recommendation.row,
+                    provider_limit=_provider_limit(grid, settings, workload),
                 )
             else:
                 assert report.single is not None

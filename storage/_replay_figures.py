@@ -168,13 +168,15 @@ def _sustainable(
     """Successful completions per second over the time some call was waiting (module docs)."""
     if times.size < 2 or makespan <= 0:
         return None
-    busy = queue[:-1] > 0
-    starts, ends = times[:-1][busy], times[1:][busy]
+    busy = np.concatenate([[False], queue[:-1] > 0, [False]])
+    # The busy periods, merged: from where waiting starts to where it stops.
+    change = np.flatnonzero(np.diff(busy.astype(np.int8)))
+    starts, ends = times[change[0::2]], times[change[1::2]]
     busy_s = float((ends - starts).sum())
     if busy_s < 0.05 * makespan:
         return None
     done = np.sort(finished[succeeded])
-    inside = np.searchsorted(done, ends, side="right") - np.searchsorted(done, starts, side="left")
+    inside = np.searchsorted(done, ends, side="left") - np.searchsorted(done, starts, side="left")
     return float(inside.sum()) / busy_s
 
 

@@ -103,6 +103,12 @@ class ReplaySettings:
             raise ConfigurationError(
                 f"errors={self.errors!r} is invalid: use 'recorded', 'modelled' or None (auto)"
             )
+        if self.errors == "recorded" and self.provider_model:
+            raise ConfigurationError(
+                "errors='recorded' replays each call's recorded attempts, so a provider model "
+                "cannot decide its 429s: use errors='modelled' (or auto), or drop the "
+                "provider limits"
+            )
         # The semaphore and the retry policy validate their own arguments.
         FairSemaphore(self.max_concurrent_requests)
         self.retry_policy()
@@ -353,9 +359,9 @@ def provider_defaults(
         if loosened:
             notes.append(
                 f"{', '.join(loosened)} is looser than the recorded gate, and the recording "
-                "states no provider limit (no x-ratelimit-limit-* headers): this replay "
-                "assumes a provider that never refuses a request. Give --provider-rpm / "
-                "--provider-tpm to model its limit."
+                "states no provider limit (no x-ratelimit-limit-* header, or only 'unlimited' "
+                "ones): this replay assumes a provider that never refuses a request. Give "
+                "--provider-rpm / --provider-tpm to model its limit."
             )
         return settings, notes
     looser = [

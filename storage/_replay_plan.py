@@ -242,4 +242,8 @@ def recommend(
         f"{row.label()}: {'; '.join(_misses(row, max_failure_rate, target_p95_s))}"
         for row in ordered
     ]
-    return Recommendation(None, f"NO RECOMMENDATION: no combination has {goal}", evidence)
+    if len(ordered) == 1:
+        line = f"NOT RECOMMENDED: {ordered[0].label()} does not have {goal}"
+    else:
+        line = f"NO RECOMMENDATION: no combination has {goal}"
+    return Recommendation(None, line, evidence)

@@ -47,8 +47,10 @@ def plot_sweep(
     target_p95_s: float | None,
     max_failure_rate: float,
     chosen: SweepRow | None,
+    provider_limit: float | None = None,
 ) -> None:
-    """A PNG of a sweep (module docs)."""
+    """A PNG of a sweep (module docs). ``provider_limit``: the provider's own limit on the
+    swept knob (RPM or TPM), drawn as a vertical line where it falls among the values."""
     names = list(rows[0].knobs)
     x_name, rest = names[0], names[1:]
     xs: list[Any] = []
@@ -116,6 +118,25 @@ def plot_sweep(
         textcoords="offset points",
         color="tab:red",
     )
+    numeric = [float(v) for v in xs if isinstance(v, int | float)]
+    if provider_limit is not None and numeric and x_name != "tier":
+        import numpy as np
+
+        # Where the limit falls between the (categorical) positions of the numeric values.
+        where = float(np.interp(provider_limit, numeric, range(len(numeric))))
+        for ax in (p95_ax, fail_ax):
+            ax.axvline(where, color="tab:purple", linestyle=":", linewidth=2)
+        fail_ax.annotate(
+            f"provider limit {provider_limit:,.0f}",
+            (where, 0.5),
+            xycoords=("data", "axes fraction"),
+            xytext=(-6, 0),
+            textcoords="offset points",
+            rotation=90,
+            ha="right",
+            va="center",
+            color="tab:purple",
+        )
     if chosen is not None and chosen.replay is not None:
         i = xs.index(chosen.knobs[x_name])
         y = chosen.replay.figures.total_latency_s["p95"]
@@ -144,9 +165,10 @@ def plot_sweep(
     figure.savefig(path, format="png")
 
 
-def _binned(times: Any, values: Any, edges: Any, how: str) -> tuple[Any, Any]:
-    """(bin centres, the p95 or the count per second of ``values`` in each bin); NaN where a
-    bin is empty, so that a line has a gap there."""
+def _binned(times: Any, values: Any, edges: Any, active: Any | None = None) -> tuple[Any, Any]:
+    """(bin centres, per bin: the p95 of ``values``, or with ``active`` the count of ``times``
+    per second). NaN where there is nothing to show, so that a line has a gap there: a p95 bin
+    without calls, a rate bin in which no call was in the system (``active`` False)."""
     import numpy as np
 
     index = np.clip(np.searchsorted(edges, times, side="right") - 1, 0, len(edges) - 2)
@@ -154,9 +176,21 @@ def _binned(times: Any, values: Any, edges: Any, how: str) -> tuple[Any, Any]:
     width = float(edges[1] - edges[0])
     for b in range(len(edges) - 1):
         inside = values[index == b]
-        if inside.size:
-            out[b] = np.percentile(inside, 95) if how == "p95" else inside.size / width
+        if active is not None:
+            out[b] = inside.size / width if active[b] else np.nan
+        elif inside.size:
+            out[b] = np.percentile(inside, 95)
     return (edges[:-1] + edges[1:]) / 2, out
+
+
+def _active(run: Run, edges: Any) -> Any:
+    """Per bin: was any call in the system (arrived, not finished) during it?"""
+    import numpy as np
+
+    start = np.asarray(run.arrival, dtype=float)
+    end = np.asarray(run.finished, dtype=float)
+    bins = zip(edges[:-1], edges[1:], strict=True)
+    return np.asarray([bool(((start < hi) & (end >= lo)).any()) for lo, hi in bins])
 
 
 def _peaks(times: Any, values: Any, *, bins: int) -> tuple[Any, Any]:
@@ -183,7 +217,7 @@ def plot_replay(workload: Workload, result: Replay, path: str) -> None:
         (result.run, "simulated", "tab:orange"),
     ]
     end = max(float(np.nanmax(np.asarray(r.finished, dtype=float))) for r, _, _ in runs)
-    edges = np.linspace(0.0, max(end, 1e-3), 61)
+    edges = np.linspace(0.0, max(end, 1e-3), 41)
     figure, (queue_ax, latency_ax, rate_ax) = _canvas(3, 9)
     for run, label, color in runs:
         times, length = _peaks(*queue_timeline(run), bins=1500)
@@ -194,12 +228,13 @@ def plot_replay(workload: Workload, result: Replay, path: str) -> None:
         latency = finished - np.asarray(run.arrival, dtype=float)
         ok = np.asarray([o == "succeeded" for o in run.outcome], dtype=bool)
         latency_ax.scatter(finished, latency, s=4, alpha=0.25, color=color, linewidths=0)
-        centres, p95 = _binned(finished, latency, edges, "p95")
+        centres, p95 = _binned(finished, latency, edges)
         latency_ax.plot(centres, p95, color=color, linewidth=2, label=f"{label} p95")
-        centres, done = _binned(finished[ok], finished[ok], edges, "rate")
+        active = _active(run, edges)
+        centres, done = _binned(finished[ok], finished[ok], edges, active)
         rate_ax.plot(centres, done, color=color, linewidth=2, label=f"{label} succeeded")
         if (~ok).any():
-            centres, failed = _binned(finished[~ok], finished[~ok], edges, "rate")
+            centres, failed = _binned(finished[~ok], finished[~ok], edges, active)
             rate_ax.plot(
                 centres, failed, color=color, linestyle=":", linewidth=2, label=f"{label} failed"
             )

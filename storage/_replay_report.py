@@ -38,7 +38,7 @@ class Report:
         assert self.single is not None
         base = ReplaySettings.recorded(self.workload).to_dict()
         mine = self.settings.to_dict()
-        changed = {k: v for k, v in mine.items() if base.get(k) != v and v is not None}
+        changed = {k: v for k, v in mine.items() if base.get(k) != v}
         return SweepRow(changed or {"as_recorded": True}, self.single)
 
 
