@@ -103,12 +103,13 @@ def print_report(report: Report, *, as_json: bool, order: Sequence[str]) -> None
         _print_sweep(console, report)
     else:
         _print_single(console, report)
+    # Whole lines (soft wrap): the recommendation is one line, whatever the terminal's width.
     style = "bold green" if rec.row is not None else "bold red"
-    console.print(rec.line, style=style, markup=False)
+    console.print(rec.line, style=style, markup=False, soft_wrap=True)
     for line in rec.evidence:
-        console.print(f"  {line}", markup=False)
+        console.print(f"  {line}", markup=False, soft_wrap=True)
     for note in report.notes:
-        console.print(f"note: {note}", style="yellow", markup=False)
+        console.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
 
 
 def _seconds(value: float) -> str:

@@ -235,9 +235,13 @@ async def test_more_attempts_prediction_matches_a_real_run_with_injected_faults(
         server.url, tmp_path / "b.db", arrivals, reset=server, may_fail=True, max_attempts=3, **w1
     )
     real = recorded_figures(b)
-    assert predicted.failed <= 3 and real.failed <= 3
+    # Each attempt fails with p ~ 0.08, so three in a row are rare: far fewer failures.
+    assert predicted.failed <= once.failed / 4 and real.failed <= once.failed / 4
     assert _close(predicted.requests, real.requests, 0.05)
-    assert _close(predicted.total_latency_s["p95"], real.total_latency_s["p95"], 0.15)
+    # The p95 falls among the retried calls, whose backoff is a random draw in both runs, and
+    # two real runs on a shared machine differ by more than the model does (the benchmark
+    # compares the faster of two runs): a loose bound here.
+    assert _close(predicted.total_latency_s["p95"], real.total_latency_s["p95"], 0.25)
 
 
 @pytest.mark.slow

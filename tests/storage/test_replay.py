@@ -706,6 +706,12 @@ def test_the_recommendation_never_picks_a_setting_under_which_calls_fail() -> No
     assert by_rpm[None].total_latency_s["p95"] < by_rpm[120].total_latency_s["p95"]
     chosen = recommend(rows, target_p95_s=60.0)
     assert chosen.row is not None and chosen.row.knobs == {"max_rpm": 120}
+    # A TPM limit no call fits under fails every call (too large): never recommended either.
+    tiny = sweep(workload, base, [("max_tpm", [600, 200_000])])
+    assert tiny[0].replay is not None and tiny[0].replay.figures.failures_by_type == {
+        "too_large": 12
+    }
+    assert recommend(tiny, target_p95_s=60.0).row is tiny[1]
     # Tolerating failures is a choice the planner makes explicitly.
     tolerant = recommend(rows, max_failure_rate=1.0, target_p95_s=60.0)
     assert tolerant.row is not None and tolerant.row.knobs == {"max_rpm": 120}  # cheapest
@@ -783,6 +789,63 @@ def test_cli_sweep_with_target_names_the_cheapest_and_draws_a_png(
     assert doc["recommendation"]["line"].startswith("RECOMMENDED: ")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+def test_cli_tiers_recommend_the_cheapest_tier_that_qualifies_with_one_line(
+    recorded_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiers = tmp_path / "tiers.txt"
+    tiers.write_text(
+        "# name=rpm,tpm,usd per month\nsmall=120,10000000,50\nmedium=600,10000000,200\n"
+    )
+    png = tmp_path / "tiers.png"
+    argv = ["replay", "--store", recorded_store, "--tier-file", str(tiers)]
+    argv += ["--tier", "large=6000,10000000,900", "--target-p95", "2", "--plot", str(png)]
+    code = cli_main([*argv, "--max-concurrent", "30"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = [line for line in out.splitlines() if line.startswith("RECOMMENDED: ")]
+    # 30 calls in 1.5 s, answered in 0.5-0.7 s, each RPM slot held until a 1 s window after
+    # its answer: 10 slots (medium) take three waves of ~1.6 s, 100 slots (large) one.
+    assert lines == [
+        "RECOMMENDED: tier=large (the cheapest by tier price, then knob values with failure "
+        "rate <= 0.0% and p95 <= 2 s)"
+    ]
+    assert "next cheaper, tier=medium, does not qualify: p95" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_retry_and_client_knobs_and_a_failure_budget(
+    recorded_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["replay", "--store", recorded_store, "--json", "--max-attempts", "1"]
+    argv += ["--backoff", "0.25", "--client-cpu", "auto", "--max-failure-rate", "5%"]
+    assert cli_main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    settings = doc["settings"]
+    assert (settings["max_attempts"], settings["backoff_base_s"]) == (1, 0.25)
+    # The recording has no provider time: it says so, and replays recorded latencies.
+    assert settings["client_cpu_s"] is None
+    assert any("no provider time" in note for note in doc["notes"])
+    assert doc["recommendation"]["line"].startswith("RECOMMENDED: ")
+    assert doc["simulated"]["failure_rate"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--tier", "small=120,1000", "NAME=rpm,tpm,usd_per_month"),
+        ("--max-failure-rate", "150%", "within 0 and 1"),
+        ("--client-cpu", "fast", "use seconds, 'auto' or 'off'"),
+    ],
+)
+def test_cli_bad_planning_options_are_usage_errors(
+    recorded_store: str, capsys: pytest.CaptureFixture[str], option: str, value: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["replay", "--store", recorded_store, option, value])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_table_output(recorded_store: str, capsys: pytest.CaptureFixture[str]) -> None:
