@@ -11,9 +11,9 @@ later without an HTTP answer) -> the permit released -> the retry wait (no permi
 reservations the provider never counted given back.
 
 Two ways to decide attempts (``ReplaySettings.modelled_errors``):
-- **recorded** (:meth:`_Simulation.scripted`): each attempt takes its recorded outcome and
+- **recorded** (:meth:`Simulation.scripted`): each attempt takes its recorded outcome and
   time, and the recorded retry wait, as far as ``max_attempts`` allows.
-- **modelled** (:meth:`_Simulation.modelled`): each attempt's outcome is drawn. The provider
+- **modelled** (:meth:`Simulation.modelled_call`): each attempt's outcome is drawn. The provider
   model (when limits are set) checks it first, counting every arrival and answering 429 with
   that request's own retry-after; then the :class:`~storage._replay_model.FaultModel` draws
   one of the recorded errors (500s, timeouts, injected 429s, ...) at its recorded share, else
@@ -30,7 +30,7 @@ Invariants:
 - Nothing sleeps for real; a replay is deterministic given the workload and the settings (the
   random draws, resampling's and the modelled outcomes', come from ``Random(seed)``).
 - Should the calls end up waiting for each other (nothing scheduled, calls unfinished), the
-  virtual loop stalls; the caller then reports :meth:`_Simulation.stall_report`.
+  virtual loop stalls; the caller then reports :meth:`Simulation.stall_report`.
 """
 
 from __future__ import annotations
