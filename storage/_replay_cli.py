@@ -181,7 +181,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="retry backoff base (default 0.5; a 429's retry-after wins)",
     )
-    p.add_argument("--backoff-max", type=_positive, default=argparse.SUPPRESS, metavar="SECONDS")
+    p.add_argument(
+        "--backoff-max",
+        type=_positive,
+        default=argparse.SUPPRESS,
+        metavar="SECONDS",
+        help="the longest backoff wait (default 20)",
+    )
     p.add_argument(
         "--errors",
         choices=("auto", "recorded", "modelled"),
