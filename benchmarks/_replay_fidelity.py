@@ -67,6 +67,15 @@ SCENARIOS = [
         {**W1, "max_concurrent_requests": 10},
         {**W1, "max_concurrent_requests": 40},
     ),
+    # Short provider latency: the client's own time per call is a visible share of latency.
+    Scenario(
+        "client_bound_concurrency_4_to_40",
+        {**W1, "max_concurrent_requests": 4},
+        {**W1, "max_concurrent_requests": 40},
+        calls=600,
+        rate=250.0,
+        server={"latency_s": 0.03},
+    ),
     Scenario(
         "max_attempts_1_to_3",
         {**W1, "max_attempts": 1},

@@ -545,16 +545,27 @@ class Simulation:
 
 
 def calibrated_client_cpu(workload: Workload) -> float | None:
-    """The client's own time per attempt, from the recording: the lower quartile of recorded
-    latency minus the provider's own time, over answered attempts (the quartile, not the
-    median, so that queueing under the recorded load is mostly left out). None when the
-    provider never stated its time."""
-    overheads = [
-        a.latency_s - a.provider_s
-        for c in workload.calls
-        for a in c.attempts
-        if a.error_type is None and a.provider_s is not None
-    ]
+    """The client's CPU time per attempt, from the recording; None when the provider never
+    stated its own time.
+
+    What the client adds to an attempt (recorded latency minus the provider's own time) is its
+    CPU time c plus the time it queued behind other attempts' CPU work on its one event loop.
+    Taking the attempts as arriving at the recorded rate (attempts per second, from the first
+    arrival to the last answer) at a single server of service time c, the M/D/1 mean wait gives
+    the mean of what was added:
+    W = c + rate x c^2 / (2 (1 - rate x c)); c is the root of that quadratic.
+    """
+    overheads: list[float] = []
+    for c in workload.calls:
+        for a in c.attempts:
+            if a.error_type is None and a.provider_s is not None:
+                overheads.append(max(a.latency_s - a.provider_s, 0.0))
     if not overheads:
         return None
-    return max(statistics.quantiles(overheads, n=4)[0] if len(overheads) > 1 else overheads[0], 0.0)
+    mean = statistics.fmean(overheads)
+    span = max(max(c.finished_s for c in workload.calls), 1e-9)
+    rate = len(overheads) / span
+    if rate * mean < 1e-9:
+        return mean
+    b = 2.0 + 2.0 * mean * rate
+    return (b - math.sqrt(b * b - 8.0 * rate * mean)) / (2.0 * rate)

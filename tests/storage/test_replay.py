@@ -599,11 +599,20 @@ def test_the_provider_model_turns_on_when_the_gate_is_looser_than_the_stated_lim
 
 
 def test_client_cpu_is_calibrated_and_queues_one_attempt_at_a_time() -> None:
+    # 100 attempts in 1.0975 s, each 7.5 ms longer than the provider's own time: CPU time c
+    # plus the M/D/1 mean wait behind the others, W = c + rate c^2 / (2 (1 - rate c)).
+    rec = Recording()
+    for i in range(100):
+        rec.call(i * 0.01, [{"latency": 0.1075, "processing": 0.1}])
+    c = calibrated_client_cpu(rec.workload())
+    assert c is not None
+    rate = 100 / (0.99 + 0.1075)
+    assert 0 < c < 0.0075
+    assert c + rate * c * c / (2 * (1 - rate * c)) == pytest.approx(0.0075)
     rec = Recording()
     for _ in range(10):  # recorded: 0.15 s each, of which the provider's own time is 0.1 s
         rec.call(0.0, [{"latency": 0.15, "processing": 0.1}])
     workload = rec.workload()
-    assert calibrated_client_cpu(workload) == pytest.approx(0.05)
     run = replay(workload, ReplaySettings.recorded(workload, client_cpu_s=0.01)).run
     # Ten calls share one client: the k-th is sent after k x 10 ms, answered 0.1 s later.
     assert sorted(run.finished) == pytest.approx([0.01 * k + 0.1 for k in range(1, 11)])
