@@ -88,7 +88,7 @@ class SweepRow:
     notes: list[str] = field(default_factory=list)
 
     def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.knobs.items())
+        return ", ".join(f"{k}={v}" for k, v in self.knobs.items()) or "the recorded settings"
 
     def to_dict(self) -> dict[str, Any]:
         figures = self.replay.figures.to_dict() if self.replay is not None else {}
@@ -234,9 +234,13 @@ def recommend(
         if cheaper is not None:
             why = "; ".join(_misses(cheaper, max_failure_rate, target_p95_s))
             evidence.append(f"next cheaper, {cheaper.label()}, does not qualify: {why}")
-        else:
+        elif len(ordered) > 1:
             evidence.append("it is the cheapest combination replayed")
-        line = f"RECOMMENDED: {row.label()} (the cheapest by {by}knob values with {goal})"
+        line = (
+            f"RECOMMENDED: {row.label()} (the cheapest by {by}knob values with {goal})"
+            if len(ordered) > 1
+            else f"RECOMMENDED: {row.label()} (it has {goal})"
+        )
         return Recommendation(row, line, evidence, cheaper)
     evidence = [
         f"{row.label()}: {'; '.join(_misses(row, max_failure_rate, target_p95_s))}"

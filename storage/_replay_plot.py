@@ -227,12 +227,23 @@ def plot_replay(workload: Workload, result: Replay, path: str) -> None:
         finished = np.asarray(run.finished, dtype=float)
         latency = finished - np.asarray(run.arrival, dtype=float)
         ok = np.asarray([o == "succeeded" for o in run.outcome], dtype=bool)
-        latency_ax.scatter(finished, latency, s=4, alpha=0.25, color=color, linewidths=0)
+        latency_ax.scatter(finished, latency, s=9, alpha=0.35, color=color, linewidths=0)
         centres, p95 = _binned(finished, latency, edges)
-        latency_ax.plot(centres, p95, color=color, linewidth=2, label=f"{label} p95")
+        # Markers too: a bin between two empty ones is a point, which a bare line would hide.
+        latency_ax.plot(
+            centres, p95, color=color, linewidth=2, marker="o", markersize=4, label=f"{label} p95"
+        )
         active = _active(run, edges)
         centres, done = _binned(finished[ok], finished[ok], edges, active)
-        rate_ax.plot(centres, done, color=color, linewidth=2, label=f"{label} succeeded")
+        rate_ax.plot(
+            centres,
+            done,
+            color=color,
+            linewidth=2,
+            marker="o",
+            markersize=3,
+            label=f"{label} succeeded",
+        )
         if (~ok).any():
             centres, failed = _binned(finished[~ok], finished[~ok], edges, active)
             rate_ax.plot(
@@ -245,7 +256,7 @@ def plot_replay(workload: Workload, result: Replay, path: str) -> None:
     rate_ax.set_xlabel(f"seconds since {workload.start:%Y-%m-%d %H:%M:%S} UTC")
     for ax in (queue_ax, latency_ax, rate_ax):
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper right", fontsize=9)
+        ax.legend(loc="best", fontsize=9)
         ax.set_ylim(bottom=0)
     figure.tight_layout()
     figure.savefig(path, format="png")

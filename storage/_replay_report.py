@@ -39,7 +39,9 @@ class Report:
         base = ReplaySettings.recorded(self.workload).to_dict()
         mine = self.settings.to_dict()
         changed = {k: v for k, v in mine.items() if base.get(k) != v}
-        return SweepRow(changed or {"as_recorded": True}, self.single)
+        if not self.settings.provider_model:  # the provider's window etc. were not used
+            changed = {k: v for k, v in changed.items() if not k.startswith("provider_")}
+        return SweepRow(changed, self.single)
 
 
 def _clean(value: Any) -> Any:

@@ -840,6 +840,22 @@ def test_cli_retry_and_client_knobs_and_a_failure_budget(
     assert doc["simulated"]["failure_rate"] == 0.0
 
 
+def test_cli_gate_off_turns_the_provider_model_on_from_the_stated_limits(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stated = {"x-ratelimit-limit-requests": "120", "x-ratelimit-reset-requests": "0.97s"}
+    rec = Recording(max_rpm=120, window_s=1.0)
+    for i in range(10):
+        rec.call(i * 0.5, [{"latency": 0.3, "headers": stated}])
+    asyncio.run(_write(sqlite_url, rec.events))
+    code = cli_main(["replay", "--store", sqlite_url, "--max-rpm", "none", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert doc["workload"]["provider_stated_limits"] == {"rpm": 120, "tpm": None, "window_s": 1.0}
+    assert (doc["settings"]["provider_rpm"], doc["settings"]["provider_window_s"]) == (120, 1.0)
+    assert any(note.startswith("provider model ON") for note in doc["notes"])
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
