@@ -112,6 +112,11 @@ async def test_replay_with_recorded_settings_reproduces_latency_and_makespan(
     assert workload.settings.window_s == 1.0
     assert workload.settings.max_concurrent_requests == 10
 
+    # The provider's own time (openai-processing-ms) is kept apart from the client's: the
+    # server slept 0.25-0.45 s per answer, and the client measured that plus its own time.
+    answers = [a for c in workload.calls for a in c.attempts if a.error_type is None]
+    assert all(a.provider_s is not None for a in answers)
+    assert all(0.24 <= a.provider_s <= a.latency_s for a in answers)  # type: ignore[operator]
     recorded = recorded_figures(workload)
     simulated = (await replay_async(workload, ReplaySettings.recorded(workload))).figures
     # The run really queued (otherwise the test would only replay latencies).
@@ -184,7 +189,7 @@ async def test_gate_off_prediction_matches_a_real_run_against_an_enforcing_provi
         count_rate_limited=1,
     )
     arrivals = _poisson(100, 50.0)
-    w1 = {"rpm_window_seconds": 1.0}
+    w1: dict[str, Any] = {"rpm_window_seconds": 1.0}
     a = await _record(
         server.url, tmp_path / "a.db", arrivals, warm_up=10, reset=server, max_rpm=1_800, **w1
     )
@@ -224,7 +229,7 @@ async def test_more_attempts_prediction_matches_a_real_run_with_injected_faults(
         latency_s=0.2, latency_sigma=0.5, seed=7, fault_500_rate=0.05, fault_429_rate=0.03
     )
     arrivals = _poisson(300, 100.0)
-    w1 = {"rpm_window_seconds": 1.0}
+    w1: dict[str, Any] = {"rpm_window_seconds": 1.0}
     a = await _record(
         server.url, tmp_path / "a.db", arrivals, reset=server, may_fail=True, max_attempts=1, **w1
     )
@@ -250,7 +255,7 @@ async def test_the_recommended_rpm_meets_the_target_in_a_real_run_and_the_next_c
 ) -> None:
     server = await mock_server_factory(latency_s=0.2, latency_sigma=0.5, seed=7)
     arrivals = _poisson(120, 50.0)
-    w1 = {"rpm_window_seconds": 1.0}
+    w1: dict[str, Any] = {"rpm_window_seconds": 1.0}
     a = await _record(
         server.url, tmp_path / "a.db", arrivals, warm_up=10, reset=server, max_rpm=1_200, **w1
     )
