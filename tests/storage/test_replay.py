@@ -1,9 +1,10 @@
 """Replay: workload extraction, the virtual-time simulation and its knobs.
 
 Workloads are built from event streams shaped exactly as the service emits them (the
-``Recording`` helper of replay_recording.py), so extraction is exercised by every test. Expected figures are
-derived by hand from the gates' documented rules (a slot's window ends one window after its
-answer; capacity = limit x window / 60), not read back from the implementation.
+``Recording`` helper of replay_recording.py), so extraction is exercised by every test.
+Expected figures are derived by hand from the gates' documented rules (a slot's window ends one
+window after its answer; capacity = limit x window / 60), not read back from the
+implementation.
 """
 
 from __future__ import annotations
