@@ -17,8 +17,15 @@ Timed: ``load_workload`` (one SQL query per event type) and ``replay`` with the 
 settings (the same gates and semaphore as production, on virtual time). The target is
 <= 10 s for both together on the reference machine.
 
+Fidelity (full runs only, a few minutes: :mod:`benchmarks._replay_fidelity`): predictions from
+one real run against the local server (seeded lognormal latency) compared with a second real
+run under other settings: 2x and 0.5x RPM, 2x TPM, concurrency 10 to 40, max_attempts 1 to 3
+with 5% 500s and 3% 429s, the gate off with the provider enforcing its limit; the identity of
+each; and whether ``--target-p95``'s recommendation meets the target in a real run while the
+next cheaper setting misses it. Reported as relative errors (predicted - real) / real.
+
 ``main(quick)`` returns the figures as a dict; ``python -m benchmarks.bench_replay [--quick]``
-prints them.
+prints them (``--fidelity`` runs only the fidelity part).
 """
 
 from __future__ import annotations
@@ -83,7 +90,8 @@ def synthesize(calls: int, *, seed: int = 1) -> Iterator[Event]:
     rng = random.Random(seed)
     start = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
     at = 0.0
-    free_at: list[float] = [0.0] * LIMITS["max_concurrent_requests"]  # crude concurrency model
+    permits = int(LIMITS["max_concurrent_requests"] or 1)
+    free_at: list[float] = [0.0] * permits  # crude concurrency model
     for i in range(calls):
         at += rng.expovariate(RATE)
         emit = _Stream(i, f"{rng.getrandbits(128):032x}", f"{rng.getrandbits(64):016x}", start)
@@ -249,7 +257,7 @@ async def fill_store(url: str, calls: int) -> int:
 
 async def _load(url: str) -> Any:
     from llmtrail.storage import EventStore
-    from llmtrail.storage._workload import load_workload
+    from llmtrail.storage._workload_read import load_workload
 
     store = await EventStore.open(url)
     try:
@@ -262,7 +270,8 @@ def measure(url: str, quick: bool) -> dict[str, Any]:
     """Extraction + replay of the store at ``url``, timed (run in a fresh process by main)."""
     # Imported before the clock starts: the figure is extraction + replay, not imports.
     from llmtrail.storage import EventStore  # noqa: F401
-    from llmtrail.storage._replay import ReplaySettings, replay
+    from llmtrail.storage._replay import replay
+    from llmtrail.storage._replay_model import ReplaySettings
     from llmtrail.storage._workload import Workload
 
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -304,6 +313,33 @@ def measure(url: str, quick: bool) -> dict[str, Any]:
     return out
 
 
+def fidelity() -> dict[str, Any]:
+    """The fidelity comparisons (module docs), summarised: relative errors and counts."""
+    from ._replay_fidelity import main as run
+
+    raw = asyncio.run(run())
+    out: dict[str, Any] = {}
+    for name, result in raw.items():
+        if name == "target_p95":
+            out[name] = result
+            continue
+        summary: dict[str, Any] = {}
+        for part in ("identity", "what_if", "what_if_client_cpu"):
+            compared = result[part]
+            summary[part] = {
+                f"{metric}_error": compared["error"][metric]
+                for metric in ("p50_s", "p95_s", "makespan_s")
+            } | {
+                f"{metric}_predicted_vs_real": (
+                    f"{compared['predicted'][metric]:g} vs {compared['actual'][metric]:g}"
+                )
+                for metric in ("failed", "rate_limited")
+            }
+        summary["client_cpu_ms"] = (result["client_cpu_s"] or 0.0) * 1000
+        out[name] = summary
+    return out
+
+
 def main(quick: bool = False) -> dict[str, Any]:
     calls = QUICK_CALLS if quick else CALLS
     with tempfile.TemporaryDirectory() as tmp:
@@ -323,17 +359,22 @@ def main(quick: bool = False) -> dict[str, Any]:
         )
     if child.returncode != 0:
         raise RuntimeError(f"the measurement failed: {child.stderr.strip()[-2000:]}")
-    return {"calls": calls, "events": n_events, "fill_s": round(fill_s, 2)} | json.loads(
-        child.stdout
-    )
+    measured: dict[str, Any] = json.loads(child.stdout)
+    out = {"calls": calls, "events": n_events, "fill_s": round(fill_s, 2)} | measured
+    if not quick:
+        out["fidelity"] = fidelity()
+    return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_CALLS} calls instead")
     parser.add_argument("--measure", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--fidelity", action="store_true", help="only the fidelity comparisons")
     args = parser.parse_args()
-    if args.measure:
+    if args.fidelity:
+        print(json.dumps(fidelity(), indent=2))
+    elif args.measure:
         print(json.dumps(measure(args.measure, args.quick)))
     else:
         print(json.dumps(main(args.quick), indent=2))

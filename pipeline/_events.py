@@ -159,6 +159,7 @@ class _ReceivedFields(TypedDict):
     provider_request_id: str | None
     rate_limits: dict[str, str]  # the x-ratelimit-* headers
     service_tier: str | None
+    processing_s: float | None  # the provider's own time (``openai-processing-ms``), if sent
 
 
 class StreamedFields(TypedDict):

@@ -570,6 +570,7 @@ class CallFlow:
             "provider_request_id": response.provider_request_id,
             "rate_limits": response.rate_limits,
             "service_tier": response.service_tier,
+            "processing_s": response.processing_s,
         }
         if extra is not None:
             received["streamed"] = extra["streamed"]

@@ -100,6 +100,15 @@ def classify_status(status: int, code: str | None) -> tuple[ErrorType, bool]:
     return ErrorType.BAD_REQUEST, False
 
 
+def processing_s(headers: Mapping[str, str]) -> float | None:
+    """The provider's ``openai-processing-ms``, in seconds (None when absent or malformed)."""
+    raw = headers.get("openai-processing-ms")
+    try:
+        return max(float(raw) / 1000.0, 0.0) if raw else None
+    except ValueError:
+        return None
+
+
 def short(message: str) -> str:
     # Redacted before it is cut: a secret cut in half no longer matches its pattern.
     message = redact_text(message)
@@ -257,6 +266,7 @@ def parse_answer(
         provider_request_id=request_id,
         rate_limits=limits,
         service_tier=tier if isinstance(tier, str) else None,
+        processing_s=processing_s(headers),
     )
 
 

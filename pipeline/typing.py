@@ -94,6 +94,8 @@ class ProviderResponse:
     provider_request_id: str | None = None
     rate_limits: dict[str, str] = field(default_factory=dict)
     service_tier: str | None = None  # the tier that served the request, when reported
+    # The provider's own time on the request (``openai-processing-ms``), when it says.
+    processing_s: float | None = None
 
 
 class ProviderError(Exception):

@@ -55,11 +55,17 @@ if TYPE_CHECKING:
         StoredEvent,
     )
     from ._replay import (
-        ReplaySettings,
         ReplayStalledError,
-        cheapest_meeting,
         replay,
         replay_async,
+    )
+    from ._replay_model import (
+        ReplaySettings,
+    )
+    from ._replay_plan import (
+        Recommendation,
+        Tier,
+        recommend,
         sweep,
     )
     from ._schema import (
@@ -69,6 +75,8 @@ if TYPE_CHECKING:
     )
     from ._workload import (
         Workload,
+    )
+    from ._workload_read import (
         extract_workload,
         load_workload,
     )
@@ -79,7 +87,6 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "calls": "._projections",
-    "cheapest_meeting": "._replay",
     "check_schema": "._migrate",
     "create_engine": "._engine",
     "DEFAULT_STORE_URL": "._engine",
@@ -87,9 +94,9 @@ _LAZY = {
     "events": "._schema",
     "EventStore": "._reader",
     "EventWriter": "._writer",
-    "extract_workload": "._workload",
+    "extract_workload": "._workload_read",
     "head_revision": "._migrate",
-    "load_workload": "._workload",
+    "load_workload": "._workload_read",
     "mask_url": "._engine",
     "metadata": "._schema",
     "metrics_minute": "._projections",
@@ -102,9 +109,11 @@ _LAZY = {
     "PROJECTIONS": "._projections",
     "ProjectionStatus": "._projections",
     "rebuild": "._projections",
+    "recommend": "._replay_plan",
+    "Recommendation": "._replay_plan",
     "replay": "._replay",
     "replay_async": "._replay",
-    "ReplaySettings": "._replay",
+    "ReplaySettings": "._replay_model",
     "ReplayStalledError": "._replay",
     "run_projections": "._projections",
     "STORE_URL_ENV": "._engine",
@@ -116,7 +125,8 @@ _LAZY = {
     "StoreError": "._engine",
     "StoreSchemaError": "._engine",
     "StoreUnavailableError": "._engine",
-    "sweep": "._replay",
+    "sweep": "._replay_plan",
+    "Tier": "._replay_plan",
     "UnknownProjectionError": "._projections",
     "usage_daily": "._projections",
     "Workload": "._workload",
@@ -130,6 +140,7 @@ __all__ = [
     "ProjectionConflictError",
     "ProjectionRunner",
     "ProjectionStatus",
+    "Recommendation",
     "ReplaySettings",
     "ReplayStalledError",
     "STORE_URL_ENV",
@@ -139,10 +150,10 @@ __all__ = [
     "StoreSchemaError",
     "StoreUnavailableError",
     "StoredEvent",
+    "Tier",
     "UnknownProjectionError",
     "Workload",
     "calls",
-    "cheapest_meeting",
     "check_schema",
     "create_engine",
     "ensure_schema",
@@ -158,6 +169,7 @@ __all__ = [
     "projection_checkpoints",
     "projection_status",
     "rebuild",
+    "recommend",
     "replay",
     "replay_async",
     "run_projections",

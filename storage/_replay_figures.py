@@ -7,6 +7,12 @@ Invariants:
   for the recording (:func:`recorded_run`) and a replay, so they compare like for like.
 - Money is exact: the answered calls' real tokens, priced by :class:`~pipeline.PriceTable` as
   the service prices them (the answering model first); an unpriced model is counted, never $0.
+- A failed call is a failure whatever its error, a call that only ever got 429s included; the
+  failure rate is failed / calls, and failures are also counted by error type.
+- Sustainable throughput is successful calls per second while the pipeline is saturated (some
+  call waiting at a gate or for a permit): what these limits can deliver, not what the traffic
+  asked for. When calls waited less than 5% of the makespan the limits were never reached: it
+  is then None (``saturated=False``) and ``throughput_cps`` is a lower bound of it.
 """
 
 from __future__ import annotations
@@ -69,10 +75,23 @@ class Figures:
     cost_usd: Decimal
     unpriced_calls: int
     synthesized: int = 0
+    failures_by_type: dict[str, int] = field(default_factory=dict)
+    sustainable_cps: float | None = None  # successful calls/s at saturation (module docs)
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failed / self.calls if self.calls else 0.0
+
+    @property
+    def rate_limited_share(self) -> float:
+        """429 answers per HTTP request."""
+        return self.rate_limited / self.requests if self.requests else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["cost_usd"] = str(self.cost_usd)
+        data["failure_rate"] = self.failure_rate
+        data["rate_limited_share"] = self.rate_limited_share
         return data
 
 
@@ -143,6 +162,24 @@ def _cost(calls: Iterable[RecordedCall], prices: PriceTable) -> tuple[Decimal, i
     return total, unpriced
 
 
+def _sustainable(
+    times: Any, queue: Any, finished: Any, succeeded: Any, makespan: float
+) -> float | None:
+    """Successful completions per second over the time some call was waiting (module docs)."""
+    if times.size < 2 or makespan <= 0:
+        return None
+    busy = np.concatenate([[False], queue[:-1] > 0, [False]])
+    # The busy periods, merged: from where waiting starts to where it stops.
+    change = np.flatnonzero(np.diff(busy.astype(np.int8)))
+    starts, ends = times[change[0::2]], times[change[1::2]]
+    busy_s = float((ends - starts).sum())
+    if busy_s < 0.05 * makespan:
+        return None
+    done = np.sort(finished[succeeded])
+    inside = np.searchsorted(done, ends, side="left") - np.searchsorted(done, starts, side="left")
+    return float(inside.sum()) / busy_s
+
+
 def figures(run: Run, prices: PriceTable | None = None) -> Figures:
     arrival = np.asarray(run.arrival, dtype=float)
     sent = np.asarray(run.first_sent, dtype=float)
@@ -152,7 +189,11 @@ def figures(run: Run, prices: PriceTable | None = None) -> Figures:
     drain = float(finished.max() - arrival.max()) if n else 0.0
     was_sent = ~np.isnan(sent)
     outcomes = Counter(run.outcome)
-    _, queue = queue_timeline(run)
+    times, queue = queue_timeline(run)
+    ok = np.asarray([o == "succeeded" for o in run.outcome], dtype=bool)
+    failures = Counter(
+        e or o for o, e in zip(run.outcome, run.error_type, strict=True) if o != "succeeded"
+    )
     cost, unpriced = _cost(run.answered, prices or PriceTable.default())
     per_s = 1.0 / makespan if makespan > 0 else math.nan
     return Figures(
@@ -176,6 +217,8 @@ def figures(run: Run, prices: PriceTable | None = None) -> Figures:
         cost_usd=cost,
         unpriced_calls=unpriced,
         synthesized=run.synthesized,
+        failures_by_type=dict(failures.most_common()),
+        sustainable_cps=_sustainable(times, queue, finished, ok, makespan),
     )
 
 

@@ -1,28 +1,42 @@
-"""Replay settings, the modelled provider and traffic scaling: the inputs of a replay.
+"""Replay settings, the modelled provider, its errors and traffic scaling: a replay's inputs.
 
 Invariants:
 - :class:`ReplaySettings` is immutable and validated when built: a bad knob raises
   :class:`~pipeline.ConfigurationError` naming the value and the fix.
-- :class:`ProviderModel` models the *provider's* own limit, not our gates: one sliding window of
-  admitted arrivals, capacity ``limit * window_s / 60``, a 429 carrying the time until there
-  is room. It never reuses or reimplements the gates' logic.
+- :class:`ProviderModel` models the *provider's* own limit, not our gates: one sliding window,
+  capacity ``limit * window_s / 60``, counting every arrival (a request it refuses with a 429
+  counts too, without tokens, as OpenAI documents; ``provider_counts_rejected=False`` turns that
+  off), and each 429 carrying its own retry-after: the time until the window has room for that
+  request, given everything counted before it. It never reuses or reimplements the gates.
+- :class:`FaultModel` is the provider's other errors as recorded: the share of the attempts that
+  reached it which failed, by kind (error type, status), each with its recorded latency and
+  retry-after. Limit 429s are not faults when the provider model decides them.
 - :func:`scaled_calls` is deterministic: compression has no randomness, resampling draws from
-  ``random.Random(seed)``.
+  ``random.Random(seed)``; so are the fault draws of a replay (``seed``).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmtrail.pipeline import ConfigurationError, FairSemaphore, RetryPolicy
 
 from ._workload import RecordedCall, Workload
 
-__all__ = ["KNOBS", "ProviderModel", "ReplaySettings", "scaled_calls"]
+__all__ = [
+    "KNOBS",
+    "Fault",
+    "FaultModel",
+    "ProviderModel",
+    "ReplaySettings",
+    "provider_defaults",
+    "scaled_calls",
+]
 
 _SCALE_METHODS = ("compress", "resample")
 
@@ -36,6 +50,9 @@ class ReplaySettings:
     window_s: float = 60.0
     max_concurrent_requests: int = 100
     max_attempts: int = 3
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 20.0
+    max_retry_wait_s: float = 60.0
     send_guard_s: float | None = None
     unanswered_guard_s: float = 1.0
     scale: float = 1.0
@@ -44,7 +61,16 @@ class ReplaySettings:
     provider_rpm: int | None = None
     provider_tpm: int | None = None
     provider_window_s: float = 60.0
-    provider_429_latency_s: float = 0.05
+    provider_429_latency_s: float = 0.005
+    provider_counts_rejected: bool = True
+    # None: an attempt takes its recorded latency (provider + the client's time as recorded);
+    # a number: the provider's own time plus this much client CPU per attempt, served one call
+    # at a time (one event loop), so that a busier client queues for it.
+    client_cpu_s: float | None = None
+    # Retries and errors: "recorded" replays each call's attempts as they happened; "modelled"
+    # draws each attempt's outcome from the provider model and the FaultModel. None: modelled
+    # when the provider model is on or the retry knobs differ from the recording's.
+    errors: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_rpm", "max_tpm", "provider_rpm", "provider_tpm"):
@@ -57,7 +83,15 @@ class ReplaySettings:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ConfigurationError(f"{name}={value!r} is invalid: use a number > 0")
-        for name in ("provider_429_latency_s", "send_guard_s", "unanswered_guard_s"):
+        for name in (
+            "provider_429_latency_s",
+            "send_guard_s",
+            "unanswered_guard_s",
+            "client_cpu_s",
+            "backoff_base_s",
+            "backoff_max_s",
+            "max_retry_wait_s",
+        ):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ConfigurationError(f"{name}={value!r} is invalid: use a number >= 0")
@@ -65,9 +99,38 @@ class ReplaySettings:
             raise ConfigurationError(
                 f"scale_method={self.scale_method!r} is invalid: use one of {_SCALE_METHODS}"
             )
+        if self.errors not in (None, "recorded", "modelled"):
+            raise ConfigurationError(
+                f"errors={self.errors!r} is invalid: use 'recorded', 'modelled' or None (auto)"
+            )
+        if self.errors == "recorded" and self.provider_model:
+            raise ConfigurationError(
+                "errors='recorded' replays each call's recorded attempts, so a provider model "
+                "cannot decide its 429s: use errors='modelled' (or auto), or drop the "
+                "provider limits"
+            )
         # The semaphore and the retry policy validate their own arguments.
         FairSemaphore(self.max_concurrent_requests)
-        RetryPolicy(self.max_attempts)
+        self.retry_policy()
+
+    def retry_policy(self) -> RetryPolicy:
+        """The production retry policy these knobs configure."""
+        return RetryPolicy(
+            self.max_attempts, self.backoff_base_s, self.backoff_max_s, self.max_retry_wait_s
+        )
+
+    def modelled_errors(self, workload: Workload) -> bool:
+        """Whether attempts' outcomes are drawn (see ``errors``) rather than replayed."""
+        if self.errors is not None:
+            return self.errors == "modelled"
+        defaults = ReplaySettings()
+        return (
+            self.provider_model
+            or self.max_attempts != workload.settings.max_attempts
+            or self.backoff_base_s != defaults.backoff_base_s
+            or self.backoff_max_s != defaults.backoff_max_s
+            or self.max_retry_wait_s != defaults.max_retry_wait_s
+        )
 
     @classmethod
     def recorded(cls, workload: Workload, **overrides: Any) -> ReplaySettings:
@@ -111,6 +174,12 @@ KNOBS: dict[str, str] = {
     "scale": "scale",
     "provider_rpm": "provider_rpm",
     "provider_tpm": "provider_tpm",
+    "max_attempts": "max_attempts",
+    "backoff": "backoff_base_s",
+    "backoff_base_s": "backoff_base_s",
+    "backoff_max_s": "backoff_max_s",
+    "client_cpu": "client_cpu_s",
+    "client_cpu_s": "client_cpu_s",
 }
 
 
@@ -118,14 +187,22 @@ KNOBS: dict[str, str] = {
 
 
 class ProviderModel:
-    """A provider's own rate limit: one sliding window of admitted arrivals ``(t, tokens)``.
+    """A provider's own rate limit: one sliding window of counted arrivals ``(t, tokens)``.
 
-    This models the *provider*, not our gates: capacity ``limit * window_s / 60``, a request
-    counted when it arrives and for ``window_s`` after, a 429 carrying the time until there is
-    room. A request larger than the whole token window gets a 429 without retry-after.
+    This models the *provider*, not our gates (module docs). :meth:`check` is the limit's
+    verdict on an arrival (a refused one is counted at once when ``counts_rejected``);
+    :meth:`count` counts one it served (or failed after seeing it). A request larger than the
+    whole token window gets a 429 without retry-after.
     """
 
-    def __init__(self, rpm: int | None, tpm: int | None, window_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        window_s: float = 60.0,
+        *,
+        counts_rejected: bool = True,
+    ) -> None:
         scale = window_s / 60.0
         # The epsilon keeps 240 * 1 / 60 from flooring to 3 through float error.
         self.cap_requests = math.floor(rpm * scale + 1e-9) if rpm else None
@@ -137,6 +214,7 @@ class ProviderModel:
                     "provider_rpm/provider_tpm or provider_window_s"
                 )
         self.window_s = window_s
+        self.counts_rejected = counts_rejected
         self._entries: deque[tuple[float, int]] = deque()
         self._tokens = 0
         self.rejected = 0
@@ -146,8 +224,8 @@ class ProviderModel:
         while entries and entries[0][0] + window <= now:
             self._tokens -= entries.popleft()[1]
 
-    def arrive(self, now: float, tokens: int) -> tuple[bool, float | None]:
-        """(admitted, retry_after_s) for a request arriving at ``now``."""
+    def check(self, now: float, tokens: int) -> tuple[bool, float | None]:
+        """(within the limit, retry_after_s) for a request arriving at ``now``."""
         self._purge(now)
         if self.cap_tokens is not None and tokens > self.cap_tokens:
             self.rejected += 1
@@ -157,8 +235,6 @@ class ProviderModel:
         )
         need_tokens = self._tokens + tokens - self.cap_tokens if self.cap_tokens is not None else 0
         if need_requests <= 0 and need_tokens <= 0:
-            self._entries.append((now, tokens))
-            self._tokens += tokens
             return True, None
         self.rejected += 1
         until = 0.0
@@ -168,15 +244,146 @@ class ProviderModel:
                 break
             freed_tokens += cost
             until = t + self.window_s - now
-        return False, max(until, 0.001)
+        if self.counts_rejected:
+            self._entries.append((now, 0))
+        return False, max(math.ceil(until * 1000 - 1e-6) / 1000, 0.001)
+
+    def count(self, now: float, tokens: int) -> None:
+        self._entries.append((now, tokens))
+        self._tokens += tokens
 
     def headers(self, now: float) -> tuple[int | None, int | None, float]:
         """(remaining requests, remaining tokens, seconds until the window is empty)."""
         self._purge(now)
         reset = self._entries[-1][0] + self.window_s - now if self._entries else 0.0
-        requests = self.cap_requests - len(self._entries) if self.cap_requests is not None else None
-        tokens = self.cap_tokens - self._tokens if self.cap_tokens is not None else None
+        requests = (
+            max(self.cap_requests - len(self._entries), 0)
+            if self.cap_requests is not None
+            else None
+        )
+        tokens = max(self.cap_tokens - self._tokens, 0) if self.cap_tokens is not None else None
         return requests, tokens, reset
+
+
+class Fault(NamedTuple):
+    error_type: str
+    status: int | None
+    retryable: bool
+    latency_s: float  # the median recorded latency of this kind
+    retry_after_s: float | None  # the median recorded retry-after, if it had one
+
+
+class FaultModel:
+    """The provider's errors other than its limit, as recorded (module docs).
+
+    ``draw(u)`` maps a uniform draw to a fault (or None: answered): the faults take the
+    lowest ``share`` of [0, 1), in a fixed order.
+    """
+
+    def __init__(self, workload: Workload, *, limit_429s: bool) -> None:
+        """``limit_429s``: count recorded limit 429s as faults (when no provider model
+        decides them)."""
+        reached = 0
+        kinds: dict[tuple[str, int | None, bool], tuple[list[float], list[float]]] = {}
+        for call in workload.calls:
+            for a in call.attempts:
+                if not a.reached or a.error_type == "cancelled":
+                    continue
+                if a.limit_hit and not limit_429s:
+                    continue
+                reached += 1
+                if a.error_type is None:
+                    continue
+                latencies, retry_afters = kinds.setdefault(
+                    (a.error_type, a.status, a.retryable), ([], [])
+                )
+                latencies.append(a.latency_s)
+                if a.retry_after_s is not None:
+                    retry_afters.append(a.retry_after_s)
+        self.reached = reached
+        self.faults: list[tuple[float, Fault]] = []
+        for (error_type, status, retryable), (latencies, retry_afters) in sorted(
+            kinds.items(), key=lambda item: (item[0][0], item[0][1] or 0)
+        ):
+            fault = Fault(
+                error_type,
+                status,
+                retryable,
+                statistics.median(latencies),
+                statistics.median(retry_afters) if retry_afters else None,
+            )
+            self.faults.append((len(latencies) / reached, fault))
+
+    def draw(self, u: float) -> Fault | None:
+        for share, fault in self.faults:
+            if u < share:
+                return fault
+            u -= share
+        return None
+
+    def describe(self) -> str:
+        if not self.faults:
+            return "no provider errors recorded"
+        parts = [
+            f"{share:.1%} {f.error_type} ({f.status or 'no status'})" for share, f in self.faults
+        ]
+        return f"of {self.reached:,} recorded attempts: " + ", ".join(parts)
+
+
+# -- the provider's limits --------------------------------------------------------------------
+
+
+def provider_defaults(
+    workload: Workload, settings: ReplaySettings, *, window_given: bool = False
+) -> tuple[ReplaySettings, list[str]]:
+    """``settings`` with the provider model turned on when the client gate is looser than the
+    provider's known limit, and the notes saying so (or saying that no limit is known).
+
+    The known limit is the one given (``provider_rpm``/``provider_tpm``), else the one the
+    provider stated in its rate-limit headers during the recording.
+    """
+    notes: list[str] = []
+    stated = workload.provider_limits
+    if settings.provider_model:
+        return settings, notes
+    gates = (("rpm", settings.max_rpm), ("tpm", settings.max_tpm))
+    if stated is None or (stated.rpm is None and stated.tpm is None):
+        recorded = workload.settings
+        loosened = [
+            f"max_{name}={limit}"
+            for (name, limit), before in zip(
+                gates, (recorded.max_rpm, recorded.max_tpm), strict=True
+            )
+            if before is not None and (limit is None or limit > before)
+        ]
+        if loosened:
+            notes.append(
+                f"{', '.join(loosened)} is looser than the recorded gate, and the recording "
+                "states no provider limit (no x-ratelimit-limit-* header, or only 'unlimited' "
+                "ones): this replay assumes a provider that never refuses a request. Give "
+                "--provider-rpm / --provider-tpm to model its limit."
+            )
+        return settings, notes
+    looser = [
+        (name, limit, known)
+        for (name, limit), known in zip(gates, (stated.rpm, stated.tpm), strict=True)
+        if known is not None and (limit is None or limit > known)
+    ]
+    if not looser:
+        return settings, notes
+    window = settings.provider_window_s
+    if not window_given and stated.window_s is not None:
+        window = stated.window_s
+    on = settings.with_(provider_rpm=stated.rpm, provider_tpm=stated.tpm, provider_window_s=window)
+    what = ", ".join(
+        f"max_{n}={limit} is looser than its {known:,} {n.upper()}" for n, limit, known in looser
+    )
+    notes.append(
+        f"provider model ON: {what} (stated in its rate-limit headers); it enforces "
+        f"{stated.rpm or 'no'} RPM / {stated.tpm or 'no'} TPM over a {window:g} s window"
+        + ("" if window_given or stated.window_s is None else " (the longest reset it stated)")
+    )
+    return on, notes
 
 
 # -- scaling ----------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ events belong to it wherever they fall. Only calls with a ``completed`` event ar
 still in flight, or interrupted by a crash, has no final outcome to compare with).
 
 Two readers feed the same :class:`WorkloadBuilder`, so they cannot disagree:
-- :func:`extract_workload` folds any iterable of :class:`pipeline.Event` (tests, other stores);
-- :func:`load_workload` reads the SQL event store with one query per event type, reading only
-  the columns and types it needs.
+- ``extract_workload`` folds any iterable of :class:`pipeline.Event` (tests, other stores);
+- ``load_workload`` reads the SQL event store with one query per event type, reading only the
+  columns and types it needs (both in :mod:`storage._workload_read`).
 
 Invariants:
 - ``Workload.calls`` is sorted by arrival; ``arrival_s`` is seconds after ``Workload.start``
@@ -16,6 +16,16 @@ Invariants:
   measured for it, its error type (``None``: answered) and the retry wait that followed it
   (``None``: the call did not retry after it). ``reached`` is False only for an attempt whose
   RPM slot was given back because the connection was refused (an ``unmarked`` event).
+- Provider time is kept apart from client time: ``provider_s`` is the provider's own time on an
+  answered attempt (its ``openai-processing-ms``), None when it did not say; ``latency_s`` is
+  send to answer as the client measured it (provider time + network + the client's own work
+  and queueing under the recorded load).
+- A recorded 429 is a *limit* 429 (``limit_hit``) when its rate-limit headers showed no room
+  for the request (or carried none); otherwise the provider refused it for another reason
+  (load shedding, an injected fault) and a replay keeps it as an error of its own.
+- ``Workload.provider_limits`` is what the provider said its limits were
+  (``x-ratelimit-limit-*``; a value >= 10^9 means no limit) and its window, estimated as the
+  longest ``x-ratelimit-reset-requests`` seen; None when no answer carried the headers.
 - Recorded figures (``first_sent_s``, ``finished_s``, waits) are what happened; the replay
   never reads them, it only compares against them. An attempt's send time is its answer's (or
   failure's) time minus its measured latency, so ``sent`` events need not be read at all.
@@ -28,33 +38,32 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-import orjson
-from sqlalchemy import Float, Text, cast, extract, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from llmtrail.pipeline import Event, EventType, LLMTrailError
-
-from ._schema import events
+from llmtrail.pipeline import ErrorType, EventType, LLMTrailError
+from llmtrail.pipeline._gates import parse_reset
 
 __all__ = [
     "FIELDS",
     "EmptyWorkloadError",
+    "ProviderLimits",
     "RecordedAttempt",
     "RecordedCall",
     "RecordedSettings",
     "Workload",
     "WorkloadBuilder",
-    "extract_workload",
-    "load_workload",
+    "epoch_of",
     "paused_gc",
     "pick",
 ]
+
+
+_RATE_LIMITED = str(ErrorType.RATE_LIMITED)
 
 
 class EmptyWorkloadError(LLMTrailError, LookupError):
@@ -68,6 +77,19 @@ class RecordedAttempt(NamedTuple):
     reached: bool  # False: the connection was refused, the provider never saw it
     answered: bool  # an HTTP answer came back (a response, or an error status such as 429)
     wait_s: float | None  # the retry wait that followed; None: no retry after this attempt
+    provider_s: float | None = None  # the provider's own time (answered attempts), if it said
+    status: int | None = None
+    limit_hit: bool = False  # a 429 because the provider's window was full
+    retryable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    """The provider's limits as its rate-limit headers stated them (None: no limit stated)."""
+
+    rpm: int | None
+    tpm: int | None
+    window_s: float | None  # the longest reset seen, rounded up to 0.1 s; None if none seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +140,7 @@ class Workload:
     settings: RecordedSettings
     settings_variants: int = 1  # distinct recorded limits; > 1 means several services wrote
     incomplete: int = 0  # calls in the range without a `completed` event (skipped)
+    provider_limits: ProviderLimits | None = None  # from the rate-limit headers, if any
 
     @property
     def span_s(self) -> float:
@@ -145,6 +168,7 @@ _LIMIT_KEYS = (
 # Limits whose recorded None means "off" rather than "not recorded".
 _NONE_MEANS_OFF = frozenset({"max_rpm", "max_tpm", "send_guard_s"})
 _EPOCH = datetime(1970, 1, 1)
+_UNLIMITED = 1_000_000_000  # a stated limit this high means none (the local server's "none")
 
 
 @contextlib.contextmanager
@@ -166,7 +190,7 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _epoch(value: Any) -> float:
+def epoch_of(value: Any) -> float:
     """Seconds since the epoch of a stored timestamp: a datetime, or SQLite's naive UTC text."""
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
@@ -197,6 +221,9 @@ class _Result(NamedTuple):
     output_tokens: int
     reasoning_tokens: int
     response_model: str | None
+    provider_s: float | None = None
+    room: tuple[int | None, int | None] = (None, None)  # remaining requests, tokens (429s)
+    retryable: bool = True
 
 
 class _Done(NamedTuple):
@@ -209,6 +236,13 @@ class _Done(NamedTuple):
     tpm_wait_s: float
     semaphore_wait_s: float
 
+
+# What the provider states about its limits, on every answer (429s included).
+_LIMIT_HEADERS = (
+    "rate_limits.x-ratelimit-limit-requests",
+    "rate_limits.x-ratelimit-limit-tokens",
+    "rate_limits.x-ratelimit-reset-requests",
+)
 
 # The payload fields each event type contributes, as paths ("limits.max_rpm" is nested). Both
 # readers pull exactly these, in this order, so the builder sees one shape whatever the source.
@@ -229,6 +263,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "output_tokens",
         "reasoning_tokens",
         "response_model",
+        "processing_s",
+        *_LIMIT_HEADERS,
     ),
     str(EventType.ATTEMPT_FAILED): (
         "attempt",
@@ -236,6 +272,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "error_type",
         "retry_after_s",
         "status",
+        "retryable",
+        "rate_limits.x-ratelimit-remaining-requests",
+        "rate_limits.x-ratelimit-remaining-tokens",
+        *_LIMIT_HEADERS,
     ),
     str(EventType.RETRY_SCHEDULED): ("attempt", "wait_s"),
     str(EventType.UNMARKED): ("gate", "attempt", "reason"),
@@ -282,6 +322,7 @@ class WorkloadBuilder:
         self._waits: dict[tuple[str, int], float] = {}
         self._unreached: set[tuple[str, int]] = set()
         self._done: dict[str, _Done] = {}
+        self._stated: list[float] = [0.0, 0.0, 0.0]  # the largest rpm, tpm, reset stated
         self._kinds: dict[str, _Step] = {
             str(EventType.TRACE_CREATED): self._on_created,
             str(EventType.RECEIVED): self._on_received,
@@ -321,9 +362,19 @@ class WorkloadBuilder:
         else:
             self._results_more.setdefault(call_id, []).append(result)
 
+    def _state(self, rpm: Any, tpm: Any, reset: Any) -> None:
+        """Keep the largest limits and reset the provider stated (header text)."""
+        stated = self._stated
+        for i, value in enumerate((_number(rpm), _number(tpm), parse_reset(reset))):
+            if value is not None and value > stated[i]:
+                stated[i] = value
+
     def _on_received(self, rows: Iterable[Row]) -> None:
-        first, add = self._result, self._add_result
-        for call_id, at, (attempt, latency, inp, cached, out, reasoning, rmodel) in rows:
+        first, add, state = self._result, self._add_result, self._state
+        for call_id, at, values in rows:
+            attempt, latency, inp, cached, out, reasoning, rmodel, processing = values[:8]
+            if values[8] is not None or values[9] is not None:
+                state(*values[8:11])
             latency = latency or 0.0
             result = _Result(
                 attempt or 1,
@@ -337,6 +388,7 @@ class WorkloadBuilder:
                 out or 0,
                 reasoning or 0,
                 rmodel,
+                processing,
             )
             if call_id in first:
                 add(call_id, result)
@@ -344,7 +396,10 @@ class WorkloadBuilder:
                 first[call_id] = result
 
     def _on_failed(self, rows: Iterable[Row]) -> None:
-        for call_id, at, (attempt, latency, error, retry_after, status) in rows:
+        for call_id, at, values in rows:
+            attempt, latency, error, retry_after, status, retryable, left_r, left_t = values[:8]
+            if values[8] is not None or values[9] is not None:
+                self._state(*values[8:11])
             self._add_result(
                 call_id,
                 _Result(
@@ -359,6 +414,9 @@ class WorkloadBuilder:
                     0,
                     0,
                     None,
+                    None,
+                    (_number(left_r), _number(left_t)),
+                    retryable is not False,
                 ),
             )
 
@@ -408,12 +466,21 @@ class WorkloadBuilder:
             )
         finish = self._finish
         calls = [finish(cid, created[cid], done[cid], t0) for cid in ids]
+        rpm, tpm, reset = self._stated
+        stated: ProviderLimits | None = None
+        if rpm or tpm:
+            stated = ProviderLimits(
+                int(rpm) if 0 < rpm < _UNLIMITED else None,
+                int(tpm) if 0 < tpm < _UNLIMITED else None,
+                math.ceil(reset * 10 - 1e-6) / 10 if reset > 0 else None,
+            )
         return Workload(
             calls,
             datetime.fromtimestamp(t0, UTC),
             settings,
             settings_variants=max(len(variants), 1),
             incomplete=incomplete,
+            provider_limits=stated,
         )
 
     def _finish(self, call_id: str, c: _Created, done: _Done, t0: float) -> RecordedCall:
@@ -423,12 +490,11 @@ class WorkloadBuilder:
         if more:
             results = sorted(results + more)
         waits, unreached = self._waits, self._unreached
-        if not waits and not unreached and len(results) == 1:  # the common case, fast
-            r = results[0]
+        counted = c.estimated_input_tokens + (c.max_output_tokens or 0)
+        if not waits and not unreached and len(results) == 1 and results[0].error_type is None:
+            r = results[0]  # the common case, fast
             attempts: tuple[RecordedAttempt, ...] = (
-                RecordedAttempt(
-                    r.latency_s, r.error_type, r.retry_after_s, True, r.status is not None, None
-                ),
+                RecordedAttempt(r.latency_s, None, None, True, True, None, r.provider_s, r.status),
             )
         else:
             attempts = tuple(
@@ -440,6 +506,10 @@ class WorkloadBuilder:
                         (call_id, r.attempt) not in unreached,
                         r.status is not None,
                         waits.get((call_id, r.attempt)),
+                        r.provider_s,
+                        r.status,
+                        r.status == 429 and r.error_type == _RATE_LIMITED and _no_room(r, counted),
+                        r.retryable,
                     )
                     for r in results
                 ]
@@ -502,112 +572,21 @@ class WorkloadBuilder:
         return tuple(waits)
 
 
-# -- from events ------------------------------------------------------------------------------
-
-
-def extract_workload(
-    stream: Iterable[Event],
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-) -> Workload:
-    """The workload of the calls whose ``trace_created`` lies in ``[since, until)``."""
-    since, until = _utc(since), _utc(until)
-    builder = WorkloadBuilder()
-    created = str(EventType.TRACE_CREATED)
-    for event in stream:
-        kind = str(event.type)
-        paths = FIELDS.get(kind)
-        if paths is None:
-            continue
-        if kind == created:
-            at = _utc(event.occurred_at)
-            assert at is not None
-            if (since is not None and at < since) or (until is not None and at >= until):
-                continue
-        row = (event.call_id, _epoch(event.occurred_at), pick(event.payload, paths))
-        builder.add(kind, (row,))
-    return builder.build()
-
-
-def _utc(value: datetime | None) -> datetime | None:
+def _number(value: Any) -> int | None:
+    """A header's integer (they are text), None when absent or not a number."""
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
 
 
-# -- from the SQL store -----------------------------------------------------------------------
-
-# Each type's FIELDS come out of SQL as one JSON array per row (SQLite's multi-path
-# json_extract, PostgreSQL's jsonb_build_array): the payload is parsed once, in C, and Python
-# decodes a short array instead of the whole payload. Timestamps come out as epoch seconds.
-_TYPES = (
-    EventType.TRACE_CREATED,
-    EventType.RECEIVED,
-    EventType.ATTEMPT_FAILED,
-    EventType.RETRY_SCHEDULED,
-    EventType.UNMARKED,
-    EventType.COMPLETED,
-)
-
-
-def _columns(dialect: str, paths: Sequence[str]) -> tuple[Any, Any]:
-    """(epoch seconds, JSON array text of the values at ``paths``) for one dialect."""
-    at, payload = events.c.occurred_at, events.c.payload
-    if dialect == "postgresql":
-        parts = [payload[tuple(p.split("."))] if "." in p else payload[p] for p in paths]
-        return cast(extract("epoch", at), Float), cast(func.jsonb_build_array(*parts), Text)
-    # SQLite keeps SQLAlchemy's "YYYY-MM-DD HH:MM:SS.ffffff": whole seconds + the fraction.
-    epoch: Any = cast(func.strftime("%s", at), Float) + cast(func.substr(at, 20), Float)
-    json_paths = ["$." + p for p in paths]
-    if len(json_paths) == 1:  # json_extract returns a bare value for a single path
-        return epoch, func.json_array(func.json_extract(payload, json_paths[0]))
-    return epoch, func.json_extract(payload, *json_paths)
-
-
-def _query(dialect: str, kind: EventType, since: datetime | None, until: datetime | None) -> Any:
-    epoch, values = _columns(dialect, FIELDS[str(kind)])
-    stmt = select(events.c.call_id, epoch, values).where(events.c.type == str(kind))
-    # A call's later events may fall after `until`; they are matched to it by call_id.
-    if since is not None:
-        stmt = stmt.where(events.c.occurred_at >= since)
-    if until is not None and kind is EventType.TRACE_CREATED:
-        stmt = stmt.where(events.c.occurred_at < until)
-    return stmt
-
-
-async def load_workload(
-    engine: AsyncEngine,
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    on_progress: Callable[[str, int], None] | None = None,
-) -> Workload:
-    """Read the workload of ``[since, until)`` from the event store behind ``engine``.
-
-    One query per event type; ``on_progress(event_type, rows)`` is called after each.
-    """
-    since, until = _utc(since), _utc(until)
-    builder = WorkloadBuilder()
-    loads = orjson.loads
-    with paused_gc():
-        async with engine.connect() as conn:
-            dialect = conn.dialect.name
-            for kind in _TYPES:
-                result = await conn.execute(_query(dialect, kind, since, until))
-                rows = result.all()
-                builder.add(str(kind), ((cid, at, loads(values)) for cid, at, values in rows))
-                del result, rows  # free each type's rows before reading the next
-                if on_progress is not None:
-                    on_progress(str(kind), len(builder))
-                if kind is EventType.TRACE_CREATED and not len(builder):
-                    break
-        if len(builder):
-            return builder.build()
-    window = f"from {since.isoformat() if since else 'the beginning'} to " + (
-        until.isoformat() if until else "now"
-    )
-    raise EmptyWorkloadError(
-        f"the store has no recorded calls {window}; widen --since/--until, or record "
-        "some traffic first (e.g. `llmtrail demo`)"
+def _no_room(result: _Result, tokens: int) -> bool:
+    """Did the 429's headers show no room for the request? (No headers: taken as yes.)"""
+    requests, left_tokens = result.room
+    if requests is None and left_tokens is None:
+        return True
+    return (requests is not None and requests <= 0) or (
+        left_tokens is not None and left_tokens < tokens
     )

@@ -31,7 +31,15 @@ def _fields(kind: EventType) -> tuple[frozenset[str], frozenset[str]]:
 # Fields added after the previous layout wrote its rows: an old row lacks them, and every
 # consumer reads them with .get (the rebuild below proves the folds do).
 ADDED_SINCE_PREVIOUS_LAYOUT = frozenset(
-    {"output_type", "previous_response_id", "resource", "service_tier", "stream", "api"}
+    {
+        "output_type",
+        "previous_response_id",
+        "resource",
+        "service_tier",
+        "stream",
+        "api",
+        "processing_s",
+    }
 )
 
 

@@ -1,178 +1,34 @@
-"""Replay: workload extraction, the virtual-time simulation and its knobs, sweeps, the CLI.
+"""Replay: workload extraction, the virtual-time simulation and its knobs.
 
 Workloads are built from event streams shaped exactly as the service emits them (the
-``Recording`` helper below), so extraction is exercised by every test. Expected figures are
-derived by hand from the gates' documented rules (a slot's window ends one window after its
-answer; capacity = limit x window / 60), not read back from the implementation.
+``Recording`` helper of replay_recording.py), so extraction is exercised by every test.
+Expected figures are derived by hand from the gates' documented rules (a slot's window ends one
+window after its answer; capacity = limit x window / 60), not read back from the
+implementation.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmtrail.pipeline import Event, EventType, PriceTable
-from llmtrail.pipeline._cli import main as cli_main
-from llmtrail.storage import EventStore, open_store_sink
-from llmtrail.storage._replay import (
+from llmtrail.storage._replay import replay
+from llmtrail.storage._replay_figures import recorded_figures
+from llmtrail.storage._replay_model import (
+    FaultModel,
     ProviderModel,
     ReplaySettings,
-    cheapest_meeting,
-    recorded_figures,
-    replay,
+    provider_defaults,
     scaled_calls,
-    sweep,
 )
-from llmtrail.storage._workload import EmptyWorkloadError, extract_workload, load_workload
+from llmtrail.storage._replay_sim import calibrated_client_cpu
+from llmtrail.storage._workload import EmptyWorkloadError, ProviderLimits
 
-T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
-LIMITS = {
-    "max_rpm": None,
-    "max_tpm": None,
-    "window_s": 60.0,
-    "max_concurrent_requests": 100,
-    "max_attempts": 3,
-    "default_max_output_tokens": 1024,
-    "send_guard_s": None,
-    "unanswered_guard_s": 1.0,
-}
-
-
-class Recording:
-    """Event streams of calls as ``BaseLLMService`` records them (no gates waited)."""
-
-    def __init__(self, **limits: Any) -> None:
-        self.limits = {**LIMITS, **limits}
-        self.events: list[Event] = []
-        self._n = 0
-
-    def call(
-        self,
-        at: float,
-        attempts: list[dict[str, Any]] | None = None,
-        *,
-        model: str = "gpt-4o-mini",
-        input_tokens: int = 100,
-        output_tokens: int = 50,
-        max_output_tokens: int | None = None,
-        reserved: int | None = None,
-        error_type: str | None = None,
-        unsent: bool = False,
-    ) -> str:
-        """One call arriving ``at`` seconds after T0. ``attempts``: dicts with ``latency``
-        and optionally ``error`` (+ ``status``, ``retry_after``, ``wait``, ``refused``)."""
-        call_id = f"call{self._n:04d}"
-        self._n += 1
-        seq = iter(range(100))
-        attempts = [{"latency": 1.0}] if attempts is None and not unsent else attempts or []
-
-        def emit(kind: EventType, t: float, payload: dict[str, Any]) -> None:
-            self.events.append(
-                Event(
-                    call_id,
-                    next(seq),
-                    kind,
-                    T0 + timedelta(seconds=t),
-                    "0" * 31 + "1",
-                    "0" * 15 + "1",
-                    payload,
-                )
-            )
-
-        emit(
-            EventType.TRACE_CREATED,
-            at,
-            {
-                "operation_name": "summarize",
-                "model": model,
-                "estimated_input_tokens": input_tokens,
-                "max_output_tokens": max_output_tokens,
-                "reserved_tokens": reserved
-                if reserved is not None
-                else input_tokens + (max_output_tokens or 1024),
-                "limits": self.limits,
-            },
-        )
-        t = at
-        total_wait = 0.0
-        answer: dict[str, Any] | None = None
-        for n, attempt in enumerate(attempts, start=1):
-            emit(EventType.SENT, t, {"attempt": n})
-            latency = attempt.get("latency", 1.0)
-            t += latency
-            error = attempt.get("error")
-            if error is None:
-                answer = {
-                    "attempt": n,
-                    "latency_s": latency,
-                    "status": 200,
-                    "response_model": f"{model}-2024-07-18" if model == "gpt-4o-mini" else model,
-                    "input_tokens": input_tokens,
-                    "cached_tokens": 0,
-                    "output_tokens": output_tokens,
-                    "reasoning_tokens": 0,
-                }
-                emit(EventType.RECEIVED, t, answer)
-                break
-            emit(
-                EventType.ATTEMPT_FAILED,
-                t,
-                {
-                    "attempt": n,
-                    "latency_s": latency,
-                    "error_type": error,
-                    "status": attempt.get("status", 429 if error == "rate_limited" else None),
-                    "retry_after_s": attempt.get("retry_after"),
-                },
-            )
-            if attempt.get("refused"):
-                emit(
-                    EventType.UNMARKED,
-                    t,
-                    {"gate": "rpm", "attempt": n, "amount": 1, "reason": "connection_refused"},
-                )
-            if "wait" in attempt:
-                emit(
-                    EventType.RETRY_SCHEDULED,
-                    t,
-                    {"attempt": n, "next_attempt": n + 1, "wait_s": attempt["wait"]},
-                )
-                t += attempt["wait"]
-                total_wait += attempt["wait"]
-        outcome = "succeeded" if answer is not None else "failed"
-        emit(
-            EventType.COMPLETED,
-            t,
-            {
-                "outcome": outcome,
-                "error_type": None if answer else (error_type or attempts[-1].get("error")),
-                "attempts": len(attempts),
-                "model": answer["response_model"] if answer else model,
-                "total_s": t - at,
-                "rpm_wait_s": 0.0,
-                "tpm_wait_s": 0.0,
-                "semaphore_wait_s": 0.0,
-            },
-        )
-        return call_id
-
-    def workload(self, **kwargs: Any) -> Any:
-        return extract_workload(self.events, **kwargs)
-
-
-def burst(n: int, latency: float = 1.0, **limits: Any) -> Any:
-    """``n`` calls arriving together at t=0, each answered after ``latency``."""
-    rec = Recording(**limits)
-    for _ in range(n):
-        rec.call(0.0, [{"latency": latency}])
-    return rec.workload()
-
+from .replay_recording import T0, Recording, burst, load, write
 
 # -- extraction -----------------------------------------------------------------------------
 
@@ -236,30 +92,31 @@ def test_an_empty_range_raises_empty_workload_error() -> None:
         rec.workload(since=T0 + timedelta(hours=1))
 
 
-async def _write(url: str, events: list[Event]) -> None:
-    writer = open_store_sink(url)
-    await writer.start()
-    for event in events:
-        if not writer.emit(event):
-            await writer.wait_for_room()
-    await writer.flush()
-    await writer.aclose()
-
-
-async def _load(url: str, **kwargs: Any) -> Any:
-    store = await EventStore.open(url)
-    try:
-        return await load_workload(store.engine, **kwargs)
-    finally:
-        await store.aclose()
-
-
 async def test_the_store_reader_extracts_what_the_event_reader_does(store_url: str) -> None:
     rec = Recording(max_rpm=120, max_tpm=90_000, window_s=2.0)
-    rec.call(0.0, [{"latency": 0.5}], max_output_tokens=32)
+    stated = {
+        "x-ratelimit-limit-requests": "300",
+        "x-ratelimit-limit-tokens": "1000000000",
+        "x-ratelimit-reset-requests": "1.95s",
+    }
+    rec.call(0.0, [{"latency": 0.5, "processing": 0.42, "headers": stated}], max_output_tokens=32)
     rec.call(
         0.25,
         [
+            {
+                "latency": 0.01,
+                "error": "rate_limited",
+                "retry_after": 0.1,
+                "wait": 0.1,
+                "headers": {**stated, "x-ratelimit-remaining-requests": "0"},
+            },
+            {
+                "latency": 0.01,
+                "error": "rate_limited",
+                "retry_after": 0.1,
+                "wait": 0.1,
+                "headers": {**stated, "x-ratelimit-remaining-requests": "7"},
+            },
             {"latency": 0.1, "error": "server_error", "status": 503, "wait": 0.8},
             {"latency": 0.2, "error": "connection", "refused": True, "wait": 0.4},
             {"latency": 0.3},
@@ -267,10 +124,15 @@ async def test_the_store_reader_extracts_what_the_event_reader_does(store_url: s
     )
     rec.call(1.0, unsent=True, error_type="too_large")
     rec.call(9.0)
-    await _write(store_url, rec.events)
+    await write(store_url, rec.events)
 
     expected = rec.workload(until=T0 + timedelta(seconds=5))
-    loaded = await _load(store_url, until=T0 + timedelta(seconds=5))
+    loaded = await load(store_url, until=T0 + timedelta(seconds=5))
+    # Provider time, limit vs other 429s and the stated limits come through both readers.
+    assert expected.calls[0].attempts[0].provider_s == 0.42
+    assert [a.limit_hit for a in expected.calls[1].attempts] == [True, False, False, False, False]
+    assert expected.provider_limits == ProviderLimits(rpm=300, tpm=None, window_s=2.0)
+    assert loaded.provider_limits == expected.provider_limits
     assert loaded.settings == expected.settings
     assert loaded.start == expected.start
     assert len(loaded.calls) == 3
@@ -282,12 +144,27 @@ async def test_the_store_reader_extracts_what_the_event_reader_does(store_url: s
         assert got.finished_s == pytest.approx(want.finished_s, abs=1e-6)
 
 
+async def test_the_store_reader_reads_timestamps_exactly_near_a_whole_second(
+    sqlite_url: str,
+) -> None:
+    # SQLite's strftime('%s') rounds to the millisecond: read naively, 10:00:00.9996 comes
+    # out as 10:00:01 + 0.9996 s, a second late, and the two calls swap order.
+    rec = Recording()
+    rec.call(0.9996)
+    rec.call(1.0002)
+    await write(sqlite_url, rec.events)
+    loaded = await load(sqlite_url)
+    assert loaded.start == T0 + timedelta(seconds=0.9996)
+    assert [c.arrival_s for c in loaded.calls] == pytest.approx([0.0, 0.0006], abs=1e-6)
+    assert loaded.calls[0].finished_s == pytest.approx(1.0, abs=1e-6)
+
+
 async def test_the_store_reader_says_how_to_fix_an_empty_range(sqlite_url: str) -> None:
     rec = Recording()
     rec.call(0.0)
-    await _write(sqlite_url, rec.events)
+    await write(sqlite_url, rec.events)
     with pytest.raises(EmptyWorkloadError, match="widen --since/--until"):
-        await _load(sqlite_url, since=T0 + timedelta(days=1))
+        await load(sqlite_url, since=T0 + timedelta(days=1))
 
 
 # -- the simulation -------------------------------------------------------------------------
@@ -441,29 +318,138 @@ def test_provider_model_answers_429_over_its_limit_and_the_retry_policy_waits() 
         assert t >= (i // 2) * 1.0 + 0.5 - 1e-6
 
 
-def test_provider_model_drops_recorded_429s_and_keeps_other_failures() -> None:
-    rec = Recording()
-    rec.call(0.0, [{"latency": 0.2, "error": "rate_limited", "wait": 3.0}, {"latency": 1.0}])
-    rec.call(0.0, [{"latency": 0.3, "error": "server_error", "status": 500, "wait": 0.5}, {}])
-    workload = rec.workload()
-    generous = ReplaySettings.recorded(workload, provider_rpm=10_000)
-    result = replay(workload, generous)
-    assert result.figures.rate_limited == 0
-    # The first call's recorded 429 and its 3 s wait are gone; the 500 and its wait stay.
-    assert sorted(result.run.finished) == pytest.approx([1.0, 0.3 + 0.5 + 1.0])
-
-
-def test_provider_model_window_counts_requests_and_tokens() -> None:
+def test_provider_model_counts_every_arrival_and_gives_each_429_its_own_retry_after() -> None:
     model = ProviderModel(rpm=120, tpm=600, window_s=1.0)  # 2 requests, 10 tokens per second
-    assert model.arrive(0.0, 4) == (True, None)
-    assert model.arrive(0.1, 4) == (True, None)
-    admitted, retry_after = model.arrive(0.2, 1)
-    assert not admitted and retry_after == pytest.approx(0.8)
-    assert model.arrive(1.0, 4) == (True, None)
-    assert model.arrive(1.05, 20) == (False, None)  # larger than the window: never fits
+    for t in (0.0, 0.1):
+        assert model.check(t, 4) == (True, None)
+        model.count(t, 4)
+    # Full: each refused request counts too, so each is told a later time than the one before
+    # it (the slots free at 1.0, 1.1, then the refused ones' own at 1.2 ...).
+    retry_afters = [model.check(t, 1) for t in (0.2, 0.3, 0.35)]
+    assert [ok for ok, _ in retry_afters] == [False] * 3
+    told = [
+        round(t + (r or 0), 6) for t, (_, r) in zip((0.2, 0.3, 0.35), retry_afters, strict=True)
+    ]
+    assert told == [1.0, 1.1, 1.2]
+    assert model.check(1.05, 20) == (False, None)  # larger than the window: never fits
     remaining_requests, remaining_tokens, reset = model.headers(1.05)
-    assert (remaining_requests, remaining_tokens) == (0, 2)
-    assert reset == pytest.approx(0.95)
+    assert (remaining_requests, remaining_tokens) == (0, 6)  # 4 counted, 1 of them with tokens
+    assert reset == pytest.approx(0.3)
+    # A provider that does not count refusals tells them all the same time.
+    lenient = ProviderModel(rpm=120, tpm=None, window_s=1.0, counts_rejected=False)
+    lenient.count(0.0, 0)
+    lenient.count(0.1, 0)
+    assert {round(t + lenient.check(t, 1)[1], 6) for t in (0.2, 0.3, 0.35)} == {1.0}  # type: ignore[operator]
+
+
+def _faulty(n: int = 200, **limits: Any) -> Any:
+    """``n`` calls 0.1 s apart; every 5th first got a 500 and was retried (recorded
+    max_attempts 3), every 10th (offset) first got a 429 with room left (not the limit)."""
+    rec = Recording(**limits)
+    room = {"x-ratelimit-remaining-requests": "50", "x-ratelimit-limit-requests": "6000"}
+    for i in range(n):
+        attempts: list[dict[str, Any]] = [{"latency": 0.5}]
+        if i % 5 == 0:
+            attempts.insert(
+                0, {"latency": 0.2, "error": "server_error", "status": 500, "wait": 0.3}
+            )
+        elif i % 10 == 3:
+            attempts.insert(
+                0,
+                {
+                    "latency": 0.01,
+                    "error": "rate_limited",
+                    "retry_after": 0.1,
+                    "wait": 0.1,
+                    "headers": room,
+                },
+            )
+        rec.call(i * 0.1, attempts)
+    return rec.workload()
+
+
+def test_the_fault_model_keeps_recorded_errors_and_injected_429s_at_their_share() -> None:
+    workload = _faulty()
+    faults = FaultModel(workload, limit_429s=False)
+    # 200 answers + 40 500s + 20 429s reached the provider.
+    assert faults.reached == 260
+    shares: dict[str, tuple[Any, ...]] = {
+        f.error_type: (share, f.status, f.latency_s, f.retry_after_s) for share, f in faults.faults
+    }
+    assert shares["server_error"] == (pytest.approx(40 / 260), 500, pytest.approx(0.2), None)
+    assert shares["rate_limited"] == (pytest.approx(20 / 260), 429, pytest.approx(0.01), 0.1)
+    assert faults.draw(0.0) is not None and faults.draw(0.999) is None
+
+
+def test_max_attempts_is_a_knob_and_retries_are_drawn_not_scripted() -> None:
+    workload = _faulty()
+    once = replay(workload, ReplaySettings.recorded(workload, max_attempts=1)).figures
+    thrice = replay(workload, ReplaySettings.recorded(workload, max_attempts=3)).figures
+    # One attempt: about 60 / 260 of the calls fail (binomial, seeded: well inside 25-70).
+    assert 25 <= once.failed <= 70
+    assert set(once.failures_by_type) == {"server_error", "rate_limited"}
+    assert once.requests == 200
+    # Three attempts: a call fails only if all three do (0.23^3 x 200 ~ 2.5).
+    assert thrice.failed <= 8
+    assert thrice.requests > 200 + 25
+    # The recorded scripts alone could not do it: replayed as recorded, nothing fails.
+    assert replay(workload).figures.failed == 0
+
+
+def test_calls_that_only_got_429s_are_failures() -> None:
+    # The provider takes 2 per 1 s window; one attempt each: 4 of 6 calls get only a 429.
+    workload = burst(6, latency=0.5)
+    settings = ReplaySettings.recorded(
+        workload, provider_rpm=120, provider_window_s=1.0, max_attempts=1
+    )
+    f = replay(workload, settings).figures
+    assert (f.succeeded, f.failed) == (2, 4)
+    assert f.failures_by_type == {"rate_limited": 4}
+    assert f.rate_limited == 4 and f.rate_limited_share == pytest.approx(4 / 6)
+
+
+def test_the_provider_model_turns_on_when_the_gate_is_looser_than_the_stated_limit() -> None:
+    stated = {"x-ratelimit-limit-requests": "120", "x-ratelimit-reset-requests": "0.98s"}
+    rec = Recording(max_rpm=120, window_s=1.0)
+    for i in range(8):
+        rec.call(i * 0.5, [{"latency": 0.3, "headers": stated}])
+    workload = rec.workload()
+    same, notes = provider_defaults(workload, ReplaySettings.recorded(workload))
+    assert not same.provider_model and notes == []
+    loose, notes = provider_defaults(workload, ReplaySettings.recorded(workload, max_rpm=None))
+    assert (loose.provider_rpm, loose.provider_window_s) == (120, 1.0)
+    assert len(notes) == 1 and "provider model ON" in notes[0] and "max_rpm=None" in notes[0]
+    # Without stated limits it says so rather than assume silently.
+    bare = Recording(max_rpm=120, window_s=1.0)
+    bare.call(0.0)
+    workload = bare.workload()
+    kept, notes = provider_defaults(workload, ReplaySettings.recorded(workload, max_rpm=None))
+    assert not kept.provider_model
+    assert (
+        len(notes) == 1 and "states no provider limit" in notes[0] and "--provider-rpm" in notes[0]
+    )
+
+
+def test_client_cpu_is_calibrated_and_queues_one_attempt_at_a_time() -> None:
+    # 100 attempts in 1.0975 s, each 7.5 ms longer than the provider's own time: CPU time c
+    # plus the M/D/1 mean wait behind the others, W = c + rate c^2 / (2 (1 - rate c)).
+    rec = Recording()
+    for i in range(100):
+        rec.call(i * 0.01, [{"latency": 0.1075, "processing": 0.1}])
+    c = calibrated_client_cpu(rec.workload())
+    assert c is not None
+    rate = 100 / (0.99 + 0.1075)
+    assert 0 < c < 0.0075
+    assert c + rate * c * c / (2 * (1 - rate * c)) == pytest.approx(0.0075)
+    rec = Recording()
+    for _ in range(10):  # recorded: 0.15 s each, of which the provider's own time is 0.1 s
+        rec.call(0.0, [{"latency": 0.15, "processing": 0.1}])
+    workload = rec.workload()
+    run = replay(workload, ReplaySettings.recorded(workload, client_cpu_s=0.01)).run
+    # Ten calls share one client: the k-th is sent after k x 10 ms, answered 0.1 s later.
+    assert sorted(run.finished) == pytest.approx([0.01 * k + 0.1 for k in range(1, 11)])
+    # Off (the default): recorded latencies, provider and client time together.
+    assert replay(workload).run.finished == pytest.approx([0.15] * 10)
 
 
 def test_cost_is_priced_on_real_tokens_and_unpriced_models_are_counted() -> None:
@@ -508,128 +494,3 @@ def test_invalid_knobs_are_rejected_with_the_fix() -> None:
         ReplaySettings.recorded(workload, scale_method="stretch")
     with pytest.raises(ValueError, match="unknown replay setting"):
         ReplaySettings.recorded(workload, max_rps=3)
-
-
-# -- sweeps ---------------------------------------------------------------------------------
-
-
-def test_sweep_replays_every_combination_and_names_the_cheapest_meeting_the_target() -> None:
-    workload = burst(12, latency=1.0)
-    base = ReplaySettings.recorded(workload, window_s=1.0)
-    rows = sweep(workload, base, [("max_concurrent", [2, 4, 12]), ("max_rpm", [360, 720])])
-    assert [tuple(r.knobs.values()) for r in rows] == [
-        (2, 360),
-        (2, 720),
-        (4, 360),
-        (4, 720),
-        (12, 360),
-        (12, 720),
-    ]
-    p95 = {tuple(r.knobs.values()): r.replay.figures.total_latency_s["p95"] for r in rows}
-    assert p95[(2, 360)] > p95[(4, 360)] > p95[(12, 720)]
-    # 12 permits, 6 slots per 1 s window: two waves, the second sent a window after the
-    # first's answers: p95 = 3 s. Four permits and 12 slots: three waves of 1 s, p95 = 3 s.
-    # Twelve permits and 12 slots: all at once, 1 s.
-    assert p95[(12, 360)] == pytest.approx(3.0, abs=0.01)
-    assert p95[(4, 720)] == pytest.approx(3.0, abs=0.01)
-    assert p95[(12, 720)] == pytest.approx(1.0, abs=0.01)
-    chosen = cheapest_meeting(rows, 3.01)
-    assert chosen is not None
-    # The first knob is the most significant: the fewest permits that make it, then the
-    # lowest RPM among those.
-    assert chosen.knobs == {"max_concurrent": 4, "max_rpm": 720}
-    assert cheapest_meeting(rows, 0.5) is None
-
-
-# -- the command line -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def recorded_store(sqlite_url: str) -> str:
-    rec = Recording(max_rpm=600, window_s=1.0, max_concurrent_requests=4)
-    for i in range(30):
-        rec.call(i * 0.05, [{"latency": 0.5 + (i % 3) * 0.1}])
-    asyncio.run(_write(sqlite_url, rec.events))
-    return sqlite_url
-
-
-def test_cli_json_report_compares_recorded_and_simulated(
-    recorded_store: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = cli_main(["replay", "--store", recorded_store, "--max-concurrent", "2", "--json"])
-    out = capsys.readouterr().out
-    assert code == 0
-    doc = json.loads(out)
-    assert doc["workload"]["calls"] == 30
-    assert doc["workload"]["recorded_settings"]["max_rpm"] == 600
-    assert doc["settings"]["max_concurrent_requests"] == 2
-    assert doc["settings"]["max_rpm"] == 600  # unchanged knobs keep the recorded value
-    assert doc["simulated"]["makespan_s"] > doc["recorded"]["makespan_s"]
-    for key in ("p50", "p95", "p99"):
-        assert doc["simulated"]["total_latency_s"][key] > 0
-        assert key in doc["simulated"]["queue_delay_s"]
-    assert set(doc["simulated"]["gate_wait_s"]) == {"rpm", "tpm", "semaphore"}
-    assert doc["simulated"]["peak_queue"] > 0
-    assert Decimal(doc["simulated"]["cost_usd"]) > 0
-
-
-def test_cli_sweep_with_target_names_the_cheapest_and_draws_a_png(
-    recorded_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    png = tmp_path / "replay.png"
-    argv = ["replay", "--store", recorded_store, "--json", "--plot", str(png)]
-    argv += ["--sweep", "max_concurrent=1,4,30", "--sweep", "max_rpm=600,1800"]
-    code = cli_main([*argv, "--target-p95", "2.5"])
-    doc = json.loads(capsys.readouterr().out)
-    assert code == 0
-    assert len(doc["rows"]) == 6
-    assert doc["cheapest_order"] == ["max_concurrent", "max_rpm"]
-    chosen = doc["cheapest"]
-    assert chosen is not None
-    meeting = [r for r in doc["rows"] if r["total_latency_s"]["p95"] <= 2.5]
-    assert chosen == min(
-        (r["knobs"] for r in meeting), key=lambda k: (k["max_concurrent"], k["max_rpm"])
-    )
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert png.stat().st_size > 10_000
-
-
-def test_cli_table_output(recorded_store: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["replay", "--store", recorded_store, "--scale", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "recorded" in out and "simulated" in out
-    assert "latency p50 / p95 / p99" in out
-    assert "scale=2" in out
-
-
-def test_cli_unmet_target_exits_1(recorded_store: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli_main(["replay", "--store", recorded_store, "--target-p95", "0.01", "--json"])
-    assert code == 1
-    assert json.loads(capsys.readouterr().out)["meets_target"] is False
-
-
-def test_cli_empty_range_is_one_line_with_the_fix(
-    recorded_store: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = cli_main(["replay", "--store", recorded_store, "--since", "2030-01-01T00:00:00"])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert "widen --since/--until" in err
-
-
-def test_cli_bad_sweep_is_usage_error(
-    recorded_store: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = cli_main(["replay", "--store", recorded_store, "--sweep", "max_rps=1,2"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "is not a knob" in err and "max_rpm" in err
-
-
-def test_cli_missing_store_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'nothing.db'}"
-    code = cli_main(["replay", "--store", url])
-    err = capsys.readouterr().err
-    assert code in (1, 2)
-    assert "Traceback" not in err and err.startswith("llmtrail replay: error:")

@@ -87,12 +87,18 @@ class MockServerConfig:
 
     latency_s: float = field(default=0.0, metadata=_opt("fixed latency of every answer"))
     latency_jitter_s: float = field(default=0.0, metadata=_opt("extra seeded uniform jitter"))
+    latency_sigma: float = field(
+        default=0.0, metadata=_opt("lognormal spread: latency_s x exp(sigma x z), seeded")
+    )
     output_tokens_min: int = field(default=20, metadata=_opt("smallest planned output"))
     output_tokens_max: int = field(default=60, metadata=_opt("largest planned output"))
     rpm_limit: int | None = field(default=None, metadata=_opt("requests per minute"))
     tpm_limit: int | None = field(default=None, metadata=_opt("tokens per minute"))
     window_s: float = field(default=60.0, metadata=_opt("sliding window length, seconds"))
     token_quota: int | None = field(default=None, metadata=_opt("total tokens before 429 quota"))
+    count_rate_limited: int = field(
+        default=0, metadata=_opt("1: a rate-limit 429 still counts as a request in the window")
+    )
     require_api_key: str | None = field(default=None, metadata=_opt("401 unless this bearer"))
     seed: int = field(default=0, metadata=_opt("seed of faults and jitter"))
     fault_500_rate: float = field(default=0.0, metadata=_opt("share of 500 answers"))
@@ -134,9 +140,11 @@ class MockServerConfig:
             else:
                 ok = isinstance(value, int | float) and math.isfinite(value)
                 _check(f.name, ok, f"={value!r}: expected a finite number")
+        _check("count_rate_limited", self.count_rate_limited in (0, 1), "must be 0 or 1")
         for name in (
             "latency_s",
             "latency_jitter_s",
+            "latency_sigma",
             "slow_s",
             "fault_429_retry_after_s",
             "stream_interval_s",

@@ -27,7 +27,9 @@ Rate limits: requests and tokens are counted in one sliding window of ``window_s
 capacity is ``limit * window_s / 60``. A request is counted when it arrives, charged
 ``input_tokens + (max_output_tokens or its real output)``, and stays until ``arrival + window_s``.
 Requests answered 429 (by the limits, the quota or the forced-429 fault), 400 or 401 are not
-counted; every other answer, faults included, is (the provider saw the request). Limits are
+counted; every other answer, faults included, is (the provider saw the request). With
+``count_rate_limited=1`` a 429 for the limits counts as a request (no tokens), as OpenAI documents
+for failed requests. Every answer carries ``openai-processing-ms`` (arrival to answer). Limits are
 global, not per model. ``remaining`` headers are what is left in the current window; ``reset``
 headers are the time until the window is empty again. ``retry-after-ms`` on a 429 is the time
 until enough of the window has left for that request to fit. ``token_quota`` is a total over the
@@ -47,6 +49,7 @@ import dataclasses
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from collections import deque
@@ -271,11 +274,17 @@ class MockServer:
         self, record: LogRecord, status: int, body: bytes, headers: Mapping[str, str] | None = None
     ) -> web.Response:
         record.status = status
+        # As OpenAI does: the time the server spent on the request, arrival to answer.
+        processing_ms = max(round((self._clock() - record.arrival_monotonic) * 1000), 0)
         return web.Response(
             status=status,
             body=body,
             content_type="application/json",
-            headers={"x-request-id": record.request_id, **(headers or {})},
+            headers={
+                "x-request-id": record.request_id,
+                "openai-processing-ms": str(processing_ms),
+                **(headers or {}),
+            },
         )
 
     def _error(
@@ -306,6 +315,15 @@ class MockServer:
         wait_ms = max(_ceil_ms(wait_s), 1)
         headers = {"retry-after-ms": str(wait_ms), "retry-after": str(math.ceil(wait_ms / 1000))}
         return self._error(record, 429, message, kind, "rate_limit_exceeded", None, headers)
+
+    def _latency(self, draw: float) -> float:
+        """The answer's delay for the uniform ``draw``: fixed + lognormal spread + jitter."""
+        config = self._config
+        delay = config.latency_s
+        if config.latency_sigma > 0:
+            z = statistics.NormalDist().inv_cdf(min(max(draw, 1e-12), 1 - 1e-12))
+            delay *= math.exp(config.latency_sigma * z)
+        return delay + draw * config.latency_jitter_s
 
     def _pick_fault(self, index: int, draw: float) -> Fault | None:
         script = self._config.fault_script
@@ -417,6 +435,8 @@ class MockServer:
         need_tokens = window.tokens + plan.charge - cap_tokens if config.tpm_limit else 0
         if need_requests > 0 or need_tokens > 0:
             wait = window.wait_for(now, config.window_s, max(need_requests, 0), max(need_tokens, 0))
+            if config.count_rate_limited:  # as OpenAI documents: failed requests count too
+                window.entries.append((now, 0))
             if need_requests > 0:
                 return self._rate_limited(record, "requests", len(window.entries), 1, wait)
             return self._rate_limited(record, "tokens", window.tokens, plan.charge, wait)
@@ -443,7 +463,7 @@ class MockServer:
             await self._closing.wait()
             return self._drop(request)
         if fault in (Fault.HTTP_500, Fault.HTTP_503):
-            delay = config.latency_s + jitter_draw * config.latency_jitter_s
+            delay = self._latency(jitter_draw)
             if delay > 0 and not await self._sleep(delay):
                 return self._drop(request)
             if fault is Fault.HTTP_500:
@@ -457,11 +477,7 @@ class MockServer:
         self._quota_used += plan.input_tokens + plan.output_tokens
         record.cached_tokens, record.output_tokens = cached, plan.output_tokens
         record.reasoning_tokens = plan.reasoning_tokens
-        delay = (
-            config.slow_s
-            if fault is Fault.SLOW
-            else (config.latency_s + jitter_draw * config.latency_jitter_s)
-        )
+        delay = config.slow_s if fault is Fault.SLOW else self._latency(jitter_draw)
         usage_shape = chat_usage if chat else usage_of
         usage = None if fault is Fault.MISSING_USAGE else usage_shape(plan, cached)
         if plan.stream:
