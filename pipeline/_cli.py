@@ -311,7 +311,9 @@ def _summarise(
 
 
 def _add_mock_server(subparsers: Any) -> None:
-    from llmtrail.testing._mock_server import add_arguments, run_from_args
+    # The options come from the server's config alone: its HTTP stack (aiohttp, the `server`
+    # extra) is imported only when the server runs.
+    from llmtrail.testing._mock_process import add_arguments, run_from_args
 
     p = subparsers.add_parser(
         "mock-server",

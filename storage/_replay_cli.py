@@ -21,21 +21,20 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtrail.pipeline import ConfigurationError
 
 from ._cli import add_store_argument, parse_time
-from ._engine import StoreError
-from ._replay import ReplayStalledError, replay
-from ._replay_figures import recorded_figures
 from ._replay_model import KNOBS, ReplaySettings, provider_defaults
-from ._replay_plan import Tier, parse_tier, read_tiers, recommend, sweep
-from ._replay_plot import plot_replay, plot_sweep
-from ._replay_report import Report, print_report
-from ._replay_sim import calibrated_client_cpu
 from ._workload import EmptyWorkloadError, Workload
-from ._workload_read import load_workload
+
+if TYPE_CHECKING:
+    from ._replay_plan import Tier
+
+# The simulation, its figures and charts (numpy, matplotlib: the `replay` extra) load when a
+# replay runs, not when the parser is built: `llmtrail --help` stays quick and works without
+# the extra.
 
 __all__ = ["parse_sweep", "register"]
 
@@ -266,6 +265,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _tier(value: str) -> Tier:
+    from ._replay_plan import parse_tier
+
     try:
         return parse_tier(value)
     except ConfigurationError as exc:
@@ -277,6 +278,8 @@ def _tier(value: str) -> Tier:
 
 def _settings(args: argparse.Namespace, workload: Workload) -> tuple[ReplaySettings, list[str]]:
     """The replay's settings from the recording and the options, and notes on choices made."""
+    from ._replay_sim import calibrated_client_cpu
+
     notes: list[str] = []
     overrides: dict[str, Any] = {
         "scale": args.scale,
@@ -353,6 +356,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
 
 async def _load(args: argparse.Namespace, update: Callable[[str, int, int], None]) -> Workload:
     from ._reader import EventStore
+    from ._workload_read import load_workload
 
     since = parse_time(args.since, option="--since") if args.since else None
     until = parse_time(args.until, option="--until") if args.until else None
@@ -390,6 +394,8 @@ def _provider_limit(
 
 
 def _tiers(args: argparse.Namespace) -> list[Tier]:
+    from ._replay_plan import read_tiers
+
     tiers = list(args.tier)
     if args.tier_file:
         tiers += read_tiers(args.tier_file)
@@ -401,6 +407,13 @@ def _tiers(args: argparse.Namespace) -> list[Tier]:
 
 
 def _replay_command(args: argparse.Namespace) -> int:
+    from ._engine import StoreError
+    from ._replay import ReplayStalledError, replay
+    from ._replay_figures import recorded_figures
+    from ._replay_plan import recommend, sweep
+    from ._replay_plot import plot_replay, plot_sweep
+    from ._replay_report import Report, print_report
+
     try:
         grid = parse_sweep(args.sweep)
         tiers = _tiers(args)

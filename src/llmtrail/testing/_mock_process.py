@@ -21,6 +21,8 @@ import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
 
+from llmtrail.pipeline._errors import require_extra
+
 from ._mock_config import MockServerConfig
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ def serve(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run the server until Ctrl-C or SIGTERM (blocking). ``on_ready`` receives the URL."""
+    require_extra("aiohttp", "server", "the local OpenAI-compatible server (llmtrail mock-server)")
 
     async def main() -> None:
         from ._mock_server import MockServer
