@@ -1,6 +1,8 @@
 """Test support for llmtrail and for applications that use it, apart from the request path.
 
 - :class:`RecordingSink`: a real in-memory event sink that keeps every event in emit order.
+- :class:`InMemoryEventStore`: an event store without a database: a sink whose events read
+  back (``read``, ``events_for_call``, ``events_for_trace``) as from the SQL store.
 - :class:`MockServer` (and :func:`running_in_process`, :func:`running_in_thread`): the local
   OpenAI-compatible server (``llmtrail mock-server``) with rate limits, latency, seeded faults
   and a request log. It needs the ``server`` extra (aiohttp); its names load on first use.
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from llmtrail._lazy import lazy_names
 from llmtrail.pipeline._errors import require_extra
 
+from ._memory_store import InMemoryEventStore
 from ._sinks import RecordingSink
 
 if TYPE_CHECKING:
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "InMemoryEventStore",
     "MockServer",
     "MockServerConfig",
     "RecordingSink",
@@ -37,7 +41,7 @@ __all__ = [
     "running_in_thread",
 ]
 
-_SERVER_NAMES = frozenset(__all__) - {"RecordingSink"}
+_SERVER_NAMES = frozenset(__all__) - {"InMemoryEventStore", "RecordingSink"}
 
 
 _load = lazy_names(__name__, dict.fromkeys(_SERVER_NAMES, "._mock_server"))
