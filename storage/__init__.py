@@ -16,6 +16,7 @@ from ._engine import (
     STORE_URL_ENV,
     StoreClosedError,
     StoreConfigError,
+    StoreCorruptError,
     StoreError,
     StoreSchemaError,
     StoreUnavailableError,
@@ -38,7 +39,7 @@ from ._projections import (
     run_projections,
     usage_daily,
 )
-from ._reader import EventStore, StoredEvent
+from ._reader import EventStore, IncompleteCall, StoredEvent
 from ._replay import (
     ReplaySettings,
     ReplayStalledError,
@@ -55,6 +56,7 @@ __all__ = [
     "DEFAULT_STORE_URL",
     "EventStore",
     "EventWriter",
+    "IncompleteCall",
     "PROJECTIONS",
     "ProjectionConflictError",
     "ProjectionRunner",
@@ -64,6 +66,7 @@ __all__ = [
     "STORE_URL_ENV",
     "StoreClosedError",
     "StoreConfigError",
+    "StoreCorruptError",
     "StoreError",
     "StoreSchemaError",
     "StoreUnavailableError",
