@@ -2,12 +2,18 @@
 
 Invariants:
 - ``seq`` grows by one per emitted event, with no gap; the stream's ids never change.
+- Every payload is made storable before it becomes an event (``_storable``: lone surrogates
+  become U+FFFD), so no string a caller or a provider hands us can poison a store.
 - A sink that fails is reported and skipped; it never breaks the call.
 - A sink at its high-water mark is put in the shared backlog, where the next call waits for it.
+- Write-ahead: with a ``store`` (a :class:`~pipeline.typing.DurableSink`), :meth:`durable`
+  waits, at most ``store_timeout_s``, until the store has committed every event of the call
+  emitted so far; without one (``durability="async"``, no store) it returns at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import traceback
@@ -21,8 +27,9 @@ from opentelemetry import trace as otel_trace
 
 from ._events import Event, EventType, new_event_id
 from ._gates import GateReservation
+from ._storable import storable, storable_text
 from ._types import GenerationRequest
-from .typing import EventSink
+from .typing import DurableSink, EventSink
 
 __all__ = [
     "plain_traceback",
@@ -35,6 +42,7 @@ __all__ = [
 ]
 
 _log = structlog.get_logger(__name__)
+_STOPPED = "the event store stopped"
 
 
 def plain_traceback() -> str:
@@ -67,6 +75,8 @@ class CallStream:
         "instance",
         "backlog",
         "trace_flags",
+        "store",
+        "store_timeout_s",
     )
 
     def __init__(
@@ -75,16 +85,20 @@ class CallStream:
         instance: str,
         parent_trace: int | None,
         backlog: set[EventSink],
+        store: DurableSink | None = None,
+        store_timeout_s: float = 10.0,
     ) -> None:
         self.call_id = new_event_id()  # time-ordered, like event ids: cheap to index
         self.trace_id = f"{parent_trace or random.getrandbits(128) or 1:032x}"
         self.span_id = f"{random.getrandbits(64) or 1:016x}"
         self.seq = 0
         self.sinks = sinks
-        self.instance = instance
+        self.instance = storable_text(instance)
         self.backlog = backlog
         # A caller's unsampled trace stays unsampled, so no orphan HTTP span is exported.
         self.trace_flags = SAMPLED
+        self.store = store
+        self.store_timeout_s = store_timeout_s
 
     def emit(self, type_: EventType, payload: dict[str, Any]) -> None:
         event = Event(
@@ -94,7 +108,7 @@ class CallStream:
             datetime.now(UTC),
             self.trace_id,
             self.span_id,
-            payload,
+            storable(payload),
             self.instance,
         )
         self.seq += 1
@@ -109,6 +123,37 @@ class CallStream:
                     event_type=str(type_),
                     traceback=plain_traceback(),
                 )
+
+    async def durable(self) -> str | None:
+        """Wait until the store has committed every event emitted so far; None once it has,
+        else why it has not (it did not within ``store_timeout_s``, or it stopped).
+
+        The wait never cancels the store's future, so giving up leaves the events queued:
+        they are written when the store is back. A cancellation of the caller goes through.
+        """
+        if self.store is None:
+            return None
+        future = self.store.durable()
+        if not future.done():
+            await asyncio.wait((future,), timeout=self.store_timeout_s)
+        if not future.done():
+            return (
+                f"the event store did not commit within store_timeout_s={self.store_timeout_s}s "
+                "(is it down or locked?)"
+            )
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            return f"{_STOPPED}: {error or 'closed'}"
+        return None
+
+    async def settle(self) -> None:
+        """:meth:`durable` for the last event: the ``completed`` is committed before the
+        result goes back. If the store cannot commit it in time the result goes back anyway
+        (the provider has answered and billed it) and the event stays queued; logged, except
+        for a store that stopped for good, which reported that itself."""
+        problem = await self.durable()
+        if problem is not None and not problem.startswith(_STOPPED):
+            _log.warning("result returned before its completed event was committed", reason=problem)
 
 
 class CallState:

@@ -11,6 +11,11 @@ Invariants:
   with an ``unmarked`` event. The semaphore permit is released in ``finally``.
 - An attempt's slots end their windows one window after its answer (``mark_done``), or a
   guard later when it ended without one.
+- Write-ahead (``CallStream.store`` set): an attempt leaves only once its ``sent`` is
+  committed, and the result returns (or the cancellation goes on) only once ``completed`` is.
+  A store that cannot commit ``sent`` within ``store_timeout_s`` fails the call with
+  ``store_unavailable`` before anything is sent: the attempt's ``sent`` is then followed by an
+  ``attempt_failed`` with that error type, which says it never left.
 """
 
 from __future__ import annotations
@@ -96,7 +101,24 @@ class CallFlow:
         parent: otel_trace.SpanContext,
     ) -> GenerationResult:
         """One call, start to ``completed``; never raises but for cancellation."""
-        return await self._guarded(call, request, operation_name, parent)
+        try:
+            result = await self._guarded(call, request, operation_name, parent)
+        except asyncio.CancelledError:
+            await call.settle()  # the `completed` (cancelled) is committed before it goes on
+            raise
+        await call.settle()  # write-ahead: the `completed` is committed before the result
+        return result
+
+    def refuse(
+        self, call: CallStream, request: Any, operation_name: str | None, message: str
+    ) -> GenerationResult:
+        """A call refused before it started because the event store cannot take events:
+        ``store_unavailable``, never sent."""
+        op = operation_name or getattr(request, "operation_name", None) or "generation"
+        model = getattr(request, "model", None) or self.model
+        request_id = getattr(request, "request_id", None)
+        error_type = ErrorType.STORE_UNAVAILABLE
+        return self._fail_early(call, op, model, request_id, error_type, message, self._clock.now())
 
     async def _guarded(
         self,
@@ -377,6 +399,7 @@ class CallFlow:
         rpm, tpm = self._rpm, self._tpm
         state.attempts = n
         call.emit(EventType.SENT, {"attempt": n})
+        await self._sent_durable(call, n)
         sent_at = clock.now()
         if state.rpm_res is not None and rpm is not None:
             rpm.mark_sent(state.rpm_res)
@@ -490,6 +513,38 @@ class CallFlow:
         call.emit(EventType.RECEIVED, received)
         self._observe(response.rate_limits)
         return response
+
+    async def _sent_durable(self, call: CallStream, n: int) -> None:
+        """Write-ahead: return once the attempt's ``sent`` is committed; else it never leaves."""
+        try:
+            problem = await call.durable()
+        except asyncio.CancelledError:
+            self._not_sent(call, n, ErrorType.CANCELLED, "cancelled before it was sent")
+            raise
+        if problem is not None:
+            message = f"not sent: {problem}"
+            self._not_sent(call, n, ErrorType.STORE_UNAVAILABLE, message)
+            raise ProviderError(
+                ErrorType.STORE_UNAVAILABLE, message, retryable=False, reached_provider=False
+            )
+
+    @staticmethod
+    def _not_sent(call: CallStream, n: int, error_type: ErrorType, message: str) -> None:
+        call.emit(
+            EventType.ATTEMPT_FAILED,
+            {
+                "attempt": n,
+                "latency_s": 0.0,
+                "error_type": str(error_type),
+                "status": None,
+                "retryable": False,
+                "retry_after_s": None,
+                "message": message,
+                "provider_code": None,
+                "provider_request_id": None,
+                "rate_limits": {},
+            },
+        )
 
     def _observe(self, rate_limits: Mapping[str, str]) -> None:
         if not rate_limits:

@@ -12,7 +12,11 @@ Invariants:
   re-raised, never swallowed).
 - Events are emitted synchronously (``EventSink.emit`` never blocks), so a second cancellation
   cannot interrupt the terminal events; backpressure is applied at admission, before
-  ``trace_created``.
+  ``trace_created``, for at most ``store_timeout_s``: a call whose store stays full is refused
+  (``store_unavailable``, never sent, logged only to the sinks that had room), so memory stays
+  bounded through any outage.
+- ``durability="write_ahead"`` (default): ``sent`` is committed before each request leaves
+  and ``completed`` before the result returns (see ``_flow``); ``"async"`` only queues them.
 - Every HTTP attempt holds an RPM slot whose window starts when it is sent. A reservation the
   provider never counted is returned with an ``unmarked`` event.
 - The semaphore permit is released in ``finally``; gates clean up cancelled waiters themselves.
@@ -54,7 +58,7 @@ from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
 from ._stats import OperationUsage, RateMeter, ServiceStats
 from ._types import GenerationRequest, GenerationResult
-from .typing import Clock, EventSink, Provider, UsageHistory
+from .typing import Clock, DurableSink, EventSink, Provider, UsageHistory
 
 __all__ = ["BaseLLMService"]
 
@@ -106,6 +110,18 @@ class BaseLLMService:
     Configuration: constructor arguments first, then ``LLMTRAIL_*`` environment variables
     (``LLMTRAIL_MAX_RPM``, ``LLMTRAIL_MAX_TPM``, ``LLMTRAIL_MAX_CONCURRENT``,
     ``LLMTRAIL_STORE_URL``); the SDK reads ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL``.
+
+    Durability: ``durability="write_ahead"`` (the default) commits each attempt's ``sent``
+    before the request leaves and the call's ``completed`` before its result is returned (or
+    its cancellation re-raised): after a crash the store holds every call the application saw
+    finish and every request the provider may have billed. Many calls share one commit, so
+    the cost is about one commit latency per call. ``durability="async"`` only queues the
+    events (the write follows within milliseconds, but a crash loses what was queued); choose
+    it only if that loss is acceptable. ``store_timeout_s`` (default 10 s) bounds every wait
+    for the store: a call whose ``sent`` (or, at admission, whose place in the full event
+    queue) is not had in time returns ``success=False, error_type="store_unavailable"`` and is
+    not sent. A ``completed`` not committed in time is logged and the result returned anyway
+    (the provider answered and billed it); its event is written when the store is back.
     """
 
     def __init__(
@@ -140,6 +156,8 @@ class BaseLLMService:
         rate_limit_replicas: int = 1,
         warm_start: bool = True,
         own_loop: bool = _UNSET,
+        durability: str = "write_ahead",
+        store_timeout_s: float = 10.0,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ConfigurationError(
@@ -215,6 +233,17 @@ class BaseLLMService:
             store_url = os.environ.get("LLMTRAIL_STORE_URL") or _DEFAULT_STORE
         self.store_url = store_url
         self._store: EventSink | None = None
+        if durability not in ("write_ahead", "async"):
+            raise ConfigurationError(
+                f"durability={durability!r} is invalid: use 'write_ahead' (the default: nothing "
+                "is sent or returned before it is logged) or 'async' (events are only queued)"
+            )
+        if not isinstance(store_timeout_s, int | float) or not store_timeout_s > 0:
+            raise ConfigurationError(
+                f"store_timeout_s={store_timeout_s!r} is invalid: use a number of seconds > 0"
+            )
+        self.durability = durability
+        self.store_timeout_s = float(store_timeout_s)
         if store_url:
             factory = _load_plugin("store")
             if factory is None:
@@ -475,14 +504,15 @@ class BaseLLMService:
         if not self._started:
             await self.start()
         backlog = self._backlog
-        while backlog:  # backpressure: wait here, before the call holds any slot or permit
-            # Every caller waits on the full sink (it stays in the backlog until it has room
-            # again); popping it would let the next caller through while the queue is full.
-            for sink in list(backlog):
-                await sink.wait_for_room()
-                backlog.discard(sink)
+        refused = await self._wait_for_room(backlog)
+        store = self._store if self.durability == "write_ahead" else None
         call = CallStream(
-            self._sinks, self.instance, parent.trace_id if parent.is_valid else None, backlog
+            [s for s in self._sinks if s not in backlog] if refused else self._sinks,
+            self.instance,
+            parent.trace_id if parent.is_valid else None,
+            backlog,
+            store if isinstance(store, DurableSink) and not refused else None,
+            self.store_timeout_s,
         )
         if parent.is_valid:
             call.trace_flags = parent.trace_flags
@@ -495,12 +525,35 @@ class BaseLLMService:
             call_id=call.call_id, trace_id=call.trace_id, span_id=call.span_id
         )
         try:
+            if refused is not None:
+                return self._flow.refuse(call, request, operation_name, refused)
             return await self._flow.run(call, request, operation_name, parent)
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
             self._active -= 1
             if self._active == 0 and self._idle is not None:
                 self._idle.set()
+
+    async def _wait_for_room(self, backlog: set[EventSink]) -> str | None:
+        """Backpressure, before the call holds any slot or permit: None once every sink has
+        room, else why the call is refused (a sink stayed full for ``store_timeout_s``)."""
+        try:
+            async with asyncio.timeout(self.store_timeout_s):
+                while backlog:
+                    # Every caller waits on the full sink (it stays in the backlog until it
+                    # has room again); popping it would let the next caller through while
+                    # the queue is full.
+                    for sink in list(backlog):
+                        await sink.wait_for_room()
+                        backlog.discard(sink)
+        except TimeoutError:
+            return (
+                f"not sent: the event queue stayed full for store_timeout_s="
+                f"{self.store_timeout_s}s (is the event store down or locked?)"
+            )
+        except Exception as exc:  # the store stopped for good (e.g. a damaged file)
+            return f"not sent: the event store cannot take events: {exc}"
+        return None
 
     # -- figures ------------------------------------------------------------------------
 

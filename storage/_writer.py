@@ -243,7 +243,7 @@ class EventWriter:
         """
         loop = self._loop
         if loop is None or asyncio.get_running_loop() is not loop:
-            return asyncio.ensure_future(self.flush())  # before start, or from another loop
+            return asyncio.ensure_future(self._committed())  # before start, or another loop
         future = loop.create_future()
         if self._failure is not None:
             future.set_exception(self._stopped_error())
@@ -290,13 +290,20 @@ class EventWriter:
             await self._progress()
 
     async def flush(self) -> None:
-        """Return once every event emitted before this call is committed."""
+        """Return once every event emitted before this call is committed; at once when the
+        store is damaged (reported once already: nothing more can ever be written)."""
+        try:
+            await self._committed()
+        except StoreCorruptError:
+            pass
+
+    async def _committed(self) -> None:
         if self._loop is None:
             if not self.emitted:
                 return
             await self.start()
         if asyncio.get_running_loop() is not self._loop:
-            return await self._on_own_loop(self.flush)
+            return await self._on_own_loop(self._committed)
         self._take_inbox()
         target = self._accepted
         while self._done < target:
