@@ -26,7 +26,7 @@ from llmtrail.pipeline import ConfigurationError, EventType
 
 from ._engine import STORE_URL_ENV, StoreError, mask_url, store_url_from_environment
 from ._migrate import head_revision, migrate
-from ._reader import EventStore, StoredEvent
+from ._reader import EventStore, IncompleteCall, StoredEvent
 
 __all__ = ["add_store_argument", "parse_time", "register", "run_command"]
 
@@ -134,7 +134,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     events_parser.add_argument(
         "--incomplete",
         action="store_true",
-        help="list calls that started but never completed (in flight, or their process died)",
+        help="list calls that started but never completed (in flight, or their process died), "
+        "with their last event, attempt, and whether a request was sent",
     )
     events_parser.add_argument("--json", action="store_true", help="JSON lines, for scripts")
     events_parser.set_defaults(func=_events_command)
@@ -251,9 +252,8 @@ def _events_command(args: argparse.Namespace) -> int:
         store = await EventStore.open(args.store)
         try:
             if args.incomplete:
-                rows = await store.incomplete_calls()
-                rows = rows[: args.limit] if args.limit else rows
-                _emit(rows, args, incomplete=True)
+                found = await store.incomplete_summaries()
+                _emit_incomplete(found[: args.limit] if args.limit else found, args)
             elif args.follow:
                 await _follow(store, args, filters)
             else:
@@ -278,6 +278,28 @@ def _emit(rows: list[StoredEvent], args: argparse.Namespace, *, incomplete: bool
         out.flush()
     else:
         _print_table(rows, incomplete=incomplete)
+
+
+def _emit_incomplete(found: list[IncompleteCall], args: argparse.Namespace) -> None:
+    if args.json:
+        for call in found:
+            sys.stdout.write(json.dumps(call.to_dict()) + "\n")
+        sys.stdout.flush()
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="calls without a completed event")
+    for name in ("started (UTC)", "call_id", "operation", "model", "last event", "attempt"):
+        table.add_column(name, no_wrap=name != "operation")
+    table.add_column("sent")
+    for call in found:
+        at = call.started_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        row = (at, call.call_id, call.operation_name, call.model, call.last_event, call.attempt)
+        table.add_row(*("" if v is None else str(v) for v in row), "yes" if call.sent else "no")
+    console = Console()
+    console.print(table)
+    console.print(f"{len(found)} call{'s' if len(found) != 1 else ''}", style="dim")
 
 
 async def _follow(store: EventStore, args: argparse.Namespace, filters: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -292,10 +293,8 @@ class EventWriter:
     async def flush(self) -> None:
         """Return once every event emitted before this call is committed; at once when the
         store is damaged (reported once already: nothing more can ever be written)."""
-        try:
+        with contextlib.suppress(StoreCorruptError):
             await self._committed()
-        except StoreCorruptError:
-            pass
 
     async def _committed(self) -> None:
         if self._loop is None:
