@@ -14,6 +14,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "overhead": ("benchmarks.bench_overhead", "1. Overhead against a zero-latency server"),
     "gates": ("benchmarks.bench_gates", "2. Gate efficiency"),
     "store": ("benchmarks.bench_store", "3. Event store and projections"),
+    "write_ahead": ("benchmarks.bench_store_write_ahead", "3b. Write-ahead: cost and crash safety"),
     "replay": ("benchmarks.bench_replay", "4. Replay"),
     "scale": ("benchmarks.bench_scale", "5. Scale: 10,000 concurrent calls"),
     "scale_out": ("benchmarks.bench_scale_out", "6. Scale out"),
@@ -23,6 +24,6 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 #: What runs without --only / --all: the figures the issues ask for.
-DEFAULT_BENCHES = ("overhead", "gates", "store", "replay", "scale", "scale_out")
+DEFAULT_BENCHES = ("overhead", "gates", "store", "write_ahead", "replay", "scale", "scale_out")
 
 __all__ = ["BENCHES", "DEFAULT_BENCHES"]
