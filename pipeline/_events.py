@@ -31,7 +31,10 @@ Payload fields, by type (``None`` where unknown):
     attempt, waited_s, in_flight (after acquiring), waiters_ahead. One per attempt: the permit
     is released between attempts, so a retry never waits at a gate holding one.
 ``sent``
-    attempt. ``occurred_at`` is when the attempt was handed to the SDK.
+    attempt. ``occurred_at`` is when the attempt was handed to the SDK. With write-ahead it is
+    committed before the request leaves; if it cannot be (``store_unavailable``) or the call
+    is cancelled meanwhile, the next event is an ``attempt_failed`` with that error type and
+    ``latency_s`` 0: the request never left.
 ``received``
     attempt, latency_s, status, response_id, response_model, finish_reasons (list),
     input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd
