@@ -259,6 +259,10 @@ class BaseLLMService:
             if sink is not None:
                 self._sinks.append(sink)
         self._trace_http = any(hasattr(s, "instrument_http_client") for s in self._sinks)
+        # The sink each call waits on before it sends and before it returns (write-ahead).
+        self._write_ahead: DurableSink | None = None
+        if durability == "write_ahead" and isinstance(self._store, DurableSink):
+            self._write_ahead = self._store
         self._warm_start = warm_start
         self._unanswered_guard_s = unanswered_guard_s
         # The settings a replay needs to reproduce this run; shared by every trace_created.
@@ -505,13 +509,12 @@ class BaseLLMService:
             await self.start()
         backlog = self._backlog
         refused = await self._wait_for_room(backlog)
-        store = self._store if self.durability == "write_ahead" else None
         call = CallStream(
             [s for s in self._sinks if s not in backlog] if refused else self._sinks,
             self.instance,
             parent.trace_id if parent.is_valid else None,
             backlog,
-            store if isinstance(store, DurableSink) and not refused else None,
+            None if refused else self._write_ahead,
             self.store_timeout_s,
         )
         if parent.is_valid:
