@@ -25,11 +25,12 @@ from typing import Any
 import structlog
 from opentelemetry import trace as otel_trace
 
+from ._errors import ErrorType
 from ._events import Event, EventType, new_event_id
 from ._gates import GateReservation
 from ._storable import storable, storable_text
 from ._types import GenerationRequest
-from .typing import DurableSink, EventSink
+from .typing import DurableSink, EventSink, ProviderError
 
 __all__ = [
     "plain_traceback",
@@ -39,6 +40,7 @@ __all__ = [
     "estimate_input_tokens",
     "money",
     "to_int",
+    "wait_for_room",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -154,6 +156,62 @@ class CallStream:
         problem = await self.durable()
         if problem is not None and not problem.startswith(_STOPPED):
             _log.warning("result returned before its completed event was committed", reason=problem)
+
+    async def sent_durable(self, attempt: int) -> None:
+        """Write-ahead: return once the attempt's ``sent`` is committed. Otherwise the request
+        never leaves: an ``attempt_failed`` (``store_unavailable``, or ``cancelled`` when the
+        caller gave up meanwhile) says so, and :class:`ProviderError` fails the call."""
+        try:
+            problem = await self.durable()
+        except asyncio.CancelledError:
+            self._not_sent(attempt, ErrorType.CANCELLED, "cancelled before it was sent")
+            raise
+        if problem is not None:
+            message = f"not sent: {problem}"
+            self._not_sent(attempt, ErrorType.STORE_UNAVAILABLE, message)
+            raise ProviderError(
+                ErrorType.STORE_UNAVAILABLE, message, retryable=False, reached_provider=False
+            )
+
+    def _not_sent(self, attempt: int, error_type: ErrorType, message: str) -> None:
+        self.emit(
+            EventType.ATTEMPT_FAILED,
+            {
+                "attempt": attempt,
+                "latency_s": 0.0,
+                "error_type": str(error_type),
+                "status": None,
+                "retryable": False,
+                "retry_after_s": None,
+                "message": message,
+                "provider_code": None,
+                "provider_request_id": None,
+                "rate_limits": {},
+            },
+        )
+
+
+async def wait_for_room(backlog: set[EventSink], timeout_s: float) -> str | None:
+    """Backpressure, before a call holds any slot or permit: None once every sink in the
+    shared ``backlog`` has room, else why the call is refused (a sink stayed full for
+    ``timeout_s``, or it stopped for good)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while backlog:
+                # Every caller waits on the full sink (it stays in the backlog until it has
+                # room again); popping it would let the next caller through while the queue
+                # is full.
+                for sink in list(backlog):
+                    await sink.wait_for_room()
+                    backlog.discard(sink)
+    except TimeoutError:
+        return (
+            f"not sent: the event queue stayed full for store_timeout_s={timeout_s}s "
+            "(is the event store down or locked?)"
+        )
+    except Exception as exc:  # the store stopped for good (e.g. a damaged file)
+        return f"not sent: the event store cannot take events: {exc}"
+    return None
 
 
 class CallState:

@@ -399,7 +399,7 @@ class CallFlow:
         rpm, tpm = self._rpm, self._tpm
         state.attempts = n
         call.emit(EventType.SENT, {"attempt": n})
-        await self._sent_durable(call, n)
+        await call.sent_durable(n)  # write-ahead: raises ProviderError if not committed
         sent_at = clock.now()
         if state.rpm_res is not None and rpm is not None:
             rpm.mark_sent(state.rpm_res)
@@ -513,38 +513,6 @@ class CallFlow:
         call.emit(EventType.RECEIVED, received)
         self._observe(response.rate_limits)
         return response
-
-    async def _sent_durable(self, call: CallStream, n: int) -> None:
-        """Write-ahead: return once the attempt's ``sent`` is committed; else it never leaves."""
-        try:
-            problem = await call.durable()
-        except asyncio.CancelledError:
-            self._not_sent(call, n, ErrorType.CANCELLED, "cancelled before it was sent")
-            raise
-        if problem is not None:
-            message = f"not sent: {problem}"
-            self._not_sent(call, n, ErrorType.STORE_UNAVAILABLE, message)
-            raise ProviderError(
-                ErrorType.STORE_UNAVAILABLE, message, retryable=False, reached_provider=False
-            )
-
-    @staticmethod
-    def _not_sent(call: CallStream, n: int, error_type: ErrorType, message: str) -> None:
-        call.emit(
-            EventType.ATTEMPT_FAILED,
-            {
-                "attempt": n,
-                "latency_s": 0.0,
-                "error_type": str(error_type),
-                "status": None,
-                "retryable": False,
-                "retry_after_s": None,
-                "message": message,
-                "provider_code": None,
-                "provider_request_id": None,
-                "rate_limits": {},
-            },
-        )
 
     def _observe(self, rate_limits: Mapping[str, str]) -> None:
         if not rate_limits:

@@ -45,7 +45,7 @@ from typing import Any, Self
 import structlog
 from opentelemetry import trace as otel_trace
 
-from ._call import CallStream
+from ._call import CallStream, wait_for_room
 from ._clock import LoopClock
 from ._errors import ConfigurationError, ServiceClosedError
 from ._events import default_instance
@@ -508,7 +508,7 @@ class BaseLLMService:
         if not self._started:
             await self.start()
         backlog = self._backlog
-        refused = await self._wait_for_room(backlog)
+        refused = await wait_for_room(backlog, self.store_timeout_s)
         call = CallStream(
             [s for s in self._sinks if s not in backlog] if refused else self._sinks,
             self.instance,
@@ -536,27 +536,6 @@ class BaseLLMService:
             self._active -= 1
             if self._active == 0 and self._idle is not None:
                 self._idle.set()
-
-    async def _wait_for_room(self, backlog: set[EventSink]) -> str | None:
-        """Backpressure, before the call holds any slot or permit: None once every sink has
-        room, else why the call is refused (a sink stayed full for ``store_timeout_s``)."""
-        try:
-            async with asyncio.timeout(self.store_timeout_s):
-                while backlog:
-                    # Every caller waits on the full sink (it stays in the backlog until it
-                    # has room again); popping it would let the next caller through while
-                    # the queue is full.
-                    for sink in list(backlog):
-                        await sink.wait_for_room()
-                        backlog.discard(sink)
-        except TimeoutError:
-            return (
-                f"not sent: the event queue stayed full for store_timeout_s="
-                f"{self.store_timeout_s}s (is the event store down or locked?)"
-            )
-        except Exception as exc:  # the store stopped for good (e.g. a damaged file)
-            return f"not sent: the event store cannot take events: {exc}"
-        return None
 
     # -- figures ------------------------------------------------------------------------
 
