@@ -5,7 +5,9 @@ The child (``_ack_worker.py``) prints each call id as its result comes back, and
 a random instant during a burst or during steady load. The local server runs in this process,
 so its log (one record per arrival, with the ``call_id:attempt`` the client sent) outlives the
 child. The test then compares the three accounts: what the application saw, what the provider
-received, and what the store holds. Run the worker with ``async`` durability to see it fail.
+received, and what the store holds. In process, a result and a cancellation come back only
+once the call's ``completed`` can be read from the file. ``LLMTRAIL_KILL_TEST_DURABILITY=async``
+runs all of it against the opt-out, to see it fail.
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ import os
 import random
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from llmtrail.pipeline import BaseLLMService, GenerationRequest
 from llmtrail.testing._mock_server import MockServerConfig, running_in_thread
-from tests.reliability._support import by_call, stored_events, stream_problems
+from tests.reliability._support import by_call, sqlite_path, stored_events, stream_problems
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,3 +118,41 @@ def test_after_sigkill_every_acknowledged_call_is_completed_and_every_arrival_wa
     for call_id, item in found.items():
         assert item["sent"] == any(e.type == "sent" for e in calls[call_id]), item
         assert item["last_event"] == calls[call_id][-1].type, item
+
+
+# ---------------------------------------------------------------- the same promise, in process
+
+
+def stored_types(url: str, call_id: str) -> list[str]:
+    """The call's stored event types, read at once with sqlite3 (no flush, no writer help)."""
+    connection = sqlite3.connect(f"file:{sqlite_path(url)}?mode=ro", uri=True)
+    try:
+        query = "SELECT type FROM events WHERE call_id = ? ORDER BY seq"
+        return [row[0] for row in connection.execute(query, (call_id,))]
+    finally:
+        connection.close()
+
+
+async def test_a_result_and_a_cancellation_come_back_only_after_completed_is_committed(
+    mock_server_factory: Any, sqlite_url: str
+) -> None:
+    server = await mock_server_factory(latency_s=0.5)
+    async with BaseLLMService(
+        base_url=f"{server.url}/v1",
+        api_key="sk-test-write-ahead",
+        store_url=sqlite_url,
+        tracing=False,
+        durability=DURABILITY,
+    ) as service:
+        result = await service.execute_generation_async(GenerationRequest(user_prompt="hi"))
+        assert stored_types(sqlite_url, result.call_id)[-1] == "completed"
+
+        bye = GenerationRequest(user_prompt="bye")
+        task = asyncio.create_task(service.execute_generation_async(bye))
+        await server.wait_for_arrivals(2)
+        call_id = str(server.log[1].client_request_id).split(":")[0]
+        assert "sent" in stored_types(sqlite_url, call_id)  # committed before it left
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert stored_types(sqlite_url, call_id)[-1] == "completed"
