@@ -153,6 +153,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _storable(value: Any) -> Any:
+    """``value`` with its text made storable; as it is when it cannot be walked (a circular
+    payload, which no JSON can hold either and is then kept as its repr)."""
+    try:
+        return storable(value)
+    except RecursionError:
+        return value
+
+
 def _default(value: Any) -> Any:
     """What ``json.dumps(default=str)`` makes of a value orjson does not write itself."""
     if isinstance(value, float):  # a float subclass (numpy.float64): json writes the number
@@ -262,7 +271,7 @@ class RowEncoder:
     def _payload_json(self, row: list[Any]) -> str:
         """The payload by the json module: NaN and infinities by their names, U+0000 escaped
         for PostgreSQL, and a payload JSON cannot hold as its repr (logged)."""
-        payload = storable(row[8])
+        payload = _storable(row[8])
         text = self._json_or_none(payload)
         if self._postgresql and isinstance(payload, dict) and text and "\\u0000" in text:
             text = self._json_or_none(escape_nul(payload))
@@ -292,8 +301,8 @@ class RowEncoder:
     def _encode_row(self, row: list[Any], payload: str) -> str:
         """One row by the json module, with its payload's JSON text."""
         try:
-            envelope = _encode(storable(row[:8]))
+            envelope = _encode(_storable(row[:8]))
         except (TypeError, ValueError, RecursionError):
-            envelope = _encode(_finite(storable(row[:8])))  # NaN and infinities: no JSON spelling
+            envelope = _encode(_finite(_storable(row[:8])))  # NaN and infinities: no JSON spelling
         field = payload if self._postgresql else _encode(payload)
         return envelope[:-1] + "," + field + "]"
