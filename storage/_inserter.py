@@ -12,10 +12,17 @@ Invariants:
   bad event cannot wedge the writer.
 - A damaged SQLite file raises :class:`StoreCorruptError` at once (see ``_failures``).
 - On PostgreSQL each batch takes a transaction-level advisory lock first (see below).
+- On SQLite the writer keeps one pooled connection and talks to its aiosqlite driver
+  connection (SQLAlchemy's ``get_raw_connection``): ``BEGIN IMMEDIATE``, the INSERT and
+  ``COMMIT`` are three hops to the driver's thread instead of eight (cursors, closes and the
+  pool's reset). Each hop waits for the GIL while the loop is busy (up to the 5 ms switch
+  interval), so with write-ahead, where every call waits for two commits, this halves the
+  commit latency. Errors are wrapped as SQLAlchemy's, exactly as its own path would.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +31,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from ._engine import is_postgresql, write_engine
@@ -65,6 +72,9 @@ class BatchInserter:
         self._writes: AsyncEngine | None = None
         self._postgresql = False
         self._insert: Any = None
+        self._sqlite_sql = ""  # the INSERT as SQLite text, and its parameters but the batch
+        self._sqlite_params: list[Any] = []
+        self._connection: AsyncConnection | None = None  # SQLite: held between batches
         self.encoder = RowEncoder(postgresql=False, instance=instance, shown_url=shown_url)
         self._retrying = AsyncRetrying(
             retry=retry_if_exception(is_transient),
@@ -73,11 +83,17 @@ class BatchInserter:
             reraise=True,
         )
 
-    def open(self, engine: AsyncEngine) -> None:
+    async def open(self, engine: AsyncEngine) -> None:
         """Use ``engine`` (migrated) from now on."""
         self._writes = write_engine(engine)
         self._postgresql = is_postgresql(engine)
         self._insert = postgresql_insert() if self._postgresql else sqlite_insert()
+        if not self._postgresql:
+            compiled = self._insert.compile(dialect=engine.dialect)
+            self._sqlite_sql = str(compiled)
+            values = compiled.construct_params({"batch": None})
+            self._sqlite_params = [values[name] for name in compiled.positiontup or ()]
+            self._connection = await self._writes.connect()
         self.encoder = RowEncoder(
             postgresql=self._postgresql, instance=self._instance, shown_url=self._shown_url
         )
@@ -127,17 +143,51 @@ class BatchInserter:
             )
             self.outage_since = None
 
+    async def aclose(self) -> None:
+        """Give back the connection held between batches (before the engine is disposed)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
     async def _insert_batch(self, data: str) -> None:
         assert self._writes is not None
         try:
+            if not self._postgresql:
+                await self._insert_sqlite(data)
+                return
             async with self._writes.begin() as connection:
-                if self._postgresql:
-                    await connection.execute(_ADVISORY_LOCK, {"key": _PG_APPEND_LOCK_KEY})
+                await connection.execute(_ADVISORY_LOCK, {"key": _PG_APPEND_LOCK_KEY})
                 await connection.execute(self._insert, {"batch": data})
         except DBAPIError as exc:
             corrupt = as_corruption(exc, self._url)
             if corrupt is not None:  # not an outage: retrying would hang every call
                 raise corrupt from exc
+            raise
+
+    async def _insert_sqlite(self, data: str) -> None:
+        """One batch in one ``BEGIN IMMEDIATE`` transaction, through the driver connection."""
+        assert self._writes is not None
+        if self._connection is None:
+            self._connection = await self._writes.connect()
+        raw = await self._connection.get_raw_connection()
+        driver: Any = raw.driver_connection  # aiosqlite.Connection
+        params = [data if p is None else p for p in self._sqlite_params]
+        try:
+            await driver.execute("BEGIN IMMEDIATE")
+            try:
+                await driver.execute(self._sqlite_sql, params)
+            except BaseException:
+                await driver.rollback()
+                raise
+            await driver.commit()
+        except sqlite3.Error as exc:
+            # The same exception classes SQLAlchemy's own execution raises (IntegrityError,
+            # OperationalError...), so refusals, outages and damage are told apart as ever.
+            raise DBAPIError.instance(self._sqlite_sql, None, exc, sqlite3.Error) from exc
+        except BaseException:
+            # Cancelled mid-batch: the connection's state is unknown; never reuse it.
+            connection, self._connection = self._connection, None
+            await connection.invalidate()
             raise
 
     def _on_retry(self, state: RetryCallState) -> None:

@@ -373,7 +373,11 @@ class EventWriter:
             await engine.dispose()
             raise
         self._engine = engine
-        self._inserter.open(engine)
+        try:
+            await self._inserter.open(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         with self._inbox_lock:
@@ -423,6 +427,7 @@ class EventWriter:
             if self._task is not None and not self._task.done():  # start() raced a cancel
                 self._task.cancel()
             self._fail_durable()
+            await self._inserter.aclose()
             if self._engine is not None:
                 await self._engine.dispose()
             self._close_done.set()
