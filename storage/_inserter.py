@@ -13,11 +13,12 @@ Invariants:
 - A damaged SQLite file raises :class:`StoreCorruptError` at once (see ``_failures``).
 - On PostgreSQL each batch takes a transaction-level advisory lock first (see below).
 - On SQLite the writer keeps one pooled connection and talks to its aiosqlite driver
-  connection (SQLAlchemy's ``get_raw_connection``): ``BEGIN IMMEDIATE``, the INSERT and
-  ``COMMIT`` are three hops to the driver's thread instead of eight (cursors, closes and the
-  pool's reset). Each hop waits for the GIL while the loop is busy (up to the 5 ms switch
-  interval), so with write-ahead, where every call waits for two commits, this halves the
-  commit latency. Errors are wrapped as SQLAlchemy's, exactly as its own path would.
+  connection (SQLAlchemy's ``get_raw_connection``): ``BEGIN IMMEDIATE; INSERT ...; COMMIT``
+  is one ``executescript``, one hop to the driver's thread instead of eight (cursors, closes
+  and the pool's reset), the batch inlined as an SQL string literal (single quotes doubled,
+  the only character a SQLite literal escapes). Each hop waits for the GIL while the loop is
+  busy (up to the 5 ms switch interval), and with write-ahead every call waits for two
+  commits. Errors are wrapped as SQLAlchemy's, exactly as its own path would.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _log = structlog.get_logger(__name__)
 # paging with `position > cursor` would then read 11, move its cursor past 10, and skip it.
 _PG_APPEND_LOCK_KEY = 0x6C6C6D7472616C01
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_MARK = "llmtrail-batch-8d1f"  # where the batch goes in the SQLite script
 
 
 class BatchInserter:
@@ -72,8 +74,7 @@ class BatchInserter:
         self._writes: AsyncEngine | None = None
         self._postgresql = False
         self._insert: Any = None
-        self._sqlite_sql = ""  # the INSERT as SQLite text, and its parameters but the batch
-        self._sqlite_params: list[Any] = []
+        self._sqlite_script = ("", "")  # the transaction's text before and after the batch
         self._connection: AsyncConnection | None = None  # SQLite: held between batches
         self.encoder = RowEncoder(postgresql=False, instance=instance, shown_url=shown_url)
         self._retrying = AsyncRetrying(
@@ -89,10 +90,13 @@ class BatchInserter:
         self._postgresql = is_postgresql(engine)
         self._insert = postgresql_insert() if self._postgresql else sqlite_insert()
         if not self._postgresql:
-            compiled = self._insert.compile(dialect=engine.dialect)
-            self._sqlite_sql = str(compiled)
-            values = compiled.construct_params({"batch": None})
-            self._sqlite_params = [values[name] for name in compiled.positiontup or ()]
+            # The batch travels inside the script as an SQL string literal (quotes doubled):
+            # the one form executescript takes, and one hop for the whole transaction.
+            literal = sqlite_insert(_MARK).compile(
+                dialect=engine.dialect, compile_kwargs={"literal_binds": True}
+            )
+            before, after = str(literal).split(f"'{_MARK}'")
+            self._sqlite_script = ("BEGIN IMMEDIATE;\n" + before + "'", "'" + after + ";\nCOMMIT;")
             self._connection = await self._writes.connect()
         self.encoder = RowEncoder(
             postgresql=self._postgresql, instance=self._instance, shown_url=self._shown_url
@@ -171,19 +175,18 @@ class BatchInserter:
             self._connection = await self._writes.connect()
         raw = await self._connection.get_raw_connection()
         driver: Any = raw.driver_connection  # aiosqlite.Connection
-        params = [data if p is None else p for p in self._sqlite_params]
+        head, tail = self._sqlite_script
         try:
-            await driver.execute("BEGIN IMMEDIATE")
             try:
-                await driver.execute(self._sqlite_sql, params)
+                await driver.executescript(head + data.replace("'", "''") + tail)
             except BaseException:
-                await driver.rollback()
+                if driver.in_transaction:  # the INSERT failed after BEGIN: end it
+                    await driver.rollback()
                 raise
-            await driver.commit()
         except sqlite3.Error as exc:
             # The same exception classes SQLAlchemy's own execution raises (IntegrityError,
             # OperationalError...), so refusals, outages and damage are told apart as ever.
-            raise DBAPIError.instance(self._sqlite_sql, None, exc, sqlite3.Error) from exc
+            raise DBAPIError.instance(head[:200], None, exc, sqlite3.Error) from exc
         except BaseException:
             # Cancelled mid-batch: the connection's state is unknown; never reuse it.
             connection, self._connection = self._connection, None

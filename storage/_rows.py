@@ -71,9 +71,10 @@ _dumps = orjson.dumps
 _Fragment = orjson.Fragment
 
 
-def sqlite_insert() -> Any:
-    """``INSERT INTO events ... SELECT`` from the batch parameter (a JSON array), SQLite."""
-    elements = func.json_each(bindparam("batch", type_=Text)).table_valued("value")
+def sqlite_insert(batch: str | None = None) -> Any:
+    """``INSERT INTO events ... SELECT`` from the batch parameter (a JSON array), SQLite;
+    ``batch`` gives the parameter a value (to compile it inline)."""
+    elements = func.json_each(bindparam("batch", batch, type_=Text)).table_valued("value")
     value = elements.c.value
     # json_extract returns SQL values for the scalars and the payload's text (a JSON string).
     fields = [func.json_extract(value, literal_column(f"'$[{i}]'")) for i in range(len(_COLUMNS))]

@@ -538,3 +538,14 @@ async def test_a_payload_with_a_lone_surrogate_is_stored_with_a_replacement_char
     await writer.aclose()
     (stored,) = await read_all(store_url)
     assert stored.event.payload == {"operation_name": "op\ufffdx"}
+
+
+async def test_quotes_and_sql_in_text_are_stored_verbatim(store_url: str) -> None:
+    (event,) = call_events("quotes", types=(EventType.TRACE_CREATED,))
+    text = "it's ''two'' \\' \"x\"; COMMIT; DROP TABLE events; --"
+    quoted = dataclasses.replace(event, payload={"operation_name": text, "metadata": {text: text}})
+    writer = await started_writer(store_url)
+    writer.emit(quoted)
+    await writer.aclose()
+    (stored,) = await read_all(store_url)
+    assert stored.event.payload == {"operation_name": text, "metadata": {text: text}}

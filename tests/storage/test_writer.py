@@ -335,7 +335,7 @@ async def test_one_batch_is_one_multi_row_insert_in_one_immediate_transaction(
     assert connection is not None
     raw = await connection.get_raw_connection()
     await raw.driver_connection.set_trace_callback(  # type: ignore[union-attr]
-        lambda sql: statements.append(" ".join(sql.split()[:3]))
+        lambda sql: statements.append(" ".join(sql.split()[:3]).rstrip(";"))
     )
     for event in events:
         writer.emit(event)  # no await in between: drained as one batch
