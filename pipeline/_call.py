@@ -2,12 +2,18 @@
 
 Invariants:
 - ``seq`` grows by one per emitted event, with no gap; the stream's ids never change.
+- Every payload is made storable before it becomes an event (``_storable``: lone surrogates
+  become U+FFFD), so no string a caller or a provider hands us can poison a store.
 - A sink that fails is reported and skipped; it never breaks the call.
 - A sink at its high-water mark is put in the shared backlog, where the next call waits for it.
+- Write-ahead: with a ``store`` (a :class:`~pipeline.typing.DurableSink`), :meth:`durable`
+  waits, at most ``store_timeout_s``, until the store has committed every event of the call
+  emitted so far; without one (``durability="async"``, no store) it returns at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import traceback
@@ -20,6 +26,7 @@ from opentelemetry import trace as otel_trace
 
 from llmtrail._log import get_logger
 
+from ._errors import ErrorType
 from ._events import (
     AttemptFailedPayload,
     CompletedPayload,
@@ -37,8 +44,9 @@ from ._events import (
     new_event_id,
 )
 from ._gates import GateReservation
+from ._storable import storable, storable_text
 from ._types import GenerationRequest
-from .typing import EventSink
+from .typing import DurableSink, EventSink, ProviderError
 
 __all__ = [
     "plain_traceback",
@@ -48,9 +56,11 @@ __all__ = [
     "estimate_input_tokens",
     "money",
     "to_int",
+    "wait_for_room",
 ]
 
 _log = get_logger(__name__)
+_STOPPED = "the event store stopped"
 
 
 def plain_traceback() -> str:
@@ -83,6 +93,8 @@ class CallStream:
         "instance",
         "backlog",
         "trace_flags",
+        "store",
+        "store_timeout_s",
     )
 
     def __init__(
@@ -91,16 +103,20 @@ class CallStream:
         instance: str,
         parent_trace: int | None,
         backlog: set[EventSink],
+        store: DurableSink | None = None,
+        store_timeout_s: float = 10.0,
     ) -> None:
         self.call_id = new_event_id()  # time-ordered, like event ids: cheap to index
         self.trace_id = f"{parent_trace or random.getrandbits(128) or 1:032x}"
         self.span_id = f"{random.getrandbits(64) or 1:016x}"
         self.seq = 0
         self.sinks = sinks
-        self.instance = instance
+        self.instance = storable_text(instance)
         self.backlog = backlog
         # A caller's unsampled trace stays unsampled, so no orphan HTTP span is exported.
         self.trace_flags = SAMPLED
+        self.store = store
+        self.store_timeout_s = store_timeout_s
 
     # One overload per event type: an emitter that misses or misspells a field fails mypy.
     @overload
@@ -139,7 +155,7 @@ class CallStream:
             datetime.now(UTC),
             self.trace_id,
             self.span_id,
-            cast(dict[str, Any], payload),
+            storable(cast(dict[str, Any], payload)),
             self.instance,
         )
         self.seq += 1
@@ -154,6 +170,93 @@ class CallStream:
                     event_type=str(type_),
                     traceback=plain_traceback(),
                 )
+
+    async def durable(self) -> str | None:
+        """Wait until the store has committed every event emitted so far; None once it has,
+        else why it has not (it did not within ``store_timeout_s``, or it stopped).
+
+        The wait never cancels the store's future, so giving up leaves the events queued:
+        they are written when the store is back. A cancellation of the caller goes through.
+        """
+        if self.store is None:
+            return None
+        future = self.store.durable()
+        if not future.done():
+            await asyncio.wait((future,), timeout=self.store_timeout_s)
+        if not future.done():
+            return (
+                f"the event store did not commit within store_timeout_s={self.store_timeout_s}s "
+                "(is it down or locked?)"
+            )
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            return f"{_STOPPED}: {error or 'closed'}"
+        return None
+
+    async def settle(self) -> None:
+        """:meth:`durable` for the last event: the ``completed`` is committed before the
+        result goes back. If the store cannot commit it in time the result goes back anyway
+        (the provider has answered and billed it) and the event stays queued; logged, except
+        for a store that stopped for good, which reported that itself."""
+        problem = await self.durable()
+        if problem is not None and not problem.startswith(_STOPPED):
+            _log.warning("result returned before its completed event was committed", reason=problem)
+
+    async def sent_durable(self, attempt: int) -> None:
+        """Write-ahead: return once the attempt's ``sent`` is committed. Otherwise the request
+        never leaves: an ``attempt_failed`` (``store_unavailable``, or ``cancelled`` when the
+        caller gave up meanwhile) says so, and :class:`ProviderError` fails the call."""
+        try:
+            problem = await self.durable()
+        except asyncio.CancelledError:
+            self._not_sent(attempt, ErrorType.CANCELLED, "cancelled before it was sent")
+            raise
+        if problem is not None:
+            message = f"not sent: {problem}"
+            self._not_sent(attempt, ErrorType.STORE_UNAVAILABLE, message)
+            raise ProviderError(
+                ErrorType.STORE_UNAVAILABLE, message, retryable=False, reached_provider=False
+            )
+
+    def _not_sent(self, attempt: int, error_type: ErrorType, message: str) -> None:
+        self.emit(
+            EventType.ATTEMPT_FAILED,
+            {
+                "attempt": attempt,
+                "latency_s": 0.0,
+                "error_type": str(error_type),
+                "status": None,
+                "retryable": False,
+                "retry_after_s": None,
+                "message": message,
+                "provider_code": None,
+                "provider_request_id": None,
+                "rate_limits": {},
+            },
+        )
+
+
+async def wait_for_room(backlog: set[EventSink], timeout_s: float) -> str | None:
+    """Backpressure, before a call holds any slot or permit: None once every sink in the
+    shared ``backlog`` has room, else why the call is refused (a sink stayed full for
+    ``timeout_s``, or it stopped for good)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while backlog:
+                # Every caller waits on the full sink (it stays in the backlog until it has
+                # room again); popping it would let the next caller through while the queue
+                # is full.
+                for sink in list(backlog):
+                    await sink.wait_for_room()
+                    backlog.discard(sink)
+    except TimeoutError:
+        return (
+            f"not sent: the event queue stayed full for store_timeout_s={timeout_s}s "
+            "(is the event store down or locked?)"
+        )
+    except Exception as exc:  # the store stopped for good (e.g. a damaged file)
+        return f"not sent: the event store cannot take events: {exc}"
+    return None
 
 
 class CallState:

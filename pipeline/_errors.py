@@ -37,6 +37,7 @@ class ErrorType(StrEnum):
     STREAM_BROKEN = "stream_broken"
     TOO_LARGE = "too_large"  # the request can never fit the configured TPM window
     LIMITER_UNAVAILABLE = "limiter_unavailable"  # the shared rate limiter (Redis) is down
+    STORE_UNAVAILABLE = "store_unavailable"  # the event store could not log it: not sent
     VALIDATION = "validation"  # the GenerationRequest itself is invalid
     INTERNAL = "internal"  # a bug in llmtrail or in a sink: reported, never raised
     CANCELLED = "cancelled"

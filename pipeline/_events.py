@@ -130,7 +130,10 @@ class SemaphoreAcquiredPayload(TypedDict):
 
 
 class SentPayload(TypedDict):
-    """``occurred_at`` is when the attempt was handed to the SDK."""
+    """``occurred_at`` is when the attempt was handed to the SDK. With write-ahead it is
+    committed before the request leaves; if it cannot be (``store_unavailable``) or the call
+    is cancelled meanwhile, the next event is an ``attempt_failed`` with that error type and
+    ``latency_s`` 0: the request never left."""
 
     attempt: int
 

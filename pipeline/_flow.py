@@ -14,6 +14,11 @@ Invariants:
 - A streamed call (``state.stream``, driven by pipeline/_stream.py) takes the same steps; its
   attempt ends when the stream's headers arrive (its answer) and keeps the permit
   (``state.holding``) until the stream ends, when ``received`` is emitted.
+- Write-ahead (``CallStream.store`` set): an attempt leaves only once its ``sent`` is
+  committed, and the result returns (or the cancellation goes on) only once ``completed`` is.
+  A store that cannot commit ``sent`` within ``store_timeout_s`` fails the call with
+  ``store_unavailable`` before anything is sent: the attempt's ``sent`` is then followed by an
+  ``attempt_failed`` with that error type, which says it never left.
 """
 
 from __future__ import annotations
@@ -110,7 +115,24 @@ class CallFlow:
         parent: otel_trace.SpanContext,
     ) -> GenerationResult:
         """One call, start to ``completed``; never raises but for cancellation."""
-        return await self._guarded(call, request, operation_name, parent)
+        try:
+            result = await self._guarded(call, request, operation_name, parent)
+        except asyncio.CancelledError:
+            await call.settle()  # the `completed` (cancelled) is committed before it goes on
+            raise
+        await call.settle()  # write-ahead: the `completed` is committed before the result
+        return result
+
+    def refuse(
+        self, call: CallStream, request: Any, operation_name: str | None, message: str
+    ) -> GenerationResult:
+        """A call refused before it started because the event store cannot take events:
+        ``store_unavailable``, never sent."""
+        op = operation_name or getattr(request, "operation_name", None) or "generation"
+        model = getattr(request, "model", None) or self.model
+        request_id = getattr(request, "request_id", None)
+        error_type = ErrorType.STORE_UNAVAILABLE
+        return self._fail_early(call, op, model, request_id, error_type, message, self._clock.now())
 
     async def _guarded(
         self,
@@ -443,6 +465,7 @@ class CallFlow:
         rpm, tpm = self._rpm, self._tpm
         state.attempts = n
         call.emit(EventType.SENT, {"attempt": n})
+        await call.sent_durable(n)  # write-ahead: raises ProviderError if not committed
         sent_at = clock.now()
         if state.rpm_res is not None and rpm is not None:
             rpm.mark_sent(state.rpm_res)

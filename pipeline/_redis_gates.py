@@ -249,11 +249,12 @@ class RedisSlidingWindowGate:
             pool = BlockingConnectionPool.from_url(
                 self.url,
                 max_connections=_MAX_CONNECTIONS,
-                # Waiting for a free pooled connection is queueing, not an outage: with a
-                # bounded wait, 1,000 waiters in one process made "No connection available"
-                # look like Redis was down (fail-closed refused a third of the calls). A real
-                # outage still surfaces through the connect and socket timeouts.
-                timeout=None,
+                # The wait for a free pooled connection is bounded too: with a Redis that
+                # accepts connections and never answers, every pooled connection is stuck in
+                # its socket timeout and an unbounded wait would queue callers for minutes
+                # (fail_closed then refused almost none). The command timeout is generous for
+                # queueing behind healthy scripts (well under a millisecond each).
+                timeout=command,
                 socket_connect_timeout=connect,
                 socket_timeout=command,
             )

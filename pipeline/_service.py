@@ -12,7 +12,11 @@ Invariants:
   re-raised, never swallowed).
 - Events are emitted synchronously (``EventSink.emit`` never blocks), so a second cancellation
   cannot interrupt the terminal events; backpressure is applied at admission, before
-  ``trace_created``.
+  ``trace_created``, for at most ``store_timeout_s``: a call whose store stays full is refused
+  (``store_unavailable``, never sent, logged only to the sinks that had room), so memory stays
+  bounded through any outage.
+- ``durability="write_ahead"`` (default): ``sent`` is committed before each request leaves
+  and ``completed`` before the result returns (see ``_flow``); ``"async"`` only queues them.
 - Every HTTP attempt holds an RPM slot whose window starts when it is sent. A reservation the
   provider never counted is returned with an ``unmarked`` event.
 - The semaphore permit is released in ``finally``; gates clean up cancelled waiters themselves.
@@ -43,7 +47,7 @@ from opentelemetry import trace as otel_trace
 
 from llmtrail._log import get_logger
 
-from ._call import CallStream
+from ._call import CallStream, wait_for_room
 from ._chat_provider import builtin_provider
 from ._clock import LoopClock
 from ._errors import ConfigurationError, ServiceClosedError
@@ -65,7 +69,7 @@ from ._settings import (
 )
 from ._stats import OperationUsage, RateMeter, ServiceStats
 from ._types import GenerationRequest, GenerationResult
-from .typing import Clock, EventSink, Provider, UsageHistory
+from .typing import Clock, DurableSink, EventSink, Provider, UsageHistory
 
 if TYPE_CHECKING:
     from ._stream import GenerationStream
@@ -120,6 +124,18 @@ class BaseLLMService:
     settings are grouped as :class:`Limits`, :class:`RetrySettings` and :class:`StoreSettings`
     (``service.limits`` ...), which may be passed instead of their keywords (``limits=``,
     ``retry=``, ``store=``); every number is validated once, with a one-line error.
+
+    Durability: ``durability="write_ahead"`` (the default) commits each attempt's ``sent``
+    before the request leaves and the call's ``completed`` before its result is returned (or
+    its cancellation re-raised): after a crash the store holds every call the application saw
+    finish and every request the provider may have billed. Many calls share one commit, so
+    the cost is about one commit latency per call. ``durability="async"`` only queues the
+    events (the write follows within milliseconds, but a crash loses what was queued); choose
+    it only if that loss is acceptable. ``store_timeout_s`` (default 10 s) bounds every wait
+    for the store: a call whose ``sent`` (or, at admission, whose place in the full event
+    queue) is not had in time returns ``success=False, error_type="store_unavailable"`` and is
+    not sent. A ``completed`` not committed in time is logged and the result returned anyway
+    (the provider answered and billed it); its event is written when the store is back.
     """
 
     def __init__(
@@ -157,6 +173,8 @@ class BaseLLMService:
         limits: Limits | None = None,
         retry: RetrySettings | None = None,
         store: StoreSettings | None = None,
+        durability: str = "write_ahead",
+        store_timeout_s: float = 10.0,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ConfigurationError(
@@ -205,6 +223,8 @@ class BaseLLMService:
             {
                 **({} if store_url is _UNSET else {"store_url": store_url}),
                 "max_event_queue": max_event_queue,
+                "durability": durability,
+                "store_timeout_s": store_timeout_s,
             },
         )
         check_number("rate_limit_replicas", rate_limit_replicas, integer=True, low=1)
@@ -269,6 +289,8 @@ class BaseLLMService:
         store_url = self.store_settings.store_url
         self.store_url = store_url
         self._store: EventSink | None = None
+        durability = self.durability = self.store_settings.durability
+        self.store_timeout_s = float(self.store_settings.store_timeout_s)
         if store_url:
             factory = _load_plugin("store")
             if factory is None:
@@ -290,6 +312,10 @@ class BaseLLMService:
         self._resource: dict[str, str] | None = next(
             (r for s in self._sinks if (r := getattr(s, "resource_attributes", None))), None
         )
+        # The sink each call waits on before it sends and before it returns (write-ahead).
+        self._write_ahead: DurableSink | None = None
+        if durability == "write_ahead" and isinstance(self._store, DurableSink):
+            self._write_ahead = self._store
         self._warm_start = warm_start
         self._unanswered_guard_s = unanswered_guard_s
         # The settings a replay needs to reproduce this run; shared by every trace_created.
@@ -532,28 +558,29 @@ class BaseLLMService:
             return await call_on_loop(own, self._execute(request, operation_name, parent))
         return await self._execute(request, operation_name, parent)
 
-    async def _open_call(self, parent: otel_trace.SpanContext) -> CallStream:
-        """Admit one call (closed check, start, backpressure) and count it as active."""
+    async def _open_call(self, parent: otel_trace.SpanContext) -> tuple[CallStream, str | None]:
+        """Admit one call (closed check, start, backpressure) and count it as active; with
+        why it is refused (the event store could not take it in time), or None."""
         if self._closed:
             raise ServiceClosedError(f"{type(self).__name__} is closed; create a new one")
         if not self._started:
             await self.start()
         backlog = self._backlog
-        while backlog:  # backpressure: wait here, before the call holds any slot or permit
-            # Every caller waits on the full sink (it stays in the backlog until it has room
-            # again); popping it would let the next caller through while the queue is full.
-            for sink in list(backlog):
-                await sink.wait_for_room()
-                backlog.discard(sink)
+        refused = await wait_for_room(backlog, self.store_timeout_s)
         call = CallStream(
-            self._sinks, self.instance, parent.trace_id if parent.is_valid else None, backlog
+            [s for s in self._sinks if s not in backlog] if refused else self._sinks,
+            self.instance,
+            parent.trace_id if parent.is_valid else None,
+            backlog,
+            None if refused else self._write_ahead,
+            self.store_timeout_s,
         )
         if parent.is_valid:
             call.trace_flags = parent.trace_flags
         self._active += 1
         if self._idle is not None:
             self._idle.clear()
-        return call
+        return call, refused
 
     def _close_call(self) -> None:
         self._active -= 1
@@ -563,13 +590,15 @@ class BaseLLMService:
     async def _execute(
         self, request: Any, operation_name: str | None, parent: otel_trace.SpanContext
     ) -> GenerationResult:
-        call = await self._open_call(parent)
+        call, refused = await self._open_call(parent)
         # Every log line of the call carries its ids. bind/reset directly: the generator-based
         # bound_contextvars() was the largest single cost of ours per call (profiled).
         tokens = structlog.contextvars.bind_contextvars(
             call_id=call.call_id, trace_id=call.trace_id, span_id=call.span_id
         )
         try:
+            if refused is not None:
+                return self._flow.refuse(call, request, operation_name, refused)
             return await self._flow.run(call, request, operation_name, parent)
         finally:
             structlog.contextvars.reset_contextvars(**tokens)

@@ -166,11 +166,15 @@ class RetrySettings:
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    """Where events are persisted (``store_url`` None: nowhere) and how many may wait for the
-    writer before callers are held back (``max_event_queue``)."""
+    """Where events are persisted (``store_url`` None: nowhere), how many may wait for the
+    writer before callers are held back (``max_event_queue``), whether a call waits for its
+    events to be committed (``durability``: "write_ahead" or "async") and for how long at most
+    (``store_timeout_s``)."""
 
     store_url: str | None = None
     max_event_queue: int = 10_000
+    durability: str = "write_ahead"
+    store_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.store_url is not None and not isinstance(self.store_url, str):
@@ -178,6 +182,13 @@ class StoreSettings:
                 f"store_url={self.store_url!r} is invalid: use a URL string, or None"
             )
         check_number("max_event_queue", self.max_event_queue, integer=True, low=1)
+        if self.durability not in ("write_ahead", "async"):
+            raise ConfigurationError(
+                f"durability={self.durability!r} is invalid: use 'write_ahead' (the default: "
+                "nothing is sent or returned before it is logged) or 'async' (events are only "
+                "queued)"
+            )
+        check_number("store_timeout_s", self.store_timeout_s, low=0.0, low_open=True)
 
 
 def limits_from_environment(

@@ -129,7 +129,7 @@ async def _call_stream(
 ) -> AsyncIterator[StreamItem]:
     """One streamed call, on the service's loop: deltas, then its result."""
     flow: CallFlow = service._flow
-    call = await service._open_call(parent)
+    call, refused = await service._open_call(parent)
     clock = flow._clock
     t0 = clock.now()
     state = CallState()
@@ -137,12 +137,20 @@ async def _call_stream(
     opened: _Open | None = None
     finished = False
     try:
+        if refused is not None:  # the event store cannot take events: nothing is sent
+            finished = True
+            yield flow.refuse(call, request, operation_name, refused)
+            return
         try:
             request = coerce_request(request)
         except (TypeError, ValueError) as exc:
             op = operation_name or "generation"
             finished = True
-            yield flow._fail_early(call, op, flow.model, None, ErrorType.VALIDATION, str(exc), t0)
+            failed = flow._fail_early(
+                call, op, flow.model, None, ErrorType.VALIDATION, str(exc), t0
+            )
+            await call.settle()
+            yield failed
             return
         op = operation_name or request.operation_name or "generation"
         model = request.model or flow.model
@@ -152,6 +160,7 @@ async def _call_stream(
                 opening = await flow._answer(call, state, request, op, model, parent, t0)
             if isinstance(opening, GenerationResult):
                 finished = True
+                await call.settle()  # write-ahead: `completed` is committed before the result
                 yield opening
                 return
             opened = _Open(opening, state.attempts)
@@ -179,8 +188,16 @@ async def _call_stream(
                 result = _finish(flow, call, state, request, op, model, opened, t0, error, outcome)
             finished = True  # before the await below: a cancellation there changes nothing
             await opened.stream.aclose()
+            await call.settle()  # write-ahead: `completed` is committed before the result
             yield result
-        except (asyncio.CancelledError, GeneratorExit):
+        except asyncio.CancelledError:
+            if not finished:
+                finished = True
+                with _bound(call):
+                    _abandon(flow, call, state, request, op, model, opened, t0)
+                await call.settle()  # the `completed` (cancelled) is committed before it goes on
+            raise
+        except GeneratorExit:  # closed by its consumer: no await is allowed here
             if not finished:
                 finished = True
                 with _bound(call):
@@ -195,7 +212,9 @@ async def _call_stream(
             )
             message = f"internal error in llmtrail: {exc!r}"
             _release(flow, state)
-            yield flow._fail(call, state, request, op, model, ErrorType.INTERNAL, message, t0)
+            failed = flow._fail(call, state, request, op, model, ErrorType.INTERNAL, message, t0)
+            await call.settle()
+            yield failed
     finally:
         _release(flow, state)
         if opened is not None:

@@ -1,6 +1,7 @@
 """The Protocols of the request path, in one place (structlog's ``typing.py`` pattern).
 
 - :class:`EventSink` consumes lifecycle events (the store writer, the tracing sink).
+- :class:`DurableSink` is a sink that says when what was emitted is committed (write-ahead).
 - :class:`UsageHistory` lets a restarted process warm its gates from the store.
 - :class:`Clock` is the time source of the gates, the semaphore and the retry waits.
 - :class:`Provider` performs one HTTP attempt against an LLM API, plain or streamed
@@ -16,12 +17,15 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ._errors import ErrorType
     from ._events import Event
     from ._types import GenerationRequest
 
 __all__ = [
     "Clock",
+    "DurableSink",
     "EventSink",
     "GateBackend",
     "Provider",
@@ -52,6 +56,16 @@ class EventSink(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class DurableSink(EventSink, Protocol):
+    """An :class:`EventSink` that commits events (the store writer), for write-ahead calls."""
+
+    def durable(self) -> asyncio.Future[None]:
+        """A future done once everything emitted so far (on the sink's loop) is committed;
+        it fails when the sink can never commit it. ``emit`` stays non-blocking."""
+        ...
 
 
 @runtime_checkable

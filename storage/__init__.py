@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         STORE_URL_ENV,
         StoreClosedError,
         StoreConfigError,
+        StoreCorruptError,
         StoreError,
         StoreSchemaError,
         StoreUnavailableError,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     )
     from ._reader import (
         EventStore,
+        IncompleteCall,
         StoredEvent,
     )
     from ._replay import (
@@ -96,6 +98,7 @@ _LAZY = {
     "EventWriter": "._writer",
     "extract_workload": "._workload_read",
     "head_revision": "._migrate",
+    "IncompleteCall": "._reader",
     "load_workload": "._workload_read",
     "mask_url": "._engine",
     "metadata": "._schema",
@@ -120,6 +123,7 @@ _LAZY = {
     "store_url_from_environment": "._engine",
     "StoreClosedError": "._engine",
     "StoreConfigError": "._engine",
+    "StoreCorruptError": "._engine",
     "stored_payload": "._schema",
     "StoredEvent": "._reader",
     "StoreError": "._engine",
@@ -136,6 +140,7 @@ __all__ = [
     "DEFAULT_STORE_URL",
     "EventStore",
     "EventWriter",
+    "IncompleteCall",
     "PROJECTIONS",
     "ProjectionConflictError",
     "ProjectionRunner",
@@ -146,6 +151,7 @@ __all__ = [
     "STORE_URL_ENV",
     "StoreClosedError",
     "StoreConfigError",
+    "StoreCorruptError",
     "StoreError",
     "StoreSchemaError",
     "StoreUnavailableError",

@@ -30,11 +30,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from llmtrail.pipeline import ConfigurationError, EventType
-from llmtrail.pipeline._output import add_format_options, chosen_format
+from llmtrail.pipeline._output import Column, add_format_options, chosen_format, emit_rows
 
 from ._engine import STORE_URL_ENV, StoreError, mask_url, store_url_from_environment
 from ._migrate import create_reader_role, head_revision, migrate
-from ._reader import EventStore, StoredEvent
+from ._reader import EventStore, IncompleteCall, StoredEvent
 
 __all__ = ["add_store_argument", "parse_time", "register", "run_command"]
 
@@ -167,7 +167,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     events_parser.add_argument(
         "--incomplete",
         action="store_true",
-        help="list calls that started but never completed (in flight, or their process died)",
+        help="list calls that started but never completed (in flight, or their process died), "
+        "with their last event, attempt, and whether a request was sent",
     )
     add_format_options(events_parser, formats=("wrapped", "plain", "json"))
     events_parser.set_defaults(func=_events_command)
@@ -305,13 +306,11 @@ def _events_command(args: argparse.Namespace) -> int:
         printer = _Printer(fmt)
         store = await EventStore.open(args.store)
         try:
-            if args.follow:
+            if args.incomplete:
+                found = await store.incomplete_summaries()
+                _emit_incomplete(found[: args.limit] if args.limit else found, fmt)
+            elif args.follow:
                 await _follow(store, args, filters, printer)
-            elif args.incomplete:
-                rows = await store.incomplete_calls()
-                rows = rows if args.oldest_first else rows[::-1]
-                for stored in rows[: args.limit or None]:
-                    printer(stored)
             else:
                 async for stored in store.scan(
                     newest_first=not args.oldest_first,
@@ -328,6 +327,44 @@ def _events_command(args: argparse.Namespace) -> int:
         return 0
 
     return run_command("events", main)
+
+
+def _emit_incomplete(found: list[IncompleteCall], fmt: str) -> None:
+    """The calls without ``completed``: JSON lines, or a table / plain lines."""
+    if fmt == "json":
+        for call in found:
+            sys.stdout.write(json.dumps(call.to_dict()) + "\n")
+        sys.stdout.flush()
+        return
+    columns = [
+        Column("started (UTC)", priority=0),
+        Column("call_id", priority=0),
+        Column("operation", priority=2, wrap=True),
+        Column("model", priority=3),
+        Column("last event", priority=1),
+        Column("attempt", numeric=True, priority=1),
+        Column("sent", priority=1),
+    ]
+    rows = [
+        [
+            call.started_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+            call.call_id,
+            call.operation_name,
+            call.model,
+            call.last_event,
+            call.attempt,
+            "yes" if call.sent else "no",
+        ]
+        for call in found
+    ]
+    plural = "s" if len(found) != 1 else ""
+    emit_rows(
+        columns,
+        rows,
+        "plain" if fmt == "plain" else "table",
+        title="calls without a completed event",
+        notes=[f"{len(found)} call{plural} without a completed event"],
+    )
 
 
 async def _follow(

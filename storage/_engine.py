@@ -41,6 +41,7 @@ __all__ = [
     "STORE_URL_ENV",
     "StoreClosedError",
     "StoreConfigError",
+    "StoreCorruptError",
     "StoreError",
     "StoreSchemaError",
     "StoreUnavailableError",
@@ -78,6 +79,13 @@ class StoreConfigError(StoreError, ConfigurationError):
 
 class StoreSchemaError(StoreError):
     """The store's schema is missing or at a revision this llmtrail does not know."""
+
+
+class StoreCorruptError(StoreError):
+    """The store's file is damaged or belongs to another program: retrying cannot help.
+
+    Raised instead of being retried as an outage; the message names the file and the fix.
+    """
 
 
 class StoreUnavailableError(StoreError):

@@ -13,6 +13,8 @@ Invariants:
   on the store's tables (now and future) and nothing else, read-only by default.
 - :func:`ensure_schema` migrates a store without a schema (or at an older revision this
   llmtrail knows) and refuses one at an unknown revision with :class:`StoreSchemaError`.
+- A damaged SQLite file, or one holding another program's tables, is refused with
+  :class:`StoreCorruptError` (naming the file and the fix), never retried as an outage.
 """
 
 from __future__ import annotations
@@ -37,13 +39,17 @@ from llmtrail._log import get_logger
 
 from ._engine import (
     StoreConfigError,
+    StoreCorruptError,
+    StoreError,
     StoreSchemaError,
     StoreUnavailableError,
     create_engine,
     is_postgresql,
+    is_sqlite,
     mask_url,
     write_engine,
 )
+from ._failures import as_corruption
 
 __all__ = [
     "SchemaState",
@@ -107,6 +113,7 @@ class SchemaState:
 
     revision: str | None
     has_tables: bool
+    other_tables: bool = False  # tables that are neither llmtrail's nor Alembic's
 
     @property
     def empty(self) -> bool:
@@ -120,7 +127,22 @@ def _read_state(connection: Connection) -> SchemaState:
     revision = None
     if inspector.has_table(_VERSION_TABLE):
         revision = connection.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalar()
-    return SchemaState(revision=revision, has_tables=inspector.has_table("events"))
+    names = set(inspector.get_table_names())
+    return SchemaState(
+        revision=revision,
+        has_tables="events" in names,
+        other_tables=bool(names - {_VERSION_TABLE, "events"}) and revision is None,
+    )
+
+
+def _unavailable(engine: AsyncEngine, doing: str, exc: BaseException) -> StoreError:
+    corrupt = as_corruption(exc, engine.url)
+    if corrupt is not None:
+        return corrupt
+    return StoreUnavailableError(
+        f"cannot {doing} the event store {mask_url(engine.url)!r}: {_reason(exc)}; "
+        "check that the database server is running and the URL is right"
+    )
 
 
 async def schema_state(engine: AsyncEngine) -> SchemaState:
@@ -128,10 +150,7 @@ async def schema_state(engine: AsyncEngine) -> SchemaState:
         async with engine.connect() as connection:
             return await connection.run_sync(_read_state)
     except _UNAVAILABLE as exc:
-        raise StoreUnavailableError(
-            f"cannot open the event store {mask_url(engine.url)!r}: {_reason(exc)}; "
-            "check that the database server is running and the URL is right"
-        ) from exc
+        raise _unavailable(engine, "open", exc) from exc
 
 
 # Alembic keeps its migration context in module globals (alembic.context, alembic.op), so two
@@ -186,10 +205,7 @@ async def migrate(
             )
         return before.revision, after.revision
     except _UNAVAILABLE as exc:
-        raise StoreUnavailableError(
-            f"cannot migrate the event store {mask_url(engine.url)!r}: {_reason(exc)}; "
-            "check that the database server is running and the URL is right"
-        ) from exc
+        raise _unavailable(engine, "migrate", exc) from exc
     finally:
         if owned:
             await engine.dispose()
@@ -236,6 +252,12 @@ async def ensure_schema(engine: AsyncEngine) -> None:
         )
     if state.revision is not None and not _known(state.revision):
         raise _unknown_revision(engine, state.revision)
+    if state.other_tables and is_sqlite(engine):
+        # A SQLite file is one application's: never add our tables to another program's.
+        raise StoreCorruptError(
+            f"the SQLite file {engine.url.database!r} holds another program's tables and no "
+            "llmtrail schema: point store_url (or --store) at a new file or at an llmtrail store"
+        )
     await migrate(engine)
 
 

@@ -20,7 +20,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy import ColumnElement, Select, and_, case, func, select
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,7 +30,10 @@ from ._engine import StoreClosedError, create_engine, mask_url
 from ._migrate import check_schema
 from ._schema import events, stored_payload
 
-__all__ = ["EventStore", "StoredEvent"]
+__all__ = ["EventStore", "IncompleteCall", "StoredEvent", "recent_sends"]
+
+# Call ids per query when reading the streams of incomplete calls (bound parameters).
+_IDS_PER_QUERY = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,96 @@ class StoredEvent:
             **self.event.to_dict(),
             "recorded_at": self.recorded_at.isoformat() if self.recorded_at else None,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class IncompleteCall:
+    """A call that started and has no ``completed``: in flight, or its process died.
+
+    ``attempt`` is the highest attempt its events name (0 before the first), ``sent`` whether
+    any ``sent`` is stored (a request may then have reached the provider and been billed).
+    """
+
+    call_id: str
+    trace_id: str
+    operation_name: str | None
+    model: str | None
+    started_at: datetime
+    last_event: EventType
+    last_at: datetime
+    attempt: int
+    sent: bool
+    position: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, timestamps in ISO 8601."""
+        return {
+            "call_id": self.call_id,
+            "trace_id": self.trace_id,
+            "operation_name": self.operation_name,
+            "model": self.model,
+            "started_at": self.started_at.isoformat(),
+            "last_event": str(self.last_event),
+            "last_at": self.last_at.isoformat(),
+            "attempt": self.attempt,
+            "sent": self.sent,
+            "position": self.position,
+        }
+
+
+def _incomplete(created: StoredEvent, stream: list[StoredEvent]) -> IncompleteCall:
+    last = stream[-1] if stream else created
+    attempts = [e.event.payload.get("attempt") for e in stream]
+    return IncompleteCall(
+        call_id=created.call_id,
+        trace_id=created.event.trace_id,
+        operation_name=created.event.payload.get("operation_name"),
+        model=created.event.payload.get("model"),
+        started_at=created.event.occurred_at,
+        last_event=last.type,
+        last_at=last.event.occurred_at,
+        attempt=max((a for a in attempts if isinstance(a, int)), default=0),
+        sent=any(e.type is EventType.SENT for e in stream),
+        position=created.position,
+    )
+
+
+async def recent_sends(engine: AsyncEngine, since: datetime) -> list[tuple[datetime, int]]:
+    """``(sent_at, tokens)`` per ``sent`` event at or after ``since``, oldest first.
+
+    ``tokens`` is the call's ``reserved_tokens`` (from its ``trace_created``) for attempt 1
+    and 0 for retries, which is what the TPM gate reserved for each attempt.
+    """
+    sent = events.alias("sent")
+    created = events.alias("created")
+    tokens = case(
+        (
+            sent.c.payload["attempt"].as_integer() == 1,
+            func.coalesce(created.c.payload["reserved_tokens"].as_integer(), 0),
+        ),
+        else_=0,
+    )
+    query = (
+        select(sent.c.occurred_at, tokens)
+        .select_from(
+            sent.outerjoin(
+                created,
+                # trace_created is seq 0: the join is one lookup in the (call_id, seq) key.
+                and_(
+                    created.c.call_id == sent.c.call_id,
+                    created.c.seq == 0,
+                    created.c.type == str(EventType.TRACE_CREATED),
+                ),
+            )
+        )
+        # `type || ''` keeps SQLite off the index on type (every sent event ever) and on the
+        # index on occurred_at (the last window only).
+        .where(sent.c.type.concat("") == str(EventType.SENT), sent.c.occurred_at >= since)
+        .order_by(sent.c.occurred_at)
+    )
+    async with engine.connect() as connection:
+        result = await connection.execute(query)
+        return [(row[0], int(row[1] or 0)) for row in result]
 
 
 def _stored(row: Row[Any]) -> StoredEvent:
@@ -273,3 +366,16 @@ class EventStore:
             )
             .order_by(events.c.position)
         )
+
+    async def incomplete_summaries(self) -> list[IncompleteCall]:
+        """Every call that has no ``completed``, with its last event, attempt and whether it
+        was sent, in the order the calls started (``llmtrail events --incomplete``)."""
+        created = await self.incomplete_calls()
+        streams: dict[str, list[StoredEvent]] = {c.call_id: [] for c in created}
+        ids = list(streams)
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start : start + _IDS_PER_QUERY]
+            query = select(events).where(events.c.call_id.in_(chunk))
+            for stored in await self._fetch(query.order_by(events.c.call_id, events.c.seq)):
+                streams[stored.call_id].append(stored)
+        return [_incomplete(c, streams[c.call_id]) for c in created]

@@ -12,6 +12,9 @@ Invariants:
   and a string parses far faster than the object it holds); on PostgreSQL as the object.
 - An event the store cannot hold is refused here (counted in the batch, logged), and a payload
   JSON cannot hold is kept as its ``repr`` (logged): nothing is dropped silently.
+- Text no UTF-8 encoder accepts (a lone surrogate, in an event that did not come through the
+  pipeline's boundary) is stored with U+FFFD in its place (``pipeline._storable``), never as
+  an escape no reader could decode again.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from sqlalchemy.sql import ColumnElement
 
 from llmtrail._log import get_logger
 from llmtrail.pipeline import Event
+from llmtrail.pipeline._storable import storable
 
 from ._schema import escape_nul, events
 
@@ -67,9 +71,10 @@ _dumps = orjson.dumps
 _Fragment = orjson.Fragment
 
 
-def sqlite_insert() -> Any:
-    """``INSERT INTO events ... SELECT`` from the batch parameter (a JSON array), SQLite."""
-    elements = func.json_each(bindparam("batch", type_=Text)).table_valued("value")
+def sqlite_insert(batch: str | None = None) -> Any:
+    """``INSERT INTO events ... SELECT`` from the batch parameter (a JSON array), SQLite;
+    ``batch`` gives the parameter a value (to compile it inline)."""
+    elements = func.json_each(bindparam("batch", batch, type_=Text)).table_valued("value")
     value = elements.c.value
     # json_extract returns SQL values for the scalars and the payload's text (a JSON string).
     fields = [func.json_extract(value, literal_column(f"'$[{i}]'")) for i in range(len(_COLUMNS))]
@@ -147,6 +152,15 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
+
+
+def _storable(value: Any) -> Any:
+    """``value`` with its text made storable; as it is when it cannot be walked (a circular
+    payload, which no JSON can hold either and is then kept as its repr)."""
+    try:
+        return storable(value)
+    except RecursionError:
+        return value
 
 
 def _default(value: Any) -> Any:
@@ -258,7 +272,7 @@ class RowEncoder:
     def _payload_json(self, row: list[Any]) -> str:
         """The payload by the json module: NaN and infinities by their names, U+0000 escaped
         for PostgreSQL, and a payload JSON cannot hold as its repr (logged)."""
-        payload = row[8]
+        payload = _storable(row[8])
         text = self._json_or_none(payload)
         if self._postgresql and isinstance(payload, dict) and text and "\\u0000" in text:
             text = self._json_or_none(escape_nul(payload))
@@ -288,8 +302,8 @@ class RowEncoder:
     def _encode_row(self, row: list[Any], payload: str) -> str:
         """One row by the json module, with its payload's JSON text."""
         try:
-            envelope = _encode(row[:8])
+            envelope = _encode(_storable(row[:8]))
         except (TypeError, ValueError, RecursionError):
-            envelope = _encode(_finite(row[:8]))  # NaN and infinities have no JSON spelling
+            envelope = _encode(_finite(_storable(row[:8])))  # NaN and infinities: no JSON spelling
         field = payload if self._postgresql else _encode(payload)
         return envelope[:-1] + "," + field + "]"

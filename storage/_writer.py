@@ -14,11 +14,14 @@ Invariants:
   timer while events are queued.
 - Batches commit in queue order, so ``flush()``/``aclose()`` can return as soon as as many
   events have been committed as had been emitted when they were called.
-- A locked or unreachable database is retried with capped exponential backoff, forever; the
-  outage is logged once (warning) and its end once (info). A row the database refuses for its
-  content (a duplicate ``(call_id, seq)``, bad data) is logged as an error and counted in
-  ``rejected``, so one bad event cannot wedge the writer; a payload JSON cannot hold is kept
-  as its ``repr``, and logged.
+- :meth:`durable` is the write-ahead seam: a future done once everything emitted so far is
+  committed. One batch resolves the futures of every call it holds (group commit), so a call
+  pays about one commit latency, never one commit per event; ``emit()`` itself never waits.
+  A commit is durable across a crash of the process (SQLite: WAL with ``synchronous=NORMAL``).
+- Writing a batch (retries through outages, refused rows, a damaged store) is
+  ``_inserter``'s. A damaged store stops the writer: it is reported in one line, every
+  durability future fails with :class:`StoreCorruptError`, ``emit()`` reports the queue full
+  (so callers go to ``wait_for_room()``, which raises at once), and ``aclose()`` returns.
 - Rows and their JSON (payload fidelity, refusals, the INSERT statements) are ``_rows``'s.
 - A batch is serialised to one JSON array (orjson), in slices of ``_SLICE`` events per
   loop turn, as events arrive and while the previous batch is being written (the next write
@@ -31,53 +34,40 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import (
-    and_,
-    case,
-    func,
-    select,
-    text,
-)
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from llmtrail._log import get_logger
-from llmtrail.pipeline import Event, EventType
+from llmtrail.pipeline import Event
 from llmtrail.pipeline._events import default_instance
 
 from ._engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
     StoreClosedError,
     StoreConfigError,
+    StoreCorruptError,
     StoreError,
     create_engine,
-    is_postgresql,
     mask_url,
     normalize_store_url,
-    write_engine,
 )
+from ._failures import describe
+from ._inserter import BatchInserter
 from ._migrate import ensure_schema
-from ._rows import Batch, RowEncoder, postgresql_insert, sqlite_insert
-from ._schema import events
+from ._reader import recent_sends
+from ._rows import Batch
 
 __all__ = ["EventWriter", "open_store_sink"]
 
 _log = get_logger(__name__)
 
 _T = TypeVar("_T")
-
-# Every writer of every process takes this transaction-level advisory lock before inserting.
-# Without it, two transactions can draw positions 10 and 11 and commit 11 first: a reader
-# paging with `position > cursor` would then read 11, move its cursor past 10, and skip it.
-_PG_APPEND_LOCK_KEY = 0x6C6C6D7472616C01
 
 # SQLite page cache of the writer's connection: inserting random ids touches index pages all
 # over the file, and a cache miss is a read system call (measured: about 20% of insert time).
@@ -91,43 +81,6 @@ _WRITER_CACHE_KIB = 65_536
 _WRITER_WAL_AUTOCHECKPOINT_PAGES = 10_000
 # Events serialised per loop turn: about a millisecond of CPU, so the loop stays responsive.
 _SLICE = 500
-
-
-def _describe(exc: BaseException) -> str:
-    """A one-line description of a database error, without SQL or parameters."""
-    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    message = " ".join(str(cause).split()) or type(cause).__name__
-    if len(message) > 200:
-        message = message[:197] + "..."
-    return f"{type(cause).__name__}: {message}"
-
-
-def _sqlstate(exc: BaseException) -> str:
-    orig = exc.orig if isinstance(exc, DBAPIError) else None
-    for candidate in (orig, getattr(orig, "__cause__", None)):
-        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if isinstance(code, str):
-            return code
-    return ""
-
-
-def _is_refusal(exc: BaseException) -> bool:
-    """The database refuses the rows themselves: retrying the same rows would fail forever.
-
-    asyncpg's data errors (SQLSTATE class 22, e.g. a string JSONB cannot hold) reach us as a
-    plain ``DBAPIError``, so the SQLSTATE class decides, not only the exception class.
-    """
-    if isinstance(exc, IntegrityError | DataError):
-        return True
-    return isinstance(exc, DBAPIError) and _sqlstate(exc)[:2] in ("22", "23")
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Worth retrying: the database is locked, unreachable or restarting (anything that is
-    not a refusal of the rows themselves)."""
-    if _is_refusal(exc):
-        return False
-    return isinstance(exc, DBAPIError | OSError | TimeoutError)
 
 
 async def _cancelled(write: asyncio.Task[None] | None) -> None:
@@ -167,7 +120,6 @@ class EventWriter:
         self._max_queue = max_queue
         self._batch_size = batch_size
         self._busy_timeout_ms = busy_timeout_ms
-        self._max_backoff_s = float(max_backoff_s)
 
         self._buffer: deque[Event] = deque()  # owned by the loop thread
         self._inbox: list[Event] = []  # other threads' emits, guarded by _inbox_lock
@@ -176,32 +128,24 @@ class EventWriter:
         self._loop_thread: int | None = None
         self._accepted = 0  # events moved into _buffer (loop thread only)
         self._done = 0  # events committed or rejected (loop thread only)
-        self.written = 0
-        self.rejected = 0
-        self.failed_attempts = 0  # batch attempts that failed and were retried
         self._idle = False
         self._wake: asyncio.Event | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        # (events accepted when asked, future): resolved in order as batches commit.
+        self._durable: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
-        self._outage_since: float | None = None
-
         self._engine: AsyncEngine | None = None
-        self._writes: AsyncEngine | None = None
-        self._insert: Any = None
-        self._postgresql = False
-        self._encoder = RowEncoder(
-            postgresql=False, instance=self._instance or None, shown_url=self._shown_url
+        self._inserter = BatchInserter(
+            self._url,
+            self._shown_url,
+            instance=self._instance or None,
+            max_backoff_s=float(max_backoff_s),
+            queued=lambda: self.pending,
         )
         self._start_task: asyncio.Future[None] | None = None
         self._closed = False
         self._close_done: asyncio.Event | None = None  # set by aclose(), done when closed
-        self._retrying = AsyncRetrying(
-            retry=retry_if_exception(_is_transient),
-            wait=wait_exponential_jitter(multiplier=0.05, max=self._max_backoff_s, jitter=0.05),
-            before_sleep=self._on_retry,
-            reraise=True,
-        )
 
     # -- counters ------------------------------------------------------------------------
 
@@ -216,9 +160,24 @@ class EventWriter:
         return self._accepted - self._done + len(self._inbox)
 
     @property
+    def written(self) -> int:
+        """Events committed."""
+        return self._inserter.written
+
+    @property
+    def rejected(self) -> int:
+        """Events the store refused for their content (each logged)."""
+        return self._inserter.rejected
+
+    @property
+    def failed_attempts(self) -> int:
+        """Batch attempts that failed and were retried."""
+        return self._inserter.failed_attempts
+
+    @property
     def in_outage(self) -> bool:
         """True while the store is failing and batches are being retried."""
-        return self._outage_since is not None
+        return self._inserter.outage_since is not None
 
     @property
     def url(self) -> str:
@@ -240,6 +199,8 @@ class EventWriter:
                 self._idle = False
                 assert self._wake is not None
                 self._wake.set()
+            if self._failure is not None:
+                return False  # wait_for_room() raises: the caller learns the store is gone
             return self._accepted - self._done + len(self._inbox) < self._max_queue
         with self._inbox_lock:
             # Checked under the lock that aclose() takes to set it: no event can slip into
@@ -272,6 +233,54 @@ class EventWriter:
                 self._idle = False
                 self._wake.set()
 
+    def durable(self) -> asyncio.Future[None]:
+        """A future that is done once every event emitted so far on the writer's loop is
+        committed (group commit: one batch resolves the futures of every call it holds).
+
+        ``emit`` stays non-blocking; a call that must not go on before its events are durable
+        awaits this future, with its own time limit. It fails with :class:`StoreError` when
+        the writer stopped (a damaged store, a closed writer), and is never cancelled by the
+        writer: a caller that stops waiting leaves nothing behind but the future.
+        """
+        loop = self._loop
+        if loop is None or asyncio.get_running_loop() is not loop:
+            return asyncio.ensure_future(self._committed())  # before start, or another loop
+        future = loop.create_future()
+        if self._failure is not None:
+            future.set_exception(self._stopped_error())
+        elif self._done >= self._accepted:
+            future.set_result(None)
+        elif self._task is None or self._task.done():
+            future.set_exception(self._stopped_error())
+        else:
+            self._durable.append((self._accepted, future))
+        return future
+
+    def _resolve_durable(self) -> None:
+        durable, done = self._durable, self._done
+        while durable and durable[0][0] <= done:
+            future = durable.popleft()[1]
+            if not future.done():
+                future.set_result(None)
+
+    def _stopped_error(self) -> StoreError:
+        if isinstance(self._failure, StoreCorruptError):
+            return self._failure
+        if self._failure is not None:
+            return StoreError(
+                f"event writer for {self._shown_url!r} stopped after an internal error "
+                f"({describe(self._failure)})"
+            )
+        return StoreClosedError(f"event writer for {self._shown_url!r} is closed")
+
+    def _fail_durable(self) -> None:
+        error = self._stopped_error()
+        while self._durable:
+            future = self._durable.popleft()[1]
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: the call that gave up on it may be gone
+
     async def wait_for_room(self) -> None:
         """Return once fewer than ``max_queue`` events wait to be committed."""
         if self._loop is None:
@@ -282,13 +291,18 @@ class EventWriter:
             await self._progress()
 
     async def flush(self) -> None:
-        """Return once every event emitted before this call is committed."""
+        """Return once every event emitted before this call is committed; at once when the
+        store is damaged (reported once already: nothing more can ever be written)."""
+        with contextlib.suppress(StoreCorruptError):
+            await self._committed()
+
+    async def _committed(self) -> None:
         if self._loop is None:
             if not self.emitted:
                 return
             await self.start()
         if asyncio.get_running_loop() is not self._loop:
-            return await self._on_own_loop(self.flush)
+            return await self._on_own_loop(self._committed)
         self._take_inbox()
         target = self._accepted
         while self._done < target:
@@ -315,10 +329,12 @@ class EventWriter:
                 waiter.set_result(None)
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._failure, StoreCorruptError):
+            raise self._failure
         if self._failure is not None:
             raise StoreError(
                 f"event writer for {self._shown_url!r} stopped after an internal error "
-                f"({_describe(self._failure)}); {self.pending} events are not written"
+                f"({describe(self._failure)}); {self.pending} events are not written"
             ) from self._failure
 
     async def _on_own_loop(self, method: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
@@ -357,12 +373,11 @@ class EventWriter:
             await engine.dispose()
             raise
         self._engine = engine
-        self._writes = write_engine(engine)
-        self._postgresql = is_postgresql(engine)
-        self._insert = postgresql_insert() if self._postgresql else sqlite_insert()
-        self._encoder = RowEncoder(
-            postgresql=self._postgresql, instance=self._instance or None, shown_url=self._shown_url
-        )
+        try:
+            await self._inserter.open(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         with self._inbox_lock:
@@ -402,6 +417,8 @@ class EventWriter:
                     await self._task
                 except asyncio.CancelledError:
                     raise
+                except StoreCorruptError:
+                    pass  # reported once, when it was found; closing must not fail on it
                 except Exception:
                     self._raise_if_failed()
                     raise
@@ -409,6 +426,8 @@ class EventWriter:
             self._closed = True
             if self._task is not None and not self._task.done():  # start() raced a cancel
                 self._task.cancel()
+            self._fail_durable()
+            await self._inserter.aclose()
             if self._engine is not None:
                 await self._engine.dispose()
             self._close_done.set()
@@ -456,6 +475,7 @@ class EventWriter:
                 await wake.wait()
         except asyncio.CancelledError:
             await _cancelled(write)
+            self._fail_durable()
             if self.pending:
                 _log.error(
                     "event writer stopped before writing all events",
@@ -466,8 +486,12 @@ class EventWriter:
         except BaseException as exc:
             await _cancelled(write)
             self._failure = exc
-            _log.exception("event writer failed", store=self._shown_url, unwritten=self.pending)
+            if isinstance(exc, StoreCorruptError):  # one clear line; no traceback to read
+                _log.error(str(exc), store=self._shown_url, unwritten=self.pending)
+            else:
+                _log.exception("event writer failed", store=self._shown_url, unwritten=self.pending)
             self._notify()
+            self._fail_durable()
             raise
 
     def _wake_up(self, _: object = None) -> None:
@@ -480,75 +504,15 @@ class EventWriter:
         popleft = self._buffer.popleft
         taken = [popleft() for _ in range(min(len(self._buffer), count))]
         batch.size += len(taken)
-        text = self._encoder.encode_rows(self._encoder.rows(taken, batch))
+        encoder = self._inserter.encoder
+        text = encoder.encode_rows(encoder.rows(taken, batch))
         if text:
             batch.parts.append(text)
 
     async def _write(self, batch: Batch) -> None:
-        try:
-            if batch.events:
-                await self._attempt(batch.data())
-        except DBAPIError as exc:
-            if not _is_refusal(exc):
-                raise
-            # Some row is refused for its content; write the rows one by one to find it.
-            for event in batch.events:
-                row = self._encoder.encode_rows(self._encoder.rows([event], Batch(size=1)))
-                try:
-                    await self._attempt("[" + row + "]")
-                except DBAPIError as row_exc:
-                    if not _is_refusal(row_exc):
-                        raise
-                    self.rejected += 1
-                    _log.error(
-                        "event store refused an event",
-                        store=self._shown_url,
-                        error=_describe(row_exc),
-                        event_id=event.event_id,
-                        call_id=event.call_id,
-                        seq=event.seq,
-                        type=str(event.type),
-                    )
-                else:
-                    self.written += 1
-        else:
-            self.written += len(batch.events)
-        self.rejected += batch.invalid
+        await self._inserter.write(batch)
         self._done += batch.size
-
-    async def _attempt(self, data: str) -> None:
-        async for attempt in self._retrying:
-            with attempt:
-                await self._insert_batch(data)
-        if self._outage_since is not None:
-            _log.info(
-                "event store available again",
-                store=self._shown_url,
-                outage_s=round(time.monotonic() - self._outage_since, 3),
-                queued=self.pending,
-            )
-            self._outage_since = None
-
-    async def _insert_batch(self, data: str) -> None:
-        assert self._writes is not None
-        async with self._writes.begin() as connection:
-            if self._postgresql:
-                await connection.execute(_ADVISORY_LOCK, {"key": _PG_APPEND_LOCK_KEY})
-            await connection.execute(self._insert, {"batch": data})
-
-    def _on_retry(self, state: RetryCallState) -> None:
-        self.failed_attempts += 1
-        if self._outage_since is not None:
-            return
-        self._outage_since = time.monotonic()
-        exc = state.outcome.exception() if state.outcome is not None else None
-        _log.warning(
-            "event store unavailable; retrying with backoff, events are kept in memory",
-            store=self._shown_url,
-            error=_describe(exc) if exc is not None else "unknown",
-            queued=self.pending,
-            max_queue=self._max_queue,
-        )
+        self._resolve_durable()
 
     # -- reading back ---------------------------------------------------------------------
 
@@ -564,39 +528,7 @@ class EventWriter:
             )
         if asyncio.get_running_loop() is not self._loop:
             return await self._on_own_loop(lambda: self.recent_sends(since))
-        sent = events.alias("sent")
-        created = events.alias("created")
-        tokens = case(
-            (
-                sent.c.payload["attempt"].as_integer() == 1,
-                func.coalesce(created.c.payload["reserved_tokens"].as_integer(), 0),
-            ),
-            else_=0,
-        )
-        query = (
-            select(sent.c.occurred_at, tokens)
-            .select_from(
-                sent.outerjoin(
-                    created,
-                    # trace_created is seq 0: the join is one lookup in the (call_id, seq) key.
-                    and_(
-                        created.c.call_id == sent.c.call_id,
-                        created.c.seq == 0,
-                        created.c.type == str(EventType.TRACE_CREATED),
-                    ),
-                )
-            )
-            # `type || ''` keeps SQLite off the index on type (every sent event ever) and on
-            # the index on occurred_at (the last window only).
-            .where(sent.c.type.concat("") == str(EventType.SENT), sent.c.occurred_at >= since)
-            .order_by(sent.c.occurred_at)
-        )
-        async with self._engine.connect() as connection:
-            result = await connection.execute(query)
-            return [(row[0], int(row[1] or 0)) for row in result]
-
-
-_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+        return await recent_sends(self._engine, since)
 
 
 def open_store_sink(

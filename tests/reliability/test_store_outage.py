@@ -1,8 +1,12 @@
-"""Store outages: calls go on, no event is lost, and one clear log line names the problem.
+"""Store outages: no event is lost, every wait is bounded, one clear log line names the problem.
 
-- SQLite: another connection holds the write lock (``BEGIN EXCLUSIVE``) for longer than the
-  writer's 5 s busy timeout while calls run. The calls finish while the lock is still held; no
-  row is committed during the lock; afterwards every emitted event is stored, once.
+- Write-ahead (the default): while the store cannot commit, a call is not sent and returns
+  ``store_unavailable`` within ``store_timeout_s``; the server receives nothing; memory stays
+  bounded however many calls arrive; the next call after the outage succeeds (no restart).
+- ``durability="async"``: another connection holds the SQLite write lock (``BEGIN
+  EXCLUSIVE``) for longer than the writer's 5 s busy timeout while calls run. The calls finish
+  while the lock is still held; no row is committed during the lock; afterwards every emitted
+  event is stored, once.
 - PostgreSQL: the server is restarted mid-run (``pg_ctlcluster ... restart``) when
   ``LLMTRAIL_REQUIRE_PG=1`` (CI) or ``LLMTRAIL_PG_RESTART=1``; elsewhere the writer's
   connections are killed with ``pg_terminate_backend`` instead, so that a developer's run does
@@ -13,9 +17,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +45,9 @@ LOCK_S = 6.0  # longer than the writer's busy timeout (5 s), so the writer reall
 UNAVAILABLE = "event store unavailable"
 
 
-def service_for(server: Any, store_url: str, recorder: RecordingSink) -> BaseLLMService:
+def service_for(
+    server: Any, store_url: str, recorder: RecordingSink, **options: Any
+) -> BaseLLMService:
     return BaseLLMService(
         base_url=f"{server.url}/v1",
         api_key="sk-test-store-outage",
@@ -49,6 +57,7 @@ def service_for(server: Any, store_url: str, recorder: RecordingSink) -> BaseLLM
         max_rpm=None,
         max_tpm=None,
         max_concurrent_requests=20,
+        **options,
     )
 
 
@@ -74,14 +83,14 @@ def row_count(path: Path) -> int:
 
 
 @pytest.mark.slow
-async def test_a_sqlite_store_locked_by_another_writer_delays_events_but_loses_none(
+async def test_with_async_durability_a_locked_store_delays_events_but_loses_none(
     mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
 ) -> None:
     server = await mock_server_factory(latency_s=0.01)
     path = sqlite_path(sqlite_url)
     loop = asyncio.get_running_loop()
     with capture_logs() as logs:
-        async with service_for(server, sqlite_url, recorder) as service:
+        async with service_for(server, sqlite_url, recorder, durability="async") as service:
             before = await run_calls(service, "before", 20)
             await service.flush()
             stored_before = row_count(path)
@@ -112,6 +121,71 @@ async def test_a_sqlite_store_locked_by_another_writer_delays_events_but_loses_n
     assert problems[0]["event"].startswith(UNAVAILABLE)
     assert "locked" in problems[0]["error"] and str(path) in problems[0]["store"]
     assert any(e["event"] == "event store available again" for e in logs)
+
+
+# ---------------------------------------------------------------- write-ahead: bounded waits
+
+STORE_TIMEOUT_S = 0.5
+DURABILITY = os.environ.get("LLMTRAIL_OUTAGE_TEST_DURABILITY", "write_ahead")  # "async": fails
+
+
+@contextlib.contextmanager
+def sqlite_locked(path: Path) -> Iterator[None]:
+    """Another connection holds the write lock: the writer cannot commit until it ends."""
+    locker = sqlite3.connect(path, timeout=30, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        locker.rollback()
+        locker.close()
+
+
+async def test_a_store_that_cannot_commit_fails_calls_in_bounded_time_and_sends_nothing(
+    mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
+) -> None:
+    server = await mock_server_factory()
+    max_queue = 60
+    service = service_for(
+        server,
+        sqlite_url,
+        recorder,
+        store_timeout_s=STORE_TIMEOUT_S,
+        max_event_queue=max_queue,
+        durability=DURABILITY,
+    )
+    loop = asyncio.get_running_loop()
+    with capture_logs():
+        async with service:
+            writer = service.sinks[-1]
+            warm = await run_calls(service, "warm", 2)
+            arrived = len(server.log)
+            with sqlite_locked(sqlite_path(sqlite_url)):
+                started = loop.time()
+                outage = await run_calls(service, "outage", 100)  # more than the queue holds
+                took = loop.time() - started
+                pending = writer.pending  # type: ignore[attr-defined]
+            async with asyncio.timeout(30):
+                after = await run_calls(service, "after", 5)  # recovered: no restart
+
+    assert all(r.success for r in [*warm, *after])
+    assert {str(r.error_type) for r in outage} == {"store_unavailable"}
+    assert all("not sent" in str(r.error_message) for r in outage)
+    assert len(server.log) == arrived + 5, "a request left while the store could not log it"
+    # 100 calls, 20 at a time, each waiting at most STORE_TIMEOUT_S once: a bound, not a speed.
+    assert took < 100 / 20 * STORE_TIMEOUT_S + 5
+    # Memory stays bounded: the queue never holds much more than max_queue (the calls in
+    # flight when it filled add their last few events).
+    assert pending <= max_queue + 20 * 10
+    # Everything the calls emitted to the store's side was written once the lock ended, and
+    # every not-sent attempt says so right after its `sent`.
+    stored = await stored_events(sqlite_url)
+    for stream in assert_streams_complete(stored).values():
+        types = [r.type for r in stream]
+        if "sent" in types and stream[-1].payload["error_type"] == "store_unavailable":
+            failed = stream[types.index("sent") + 1]
+            assert failed.type == "attempt_failed", types
+            assert failed.payload["error_type"] == "store_unavailable"
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -209,7 +283,7 @@ async def test_postgresql_going_away_mid_run_loses_no_event(
 # ---------------------------------------------------------------- backpressure during an outage
 
 
-async def test_when_the_store_queue_is_full_every_new_call_waits_for_room(
+async def test_with_async_durability_a_full_queue_makes_every_new_call_wait_for_room(
     mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
 ) -> None:
     from llmtrail import storage
@@ -224,6 +298,7 @@ async def test_when_the_store_queue_is_full_every_new_call_waits_for_room(
         sinks=[recorder],
         tracing=False,
         max_event_queue=max_queue,
+        durability="async",  # calls go on until the queue is full
     )
     with capture_logs():
         async with service:

@@ -134,7 +134,9 @@ def test_events_incomplete_lists_calls_that_never_completed(
     url, _ = filled
     assert run(["events", "--store", url, "--incomplete", "--json"]) == 0
     rows = json_lines(capsys.readouterr().out)
-    assert [(r["call_id"], r["type"]) for r in rows] == [("unfinished", "trace_created")]
+    assert [(r["call_id"], r["last_event"], r["sent"]) for r in rows] == [
+        ("unfinished", str(LIFECYCLE[3]), False)
+    ]
 
 
 def test_events_follow_prints_new_events_as_they_are_stored(

@@ -13,7 +13,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import event as sa_event
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
@@ -329,28 +328,21 @@ async def test_one_batch_is_one_multi_row_insert_in_one_immediate_transaction(
     sqlite_url: str,
 ) -> None:
     events = [e for i in range(10) for e in call_events(f"b{i}")]  # 70 events
-    writer = open_store_sink(sqlite_url, batch_size=1_000)
-    for event in events:
-        writer.emit(event)  # queued before start: drained as one batch
+    writer = await started_writer(sqlite_url, batch_size=1_000)
     statements: list[str] = []
-
-    original = writer._start  # noqa: SLF001 - observe the engine the writer opens
-
-    async def start_and_listen() -> None:
-        await original()
-        assert writer._engine is not None  # noqa: SLF001
-
-        @sa_event.listens_for(writer._engine.sync_engine, "before_cursor_execute")  # noqa: SLF001
-        def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            statements.append(" ".join(statement.split()[:3]))
-
-    writer._start = start_and_listen  # type: ignore[method-assign]  # noqa: SLF001
-    await writer.start()
+    # What SQLite itself executes on the writer's connection (the driver's trace callback).
+    connection = writer._inserter._connection  # noqa: SLF001
+    assert connection is not None
+    raw = await connection.get_raw_connection()
+    await raw.driver_connection.set_trace_callback(  # type: ignore[union-attr]
+        lambda sql: statements.append(" ".join(sql.split()[:3]).rstrip(";"))
+    )
+    for event in events:
+        writer.emit(event)  # no await in between: drained as one batch
     await writer.aclose()
 
-    writes = [s for s in statements if not s.startswith("SELECT")]
-    assert writes.count("INSERT INTO events") == 1
-    assert writes[0] == "BEGIN IMMEDIATE"
+    writes = [s for s in statements if not s.startswith(("SELECT", "PRAGMA"))]
+    assert writes == ["BEGIN IMMEDIATE", "INSERT INTO events", "COMMIT"]
     assert writer.written == len(events)
 
 

@@ -495,3 +495,65 @@ async def test_payload_text_with_nul_characters_reads_back_exactly(store_url: st
     stored = await read_all(store_url)
     assert [s.event for s in stored] == [as_stored(with_nul), as_stored(second)]
     assert not [line for line in logs if line["log_level"] in ("warning", "error")]
+
+
+async def test_incomplete_summaries_name_the_last_event_the_attempt_and_whether_it_was_sent(
+    store_url: str,
+) -> None:
+    sent = call_events("sent", types=LIFECYCLE[:5])
+    queued = call_events("queued", types=LIFECYCLE[:3])
+    writer = await started_writer(store_url)
+    emit_all(writer, interleave(call_events("done"), sent, queued))
+    await writer.aclose()
+
+    async with opened(store_url) as store:
+        found = {c.call_id: c for c in await store.incomplete_summaries()}
+
+    assert set(found) == {"sent", "queued"}
+    assert (found["sent"].last_event, found["sent"].sent) == (LIFECYCLE[4], True)
+    assert found["sent"].attempt == 1
+    assert (found["queued"].last_event, found["queued"].sent) == (LIFECYCLE[2], False)
+    assert found["sent"].to_dict()["last_event"] == str(LIFECYCLE[4])
+
+
+async def test_a_durable_future_is_done_only_once_its_events_are_committed(
+    store_url: str,
+) -> None:
+    writer = await started_writer(store_url)
+    try:
+        async with write_lock_held(store_url):
+            for event in call_events("wal"):
+                writer.emit(event)
+            durable = writer.durable()
+            await asyncio.sleep(0.3)  # the writer is blocked by the lock: nothing is committed
+            assert not durable.done()
+        async with asyncio.timeout(30):
+            await durable
+        stored = [s.event for s in await read_all(store_url)]
+        assert [e.call_id for e in stored] == ["wal"] * len(LIFECYCLE)
+        assert writer.durable().done()  # nothing new emitted: already durable
+    finally:
+        await writer.aclose()
+
+
+async def test_a_payload_with_a_lone_surrogate_is_stored_with_a_replacement_character(
+    store_url: str,
+) -> None:
+    (event,) = call_events("poison", types=(EventType.TRACE_CREATED,))
+    poisoned = dataclasses.replace(event, payload={"operation_name": "op\ud83dx"})
+    writer = await started_writer(store_url)
+    writer.emit(poisoned)
+    await writer.aclose()
+    (stored,) = await read_all(store_url)
+    assert stored.event.payload == {"operation_name": "op\ufffdx"}
+
+
+async def test_quotes_and_sql_in_text_are_stored_verbatim(store_url: str) -> None:
+    (event,) = call_events("quotes", types=(EventType.TRACE_CREATED,))
+    text = "it's ''two'' \\' \"x\"; COMMIT; DROP TABLE events; --"
+    quoted = dataclasses.replace(event, payload={"operation_name": text, "metadata": {text: text}})
+    writer = await started_writer(store_url)
+    writer.emit(quoted)
+    await writer.aclose()
+    (stored,) = await read_all(store_url)
+    assert stored.event.payload == {"operation_name": text, "metadata": {text: text}}
