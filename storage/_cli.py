@@ -147,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=int,
         default=None,
         help=f"at most N events (default {DEFAULT_LIMIT}; 0: all; with --follow: stop after N, "
-        "default no limit)",
+        "default no limit; with --incomplete: every such call unless N is given)",
     )
     events_parser.add_argument(
         "--all", action="store_const", dest="limit", const=0, help="every event (--limit 0)"
@@ -220,7 +220,7 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
                     f"--type {item!r} is not an event type: use one of {sorted(valid)}"
                 )
     if args.limit is None:
-        args.limit = 0 if args.follow else DEFAULT_LIMIT
+        args.limit = 0 if args.follow or args.incomplete else DEFAULT_LIMIT
     elif args.limit < 0:
         raise UsageError(f"--limit {args.limit} is invalid: use an integer >= 0 (0: all)")
     if args.poll <= 0:
