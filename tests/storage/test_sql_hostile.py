@@ -31,8 +31,8 @@ import asyncpg
 import pytest
 
 from llmtrail.pipeline._cli import build_parser
-from llmtrail.storage._projections import run_projections
 from llmtrail.storage._inserter import _PG_APPEND_LOCK_KEY
+from llmtrail.storage._projections import run_projections
 from llmtrail.testing.fixtures import PG_ADMIN_DSN
 from tests.storage.projection_events import LogStore, sample_log
 
