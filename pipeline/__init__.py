@@ -23,13 +23,14 @@ from ._errors import (
 from ._events import Event, EventType, Outcome, child_span_id, default_instance, new_event_id
 from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate
 from ._pricing import ModelPrice, PriceTable
+from ._provider_types import ProviderError, ProviderResponse
 from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
 from ._settings import Limits, RetrySettings, StoreSettings
 from ._stats import OperationUsage, ServiceStats
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
-from .typing import EventSink, ProviderError, ProviderResponse, ProviderStream
+from .typing import EventSink, ProviderStream
 
 if TYPE_CHECKING:
     from ._chat_provider import OpenAIChatProvider

@@ -44,9 +44,10 @@ from ._events import (
     new_event_id,
 )
 from ._gates import GateReservation
+from ._provider_types import ProviderError
 from ._storable import storable, storable_text
 from ._types import GenerationRequest
-from .typing import DurableSink, EventSink, ProviderError
+from .typing import DurableSink, EventSink
 
 __all__ = [
     "plain_traceback",

@@ -36,8 +36,9 @@ from ._openai_common import (
     parse_answer,
 )
 from ._provider import OpenAIResponsesProvider
+from ._provider_types import ProviderError, ProviderResponse
 from ._types import GenerationRequest
-from .typing import Provider, ProviderError, ProviderResponse
+from .typing import Provider
 
 __all__ = ["ChatStream", "OpenAIChatProvider", "builtin_provider"]
 

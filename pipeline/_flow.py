@@ -45,13 +45,14 @@ from ._events import (
 )
 from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate, parse_reset
 from ._pricing import PriceTable
+from ._provider_types import ProviderError, ProviderResponse
 from ._redact import redact_text
 from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
 from ._stats import OperationUsage, RateMeter
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
-from .typing import Clock, Provider, ProviderError, ProviderResponse
+from .typing import Clock, Provider
 
 __all__ = ["AnyGate", "CallFlow", "coerce_request"]
 

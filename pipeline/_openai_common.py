@@ -30,9 +30,9 @@ from openai import AsyncStream
 from openai._types import RequestOptions
 
 from ._errors import ConfigurationError, ErrorType
+from ._provider_types import ProviderError, ProviderResponse
 from ._redact import redact_text
 from ._types import GenerationRequest
-from .typing import ProviderError, ProviderResponse
 
 __all__ = [
     "RATE_LIMIT_HEADERS",

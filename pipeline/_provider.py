@@ -35,8 +35,8 @@ from ._openai_common import (
     count,
     parse_answer,
 )
+from ._provider_types import ProviderError, ProviderResponse
 from ._types import GenerationRequest
-from .typing import ProviderError, ProviderResponse
 
 __all__ = ["OpenAIResponsesProvider", "RATE_LIMIT_HEADERS", "classify_status"]
 

@@ -23,7 +23,7 @@ from tenacity import (
 )
 
 from ._errors import ConfigurationError
-from .typing import ProviderError
+from ._provider_types import ProviderError
 
 __all__ = ["RetryPolicy"]
 

@@ -50,8 +50,9 @@ from ._errors import ErrorType
 from ._events import EventType, Outcome, StreamedFields
 from ._flow import CallFlow, coerce_request
 from ._portal import call_on_loop
+from ._provider_types import ProviderError
 from ._types import GenerationRequest, GenerationResult
-from .typing import ProviderError, ProviderStream
+from .typing import ProviderStream
 
 if TYPE_CHECKING:
     from ._service import BaseLLMService

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from llmtrail.pipeline import BaseLLMService, ConfigurationError, ErrorType, GenerationRequest
 from llmtrail.pipeline._chat_provider import OpenAIChatProvider
 from llmtrail.pipeline._provider import OpenAIResponsesProvider
-from llmtrail.pipeline.typing import ProviderError, ProviderResponse
+from llmtrail.pipeline._provider_types import ProviderError, ProviderResponse
 from tests.conftest import RecordingSink
 
 

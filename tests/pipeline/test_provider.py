@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from llmtrail.pipeline import ErrorType, GenerationRequest
 from llmtrail.pipeline._provider import OpenAIResponsesProvider
-from llmtrail.pipeline.typing import ProviderError, ProviderResponse
+from llmtrail.pipeline._provider_types import ProviderError, ProviderResponse
 
 MODEL = "gpt-4o-mini"
 
