@@ -20,9 +20,9 @@ Payload fields, by type (``None`` where unknown):
     max_output_tokens, reserved_tokens (what the TPM gate is asked for), rpm_at_start,
     tpm_at_start, parent_span_id (the caller's span, or None), temperature, reasoning_effort,
     server_address, server_port, capture_content, limits (the service's max_rpm, max_tpm,
-    window_s, max_concurrent_requests, max_attempts, default_max_output_tokens, send_guard_s:
-    what a replay needs to reproduce the run); with capture_content also ``input`` (the
-    messages).
+    window_s, max_concurrent_requests, max_attempts, default_max_output_tokens, send_guard_s,
+    unanswered_guard_s, arrival_guard_s: what a replay needs to reproduce the run); with
+    capture_content also ``input`` (the messages).
 ``gate_wait``
     gate ("rpm" | "tpm"), attempt (the HTTP attempt the slot is for; tpm is always 1), amount,
     waited_s, waiters_ahead. ``occurred_at`` is when the wait ended; it began ``waited_s``
@@ -36,10 +36,12 @@ Payload fields, by type (``None`` where unknown):
     attempt, latency_s, status, response_id, response_model, finish_reasons (list),
     input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd
     (decimal string, or None when the model has no price), provider_request_id, rate_limits
-    (the x-ratelimit-* headers, name -> value); with capture_content also ``content``.
+    (the x-ratelimit-* headers, name -> value), body_sent_s (seconds from ``sent`` until the
+    transport wrote the request body; None without the send-time hook); with capture_content
+    also ``content``.
 ``attempt_failed``
     attempt, latency_s, error_type, status, retryable, retry_after_s, message, provider_code,
-    provider_request_id, rate_limits.
+    provider_request_id, rate_limits, body_sent_s (as in ``received``).
 ``retry_scheduled``
     attempt (the one that failed), next_attempt, wait_s, reason (its error_type), retry_after_s.
 ``unmarked``

@@ -9,8 +9,10 @@ Invariants:
   re-raised, never swallowed).
 - Every HTTP attempt holds an RPM slot; a reservation the provider never counted is returned
   with an ``unmarked`` event. The semaphore permit is released in ``finally``.
-- An attempt's slots end their windows one window after its answer (``mark_done``), or a
-  guard later when it ended without one.
+- An attempt's slots end their windows one window after the earliest bound on its arrival:
+  ``body_sent + arrival_guard_s`` once the transport reports the body written
+  (``mark_arrived``), else the answer (``mark_done``), or ``unanswered_guard_s`` after the end
+  of an attempt that got no answer.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from opentelemetry import trace as otel_trace
 from ._call import CallState, CallStream, estimate_input_tokens, money, plain_traceback, to_int
 from ._errors import ErrorType
 from ._events import EventType, Outcome, child_span_id
-from ._gates import GateRequestTooLarge, SlidingWindowGate, parse_reset
+from ._gates import DEFAULT_ARRIVAL_GUARD_S, GateRequestTooLarge, SlidingWindowGate, parse_reset
 from ._pricing import PriceTable
 from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
+from ._send_time import reset_body_sent_callback, set_body_sent_callback
 from ._stats import OperationUsage, RateMeter
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
 from .typing import Clock, Provider, ProviderError, ProviderResponse
@@ -70,6 +73,7 @@ class CallFlow:
         limits: dict[str, Any],
         unanswered_guard_s: float,
         trace_http: bool,
+        arrival_guard_s: float = DEFAULT_ARRIVAL_GUARD_S,
     ) -> None:
         self.model = model
         self.request_timeout_s = request_timeout_s
@@ -87,6 +91,7 @@ class CallFlow:
         self._limits = limits
         self._unanswered_guard_s = unanswered_guard_s
         self._trace_http = trace_http  # a sink wants an HTTP span per attempt
+        self._arrival_guard_s = arrival_guard_s
 
     async def run(
         self,
@@ -384,6 +389,14 @@ class CallFlow:
             tpm.mark_sent(state.tpm_res)
         self._meter.on_send(sent_at)
         answered = False
+        body_sent: list[float] = []
+
+        def on_body_sent() -> None:
+            # The body is written: the request reaches the provider within the guard.
+            body_sent.append(clock.now())
+            self._arrived_by(state, body_sent[0] + self._arrival_guard_s)
+
+        send_trace = set_body_sent_callback(on_body_sent)
         token = None
         if self._trace_http:
             span_context = otel_trace.SpanContext(
@@ -421,9 +434,10 @@ class CallFlow:
                     "provider_code": exc.provider_code,
                     "provider_request_id": exc.provider_request_id,
                     "rate_limits": exc.rate_limits,
+                    "body_sent_s": body_sent[0] - sent_at if body_sent else None,
                 },
             )
-            self._observe(exc.rate_limits)
+            self._observe(exc.rate_limits, body_sent[0] if body_sent else sent_at)
             if not exc.reached_provider and state.rpm_res is not None and rpm is not None:
                 rpm.release(state.rpm_res)
                 call.emit(
@@ -452,6 +466,7 @@ class CallFlow:
                     "provider_code": None,
                     "provider_request_id": None,
                     "rate_limits": {},
+                    "body_sent_s": body_sent[0] - sent_at if body_sent else None,
                 },
             )
             raise
@@ -467,6 +482,7 @@ class CallFlow:
                 tpm.mark_done(state.tpm_res, unanswered_guard_s=guard)
             if token is not None:
                 otel_context.detach(token)
+            reset_body_sent_callback(send_trace)
         state.reached = True
         state.latency = clock.now() - sent_at
         received: dict[str, Any] = {
@@ -484,25 +500,38 @@ class CallFlow:
             "cost_usd": money(self._cost(model, response)),
             "provider_request_id": response.provider_request_id,
             "rate_limits": response.rate_limits,
+            "body_sent_s": body_sent[0] - sent_at if body_sent else None,
         }
         if self.capture_content:
             received["content"] = response.raw_content
         call.emit(EventType.RECEIVED, received)
-        self._observe(response.rate_limits)
+        self._observe(response.rate_limits, body_sent[0] if body_sent else sent_at)
         return response
 
-    def _observe(self, rate_limits: Mapping[str, str]) -> None:
+    def _arrived_by(self, state: CallState, by: float) -> None:
+        """The attempt's request reached the provider by ``by``: its slots' windows end then."""
+        if state.rpm_res is not None and self._rpm is not None:
+            self._rpm.mark_arrived(state.rpm_res, by)
+        if state.tpm_res is not None and self._tpm is not None:
+            self._tpm.mark_arrived(state.tpm_res, by)
+
+    def _observe(self, rate_limits: Mapping[str, str], as_of: float) -> None:
+        """The provider's view, made after ``as_of`` (the attempt's send): corrects the gates."""
         if not rate_limits:
             return
         if self._rpm is not None:
             self._rpm.observe_provider(
                 to_int(rate_limits.get("x-ratelimit-remaining-requests")),
                 parse_reset(rate_limits.get("x-ratelimit-reset-requests")),
+                as_of=as_of,
+                limit=to_int(rate_limits.get("x-ratelimit-limit-requests")),
             )
         if self._tpm is not None:
             self._tpm.observe_provider(
                 to_int(rate_limits.get("x-ratelimit-remaining-tokens")),
                 parse_reset(rate_limits.get("x-ratelimit-reset-tokens")),
+                as_of=as_of,
+                limit=to_int(rate_limits.get("x-ratelimit-limit-tokens")),
             )
 
     def _cost(self, model: str, response: ProviderResponse) -> Decimal | None:

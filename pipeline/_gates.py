@@ -5,17 +5,22 @@ Invariants:
   no ``await``, so two callers can never both see the last free slot.
 - Waiters are served strictly first-in, first-out. Only the head waiter is ever considered and
   one timer is armed for the moment it can fit, so there is no thundering herd.
-- A reservation is *pending* until :meth:`SlidingWindowGate.mark_sent`; pending units count
-  against the window and never expire. The provider counts a request when it *arrives*, so a
-  window that started at the reservation would free the slot before the provider does and the
-  next window would burst into 429s. Arrival lies somewhere between the send and the answer,
-  and under load it can be a second after the send (measured here: a starved event loop, the
-  connection pool and the provider's own queue all add to it). So a sent slot's window has
-  no end while the attempt is in flight, and :meth:`~SlidingWindowGate.mark_done` ends it at
-  ``answer + window``: an answer proves the request arrived before it. For an attempt that ended
-  without an answer (timeout, dropped connection, cancellation), the caller adds a guard. An
-  optional ``send_guard_s`` caps the in-flight end at ``send + send_guard_s + window`` for users
-  who prefer throughput on very slow calls to the guarantee.
+- The window rule. The provider counts a request when it *arrives* and keeps it for one window.
+  A reservation is *pending* until :meth:`SlidingWindowGate.mark_sent`; pending units count
+  and never expire. A sent slot has no window end while the gate knows no time by which its
+  request arrived. :meth:`~SlidingWindowGate.mark_arrived` gives such a time, ``by``, and the
+  window then ends at ``by + window``: the caller passes ``body_sent + arrival_guard_s`` when
+  the HTTP transport reports the body written (one assumption: a request reaches the provider
+  within ``arrival_guard_s`` of its last byte being handed to the OS), and
+  :meth:`~SlidingWindowGate.mark_done` passes the end of the attempt (an answer proves the
+  arrival) plus ``unanswered_guard_s`` when there was no answer. Every bound may be given; the
+  earliest wins and a window end never moves later. An optional ``send_guard_s`` ends a sent
+  slot at ``send + send_guard_s + window`` without any proof, for users who prefer throughput
+  on very slow calls without the hook.
+- The provider's ``x-ratelimit-remaining-*`` headers correct the view both ways
+  (:meth:`~SlidingWindowGate.observe_provider`): less room than ours is held back as a
+  *deficit* until the reset (someone else uses the key); more room frees our oldest units that
+  certainly arrived before the report, never more than the provider says are gone.
 - Cancellation anywhere leaves nothing behind: a cancelled waiter is removed, and a grant that
   raced with the cancellation is given back.
 - ``used() == pending + sent-and-unexpired``, always; ``used() <= capacity`` after any grant,
@@ -38,7 +43,19 @@ from dataclasses import dataclass
 from ._errors import ConfigurationError
 from .typing import Clock, TimerHandle
 
-__all__ = ["GateRequestTooLarge", "GateReservation", "SlidingWindowGate", "parse_reset"]
+__all__ = [
+    "DEFAULT_ARRIVAL_GUARD_S",
+    "GateRequestTooLarge",
+    "GateReservation",
+    "SlidingWindowGate",
+    "parse_reset",
+    "provider_count",
+]
+
+#: Seconds within which a request whose body was written reaches the provider's rate limiter
+#: (README, "How the gates work"). It covers the network's one-way delay and the provider's
+#: front door; widen it (``arrival_guard_s=``) for a slow or lossy network.
+DEFAULT_ARRIVAL_GUARD_S = 0.1
 
 _PENDING, _SENT, _DONE = 0, 1, 2
 # Added to every window end: the provider's clock ticks on its own and a boundary tie must
@@ -240,7 +257,8 @@ class SlidingWindowGate:
     # -- after acquiring ----------------------------------------------------------------
 
     def mark_sent(self, reservation: GateReservation) -> None:
-        """The attempt is being handed to the SDK: its window ends by send + guard + window."""
+        """The attempt is being handed to the SDK: it counts until a bound on its arrival is
+        known (:meth:`mark_arrived`, :meth:`mark_done`), or ``send_guard_s`` if set."""
         if reservation.state != _PENDING:
             return
         self._pending_units -= reservation.amount
@@ -257,18 +275,23 @@ class SlidingWindowGate:
         if self._waiters:
             self._pump()
 
-    def mark_done(self, reservation: GateReservation, *, unanswered_guard_s: float = 0.0) -> None:
-        """The attempt is over. With an answer, the request arrived by now, so its window ends
-        at now + window; without one (timeout, dropped, cancelled) it may still arrive, so
-        the caller passes a guard. Idempotent; never moves a window end later."""
+    def mark_arrived(self, reservation: GateReservation, by: float) -> None:
+        """The request reached the provider no later than ``by`` (clock time, may be in the
+        future): its window ends at ``by + window``. Lowers the end, never raises it."""
         if reservation.state != _SENT:
             return
-        ends = self._clock.now() + unanswered_guard_s + self.window_s + _EPSILON_S
+        ends = by + self.window_s + _EPSILON_S
         if ends < reservation.expires_at:
             reservation.expires_at = ends
             heapq.heappush(self._log, (ends, next(_SEQUENCE), reservation))
             if self._waiters:
                 self._pump()
+
+    def mark_done(self, reservation: GateReservation, *, unanswered_guard_s: float = 0.0) -> None:
+        """The attempt is over. With an answer, the request arrived by now; without one
+        (timeout, dropped, cancelled) it may still arrive, so the caller passes a guard.
+        Idempotent; never moves a window end later (an earlier :meth:`mark_arrived` stands)."""
+        self.mark_arrived(reservation, self._clock.now() + unanswered_guard_s)
 
     def release(self, reservation: GateReservation) -> None:
         """Give the units back: the provider never counted them."""
@@ -293,17 +316,69 @@ class SlidingWindowGate:
         if delta < 0 and self._waiters:
             self._pump()
 
-    def observe_provider(self, remaining: int | None, reset_s: float | None) -> None:
-        """Believe the provider when its headers show less room than the gate thinks it has."""
+    def observe_provider(
+        self,
+        remaining: int | None,
+        reset_s: float | None,
+        *,
+        as_of: float | None = None,
+        limit: int | None = None,
+    ) -> None:
+        """Correct the local view with the provider's ``remaining`` / ``reset`` headers.
+
+        Less room than ours: someone else uses this key; the difference (the *deficit*) is held
+        back until the reset, while our own units still expire as usual.
+
+        More room than ours (``as_of``: a time before which the answering request had not
+        arrived, e.g. when its attempt was sent; ``limit``: the provider's per-minute limit, its
+        ``x-ratelimit-limit-*`` header): the provider counts ``limit x window / 60 - remaining``
+        units in its window (the same window as the gate's, as ``rpm_window_seconds`` says), and
+        our units whose arrival bound is at or before ``as_of`` are in that count unless the
+        provider already let them go. Units beyond the count are gone at the provider: free
+        that many of them, oldest window end first. What stays then covers, at every later
+        moment, whatever of them the provider can still count, since no unit of ours ends at
+        the provider later than here.
+        """
         if remaining is None or reset_s is None:
             return
         now = self._clock.now()
         self._expire(now)
-        ours = self.capacity - self._pending_units - self._sent_units
-        if remaining >= ours:
+        remaining = max(remaining, 0)
+        ours = self._pending_units + self._sent_units
+        if self.capacity - remaining > ours:
+            self._provider_deficit = self.capacity - remaining - ours
+            self._provider_until = now + max(reset_s, 0.0) + _EPSILON_S
             return
-        self._provider_deficit = ours - max(remaining, 0)
-        self._provider_until = now + max(reset_s, 0.0) + _EPSILON_S
+        # A newer report with no unexplained usage: whoever else used the key has stopped.
+        self._provider_deficit = 0
+        # Only worth a walk over the log when someone waits for room and the provider counts
+        # fewer than we hold as sent (an upper bound of what can be freed).
+        if as_of is None or limit is None or not self._waiters:
+            return
+        counted = provider_count(limit, remaining, self.window_s)
+        if 0 <= counted < self._sent_units:
+            self._free_beyond(counted, as_of + self.window_s + _EPSILON_S)
+
+    def _free_beyond(self, counted: int, arrived_end: float) -> None:
+        """Free the oldest sent units whose window ends by ``arrived_end`` (they arrived before
+        the provider's report) while those units exceed ``counted``."""
+        arrived = [
+            (expires_at, seq, res)
+            for expires_at, seq, res in self._log
+            if res.state == _SENT and res.expires_at == expires_at and expires_at <= arrived_end
+        ]
+        excess = sum(res.amount for _, _, res in arrived) - counted
+        if excess <= 0:
+            return
+        arrived.sort()
+        for _, _, res in arrived:
+            if res.amount > excess:
+                break  # only a prefix in end order may go: the rest must cover the count
+            excess -= res.amount
+            self._sent_units -= res.amount
+            res.state = _DONE  # its heap entry is now stale
+        if self._waiters:
+            self._pump()
 
     def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int:
         """Warm start: count sends that happened ``age`` seconds ago, as if each arrived up to
@@ -332,6 +407,13 @@ class SlidingWindowGate:
 
     def waiting(self) -> int:
         return sum(1 for _, future in self._waiters if not future.done())
+
+
+def provider_count(limit: int, remaining: int, window_s: float) -> int:
+    """Units the provider counts in its window: its per-minute ``limit`` scaled to the window
+    (floored, as the gates' capacity is) less ``remaining``; negative when the provider's
+    window is not the gate's (a report to ignore)."""
+    return math.floor(limit * window_s / 60 + 1e-9) - max(remaining, 0)
 
 
 _RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

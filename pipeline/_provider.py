@@ -15,6 +15,8 @@ Invariants:
   never reads. What is read (output text, usage, status, ids) is read exactly as the SDK's
   ``Response.output_text`` and ``usage`` do, and anything missing or mistyped is an
   ``invalid_response``.
+- The client carries the send-time hook (:func:`~pipeline._send_time.attach_send_trace`): an
+  attempt that set a body-sent callback learns when its body was written.
 - The API key never leaves the SDK client: it is not stored here, logged or put in errors.
 """
 
@@ -31,6 +33,7 @@ from openai._types import RequestOptions
 from openai.lib._parsing._responses import type_to_text_format_param
 
 from ._errors import ErrorType
+from ._send_time import attach_send_trace
 from ._types import GenerationRequest
 from .typing import ProviderError, ProviderResponse
 
@@ -113,6 +116,13 @@ class OpenAIResponsesProvider:
             ),
             timeout=httpx2.Timeout(600.0, connect=10.0),
         )
+        # The send-time hook (pipeline._send_time): when each attempt's body was written.
+        hooks = self.http_client.event_hooks
+        if attach_send_trace not in hooks["request"]:
+            self.http_client.event_hooks = {
+                **hooks,
+                "request": [*hooks["request"], attach_send_trace],
+            }
         try:
             self._client = openai.AsyncOpenAI(
                 api_key=api_key,

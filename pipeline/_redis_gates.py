@@ -52,7 +52,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ._errors import ConfigurationError, ServiceClosedError
-from ._gates import _DONE, _PENDING, _SENT, GateRequestTooLarge, GateReservation, SlidingWindowGate
+from ._gates import (
+    _DONE,
+    _PENDING,
+    _SENT,
+    GateRequestTooLarge,
+    GateReservation,
+    SlidingWindowGate,
+    provider_count,
+)
 from ._redis_scripts import KEY_PARTS
 from ._redis_worker import (
     RateLimitBackendUnavailable,
@@ -312,27 +320,28 @@ class RedisSlidingWindowGate(RedisGateIO):
         if self._mirror(res):
             self._enqueue("settle", res.rid, res.amount, time.monotonic(), self._guard)
 
-    def mark_done(self, reservation: GateReservation, *, unanswered_guard_s: float = 0.0) -> None:
-        """The attempt is over: its window ends at now + guard + window, if that is earlier.
-
-        With an answer the request has arrived, so the guard is 0; without one (timeout,
-        dropped, cancelled) it may still arrive and the caller passes a guard. Idempotent.
-        """
+    def mark_arrived(self, reservation: GateReservation, by: float) -> None:
+        """The request reached the provider no later than ``by`` (clock time, may be in the
+        future): its window ends at ``by + window``. Lowers the end, never raises it."""
         res = self._shared(reservation)
         if res.inner is not None:
-            # Through getattr: the in-process gate gained mark_done with send_guard_s=None.
-            local_done = getattr(self._local_gate(), "mark_done", None)
-            if local_done is not None:
-                local_done(res.inner, unanswered_guard_s=unanswered_guard_s)
+            self._local_gate().mark_arrived(res.inner, by)
         if res.state != _SENT or res.done:
             return
-        ends = time.monotonic() + unanswered_guard_s + self.window_s
+        ahead_s = by - self._clock.now()  # the gate's own times are time.monotonic()
+        ends = time.monotonic() + ahead_s + self.window_s
         if ends >= res.expires_at:
             return
         res.expires_at = ends
         self._leased.discard(res)
         if self._mirror(res):
-            self._enqueue("settle", res.rid, res.amount, time.monotonic(), unanswered_guard_s)
+            self._enqueue("settle", res.rid, res.amount, time.monotonic(), ahead_s)
+
+    def mark_done(self, reservation: GateReservation, *, unanswered_guard_s: float = 0.0) -> None:
+        """The attempt is over: with an answer the request has arrived by now; without one
+        (timeout, dropped, cancelled) it may still arrive and the caller passes a guard.
+        Idempotent; an earlier :meth:`mark_arrived` stands."""
+        self.mark_arrived(reservation, self._clock.now() + unanswered_guard_s)
 
     def release(self, reservation: GateReservation) -> None:
         """Give the units back: the provider never counted them."""
@@ -360,28 +369,47 @@ class RedisSlidingWindowGate(RedisGateIO):
         if res.state != _DONE and self._mirror(res):
             self._enqueue("reconcile", res.rid, actual)
 
-    def observe_provider(self, remaining: int | None, reset_s: float | None) -> None:
-        """Believe the provider when its headers show less room than the gate thinks it has.
+    def observe_provider(
+        self,
+        remaining: int | None,
+        reset_s: float | None,
+        *,
+        as_of: float | None = None,
+        limit: int | None = None,
+    ) -> None:
+        """Correct the shared view with the provider's headers, both ways (in one script).
 
-        The gate then holds back the difference (the *deficit*: someone else uses this key)
-        until the reported reset. Unlike the in-process gate, which admits only ``remaining``
-        more until the reset, units that end in the meantime still free room: each of our
-        windows ends no earlier than the provider's, so the provider has freed them too. A
-        report that is merely late (two replicas, a busy loop) then costs a few units for one
-        window rather than stalling every replica until the whole window has drained.
+        Less room than ours: the gate holds back the difference (the *deficit*: someone else
+        uses this key) until the reported reset; units that end in the meantime still free room,
+        since each of our windows ends no earlier than the provider's. A report that is merely
+        late (two replicas, a busy loop) then costs a few units for one window rather than
+        stalling every replica until the whole window has drained.
+
+        More room than ours, with ``as_of`` (clock time before which the answering request had
+        not arrived) and ``limit`` (the provider's per-minute limit): the oldest units that
+        certainly arrived before the report and that the provider no longer counts are freed,
+        as in :meth:`~pipeline._gates.SlidingWindowGate.observe_provider`.
         """
         if remaining is None or reset_s is None:
             return
         if self._local is not None:
             self._local.observe_provider(remaining // self.replicas, reset_s)
         if not self._on_local:
+            now = time.monotonic()
+            as_of_mono = None
+            counted = -1
+            if as_of is not None and limit is not None:
+                as_of_mono = now - (self._clock.now() - as_of)
+                counted = provider_count(limit, remaining, self.window_s)
             self._enqueue(
                 "observe",
                 remaining,
                 int(max(reset_s, 0.0) * 1000),
                 int((self._guard or 0.0) * 1000),
                 self.capacity,
-                time.monotonic(),
+                counted,
+                as_of_mono,
+                now,
             )
 
     def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int:

@@ -282,10 +282,14 @@ class RedisGateIO:
                 if op == "settle":
                     rid, amount, at, guard_s = args
                     lag_ms = int((time.monotonic() - at) * 1000)
-                    args = (rid, amount, lag_ms, int(guard_s * 1000), window_ms)
+                    # Rounded up: a window end may come out later than asked, never earlier.
+                    args = (rid, amount, lag_ms, math.ceil(guard_s * 1000), window_ms)
                 elif op == "observe":
-                    *head, at = args
-                    args = (*head, int((time.monotonic() - at) * 1000))
+                    *head, as_of, at = args
+                    mono = time.monotonic()
+                    # -1: no as_of; else ms since it, rounded up (an earlier as_of frees less).
+                    since_as_of = -1 if as_of is None else math.ceil((mono - as_of) * 1000)
+                    args = (*head, int((mono - at) * 1000), since_as_of, window_ms)
                 sha = self._scripts[op].sha
                 pipe.evalsha(sha, len(keys), *keys, self._channel, self._ttl_ms, *args)
             results = await pipe.execute(raise_on_error=False)

@@ -46,6 +46,7 @@ from ._clock import LoopClock
 from ._errors import ConfigurationError, ServiceClosedError
 from ._events import default_instance
 from ._flow import AnyGate, CallFlow
+from ._gates import DEFAULT_ARRIVAL_GUARD_S
 from ._portal import call_on_loop
 from ._pricing import PriceTable
 from ._provider import OpenAIResponsesProvider
@@ -131,6 +132,7 @@ class BaseLLMService:
         default_max_output_tokens: int = 1024,
         send_guard_s: float | None = None,
         unanswered_guard_s: float = 1.0,
+        arrival_guard_s: float = DEFAULT_ARRIVAL_GUARD_S,
         retry_backoff_base_s: float = 0.5,
         retry_backoff_max_s: float = 20.0,
         max_retry_wait_s: float = 60.0,
@@ -161,6 +163,15 @@ class BaseLLMService:
         if not isinstance(request_timeout_s, int | float) or not request_timeout_s > 0:
             raise ConfigurationError(
                 f"request_timeout_s={request_timeout_s!r} is invalid: use a number of seconds > 0"
+            )
+        if isinstance(arrival_guard_s, bool) or not isinstance(arrival_guard_s, int | float):
+            raise ConfigurationError(
+                f"arrival_guard_s={arrival_guard_s!r} is invalid: use the seconds within which a "
+                f"sent request reaches the provider (default {DEFAULT_ARRIVAL_GUARD_S})"
+            )
+        if not arrival_guard_s >= 0:
+            raise ConfigurationError(
+                f"arrival_guard_s={arrival_guard_s!r} is invalid: use a number of seconds >= 0"
             )
         if default_max_output_tokens < 1:
             raise ConfigurationError("default_max_output_tokens must be >= 1")
@@ -242,6 +253,7 @@ class BaseLLMService:
             "default_max_output_tokens": default_max_output_tokens,
             "send_guard_s": send_guard_s,
             "unanswered_guard_s": unanswered_guard_s,
+            "arrival_guard_s": arrival_guard_s,
         }
         self._meter = RateMeter()
         self._backlog: set[EventSink] = set()
@@ -265,6 +277,7 @@ class BaseLLMService:
             limits=self._limits,
             unanswered_guard_s=self._unanswered_guard_s,
             trace_http=self._trace_http,
+            arrival_guard_s=float(arrival_guard_s),
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._portal: threading.Thread | None = None
