@@ -136,6 +136,9 @@ class SlidingWindowGate:
         # then never freeze the gate for a whole window.
         self._provider_deficit = 0
         self._provider_until = 0.0
+        # Units that ended in the last window, (end, amount) in end order: a report made
+        # before they ended still counted them (see observe_provider).
+        self._ended: deque[tuple[float, int]] = deque()
 
     # -- acquiring ----------------------------------------------------------------------
 
@@ -180,8 +183,12 @@ class SlidingWindowGate:
                 heapq.heappop(log)
                 top.state = _DONE
                 self._sent_units -= top.amount
+                self._ended.append((expires_at, top.amount))
             else:
                 break
+        ended = self._ended
+        while ended and ended[0][0] <= now - self.window_s:
+            ended.popleft()  # older than any report still worth reading
         if self._provider_deficit and now >= self._provider_until:
             self._provider_deficit = 0
 
@@ -345,6 +352,12 @@ class SlidingWindowGate:
         self._expire(now)
         remaining = max(remaining, 0)
         ours = self._pending_units + self._sent_units
+        if as_of is not None:
+            # The report was made after as_of: compare with what we held then. Units that
+            # ended since would make a report that is merely late look like less room.
+            if as_of < now - self.window_s:
+                return  # older than a window: nothing in it is still worth believing
+            ours += sum(amount for end, amount in self._ended if end > as_of)
         if self.capacity - remaining > ours:
             self._provider_deficit = self.capacity - remaining - ours
             self._provider_until = now + max(reset_s, 0.0) + _EPSILON_S
