@@ -206,4 +206,6 @@ async def test_a_merely_late_report_is_not_less_room() -> None:
     # Made at 0.9 (after the send at 0.8 of the attempt it answers), read at 1.2: it still
     # counted our unit that ended at 1.0. That is not someone else's usage.
     gate.observe_provider(1, 0.5, as_of=0.8, limit=120)
-    assert [await gate.acquire(1), await gate.acquire(1)]
+    both = asyncio.gather(gate.acquire(1), gate.acquire(1))
+    await settle()
+    assert both.done()
