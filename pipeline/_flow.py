@@ -18,7 +18,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import math
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -45,6 +46,10 @@ __all__ = ["AnyGate", "CallFlow"]
 AnyGate = SlidingWindowGate | RedisSlidingWindowGate
 
 _log = structlog.get_logger(__name__)
+# How far ahead of the moment its units fit a gate may grant an attempt, once the send-time hook
+# has shown it can hold the request until then (see SlidingWindowGate.acquire): the SDK's own
+# time from the grant to the write (tens of ms on a busy host) is then not lost per slot.
+_GRANT_LEAD_S = 0.1
 
 
 class CallFlow:
@@ -92,6 +97,7 @@ class CallFlow:
         self._unanswered_guard_s = unanswered_guard_s
         self._trace_http = trace_http  # a sink wants an HTTP span per attempt
         self._arrival_guard_s = arrival_guard_s
+        self._hook_seen = False  # the send-time hook reported a write: gates may grant ahead
 
     async def run(
         self,
@@ -394,9 +400,14 @@ class CallFlow:
         def on_body_sent() -> None:
             # The body is written: the request reaches the provider within the guard.
             body_sent.append(clock.now())
+            if not self._hook_seen:  # it holds requests too: gates may grant ahead now
+                self._hook_seen = True
+                for gate in (rpm, tpm):
+                    if gate is not None:
+                        gate.lead_s = _GRANT_LEAD_S
             self._arrived_by(state, body_sent[0] + self._arrival_guard_s)
 
-        send_trace = set_body_sent_callback(on_body_sent)
+        send_trace = set_body_sent_callback(on_body_sent, self._hold(state))
         token = None
         if self._trace_http:
             span_context = otel_trace.SpanContext(
@@ -507,6 +518,20 @@ class CallFlow:
         call.emit(EventType.RECEIVED, received)
         self._observe(response.rate_limits, body_sent[0] if body_sent else sent_at)
         return response
+
+    def _hold(self, state: CallState) -> Callable[[], Awaitable[None]] | None:
+        """Waits until the attempt's slots may be used, when a gate granted them ahead."""
+        not_before = max(
+            (r.not_before for r in (state.rpm_res, state.tpm_res) if r is not None),
+            default=-math.inf,
+        )
+        if not_before <= self._clock.now():
+            return None
+
+        async def hold() -> None:
+            await self._clock.sleep(not_before - self._clock.now())
+
+        return hold
 
     def _arrived_by(self, state: CallState, by: float) -> None:
         """The attempt's request reached the provider by ``by``: its slots' windows end then."""

@@ -84,6 +84,8 @@ class GateReservation:
     expires_at: float = 0.0
     waited_s: float = 0.0
     waiters_ahead: int = 0
+    # Granted ahead (acquire's lead_s): the request must not leave before this clock time.
+    not_before: float = -math.inf
 
     @property
     def pending(self) -> bool:
@@ -127,6 +129,10 @@ class SlidingWindowGate:
         self._sent_units = 0
         self._pending_units = 0
         self._waiters: deque[tuple[int, asyncio.Future[GateReservation]]] = deque()
+        # Grant ahead: up to lead_s before units fit, with not_before set to when they do. Set
+        # by a caller that holds each request until its not_before (the call flow does, once
+        # its send-time hook has reported a write); 0 grants only what fits now.
+        self.lead_s = 0.0
         self._timer: TimerHandle | None = None
         self._timer_at = 0.0
         # What the provider's x-ratelimit headers told us, when it has less room than we think.
@@ -143,12 +149,16 @@ class SlidingWindowGate:
     # -- acquiring ----------------------------------------------------------------------
 
     async def acquire(self, amount: int) -> GateReservation:
+        """Reserve ``amount`` units, waiting FIFO until they fit (or, with :attr:`lead_s`,
+        until they fit within ``lead_s``: the reservation's ``not_before`` then says when)."""
         if amount > self.capacity:
             raise GateRequestTooLarge(self.name, amount, self.capacity)
         clock = self._clock
         start = clock.now()
-        if not self._waiters and self._fits(amount, start):
-            return self._take(amount)
+        if not self._waiters:
+            not_before = self._fit_time(amount, start)
+            if not_before is not None:
+                return self._take(amount, not_before)
         future: asyncio.Future[GateReservation] = asyncio.get_running_loop().create_future()
         entry = (amount, future)
         ahead = len(self._waiters)
@@ -169,9 +179,21 @@ class SlidingWindowGate:
         reservation.waiters_ahead = ahead
         return reservation
 
-    def _take(self, amount: int) -> GateReservation:
+    def _take(self, amount: int, not_before: float) -> GateReservation:
         self._pending_units += amount
-        return GateReservation(amount)
+        return GateReservation(amount, not_before=not_before)
+
+    def _fit_time(self, amount: int, now: float) -> float | None:
+        """When ``amount`` fits: ``-inf`` if now (no hold), the moment enough sent units
+        expire if that is within :attr:`lead_s`, or None. Pending units count as never expiring,
+        so each grant made ahead is counted by the next one's computation. No lead while the
+        provider's deficit holds (when it lapses is not when a unit fits)."""
+        if self._fits(amount, now):
+            return -math.inf
+        if self.lead_s <= 0 or self._provider_deficit:
+            return None
+        when = self._next_fit_time(amount, now)
+        return when if when is not None and when <= now + self.lead_s else None
 
     def _expire(self, now: float) -> None:
         log = self._log
@@ -208,12 +230,16 @@ class SlidingWindowGate:
             if future.done():  # cancelled while queued
                 waiters.popleft()
                 continue
-            if not self._fits(amount, now):
+            not_before = self._fit_time(amount, now)
+            if not_before is None:
                 break
             waiters.popleft()
-            future.set_result(self._take(amount))
+            future.set_result(self._take(amount, not_before))
         if waiters:
-            self._arm(self._next_fit_time(waiters[0][0], now))
+            when = self._next_fit_time(waiters[0][0], now)
+            if when is not None and self.lead_s > 0 and not self._provider_deficit:
+                when -= self.lead_s  # later than now: _fit_time granted whatever fits sooner
+            self._arm(when)
 
     def _next_fit_time(self, amount: int, now: float) -> float | None:
         """When ``amount`` may fit: the earlier of the provider's reset (if it reported a

@@ -138,6 +138,7 @@ class RedisSlidingWindowGate(RedisGateIO):
         self.key = key
         self.fallback = fallback
         self.replicas = replicas
+        self.lead_s = 0.0  # see acquire
         self._clock = clock
         self._guard = send_guard_s
         self._pending_lease_s = (
@@ -186,6 +187,11 @@ class RedisSlidingWindowGate(RedisGateIO):
     # -- acquiring ----------------------------------------------------------------------
 
     async def acquire(self, amount: int) -> RedisGateReservation:
+        """Reserve ``amount`` units in the shared window, FIFO across every process.
+
+        :attr:`lead_s` is kept for the in-process gate's interface and not used: a shared gate
+        never grants ahead (its grants carry no ``not_before``).
+        """
         if amount > self.capacity:
             raise GateRequestTooLarge(self.name, amount, self.capacity)
         if self._closing:

@@ -13,6 +13,10 @@ Invariants:
 - No callback, no hook: a request made with no callback set, or through a transport that is
   not httpcore's (a custom ``http_client``), leaves the extension alone and the flow falls back
   to the answer. A ``trace`` extension someone else set is kept and called first.
+- A hold (a grant made ahead by the gate, see ``SlidingWindowGate.acquire``'s ``lead_s``) is
+  awaited at ``send_request_headers.started``: after the connection is ready, before any byte of
+  the request is written. Without the hook there is no hold, so the flow grants ahead only
+  once the hook has reported a write.
 - Public APIs only: an httpx2 event hook and httpcore's documented ``trace`` extension.
 """
 
@@ -27,26 +31,32 @@ import httpx2
 __all__ = ["attach_send_trace", "reset_body_sent_callback", "set_body_sent_callback"]
 
 _BODY_SENT = ".send_request_body.complete"  # after "http11" or "http2"
-_callback: ContextVar[Callable[[], None] | None] = ContextVar(
-    "llmtrail_body_sent_callback", default=None
-)
+_HEADERS_START = ".send_request_headers.started"  # before the request's first byte
+
+Hold = Callable[[], Awaitable[None]]
+_Attempt = tuple[Callable[[], None], Hold | None]
+_attempt: ContextVar[_Attempt | None] = ContextVar("llmtrail_send_time", default=None)
 
 
-def set_body_sent_callback(callback: Callable[[], None]) -> Token[Callable[[], None] | None]:
-    """From now on in this context, requests call ``callback()`` once their body was written.
-    Undo with :func:`reset_body_sent_callback` (in a ``finally``)."""
-    return _callback.set(callback)
+def set_body_sent_callback(
+    callback: Callable[[], None], hold: Hold | None = None
+) -> Token[_Attempt | None]:
+    """From now on in this context, requests call ``callback()`` once their body was written,
+    and first await ``hold()`` (if given) right before their first byte is written: a grant made
+    ahead of time is kept there. Undo with :func:`reset_body_sent_callback` (in a ``finally``)."""
+    return _attempt.set((callback, hold))
 
 
-def reset_body_sent_callback(token: Token[Callable[[], None] | None]) -> None:
-    _callback.reset(token)
+def reset_body_sent_callback(token: Token[_Attempt | None]) -> None:
+    _attempt.reset(token)
 
 
 async def attach_send_trace(request: httpx2.Request) -> None:
     """httpx2 request event hook: report the body write of this request to the attempt."""
-    callback = _callback.get()
-    if callback is None:
+    attempt = _attempt.get()
+    if attempt is None:
         return
+    callback, hold = attempt
     prior: Callable[[str, dict[str, Any]], Awaitable[None]] | None = request.extensions.get("trace")
 
     async def trace(name: str, info: dict[str, Any]) -> None:
@@ -54,5 +64,7 @@ async def attach_send_trace(request: httpx2.Request) -> None:
             await prior(name, info)
         if name.endswith(_BODY_SENT):
             callback()
+        elif hold is not None and name.endswith(_HEADERS_START):
+            await hold()
 
     request.extensions["trace"] = trace

@@ -156,6 +156,7 @@ class Reservation(Protocol):
     amount: int
     waited_s: float
     waiters_ahead: int
+    not_before: float
 
     @property
     def pending(self) -> bool: ...
@@ -177,6 +178,7 @@ class GateBackend(Protocol):
 
     capacity: int
     window_s: float
+    lead_s: float
 
     async def acquire(self, amount: int) -> Reservation: ...
 

@@ -7,6 +7,7 @@ unanswered_guard_s) + window``; the provider's ``remaining`` headers correct the
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -209,3 +210,52 @@ async def test_a_merely_late_report_is_not_less_room() -> None:
     both = asyncio.gather(gate.acquire(1), gate.acquire(1))
     await settle()
     assert both.done()
+
+
+async def test_a_grant_ahead_carries_the_moment_its_units_fit() -> None:
+    gate, clock = make_gate(2)
+    first = await sent_at(gate, clock, 0.0)
+    gate.mark_arrived(first, 0.0)  # ends at 1.0
+    second = await sent_at(gate, clock, 0.5)
+    gate.mark_arrived(second, 0.5)  # ends at 1.5
+    clock.advance(0.45)  # 0.95: full, the first unit frees at 1.0
+    gate.lead_s = 0.1
+    early = await gate.acquire(1)
+    assert early.not_before == pytest.approx(1.0, abs=0.002)  # granted ahead, held till then
+    # The next one fits only at 1.5, beyond the lead: it waits, and is granted at 1.4.
+    waiter = asyncio.create_task(gate.acquire(1))
+    await settle()
+    assert not waiter.done()
+    clock.advance(0.44)
+    await settle()
+    assert not waiter.done()
+    clock.advance(0.02)  # 1.41
+    await settle()
+    assert waiter.done()
+    assert waiter.result().not_before == pytest.approx(1.5, abs=0.002)
+
+
+async def test_without_a_lead_nothing_is_granted_before_it_fits() -> None:
+    gate, clock = make_gate(1)
+    res = await sent_at(gate, clock, 0.0)
+    gate.mark_arrived(res, 0.0)
+    clock.advance(0.95)
+    waiter = asyncio.create_task(gate.acquire(1))
+    await settle()
+    assert not waiter.done()
+    clock.advance(0.06)
+    await settle()
+    assert waiter.result().not_before == -math.inf  # fits now: no hold
+
+
+async def test_no_grant_ahead_while_the_provider_deficit_holds() -> None:
+    gate, clock = make_gate(2)
+    gate.observe_provider(1, 0.5)  # someone else holds 1 until 0.5
+    await gate.acquire(1)
+    gate.lead_s = 1.0
+    waiter = asyncio.create_task(gate.acquire(1))
+    await settle()
+    assert not waiter.done()
+    clock.advance(0.51)
+    await settle()
+    assert waiter.done()
