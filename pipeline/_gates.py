@@ -21,11 +21,14 @@ Invariants:
   (:meth:`~SlidingWindowGate.observe_provider`): less room than ours is held back as a
   *deficit* until the reset (someone else uses the key); more room frees our oldest units that
   certainly arrived before the report, never more than the provider says are gone.
+- Grant ahead (``lead_s`` > 0, set by a caller that holds each request until its
+  reservation's ``not_before``): a waiter may be granted up to ``lead_s`` before its units fit.
+  Pending units never expire, so each such grant is counted by the next one's fit time.
 - Cancellation anywhere leaves nothing behind: a cancelled waiter is removed, and a grant that
   raced with the cancellation is given back.
-- ``used() == pending + sent-and-unexpired``, always; ``used() <= capacity`` after any grant,
-  unless a reconciliation raised a reservation above its estimate (the gate then believes
-  reality and admits nobody until the window has room again).
+- ``used() == pending + sent-and-unexpired``, always; ``used() <= capacity`` after any grant
+  that fits now; a grant made ahead exceeds it until its ``not_before``, and a reconciliation
+  that raised a reservation above its estimate until the window has room again.
 """
 
 from __future__ import annotations

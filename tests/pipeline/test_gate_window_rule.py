@@ -185,19 +185,6 @@ async def test_more_room_never_frees_more_than_the_provider_let_go() -> None:
     assert gate.used() == 2
 
 
-async def test_a_provider_with_less_room_holds_back_the_difference_until_its_reset() -> None:
-    gate, clock = make_gate(4)
-    gate.observe_provider(1, 2.0, as_of=0.0, limit=240)  # 3 used by someone else
-    assert [await gate.acquire(1)]  # our one unit of room
-    waiter = asyncio.create_task(gate.acquire(1))
-    clock.advance(1.99)
-    await settle()
-    assert not waiter.done()
-    clock.advance(0.02)
-    await settle()
-    assert waiter.done()
-
-
 async def test_a_merely_late_report_is_not_less_room() -> None:
     gate, clock = make_gate(2)
     res = await sent_at(gate, clock, 0.0)
