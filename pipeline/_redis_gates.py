@@ -13,7 +13,8 @@ using one API key draws from one window. Invariants:
 - Window ends follow the in-process gate: ``send + send_guard_s + window`` at ``mark_sent``
   when a guard is set, lowered by ``mark_arrived`` to ``by + window`` (``by``: body written +
   ``arrival_guard_s``, or the end of the attempt + its guard through ``mark_done``), never
-  raised. There is no grant ahead (``lead_s`` is ignored). Local times are carried to Redis as "so long ago" and applied to Redis ``TIME``.
+  raised. There is no grant ahead (``lead_s`` is ignored). Local times are carried to Redis
+  as "so long ago" and applied to Redis ``TIME``.
 - Arrival order: a waiter takes a ticket (``HINCRBY``) into a queue; only the head ticket may
   reserve, and the fast path is taken only when the queue is empty. Tickets carry a lease too, so
   a dead waiter is skipped after ``queue_lease_s``. The head sleeps exactly until it can fit (the
