@@ -293,7 +293,8 @@ async def _main(quick: bool) -> dict[str, Any]:
         "3,000 tokens (1 s cases), 40 requests / 5,200 tokens (long cases). Share of the limit: "
         "a perfect pacer's span over the real span of the server's counted arrivals. "
         f"llmtrail runs with arrival_guard_s={GUARD_S} (loopback; the default is 0.1 s for "
-        "real networks) and grants up to 0.1 s ahead, held at the wire. Rounds: {reps} in the 1 s cases, 1 in the long ones (peers only in "
+        "real networks) and grants up to 0.1 s ahead, held at the wire. "
+        f"Rounds: {reps} in the 1 s cases, 1 in the long ones (peers only in "
         "the 1 s cases)."
     )
     section.notes.extend(missing)
