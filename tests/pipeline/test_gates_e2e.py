@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import httpx2
@@ -46,19 +47,26 @@ def max_tokens_in_any_window(records: list[dict[str, Any]], window_s: float) -> 
     )
 
 
+@pytest.mark.parametrize("gates", ["memory", "redis"])
 @pytest.mark.parametrize("kind", ["rpm", "tpm"])
-async def test_at_most_the_limit_arrives_in_any_window_and_no_call_is_refused(kind: str) -> None:
+async def test_at_most_the_limit_arrives_in_any_window_and_no_call_is_refused(
+    kind: str, gates: str, request: pytest.FixtureRequest
+) -> None:
     # 10 requests or 1,300 tokens (10 calls of ~130) per 1 s window, at the server and the gate;
     # 200 ms per answer: the old rule (window from the answer) would leave a sixth unused, the
     # send-time rule starts it within the guard of the body's write.
     limits = {"rpm_limit": 600} if kind == "rpm" else {"tpm_limit": 78_000}
     config = MockServerConfig(latency_s=0.2, window_s=1.0, **limits)  # type: ignore[arg-type]
     recorder = RecordingSink()
+    shared: dict[str, Any] = {}
+    if gates == "redis":  # the shared gates: the same rule in Lua, on a budget of its own
+        shared = {"rate_limit_url": request.getfixturevalue("redis_url")}
+        shared["api_key"] = f"{KEY}-{uuid.uuid4().hex}"  # a fresh budget key
     with running_in_process(config) as url:
         service = BaseLLMService(
             "gpt-4o-mini",
             base_url=f"{url}/v1",
-            api_key=KEY,
+            api_key=KEY if gates == "memory" else shared.pop("api_key"),
             max_rpm=600 if kind == "rpm" else None,
             max_tpm=78_000 if kind == "tpm" else None,
             rpm_window_seconds=1.0,
@@ -67,6 +75,7 @@ async def test_at_most_the_limit_arrives_in_any_window_and_no_call_is_refused(ki
             store_url=None,
             tracing=False,
             sinks=[recorder],
+            **shared,
         )
         async with service:
             results = await asyncio.gather(
