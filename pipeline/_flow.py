@@ -448,7 +448,7 @@ class CallFlow:
                     "body_sent_s": body_sent[0] - sent_at if body_sent else None,
                 },
             )
-            self._observe(exc.rate_limits, body_sent[0] if body_sent else sent_at)
+            self._observe(exc.rate_limits, sent_at)
             if not exc.reached_provider and state.rpm_res is not None and rpm is not None:
                 rpm.release(state.rpm_res)
                 call.emit(
@@ -516,7 +516,7 @@ class CallFlow:
         if self.capture_content:
             received["content"] = response.raw_content
         call.emit(EventType.RECEIVED, received)
-        self._observe(response.rate_limits, body_sent[0] if body_sent else sent_at)
+        self._observe(response.rate_limits, sent_at)
         return response
 
     def _hold(self, state: CallState) -> Callable[[], Awaitable[None]] | None:
@@ -541,7 +541,12 @@ class CallFlow:
             self._tpm.mark_arrived(state.tpm_res, by)
 
     def _observe(self, rate_limits: Mapping[str, str], as_of: float) -> None:
-        """The provider's view, made after ``as_of`` (the attempt's send): corrects the gates."""
+        """The provider's view, made after ``as_of``: corrects the gates.
+
+        ``as_of`` is when the attempt was handed to the SDK, not when its body was written: the
+        hook reads the time *after* the write, and the provider may have answered before that,
+        so only the hand-off is certainly earlier than the provider's report.
+        """
         if not rate_limits:
             return
         if self._rpm is not None:
