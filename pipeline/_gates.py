@@ -65,6 +65,7 @@ _PENDING, _SENT, _DONE = 0, 1, 2
 # not be decided in our favour.
 _EPSILON_S = 0.001
 _SEQUENCE = itertools.count()
+_WALKS_PER_WINDOW = 100  # the most times a window's units are walked for a provider's credit
 
 
 class GateRequestTooLarge(Exception):
@@ -148,6 +149,7 @@ class SlidingWindowGate:
         # Units that ended in the last window, (end, amount) in end order: a report made
         # before they ended still counted them (see observe_provider).
         self._ended: deque[tuple[float, int]] = deque()
+        self._next_walk = -math.inf  # see observe_provider
 
     # -- acquiring ----------------------------------------------------------------------
 
@@ -394,11 +396,13 @@ class SlidingWindowGate:
         # A newer report with no unexplained usage: whoever else used the key has stopped.
         self._provider_deficit = 0
         # Only worth a walk over the log when someone waits for room and the provider counts
-        # fewer than we hold as sent (an upper bound of what can be freed).
-        if as_of is None or limit is None or not self._waiters:
+        # fewer than we hold as sent (an upper bound of what can be freed); and at most 100
+        # walks per window, so that a large window full of units costs little per answer.
+        if as_of is None or limit is None or not self._waiters or now < self._next_walk:
             return
         counted = provider_count(limit, remaining, self.window_s)
         if 0 <= counted < self._sent_units:
+            self._next_walk = now + self.window_s / _WALKS_PER_WINDOW
             self._free_beyond(counted, as_of + self.window_s + _EPSILON_S)
 
     def _free_beyond(self, counted: int, arrived_end: float) -> None:

@@ -141,6 +141,7 @@ class RedisSlidingWindowGate(RedisGateIO):
         self.fallback = fallback
         self.replicas = replicas
         self.lead_s = 0.0  # see acquire
+        self._next_walk = 0.0  # see observe_provider
         self._clock = clock
         self._guard = send_guard_s
         self._pending_lease_s = (
@@ -406,7 +407,9 @@ class RedisSlidingWindowGate(RedisGateIO):
             now = time.monotonic()
             as_of_mono = None
             counted = -1
-            if as_of is not None and limit is not None:
+            # The credit walks the shared window in Redis: at most 100 times per window.
+            if as_of is not None and limit is not None and now >= self._next_walk:
+                self._next_walk = now + self.window_s / 100
                 as_of_mono = now - (self._clock.now() - as_of)
                 counted = provider_count(limit, remaining, self.window_s)
             self._enqueue(
