@@ -13,6 +13,10 @@ Clients (peers run when installed: ``pip install -e ".[benchmarks]"``; LiteLLM s
 - ``LiteLLM Router``: one deployment with ``rpm`` / ``tpm`` set to the limits, its retries on.
 Peers run only in the 1 s cases: on the long windows each run lasts minutes.
 
+First, the assumption itself: 2,000 requests through the provider's send-time hook, and for
+each the server's arrival time minus the hook's body-sent reading (one monotonic clock: the
+server is a child process on this machine). ``arrival_guard_s`` must cover its maximum.
+
 Invariants:
 - Every call of a run is submitted at once; 50 are in flight at most.
 - 429s and arrivals are counted by the server (its request log), not by the client; failed
@@ -50,7 +54,7 @@ from ._harness import (
     server_reset,
     tiny,
 )
-from ._report import Figure, Section, Target, median
+from ._report import Figure, Section, Target, median, percentile
 
 _log = structlog.get_logger(__name__)
 
@@ -259,6 +263,43 @@ async def _litellm(url: str, case: Case, kind: str, n: int) -> int:
     return sum(await asyncio.gather(*(call(i) for i in range(n))))
 
 
+async def _arrival_delays(url: str, n: int) -> list[float]:
+    """Seconds from the send-time hook's reading to the server's count, per request (shared
+    monotonic clock): what ``arrival_guard_s`` must cover here. Negative: counted first."""
+    from llmtrail.pipeline import GenerationRequest, OpenAIResponsesProvider
+    from llmtrail.pipeline._send_time import reset_body_sent_callback, set_body_sent_callback
+
+    await _configure(url, window_s=60.0, latency_s=0.0, rpm_limit=None, tpm_limit=None)
+    provider = OpenAIResponsesProvider(api_key=API_KEY, base_url=f"{url}/v1")
+    loop = asyncio.get_running_loop()
+    body_sent: dict[str, float] = {}
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(i: int) -> None:
+        rid = f"delay-{i}"
+        async with semaphore:
+            token = set_body_sent_callback(lambda: body_sent.setdefault(rid, loop.time()))
+            try:
+                await provider.invoke(
+                    GenerationRequest(user_prompt=prompt(i)),
+                    model=MODEL,
+                    timeout_s=30.0,
+                    client_request_id=rid,
+                )
+            finally:
+                reset_body_sent_callback(token)
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        await provider.aclose()
+    return [
+        float(r["arrival_monotonic"]) - body_sent[r["client_request_id"]]
+        for r in await server_log(url)
+        if r["client_request_id"] in body_sent
+    ]
+
+
 def _clients() -> tuple[list[tuple[str, Client]], list[str]]:
     """The clients to run, and notes on the peers that are not installed."""
     clients: list[tuple[str, Client]] = [
@@ -300,6 +341,17 @@ async def _main(quick: bool) -> dict[str, Any]:
     section.notes.extend(missing)
     results: dict[str, list[dict[str, float]]] = {}
     with mock_server() as (url, _):
+        delays = [d * 1000 for d in await _arrival_delays(url, pick(quick, 2_000, 500, 50))]
+        for q in (50, 99, 100):
+            section.add(
+                Figure(
+                    f"arrival at the server minus the hook's body-sent reading, p{q}",
+                    "ms",
+                    [percentile(delays, q)],
+                    note=f"{len(delays)} requests, {CONCURRENCY} at a time, zero latency: what "
+                    f"arrival_guard_s={GUARD_S} must cover on this machine",
+                )
+            )
         for case in _cases(quick):
             if tiny() and not case.peers:
                 continue
