@@ -233,6 +233,7 @@ class CallStream:
                 "provider_code": None,
                 "provider_request_id": None,
                 "rate_limits": {},
+                "body_sent_s": None,  # never sent
             },
         )
 
@@ -277,6 +278,7 @@ class CallState:
         "stream",
         "holding",
         "sent_at",
+        "body_sent_s",
     )
 
     def __init__(self) -> None:
@@ -293,6 +295,8 @@ class CallState:
         self.stream = False  # a streamed call (pipeline/_stream.py)
         self.holding = False  # an opened stream holds its semaphore permit until it ends
         self.sent_at = 0.0  # when the open stream's attempt was sent
+        # The last answered attempt's time from `sent` to its body written (send-time hook).
+        self.body_sent_s: float | None = None
 
 
 def money(value: Decimal | None) -> str | None:

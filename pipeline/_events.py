@@ -163,6 +163,9 @@ class _ReceivedFields(TypedDict):
     rate_limits: dict[str, str]  # the x-ratelimit-* headers
     service_tier: str | None
     processing_s: float | None  # the provider's own time (``openai-processing-ms``), if sent
+    # Seconds from ``sent`` until the transport wrote the request body (None without the
+    # send-time hook): the start of the slot's window is body written + arrival_guard_s.
+    body_sent_s: float | None
 
 
 class StreamedFields(TypedDict):
@@ -187,6 +190,7 @@ class ReceivedPayload(_ReceivedFields, total=False):
 
 class AttemptFailedPayload(TypedDict):
     attempt: int
+    body_sent_s: float | None  # as in ``received``
     latency_s: float | None
     error_type: str
     status: int | None

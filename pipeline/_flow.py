@@ -9,8 +9,10 @@ Invariants:
   re-raised, never swallowed).
 - Every HTTP attempt holds an RPM slot; a reservation the provider never counted is returned
   with an ``unmarked`` event. The semaphore permit is released in ``finally``.
-- An attempt's slots end their windows one window after its answer (``mark_done``), or a
-  guard later when it ended without one.
+- An attempt's slots end their windows one window after the earliest bound on its arrival:
+  ``body_sent + arrival_guard_s`` once the transport reports the body written
+  (``mark_arrived``), else the answer (``mark_done``), or ``unanswered_guard_s`` after the end
+  of an attempt that got no answer.
 - A streamed call (``state.stream``, driven by pipeline/_stream.py) takes the same steps; its
   attempt ends when the stream's headers arrive (its answer) and keeps the permit
   (``state.holding``) until the stream ends, when ``received`` is emitted.
@@ -24,7 +26,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import math
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -43,13 +46,20 @@ from ._events import (
     TraceCreatedPayload,
     child_span_id,
 )
-from ._gates import GateRequestTooLarge, GateReservation, SlidingWindowGate, parse_reset
+from ._gates import (
+    DEFAULT_ARRIVAL_GUARD_S,
+    GateRequestTooLarge,
+    GateReservation,
+    SlidingWindowGate,
+    parse_reset,
+)
 from ._pricing import PriceTable
 from ._provider_types import ProviderError, ProviderResponse
 from ._redact import redact_text
 from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
+from ._send_time import reset_body_sent_callback, set_body_sent_callback
 from ._stats import OperationUsage, RateMeter
 from ._types import GenerationRequest, GenerationResult, Timings, Usage
 from .typing import Clock, Provider
@@ -60,6 +70,10 @@ __all__ = ["AnyGate", "CallFlow", "coerce_request"]
 AnyGate = SlidingWindowGate | RedisSlidingWindowGate
 
 _log = get_logger(__name__)
+# How far ahead of the moment its units fit a gate may grant an attempt, once the send-time hook
+# has shown it can hold the request until then (see SlidingWindowGate.acquire): the SDK's own
+# time from the grant to the write (tens of ms on a busy host) is then not lost per slot.
+_GRANT_LEAD_S = 0.1
 
 
 class CallFlow:
@@ -89,6 +103,7 @@ class CallFlow:
         unanswered_guard_s: float,
         trace_http: bool,
         resource: dict[str, str] | None,
+        arrival_guard_s: float = DEFAULT_ARRIVAL_GUARD_S,
     ) -> None:
         self.model = model
         self.request_timeout_s = request_timeout_s
@@ -107,6 +122,8 @@ class CallFlow:
         self._unanswered_guard_s = unanswered_guard_s
         self._trace_http = trace_http  # a sink wants an HTTP span per attempt
         self._resource = resource  # the spans' service name, version and instance, if traced
+        self._arrival_guard_s = arrival_guard_s
+        self._hook_seen = False  # the send-time hook reported a write: gates may grant ahead
 
     async def run(
         self,
@@ -474,6 +491,19 @@ class CallFlow:
             tpm.mark_sent(state.tpm_res)
         self._meter.on_send(sent_at)
         answered = False
+        body_sent: list[float] = []
+
+        def on_body_sent() -> None:
+            # The body is written: the request reaches the provider within the guard.
+            body_sent.append(clock.now())
+            if not self._hook_seen:  # it holds requests too: gates may grant ahead now
+                self._hook_seen = True
+                for gate in (rpm, tpm):
+                    if gate is not None:
+                        gate.lead_s = _GRANT_LEAD_S
+            self._arrived_by(state, body_sent[0] + self._arrival_guard_s)
+
+        send_trace = set_body_sent_callback(on_body_sent, self._hold(state))
         token = None
         if self._trace_http:
             span_context = otel_trace.SpanContext(
@@ -511,9 +541,10 @@ class CallFlow:
                     "provider_code": exc.provider_code,
                     "provider_request_id": exc.provider_request_id,
                     "rate_limits": exc.rate_limits,
+                    "body_sent_s": body_sent[0] - sent_at if body_sent else None,
                 },
             )
-            self._observe(exc.rate_limits)
+            self._observe(exc.rate_limits, sent_at)
             if not exc.reached_provider and state.rpm_res is not None and rpm is not None:
                 rpm.release(state.rpm_res)
                 call.emit(
@@ -542,6 +573,7 @@ class CallFlow:
                     "provider_code": None,
                     "provider_request_id": None,
                     "rate_limits": {},
+                    "body_sent_s": body_sent[0] - sent_at if body_sent else None,
                 },
             )
             raise
@@ -557,15 +589,17 @@ class CallFlow:
                 tpm.mark_done(state.tpm_res, unanswered_guard_s=guard)
             if token is not None:
                 otel_context.detach(token)
+            reset_body_sent_callback(send_trace)
         state.reached = True
         state.latency = clock.now() - sent_at
+        state.body_sent_s = body_sent[0] - sent_at if body_sent else None
         if state.stream:  # opened: `received` is emitted when the stream ends (_stream.py)
             state.holding = True
             state.sent_at = sent_at
-            self._observe(response.rate_limits)
+            self._observe(response.rate_limits, sent_at)
             return response
-        self._received(call, model, n, state.latency, response)
-        self._observe(response.rate_limits)
+        self._received(call, model, n, state.latency, response, state.body_sent_s)
+        self._observe(response.rate_limits, sent_at)
         return response
 
     def _received(
@@ -575,6 +609,7 @@ class CallFlow:
         n: int,
         latency: float,
         response: ProviderResponse,
+        body_sent_s: float | None,
         extra: StreamedFields | None = None,
     ) -> None:
         """Emit ``received`` for the answer of attempt ``n`` (``extra``: a stream's fields)."""
@@ -595,6 +630,7 @@ class CallFlow:
             "rate_limits": response.rate_limits,
             "service_tier": response.service_tier,
             "processing_s": response.processing_s,
+            "body_sent_s": body_sent_s,
         }
         if extra is not None:
             received["streamed"] = extra["streamed"]
@@ -605,18 +641,49 @@ class CallFlow:
             received["content"] = response.raw_content
         call.emit(EventType.RECEIVED, received)
 
-    def _observe(self, rate_limits: Mapping[str, str]) -> None:
+    def _hold(self, state: CallState) -> Callable[[], Awaitable[None]] | None:
+        """Waits until the attempt's slots may be used, when a gate granted them ahead."""
+        not_before = max(
+            (r.not_before for r in (state.rpm_res, state.tpm_res) if r is not None),
+            default=-math.inf,
+        )
+        if not_before <= self._clock.now():
+            return None
+
+        async def hold() -> None:
+            await self._clock.sleep(not_before - self._clock.now())
+
+        return hold
+
+    def _arrived_by(self, state: CallState, by: float) -> None:
+        """The attempt's request reached the provider by ``by``: its slots' windows end then."""
+        if state.rpm_res is not None and self._rpm is not None:
+            self._rpm.mark_arrived(state.rpm_res, by)
+        if state.tpm_res is not None and self._tpm is not None:
+            self._tpm.mark_arrived(state.tpm_res, by)
+
+    def _observe(self, rate_limits: Mapping[str, str], as_of: float) -> None:
+        """The provider's view, made after ``as_of``: corrects the gates.
+
+        ``as_of`` is when the attempt was handed to the SDK, not when its body was written: the
+        hook reads the time *after* the write, and the provider may have answered before that,
+        so only the hand-off is certainly earlier than the provider's report.
+        """
         if not rate_limits:
             return
         if self._rpm is not None:
             self._rpm.observe_provider(
                 to_int(rate_limits.get("x-ratelimit-remaining-requests")),
                 parse_reset(rate_limits.get("x-ratelimit-reset-requests")),
+                as_of=as_of,
+                limit=to_int(rate_limits.get("x-ratelimit-limit-requests")),
             )
         if self._tpm is not None:
             self._tpm.observe_provider(
                 to_int(rate_limits.get("x-ratelimit-remaining-tokens")),
                 parse_reset(rate_limits.get("x-ratelimit-reset-tokens")),
+                as_of=as_of,
+                limit=to_int(rate_limits.get("x-ratelimit-limit-tokens")),
             )
 
     def _cost(self, model: str, response: ProviderResponse) -> Decimal | None:

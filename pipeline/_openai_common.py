@@ -32,6 +32,7 @@ from openai._types import RequestOptions
 from ._errors import ConfigurationError, ErrorType
 from ._provider_types import ProviderError, ProviderResponse
 from ._redact import redact_text
+from ._send_time import attach_send_trace
 from ._types import GenerationRequest
 
 __all__ = [
@@ -292,6 +293,13 @@ class OpenAIProviderBase:
             ),
             timeout=httpx2.Timeout(600.0, connect=10.0),
         )
+        # The send-time hook (pipeline._send_time): when each attempt's body was written.
+        hooks = self.http_client.event_hooks
+        if attach_send_trace not in hooks["request"]:
+            self.http_client.event_hooks = {
+                **hooks,
+                "request": [*hooks["request"], attach_send_trace],
+            }
         try:
             self._client = openai.AsyncOpenAI(
                 api_key=api_key,

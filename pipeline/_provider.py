@@ -15,6 +15,8 @@ Chat Completions provider: see :mod:`pipeline._openai_common`):
 - A streamed call (:meth:`OpenAIResponsesProvider.open_stream`) sends ``stream: true`` and reads
   ``response.output_text.delta`` events for the text and the final ``response.completed`` (or
   ``response.incomplete``) event for the usage, ids and status.
+- The client carries the send-time hook (:func:`~pipeline._send_time.attach_send_trace`): an
+  attempt that set a body-sent callback learns when its body was written.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ using one API key draws from one window. Invariants:
   process that dies holding them blocks them for one lease at most (default
   ``max(2 * window_s, 30 s)``), never forever; a live process keeps them as long as it needs.
 - Window ends follow the in-process gate: ``send + send_guard_s + window`` at ``mark_sent``
-  when a guard is set, lowered by ``mark_done`` to ``end of attempt + guard + window``, never
-  raised. Local times are carried to Redis as "so long ago" and applied to Redis ``TIME``.
+  when a guard is set, lowered by ``mark_arrived`` to ``by + window`` (``by``: body written +
+  ``arrival_guard_s``, or the end of the attempt + its guard through ``mark_done``), never
+  raised. There is no grant ahead (``lead_s`` is ignored). Local times are carried to Redis
+  as "so long ago" and applied to Redis ``TIME``.
 - Arrival order: a waiter takes a ticket (``HINCRBY``) into a queue; only the head ticket may
   reserve, and the fast path is taken only when the queue is empty. Tickets carry a lease too, so
   a dead waiter is skipped after ``queue_lease_s``. The head sleeps exactly until it can fit (the
@@ -42,27 +44,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import math
 import os
 import random
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from llmtrail._log import get_logger
-
-from ._errors import ConfigurationError, LLMTrailError, ServiceClosedError, require_extra
-from ._gates import _DONE, _PENDING, _SENT, GateRequestTooLarge, GateReservation, SlidingWindowGate
-from ._redis_scripts import KEY_PARTS, register_scripts
+from ._errors import ConfigurationError, ServiceClosedError, require_extra
+from ._gates import (
+    _DONE,
+    _PENDING,
+    _SENT,
+    GateRequestTooLarge,
+    GateReservation,
+    SlidingWindowGate,
+    provider_count,
+)
+from ._redis_scripts import KEY_PARTS
+from ._redis_worker import (
+    RateLimitBackendUnavailable,
+    RedisGateIO,
+    RedisGateReservation,
+    mask_url,
+    unavailable_errors,
+)
 from .typing import Clock
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
-    from redis.commands.core import AsyncScript
 
 __all__ = [
     "RateLimitBackendUnavailable",
@@ -72,70 +81,11 @@ __all__ = [
     "mask_url",
 ]
 
-_log = get_logger(__name__)
 Fallback = Literal["fail_closed", "local"]
 _FALLBACKS = ("fail_closed", "local")
-_OUTAGE_ID = "outage"  # the one placeholder entry for other replicas' local shares
-_MAX_CONNECTIONS = 32  # per gate and process: scripts take well under a millisecond
-_BATCH = 256  # queued operations applied in one round trip
 
 
-class RateLimitBackendUnavailable(LLMTrailError):
-    """The shared rate gate cannot reach Redis and ``rate_limit_fallback`` is ``fail_closed``."""
-
-    def __init__(self, gate: str, url: str, cause: BaseException) -> None:
-        super().__init__(
-            f"the {gate} rate gate cannot reach Redis at {url} ({cause}); the call is refused so "
-            "that the shared limit is not exceeded (rate_limit_fallback='fail_closed'). Start "
-            "Redis or fix rate_limit_url, or set rate_limit_fallback='local' to fall back to "
-            "1/N of the budget per process"
-        )
-        self.gate = gate
-        self.url = url
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-
-
-@dataclass(slots=True, eq=False)
-class RedisGateReservation(GateReservation):
-    """A reservation of a shared gate; ``inner`` is set when the local fallback granted it."""
-
-    rid: str = ""
-    inner: GateReservation | None = None
-
-    @property
-    def pending(self) -> bool:
-        if self.inner is not None:
-            return self.inner.pending
-        return self.state == _PENDING
-
-    @property
-    def done(self) -> bool:
-        if self.inner is not None:
-            return self.inner.done
-        if self.state == _SENT and time.monotonic() >= self.expires_at:
-            self.state = _DONE
-        return self.state == _DONE
-
-
-def _unavailable_errors() -> tuple[type[BaseException], ...]:
-    from redis import exceptions
-
-    return (exceptions.ConnectionError, exceptions.TimeoutError, exceptions.ReadOnlyError, OSError)
-
-
-class RedisSlidingWindowGate:
+class RedisSlidingWindowGate(RedisGateIO):
     """``capacity`` units per rolling ``window_s`` seconds, shared through Redis.
 
     Every replica must use the same ``capacity`` and ``window_s`` for one ``key``. The gate's
@@ -190,6 +140,8 @@ class RedisSlidingWindowGate:
         self.key = key
         self.fallback = fallback
         self.replicas = replicas
+        self.lead_s = 0.0  # see acquire
+        self._next_walk = 0.0  # see observe_provider
         self._clock = clock
         self._guard = send_guard_s
         self._pending_lease_s = (
@@ -207,8 +159,8 @@ class RedisSlidingWindowGate:
         self._channel = f"{base}:wake"
         lease_ms = max(self._pending_lease_s, queue_lease_s, window_s + (send_guard_s or 1.0))
         self._ttl_ms = int(2000 * lease_ms) + 1000
-        self._client: Redis | None = None
-        self._scripts: dict[str, AsyncScript] = {}
+        self._client = None
+        self._scripts = {}
         self._local = (
             SlidingWindowGate(
                 name, capacity // replicas, window_s, clock=clock, send_guard_s=send_guard_s
@@ -235,46 +187,14 @@ class RedisSlidingWindowGate:
         self._closing = False
         self._closed = False
 
-    # -- connection ---------------------------------------------------------------------
-
-    def _redis(self) -> Redis:
-        if self._client is None:
-            from redis.asyncio import BlockingConnectionPool, Redis
-
-            connect, command = self._timeouts
-            # A bounded pool that makes callers queue for a connection: 10,000 concurrent
-            # acquires must not open 10,000 connections (redis-py's default pool fails past
-            # 100). redis-py does not retry by default: a failed call is retried by the worker
-            # (in order) or reported by acquire, never repeated behind our back.
-            pool = BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=_MAX_CONNECTIONS,
-                # The wait for a free pooled connection is bounded too: with a Redis that
-                # accepts connections and never answers, every pooled connection is stuck in
-                # its socket timeout and an unbounded wait would queue callers for minutes
-                # (fail_closed then refused almost none). The command timeout is generous for
-                # queueing behind healthy scripts (well under a millisecond each).
-                timeout=command,
-                socket_connect_timeout=connect,
-                socket_timeout=command,
-            )
-            self._client = Redis.from_pool(pool)
-            self._scripts = register_scripts(self._client)
-        return self._client
-
-    async def _run(self, script: str, *args: Any) -> Any:
-        client = self._redis()
-        return await self._scripts[script](self._keys, [self._channel, self._ttl_ms, *args], client)
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     # -- acquiring ----------------------------------------------------------------------
 
     async def acquire(self, amount: int) -> RedisGateReservation:
+        """Reserve ``amount`` units in the shared window, FIFO across every process.
+
+        :attr:`lead_s` is kept for the in-process gate's interface and not used: a shared gate
+        never grants ahead (its grants carry no ``not_before``).
+        """
         if amount > self.capacity:
             raise GateRequestTooLarge(self.name, amount, self.capacity)
         if self._closing:
@@ -285,7 +205,7 @@ class RedisSlidingWindowGate:
             if not self._on_local:
                 try:
                     return await self._acquire_shared(amount, start)
-                except _unavailable_errors() as exc:
+                except unavailable_errors() as exc:
                     if self._local is None:
                         raise RateLimitBackendUnavailable(
                             self.name, mask_url(self.url), exc
@@ -409,27 +329,28 @@ class RedisSlidingWindowGate:
         if self._mirror(res):
             self._enqueue("settle", res.rid, res.amount, time.monotonic(), self._guard)
 
-    def mark_done(self, reservation: GateReservation, *, unanswered_guard_s: float = 0.0) -> None:
-        """The attempt is over: its window ends at now + guard + window, if that is earlier.
-
-        With an answer the request has arrived, so the guard is 0; without one (timeout,
-        dropped, cancelled) it may still arrive and the caller passes a guard. Idempotent.
-        """
+    def mark_arrived(self, reservation: GateReservation, by: float) -> None:
+        """The request reached the provider no later than ``by`` (clock time, may be in the
+        future): its window ends at ``by + window``. Lowers the end, never raises it."""
         res = self._shared(reservation)
         if res.inner is not None:
-            # Through getattr: the in-process gate gained mark_done with send_guard_s=None.
-            local_done = getattr(self._local_gate(), "mark_done", None)
-            if local_done is not None:
-                local_done(res.inner, unanswered_guard_s=unanswered_guard_s)
+            self._local_gate().mark_arrived(res.inner, by)
         if res.state != _SENT or res.done:
             return
-        ends = time.monotonic() + unanswered_guard_s + self.window_s
+        ahead_s = by - self._clock.now()  # the gate's own times are time.monotonic()
+        ends = time.monotonic() + ahead_s + self.window_s
         if ends >= res.expires_at:
             return
         res.expires_at = ends
         self._leased.discard(res)
         if self._mirror(res):
-            self._enqueue("settle", res.rid, res.amount, time.monotonic(), unanswered_guard_s)
+            self._enqueue("settle", res.rid, res.amount, time.monotonic(), ahead_s)
+
+    def mark_done(self, reservation: GateReservation, *, unanswered_guard_s: float = 0.0) -> None:
+        """The attempt is over: with an answer the request has arrived by now; without one
+        (timeout, dropped, cancelled) it may still arrive and the caller passes a guard.
+        Idempotent; an earlier :meth:`mark_arrived` stands."""
+        self.mark_arrived(reservation, self._clock.now() + unanswered_guard_s)
 
     def release(self, reservation: GateReservation) -> None:
         """Give the units back: the provider never counted them."""
@@ -457,28 +378,49 @@ class RedisSlidingWindowGate:
         if res.state != _DONE and self._mirror(res):
             self._enqueue("reconcile", res.rid, actual)
 
-    def observe_provider(self, remaining: int | None, reset_s: float | None) -> None:
-        """Believe the provider when its headers show less room than the gate thinks it has.
+    def observe_provider(
+        self,
+        remaining: int | None,
+        reset_s: float | None,
+        *,
+        as_of: float | None = None,
+        limit: int | None = None,
+    ) -> None:
+        """Correct the shared view with the provider's headers, both ways (in one script).
 
-        The gate then holds back the difference (the *deficit*: someone else uses this key)
-        until the reported reset. Unlike the in-process gate, which admits only ``remaining``
-        more until the reset, units that end in the meantime still free room: each of our
-        windows ends no earlier than the provider's, so the provider has freed them too. A
-        report that is merely late (two replicas, a busy loop) then costs a few units for one
-        window rather than stalling every replica until the whole window has drained.
+        Less room than ours: the gate holds back the difference (the *deficit*: someone else
+        uses this key) until the reported reset; units that end in the meantime still free room,
+        since each of our windows ends no earlier than the provider's. A report that is merely
+        late (two replicas, a busy loop) then costs a few units for one window rather than
+        stalling every replica until the whole window has drained.
+
+        More room than ours, with ``as_of`` (clock time before which the answering request had
+        not arrived) and ``limit`` (the provider's per-minute limit): the oldest units that
+        certainly arrived before the report and that the provider no longer counts are freed,
+        as in :meth:`~pipeline._gates.SlidingWindowGate.observe_provider`.
         """
         if remaining is None or reset_s is None:
             return
         if self._local is not None:
             self._local.observe_provider(remaining // self.replicas, reset_s)
         if not self._on_local:
+            now = time.monotonic()
+            as_of_mono = None
+            counted = -1
+            # The credit walks the shared window in Redis: at most 100 times per window.
+            if as_of is not None and limit is not None and now >= self._next_walk:
+                self._next_walk = now + self.window_s / 100
+                as_of_mono = now - (self._clock.now() - as_of)
+                counted = provider_count(limit, remaining, self.window_s)
             self._enqueue(
                 "observe",
                 remaining,
                 int(max(reset_s, 0.0) * 1000),
                 int((self._guard or 0.0) * 1000),
                 self.capacity,
-                time.monotonic(),
+                counted,
+                as_of_mono,
+                now,
             )
 
     def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int:
@@ -529,255 +471,6 @@ class RedisSlidingWindowGate:
     def on_local_fallback(self) -> bool:
         """True while Redis is unreachable and the local 1/N gate serves this process."""
         return self._on_local
-
-    # -- the worker: Redis operations in order, heartbeats, probes -----------------------
-
-    def _enqueue(self, op: str, *args: Any) -> None:
-        if self._closed:  # after aclose: nothing to keep in step any more
-            return
-        self._ops.append((op, args, time.monotonic()))
-        self._idle.clear()
-        self._wake.set()
-        self._ensure_worker()
-
-    def _ensure_worker(self) -> None:
-        if self._worker is None or self._worker.done():
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop yet (e.g. preload before start): applied on first use
-                return
-            self._worker = loop.create_task(self._work())
-
-    async def start(self) -> None:
-        """Connect and load the scripts now rather than on the first call.
-
-        Redis unreachable: raises :class:`RateLimitBackendUnavailable` with ``fail_closed``,
-        switches to the local share (with the one warning) with ``local``.
-        """
-        if self._on_local:
-            return
-        try:
-            client = self._redis()
-            await client.ping()
-            for script in self._scripts.values():
-                await client.script_load(script.script)
-        except _unavailable_errors() as exc:
-            if self._local is None:
-                raise RateLimitBackendUnavailable(self.name, mask_url(self.url), exc) from exc
-            self._go_local(exc)
-
-    async def flush(self) -> None:
-        """Return once every operation issued before the call has been applied in Redis.
-
-        That includes the clean-up of waiters cancelled while their script call was in flight.
-        While Redis is unreachable this waits until the operations are applied or dropped.
-        """
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
-        self._ensure_worker()
-        while self._ops:
-            await self._idle.wait()
-
-    async def _work(self) -> None:
-        unavailable = _unavailable_errors()
-        backoff = 0.05
-        next_beat = time.monotonic() + self._heartbeat_s
-        while True:
-            now = time.monotonic()
-            if now >= next_beat:  # before the operations, so a steady stream cannot starve it
-                next_beat = now + (self._probe_s if self._on_local else self._heartbeat_s)
-                try:
-                    await (self._probe() if self._on_local else self._renew())
-                except unavailable:
-                    pass  # retried at the next beat
-                except Exception:
-                    _log.exception("shared gate heartbeat failed", gate=self.name)
-            if self._ops:
-                batch = list(itertools.islice(self._ops, _BATCH))
-                try:
-                    await self._apply(batch)
-                except unavailable:
-                    while self._ops and time.monotonic() - self._ops[0][2] > self._pending_lease_s:
-                        # Moot by now: a pending lease lapsed, a sent entry expired.
-                        op = self._ops.popleft()[0]
-                        _log.debug("shared gate operation dropped", gate=self.name, op=op)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 1.0)
-                    continue
-                except Exception:  # a bug: report it and keep the worker going
-                    _log.exception("shared gate operations failed", gate=self.name)
-                for _ in batch:
-                    self._ops.popleft()
-                backoff = 0.05
-                continue
-            self._idle.set()
-            if self._closing or not (self._on_local or self._leased or self._tickets):
-                return  # idle: started again by the next operation or acquire
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(next_beat - now):
-                    await self._wake.wait()
-
-    async def _apply(self, batch: list[tuple[str, tuple[Any, ...], float]]) -> None:
-        """Apply queued operations in order, in one round trip (a pipeline, not a transaction:
-        each script is atomic by itself, and every operation is idempotent, so a batch that
-        failed half way is simply applied again)."""
-        from redis.exceptions import NoScriptError
-
-        client = self._redis()
-        keys = self._keys
-        window_ms = int(self.window_s * 1000)
-        for _ in range(2):
-            # EVALSHA straight into the pipeline: registering the scripts with it would cost
-            # a SCRIPT EXISTS round trip per batch. A server that lost its script cache
-            # (restarted) answers NOSCRIPT: load them and apply the batch again.
-            pipe = client.pipeline(transaction=False)
-            for op, args, _ in batch:
-                if op == "settle":
-                    rid, amount, at, guard_s = args
-                    lag_ms = int((time.monotonic() - at) * 1000)
-                    args = (rid, amount, lag_ms, int(guard_s * 1000), window_ms)
-                elif op == "observe":
-                    *head, at = args
-                    args = (*head, int((time.monotonic() - at) * 1000))
-                sha = self._scripts[op].sha
-                pipe.evalsha(sha, len(keys), *keys, self._channel, self._ttl_ms, *args)
-            results = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, NoScriptError) for r in results):
-                break
-            for script in self._scripts.values():
-                await client.script_load(script.script)
-        unavailable = _unavailable_errors()
-        for (op, _, _), result in zip(batch, results, strict=True):
-            if isinstance(result, unavailable):
-                raise result
-            if isinstance(result, Exception):
-                _log.error("shared gate operation failed", gate=self.name, op=op, error=str(result))
-            elif op != "import":  # every other script returns the shared count
-                self._used = int(result)
-
-    async def _renew(self) -> None:
-        leased = [x for r in self._leased for x in (r.rid, r.amount)]
-        if not leased and not self._tickets:
-            return
-        self._used = int(
-            await self._run(
-                "renew",
-                int(self._pending_lease_s * 1000),
-                int(self._queue_lease_s * 1000),
-                len(leased) // 2,
-                *leased,
-                *self._tickets,
-            )
-        )
-
-    async def _probe(self) -> None:
-        """On the local fallback: is Redis back? Then carry our units over and switch back."""
-        await self._redis().ping()
-        now = self._clock.now()
-        entries: list[Any] = []
-        for res in list(self._local_live):
-            inner = res.inner
-            if inner is None or inner.done:
-                self._local_live.discard(res)
-                continue
-            if inner.pending or math.isinf(inner.expires_at):  # no window end yet: leased
-                entries += [res.rid, 1, res.amount, 1]
-            else:
-                entries += [res.rid, int((inner.expires_at - now) * 1000) + 1, res.amount, 0]
-        others = (self.replicas - 1) * (self.capacity // self.replicas)
-        if others:
-            # The other replicas may still be on their local share until their own probe.
-            hold_ms = int((self.window_s + (self._guard or 1.0) + 2 * self._probe_s) * 1000)
-            entries += [_OUTAGE_ID, hold_ms, others, 0]
-        await self._run("import", 0, int(self._pending_lease_s * 1000), *entries)
-        for res in self._local_live:  # adopted as leased entries: renewed from now on
-            if res.inner is not None and (res.pending or math.isinf(res.inner.expires_at)):
-                self._leased.add(res)
-                self._pending_units += res.amount if res.pending else 0
-        self._local_live -= self._leased
-        self._on_local = False
-        _log.info("shared rate gate is back on Redis", gate=self.name, url=mask_url(self.url))
-
-    def _go_local(self, exc: BaseException) -> None:
-        if self._on_local:
-            return
-        self._on_local = True
-        _log.warning(
-            "Redis unreachable: rate gate falls back to a local share of the budget",
-            gate=self.name,
-            url=mask_url(self.url),
-            error=str(exc),
-            local_capacity=self.capacity // self.replicas,
-            replicas=self.replicas,
-        )
-        self._ensure_worker()  # probes Redis until it is back
-
-    # -- wake-ups -----------------------------------------------------------------------
-
-    def _ensure_listener(self) -> None:
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.get_running_loop().create_task(self._listen())
-
-    async def _listen(self) -> None:
-        """Wake the local waiter whose ticket a message names; runs while tickets wait."""
-        unavailable = _unavailable_errors()
-        while self._tickets and not self._closing:
-            pubsub = self._redis().pubsub()
-            try:
-                await pubsub.subscribe(self._channel)
-                for event in self._tickets.values():  # messages before subscribing were missed
-                    event.set()
-                while self._tickets and not self._closing:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-                    if message is not None:
-                        woken = self._tickets.get(int(message["data"]))
-                        if woken is not None:
-                            woken.set()
-            except unavailable:
-                await asyncio.sleep(0.1)  # waiters poll meanwhile
-            finally:
-                with contextlib.suppress(*unavailable):
-                    await pubsub.aclose()
-
-    # -- closing ------------------------------------------------------------------------
-
-    async def aclose(self, timeout_s: float = 5.0) -> None:
-        """Apply queued operations (up to ``timeout_s`` if Redis is down), then disconnect."""
-        if self._closed:
-            return
-        self._closing = True
-        deadline = time.monotonic() + timeout_s
-        late: set[asyncio.Task[Any]] = set()
-        if self._listener is not None:  # wake-ups only: nothing to drain
-            self._listener.cancel()
-            late.add(self._listener)
-        if self._tasks:  # script calls of cancelled waiters: their clean-up is queued on landing
-            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
-            late |= pending
-        if self._ops or self._worker is not None:
-            self._ensure_worker()
-            self._wake.set()
-            if self._worker is not None:
-                remaining = max(deadline - time.monotonic(), 0.0)
-                _, pending = await asyncio.wait([self._worker], timeout=remaining)
-                late |= pending
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
-        if self._worker is not None and self._worker.done() and not self._worker.cancelled():
-            self._worker.exception()  # retrieved: errors were logged where they happened
-        if self._ops:
-            _log.warning(
-                "shared gate closed with operations not applied",
-                gate=self.name,
-                dropped=len(self._ops),
-            )
-            self._ops.clear()
-        self._closed = True
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
 
 def create_gate(

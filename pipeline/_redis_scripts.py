@@ -195,11 +195,15 @@ return purge()
 """
 )
 
-# ARGV: 3 remaining, 4 reset ms, 5 guard ms, 6 capacity, 7 ms since the report.
+# ARGV: 3 remaining, 4 reset ms, 5 guard ms, 6 capacity, 7 units the provider counts in its
+# window (-1: unknown), 8 ms since the report, 9 ms since as_of (-1: none), 10 window ms.
+# Less room than ours: a deficit until the reset. More room: the oldest sent entries that
+# arrived before as_of (window end <= as_of + window) and that the provider no longer counts
+# are freed, a prefix in end order, so what stays covers its count.
 _OBSERVE = (
     _PRELUDE
     + """
-local at = now - tonumber(ARGV[7])
+local at = now - tonumber(ARGV[8])
 local recent = 0
 chunks(redis.call('ZRANGEBYSCORE', sent, '(' .. at, now), function(c)
   for _, a in ipairs(redis.call('HMGET', amt, unpack(c))) do
@@ -209,12 +213,36 @@ end)
 local used = purge()
 -- Compared with what we held when the report was made: entries that ended since would make a
 -- report that was merely late look like a provider with less room than us.
-local deficit = tonumber(ARGV[6]) - used - recent - math.max(tonumber(ARGV[3]), 0)
-if deficit <= 0 then return used end
-redis.call('HSET', state, 'deficit', deficit,
-           'deficit_until', at + tonumber(ARGV[4]) + tonumber(ARGV[5]))
+local deficit = tonumber(ARGV[6]) - math.max(tonumber(ARGV[3]), 0) - used - recent
+if deficit > 0 then
+  redis.call('HSET', state, 'deficit', deficit,
+             'deficit_until', at + tonumber(ARGV[4]) + tonumber(ARGV[5]))
+  touch()
+  return used
+end
+redis.call('HDEL', state, 'deficit', 'deficit_until')  -- a newer report explains all usage
+local counted, since = tonumber(ARGV[7]), tonumber(ARGV[9])
+if counted < 0 or since < 0 or redis.call('ZCARD', queue) == 0 then return used end
+local ids = redis.call('ZRANGEBYSCORE', sent, '-inf', now - since + tonumber(ARGV[10]) + 1)
+local amounts, total = {}, 0
+chunks(ids, function(c)
+  for _, a in ipairs(redis.call('HMGET', amt, unpack(c))) do
+    amounts[#amounts + 1] = tonumber(a) or 0
+    total = total + (tonumber(a) or 0)
+  end
+end)
+local excess = total - counted
+local gone = {}
+for i = 1, #ids do
+  if amounts[i] > excess then break end
+  excess = excess - amounts[i]
+  gone[#gone + 1] = ids[i]
+end
+if #gone == 0 then return used end
+free(sent, gone)
+wake()
 touch()
-return used
+return tonumber(redis.call('HGET', state, 'used')) or 0
 """
 )
 

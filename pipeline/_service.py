@@ -53,6 +53,7 @@ from ._clock import LoopClock
 from ._errors import ConfigurationError, ServiceClosedError
 from ._events import default_instance
 from ._flow import AnyGate, CallFlow
+from ._gates import DEFAULT_ARRIVAL_GUARD_S
 from ._portal import call_on_loop
 from ._pricing import PriceTable
 from ._redact import register_secret
@@ -161,6 +162,7 @@ class BaseLLMService:
         default_max_output_tokens: int = 1024,
         send_guard_s: float | None = None,
         unanswered_guard_s: float = 1.0,
+        arrival_guard_s: float = DEFAULT_ARRIVAL_GUARD_S,
         retry_backoff_base_s: float = 0.5,
         retry_backoff_max_s: float = 20.0,
         max_retry_wait_s: float = 60.0,
@@ -202,6 +204,7 @@ class BaseLLMService:
                 "default_max_output_tokens": default_max_output_tokens,
                 "send_guard_s": send_guard_s,
                 "unanswered_guard_s": unanswered_guard_s,
+                "arrival_guard_s": arrival_guard_s,
             },
         )
         self.retry_settings = merge(
@@ -236,6 +239,7 @@ class BaseLLMService:
         self.request_timeout_s = float(rs.request_timeout_s)
         default_max_output_tokens = lim.default_max_output_tokens
         send_guard_s, unanswered_guard_s = lim.send_guard_s, lim.unanswered_guard_s
+        arrival_guard_s = lim.arrival_guard_s
         max_attempts = rs.max_attempts
         # None: the standard OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT decides.
         self.capture_content = _env_capture() if capture_content is None else capture_content
@@ -328,6 +332,7 @@ class BaseLLMService:
             "default_max_output_tokens": default_max_output_tokens,
             "send_guard_s": send_guard_s,
             "unanswered_guard_s": unanswered_guard_s,
+            "arrival_guard_s": arrival_guard_s,
         }
         self._meter = RateMeter()
         self._backlog: set[EventSink] = set()
@@ -352,6 +357,7 @@ class BaseLLMService:
             unanswered_guard_s=self._unanswered_guard_s,
             trace_http=self._trace_http,
             resource=self._resource,
+            arrival_guard_s=float(arrival_guard_s),
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._portal: threading.Thread | None = None

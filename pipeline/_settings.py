@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Final, TypeVar
 
 from ._errors import ConfigurationError
+from ._gates import DEFAULT_ARRIVAL_GUARD_S
 
 __all__ = [
     "ENVIRONMENT",
@@ -109,7 +110,9 @@ class Limits:
 
     ``max_rpm``/``max_tpm`` None means no gate; ``rpm_window_seconds`` is the gates' window;
     ``send_guard_s`` caps how long an unanswered attempt keeps its slot (None: until it ends);
-    ``unanswered_guard_s`` how long a slot outlives an attempt that ended without an answer.
+    ``unanswered_guard_s`` how long a slot outlives an attempt that ended without an answer;
+    ``arrival_guard_s`` the bound on network delay from the written request body to the
+    provider (a slot's window starts at most that long after the body was written).
     """
 
     max_rpm: int | None = None
@@ -119,6 +122,7 @@ class Limits:
     default_max_output_tokens: int = 1024
     send_guard_s: float | None = None
     unanswered_guard_s: float = 1.0
+    arrival_guard_s: float = DEFAULT_ARRIVAL_GUARD_S
 
     def __post_init__(self) -> None:
         check_number("max_rpm", self.max_rpm, integer=True, low=1, none=True)
@@ -136,6 +140,7 @@ class Limits:
         )
         check_number("send_guard_s", self.send_guard_s, high=_DAY_S, none=True)
         check_number("unanswered_guard_s", self.unanswered_guard_s, high=_DAY_S)
+        check_number("arrival_guard_s", self.arrival_guard_s, high=_DAY_S)
 
 
 @dataclass(frozen=True, slots=True)

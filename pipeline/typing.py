@@ -165,6 +165,7 @@ class Reservation(Protocol):
     amount: int
     waited_s: float
     waiters_ahead: int
+    not_before: float
 
     @property
     def pending(self) -> bool: ...
@@ -178,16 +179,21 @@ class GateBackend(Protocol):
 
     ``acquire`` is one atomic check-and-reserve, FIFO among waiters, cancellation-safe: a
     cancelled waiter leaves nothing behind. A reservation is *pending* (it never expires)
-    until :meth:`mark_sent` starts its window at the real send time; :meth:`release` gives it
-    back when the provider never counted it, :meth:`reconcile` corrects its amount.
+    until :meth:`mark_sent`; a sent one ends one window after the earliest bound on its arrival
+    (:meth:`mark_arrived`: body written + ``arrival_guard_s``; :meth:`mark_done`: the answer).
+    :meth:`release` gives it back when the provider never counted it, :meth:`reconcile`
+    corrects its amount.
     """
 
     capacity: int
     window_s: float
+    lead_s: float
 
     async def acquire(self, amount: int) -> Reservation: ...
 
     def mark_sent(self, reservation: Reservation) -> None: ...
+
+    def mark_arrived(self, reservation: Reservation, by: float) -> None: ...
 
     def mark_done(self, reservation: Reservation, *, unanswered_guard_s: float = 0.0) -> None: ...
 
@@ -195,7 +201,14 @@ class GateBackend(Protocol):
 
     def reconcile(self, reservation: Reservation, actual: int) -> None: ...
 
-    def observe_provider(self, remaining: int | None, reset_s: float | None) -> None: ...
+    def observe_provider(
+        self,
+        remaining: int | None,
+        reset_s: float | None,
+        *,
+        as_of: float | None = None,
+        limit: int | None = None,
+    ) -> None: ...
 
     def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int: ...
 

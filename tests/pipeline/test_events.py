@@ -39,6 +39,7 @@ ADDED_SINCE_PREVIOUS_LAYOUT = frozenset(
         "stream",
         "api",
         "processing_s",
+        "body_sent_s",
     }
 )
 

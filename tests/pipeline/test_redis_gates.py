@@ -261,6 +261,36 @@ async def test_an_attempt_in_flight_holds_its_unit_until_it_is_done(backend: Bac
     await asyncio.wait_for(waiter, 10)
 
 
+async def test_a_body_sent_bound_ends_the_window_before_the_answer(backend: Backend) -> None:
+    gate = backend.gate(capacity=1, window_s=0.6, guard_s=None)
+    res = await gate.acquire(1)
+    gate.mark_sent(res)
+    waiter = asyncio.create_task(backend.peer(gate).acquire(1))
+    await wait_until(lambda: backend.queued(gate) == 1)
+    await asyncio.sleep(0.8)
+    assert not waiter.done()  # in flight with no bound on its arrival: it still counts
+    # The body was written 0.7 s ago and arrived within a 0.05 s guard: the window has ended,
+    # though no answer came.
+    gate.mark_arrived(res, asyncio.get_running_loop().time() - 0.65)
+    await asyncio.wait_for(waiter, 10)
+
+
+async def test_a_provider_with_more_room_frees_units_that_arrived(backend: Backend) -> None:
+    gate = backend.gate(capacity=4, window_s=5.0, guard_s=None)
+    now = asyncio.get_running_loop().time()
+    for _ in range(4):
+        res = await gate.acquire(1)
+        gate.mark_sent(res)
+        gate.mark_arrived(res, now)
+    waiter = asyncio.create_task(backend.peer(gate).acquire(1))
+    await wait_until(lambda: backend.queued(gate) == 1)
+    # 48 per minute is 4 per 5 s window; 2 remain: the provider counts 2 of our 4 units.
+    gate.observe_provider(2, 5.0, as_of=now + 0.01, limit=48)
+    await asyncio.wait_for(waiter, 10)
+    await backend.applied()
+    assert backend.used(gate) == 3
+
+
 async def test_release_returns_units_and_wakes_the_head(backend: Backend) -> None:
     gate = backend.gate(capacity=2)
     a = await gate.acquire(2)
@@ -342,7 +372,7 @@ async def test_gate_believes_the_provider_when_it_reports_less_room(backend: Bac
     await asyncio.wait_for(waiter, 10)  # admitted once the provider's reset has passed
 
 
-async def test_provider_report_with_more_room_is_ignored(backend: Backend) -> None:
+async def test_a_report_of_more_room_without_its_send_time_is_ignored(backend: Backend) -> None:
     gate = backend.gate(capacity=2)
     gate.observe_provider(remaining=100, reset_s=1.0)
     await backend.applied()
