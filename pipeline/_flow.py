@@ -48,6 +48,7 @@ from ._events import (
 )
 from ._gates import (
     DEFAULT_ARRIVAL_GUARD_S,
+    GRANT_LEAD_S,
     GateRequestTooLarge,
     GateReservation,
     SlidingWindowGate,
@@ -70,10 +71,6 @@ __all__ = ["AnyGate", "CallFlow", "coerce_request"]
 AnyGate = SlidingWindowGate | RedisSlidingWindowGate
 
 _log = get_logger(__name__)
-# How far ahead of the moment its units fit a gate may grant an attempt, once the send-time hook
-# has shown it can hold the request until then (see SlidingWindowGate.acquire): the SDK's own
-# time from the grant to the write (tens of ms on a busy host) is then not lost per slot.
-_GRANT_LEAD_S = 0.1
 
 
 class CallFlow:
@@ -500,7 +497,7 @@ class CallFlow:
                 self._hook_seen = True
                 for gate in (rpm, tpm):
                     if gate is not None:
-                        gate.lead_s = _GRANT_LEAD_S
+                        gate.lead_s = GRANT_LEAD_S
             self._arrived_by(state, body_sent[0] + self._arrival_guard_s)
 
         send_trace = set_body_sent_callback(on_body_sent, self._hold(state))

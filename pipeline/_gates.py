@@ -59,6 +59,10 @@ __all__ = [
 #: (README, "How the gates work"). It covers the network's one-way delay and the provider's
 #: front door; widen it (``arrival_guard_s=``) for a slow or lossy network.
 DEFAULT_ARRIVAL_GUARD_S = 0.1
+# How far ahead of the moment its units fit a gate may grant an attempt, once the send-time hook
+# has shown it can hold the request until then (see SlidingWindowGate.acquire): the SDK's own
+# time from the grant to the write (tens of ms on a busy host) is then not lost per slot.
+GRANT_LEAD_S = 0.1
 
 _PENDING, _SENT, _DONE = 0, 1, 2
 # Added to every window end: the provider's clock ticks on its own and a boundary tie must

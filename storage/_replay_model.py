@@ -55,6 +55,7 @@ class ReplaySettings:
     max_retry_wait_s: float = 60.0
     send_guard_s: float | None = None
     unanswered_guard_s: float = 1.0
+    arrival_guard_s: float = 0.1
     scale: float = 1.0
     scale_method: str = "compress"
     seed: int = 0
@@ -87,6 +88,7 @@ class ReplaySettings:
             "provider_429_latency_s",
             "send_guard_s",
             "unanswered_guard_s",
+            "arrival_guard_s",
             "client_cpu_s",
             "backoff_base_s",
             "backoff_max_s",
@@ -144,6 +146,7 @@ class ReplaySettings:
             max_attempts=s.max_attempts,
             send_guard_s=s.send_guard_s,
             unanswered_guard_s=s.unanswered_guard_s,
+            arrival_guard_s=s.arrival_guard_s,
         )
         return base.with_(**overrides)
 

@@ -53,6 +53,7 @@ from llmtrail.pipeline import (
     RetryPolicy,
     SlidingWindowGate,
 )
+from llmtrail.pipeline._gates import GRANT_LEAD_S
 
 from ._replay_figures import Run
 from ._replay_model import FaultModel, ProviderModel, ReplaySettings
@@ -168,6 +169,15 @@ class Simulation:
             if settings.max_tpm
             else None
         )
+        # A recording made with the send-time hook had gates that grant ahead and requests
+        # held at the wire until their slots' time (the service's rule): replay that too.
+        self.hooked = any(
+            a.body_sent_s is not None for c in workload.calls[:1000] for a in c.attempts
+        )
+        if self.hooked:
+            for gate in (self.rpm, self.tpm):
+                if gate is not None:
+                    gate.lead_s = GRANT_LEAD_S
         self.sem = FairSemaphore(settings.max_concurrent_requests)
 
     async def main(self) -> Run:
@@ -256,11 +266,27 @@ class Simulation:
             run.retry_gate_waits.append((ready, now))
         return rpm_res
 
-    def _mark_sent(self, rpm_res: GateReservation | None, tpm_res: GateReservation | None) -> None:
-        if rpm_res is not None and self.rpm is not None:
-            self.rpm.mark_sent(rpm_res)
-        if tpm_res is not None and self.tpm is not None:
-            self.tpm.mark_sent(tpm_res)
+    async def _send(
+        self,
+        rpm_res: GateReservation | None,
+        tpm_res: GateReservation | None,
+        hooked: bool,
+    ) -> None:
+        """The attempt leaves, as the service's ``_send`` does: held at the wire until its
+        slots' time when a gate granted them ahead, then, if the recording had the send-time
+        hook (``hooked``), its windows start at most ``arrival_guard_s`` after that (the body's
+        write itself, milliseconds, is within the guard)."""
+        held = max((r.not_before for r in (rpm_res, tpm_res) if r is not None), default=-math.inf)
+        for gate, res in ((self.rpm, rpm_res), (self.tpm, tpm_res)):
+            if res is not None and gate is not None:
+                gate.mark_sent(res)
+        if held > self.clock.now():
+            await self.clock.sleep(held - self.clock.now())
+        if hooked:
+            by = self.clock.now() + self.settings.arrival_guard_s
+            for gate, res in ((self.rpm, rpm_res), (self.tpm, tpm_res)):
+                if res is not None and gate is not None:
+                    gate.mark_arrived(res, by)
         self.run.requests += 1
 
     def _mark_done(
@@ -351,11 +377,7 @@ class Simulation:
                     rpm_res = await self._permit(index, n, rpm_res)
                 # The permit is held for the attempt only, as the service's _attempt does.
                 try:
-                    if rpm_res is not None and rpm is not None:
-                        rpm.mark_sent(rpm_res)
-                    if tpm_res is not None and tpm is not None:
-                        tpm.mark_sent(tpm_res)
-                    run.requests += 1
+                    await self._send(rpm_res, tpm_res, attempt.body_sent_s is not None)
                     if cpu is not None:
                         await self._client_cpu()
                         seconds = attempt_time(attempt, True)
@@ -442,7 +464,7 @@ class Simulation:
                 rpm_res = await self._permit(index, n, rpm_res)
                 retry_wait: float | None = None
                 try:
-                    self._mark_sent(rpm_res, tpm_res)
+                    await self._send(rpm_res, tpm_res, self.hooked)
                     if cpu:
                         await self._client_cpu()
                     reached = True

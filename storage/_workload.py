@@ -81,6 +81,9 @@ class RecordedAttempt(NamedTuple):
     status: int | None = None
     limit_hit: bool = False  # a 429 because the provider's window was full
     retryable: bool = True
+    # From ``sent`` to the request body written (the send-time hook), if recorded: the gates
+    # start the slot's window at most arrival_guard_s after it, as the service does.
+    body_sent_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,7 @@ class RecordedSettings:
     default_max_output_tokens: int = 1024
     send_guard_s: float | None = None
     unanswered_guard_s: float = 1.0
+    arrival_guard_s: float = 0.1
 
 
 class RecordedCall(NamedTuple):
@@ -164,6 +168,7 @@ _LIMIT_KEYS = (
     "default_max_output_tokens",
     "send_guard_s",
     "unanswered_guard_s",
+    "arrival_guard_s",
 )
 # Limits whose recorded None means "off" rather than "not recorded".
 _NONE_MEANS_OFF = frozenset({"max_rpm", "max_tpm", "send_guard_s"})
@@ -224,6 +229,7 @@ class _Result(NamedTuple):
     provider_s: float | None = None
     room: tuple[int | None, int | None] = (None, None)  # remaining requests, tokens (429s)
     retryable: bool = True
+    body_sent_s: float | None = None
 
 
 class _Done(NamedTuple):
@@ -265,6 +271,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "response_model",
         "processing_s",
         *_LIMIT_HEADERS,
+        "body_sent_s",
     ),
     str(EventType.ATTEMPT_FAILED): (
         "attempt",
@@ -276,6 +283,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "rate_limits.x-ratelimit-remaining-requests",
         "rate_limits.x-ratelimit-remaining-tokens",
         *_LIMIT_HEADERS,
+        "body_sent_s",
     ),
     str(EventType.RETRY_SCHEDULED): ("attempt", "wait_s"),
     str(EventType.UNMARKED): ("gate", "attempt", "reason"),
@@ -389,6 +397,7 @@ class WorkloadBuilder:
                 reasoning or 0,
                 rmodel,
                 processing,
+                body_sent_s=values[-1],
             )
             if call_id in first:
                 add(call_id, result)
@@ -417,6 +426,7 @@ class WorkloadBuilder:
                     None,
                     (_number(left_r), _number(left_t)),
                     retryable is not False,
+                    values[-1],
                 ),
             )
 
@@ -494,7 +504,17 @@ class WorkloadBuilder:
         if not waits and not unreached and len(results) == 1 and results[0].error_type is None:
             r = results[0]  # the common case, fast
             attempts: tuple[RecordedAttempt, ...] = (
-                RecordedAttempt(r.latency_s, None, None, True, True, None, r.provider_s, r.status),
+                RecordedAttempt(
+                    r.latency_s,
+                    None,
+                    None,
+                    True,
+                    True,
+                    None,
+                    r.provider_s,
+                    r.status,
+                    body_sent_s=r.body_sent_s,
+                ),
             )
         else:
             attempts = tuple(
@@ -510,6 +530,7 @@ class WorkloadBuilder:
                         r.status,
                         r.status == 429 and r.error_type == _RATE_LIMITED and _no_room(r, counted),
                         r.retryable,
+                        r.body_sent_s,
                     )
                     for r in results
                 ]
