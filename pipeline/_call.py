@@ -18,11 +18,14 @@ import math
 import random
 import traceback
 from collections.abc import Sequence
+from contextvars import Token
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, cast, overload
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
+from opentelemetry.context import Context
 
 from llmtrail._log import get_logger
 
@@ -41,6 +44,7 @@ from ._events import (
     SentPayload,
     TraceCreatedPayload,
     UnmarkedPayload,
+    child_span_id,
     new_event_id,
 )
 from ._gates import GateReservation
@@ -171,6 +175,19 @@ class CallStream:
                     event_type=str(type_),
                     traceback=plain_traceback(),
                 )
+
+    def enter_attempt_span(self, attempt: int) -> Token[Context]:
+        """Make attempt ``attempt``'s span (its id derived as the span builder derives it)
+        current, so the HTTP client's span nests under it; returns the token to detach."""
+        span_context = otel_trace.SpanContext(
+            int(self.trace_id, 16),
+            int(child_span_id(self.span_id, f"attempt/{attempt}"), 16),
+            is_remote=False,
+            trace_flags=self.trace_flags,
+        )
+        return otel_context.attach(
+            otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(span_context))
+        )
 
     async def durable(self) -> str | None:
         """Wait until the store has committed every event emitted so far; None once it has,

@@ -59,21 +59,29 @@ _TENANTS = ("acme", "globex", "initech")
 
 class _Tally:
     """A tiny event sink for the demo's summary: counts 429s and retries, and when each HTTP
-    attempt was sent, as they happen."""
+    attempt left, as they happen: its ``sent`` time plus, when the send-time hook saw it, the
+    time until its body was written (a request granted ahead is held at the wire until its
+    slot's time, so that is when the provider can count it)."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.sent_at: list[float] = []  # POSIX seconds
         self.ttft: list[float] = []  # per streamed call: seconds to its first text delta
+        self._sent: dict[tuple[str, int], float] = {}
 
     def emit(self, event: Event) -> bool:
-        if event.type is EventType.ATTEMPT_FAILED:
-            self.counts[f"failed:{event.payload.get('error_type')}"] += 1
-        elif event.type is EventType.RETRY_SCHEDULED:
-            self.counts["retries"] += 1
-        elif event.type is EventType.SENT:
+        kind, payload = event.type, event.payload
+        if kind is EventType.SENT:
             self.counts["sent"] += 1
-            self.sent_at.append(event.occurred_at.timestamp())
+            self._sent[event.call_id, payload["attempt"]] = event.occurred_at.timestamp()
+        elif kind is EventType.RECEIVED or kind is EventType.ATTEMPT_FAILED:
+            if kind is EventType.ATTEMPT_FAILED:
+                self.counts[f"failed:{payload.get('error_type')}"] += 1
+            sent = self._sent.pop((event.call_id, payload.get("attempt", 1)), None)
+            if sent is not None and payload.get("error_type") != "store_unavailable":
+                self.sent_at.append(sent + (payload.get("body_sent_s") or 0.0))
+        elif kind is EventType.RETRY_SCHEDULED:
+            self.counts["retries"] += 1
         return True
 
     async def wait_for_room(self) -> None:

@@ -1,7 +1,9 @@
 """The flow of one call: gates, semaphore, attempts with retries, and the terminal event.
 
-``CallFlow`` is a mixin of :class:`~pipeline.BaseLLMService`; it reads the parts the service
-composes (gates, semaphore, provider, retry policy, meter, sinks) and holds no state of its own.
+A :class:`~pipeline.BaseLLMService` composes one ``CallFlow`` from its parts (gates, semaphore,
+provider, retry policy, meter, usage); the flow holds no state of its own between calls. The
+events' payloads are built by pipeline/_payloads.py, the gate-facing steps of an attempt live in
+pipeline/_gate_steps.py.
 
 Invariants:
 - ``completed`` is always the last event of a call, and always emitted: on success, provider
@@ -26,49 +28,42 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from llmtrail._log import get_logger
 
-from ._call import CallState, CallStream, estimate_input_tokens, money, plain_traceback, to_int
+from ._call import CallState, CallStream, estimate_input_tokens, plain_traceback
 from ._errors import ErrorType
 from ._events import (
     EventType,
     Outcome,
-    ReceivedPayload,
     StreamedFields,
-    TraceCreatedPayload,
-    child_span_id,
 )
+from ._gate_steps import AnyGate, give_back, hold_for, mark_arrived, observe_headers
 from ._gates import (
     DEFAULT_ARRIVAL_GUARD_S,
     GRANT_LEAD_S,
     GateRequestTooLarge,
-    GateReservation,
-    SlidingWindowGate,
-    parse_reset,
 )
+from ._payloads import attempt_failed, completed, gate_wait, received, trace_created
 from ._pricing import PriceTable
 from ._provider_types import ProviderError, ProviderResponse
 from ._redact import redact_text
-from ._redis_gates import RateLimitBackendUnavailable, RedisSlidingWindowGate
+from ._redis_gates import RateLimitBackendUnavailable
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
 from ._send_time import reset_body_sent_callback, set_body_sent_callback
 from ._stats import OperationUsage, RateMeter
-from ._types import GenerationRequest, GenerationResult, Timings, Usage
+from ._types import GenerationRequest, GenerationResult, Timings, Usage, coerce_request
 from .typing import Clock, Provider
 
-__all__ = ["AnyGate", "CallFlow", "coerce_request"]
+__all__ = ["AnyGate", "CallFlow"]
 
 # What the service holds: the in-process gate or the shared one (the same methods).
-AnyGate = SlidingWindowGate | RedisSlidingWindowGate
 
 _log = get_logger(__name__)
 
@@ -217,31 +212,8 @@ class CallFlow:
         message: str,
         t0: float,
     ) -> GenerationResult:
-        call.emit(
-            EventType.TRACE_CREATED,
-            {
-                "operation_name": op,
-                "model": model,
-                "request_id": request_id,
-                "metadata": {},
-                "estimated_input_tokens": 0,
-                "max_output_tokens": None,
-                "reserved_tokens": 0,
-                "rpm_at_start": 0,
-                "tpm_at_start": 0,
-                "parent_span_id": None,
-                "temperature": None,
-                "reasoning_effort": None,
-                "server_address": self._provider.server_address,
-                "server_port": self._provider.server_port,
-                "capture_content": False,
-                "output_type": None,
-                "previous_response_id": None,
-                "resource": self._resource,
-                "stream": False,
-                "api": getattr(self._provider, "api", "responses"),
-            },
-        )
+        created = trace_created(self._provider, self._resource, op, model, request_id=request_id)
+        call.emit(EventType.TRACE_CREATED, created)
         return self._complete(
             call, CallState(), None, op, model, None, error_type, message, t0, Outcome.FAILED
         )
@@ -313,33 +285,21 @@ class CallFlow:
         reserve = est_input + (max_out or self.default_max_output_tokens)
         rpm_now = state.rpm_now = self._meter.rpm(now)
         tpm_now = state.tpm_now = self._meter.tpm(now)
-        created: TraceCreatedPayload = {
-            "operation_name": op,
-            "model": model,
-            "request_id": request.request_id,
-            "metadata": dict(request.metadata),
-            "estimated_input_tokens": est_input,
-            "max_output_tokens": max_out,
-            "reserved_tokens": reserve,
-            "rpm_at_start": rpm_now,
-            "tpm_at_start": tpm_now,
-            "parent_span_id": f"{parent.span_id:016x}" if parent.is_valid else None,
-            "temperature": request.temperature,
-            "reasoning_effort": request.reasoning_effort,
-            "server_address": self._provider.server_address,
-            "server_port": self._provider.server_port,
-            "capture_content": self.capture_content,
-            "stream": state.stream,
-            "api": getattr(self._provider, "api", "responses"),
-            "limits": self._limits,
-            "output_type": "json" if request.response_schema is not None else None,
-            "previous_response_id": request.previous_response_id,
-            "resource": self._resource,
-        }
-        if self.capture_content:
-            # The system prompt is sent as the Responses API's `instructions`, not as input.
-            created["instructions"] = request.system_prompt
-            created["input"] = request.messages()[1 if request.system_prompt else 0 :]
+        created = trace_created(
+            self._provider,
+            self._resource,
+            op,
+            model,
+            request,
+            capture_content=self.capture_content,
+            limits=self._limits,
+            stream=state.stream,
+            estimated_input_tokens=est_input,
+            reserved_tokens=reserve,
+            rpm_at_start=rpm_now,
+            tpm_at_start=tpm_now,
+            parent_span_id=f"{parent.span_id:016x}" if parent.is_valid else None,
+        )
         call.emit(EventType.TRACE_CREATED, created)
 
         rpm, tpm = self._rpm, self._tpm
@@ -347,28 +307,12 @@ class CallFlow:
             if rpm is not None:
                 state.rpm_res = await rpm.acquire(1)
                 state.rpm_wait = state.rpm_res.waited_s
-            call.emit(
-                EventType.GATE_WAIT,
-                {
-                    "gate": "rpm",
-                    "attempt": 1,
-                    "amount": 1,
-                    "waited_s": state.rpm_wait,
-                    "waiters_ahead": state.rpm_res.waiters_ahead if state.rpm_res else 0,
-                },
-            )
+            call.emit(EventType.GATE_WAIT, gate_wait("rpm", 1, 1, state.rpm_wait, state.rpm_res))
             if tpm is not None:
                 state.tpm_res = await tpm.acquire(reserve)
                 state.tpm_wait = state.tpm_res.waited_s
             call.emit(
-                EventType.GATE_WAIT,
-                {
-                    "gate": "tpm",
-                    "attempt": 1,
-                    "amount": reserve,
-                    "waited_s": state.tpm_wait,
-                    "waiters_ahead": state.tpm_res.waiters_ahead if state.tpm_res else 0,
-                },
+                EventType.GATE_WAIT, gate_wait("tpm", 1, reserve, state.tpm_wait, state.tpm_res)
             )
         except GateRequestTooLarge as exc:
             return self._fail(call, state, request, op, model, ErrorType.TOO_LARGE, str(exc), t0)
@@ -498,20 +442,11 @@ class CallFlow:
                 for gate in (rpm, tpm):
                     if gate is not None:
                         gate.lead_s = GRANT_LEAD_S
-            self._arrived_by(state, body_sent[0] + self._arrival_guard_s)
+            mark_arrived(self._rpm, self._tpm, state, body_sent[0] + self._arrival_guard_s)
 
-        send_trace = set_body_sent_callback(on_body_sent, self._hold(state))
-        token = None
-        if self._trace_http:
-            span_context = otel_trace.SpanContext(
-                int(call.trace_id, 16),
-                int(child_span_id(call.span_id, f"attempt/{n}"), 16),
-                is_remote=False,
-                trace_flags=call.trace_flags,
-            )
-            token = otel_context.attach(
-                otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(span_context))
-            )
+        send_trace = set_body_sent_callback(on_body_sent, hold_for(self._clock, state))
+        # The HTTP span (the httpx instrumentation's) nests under the attempt's span.
+        token = call.enter_attempt_span(n) if self._trace_http else None
         try:
             invoke: Any = self._provider.open_stream if state.stream else self._provider.invoke
             response: ProviderResponse = await invoke(
@@ -527,21 +462,21 @@ class CallFlow:
                 state.reached = True
             call.emit(
                 EventType.ATTEMPT_FAILED,
-                {
-                    "attempt": n,
-                    "latency_s": state.latency,
-                    "error_type": str(exc.error_type),
-                    "status": exc.status,
-                    "retryable": exc.retryable and self._retry.should_retry(exc),
-                    "retry_after_s": exc.retry_after_s,
-                    "message": redact_text(exc.message),
-                    "provider_code": exc.provider_code,
-                    "provider_request_id": exc.provider_request_id,
-                    "rate_limits": exc.rate_limits,
-                    "body_sent_s": body_sent[0] - sent_at if body_sent else None,
-                },
+                attempt_failed(
+                    n,
+                    state.latency,
+                    exc.error_type,
+                    exc.message,
+                    status=exc.status,
+                    retryable=exc.retryable and self._retry.should_retry(exc),
+                    retry_after_s=exc.retry_after_s,
+                    provider_code=exc.provider_code,
+                    provider_request_id=exc.provider_request_id,
+                    rate_limits=exc.rate_limits,
+                    body_sent_s=body_sent[0] - sent_at if body_sent else None,
+                ),
             )
-            self._observe(exc.rate_limits, sent_at)
+            observe_headers(self._rpm, self._tpm, exc.rate_limits, sent_at)
             if not exc.reached_provider and state.rpm_res is not None and rpm is not None:
                 rpm.release(state.rpm_res)
                 call.emit(
@@ -559,19 +494,13 @@ class CallFlow:
             state.reached = True  # it may have arrived: keep its slots, conservatively
             call.emit(
                 EventType.ATTEMPT_FAILED,
-                {
-                    "attempt": n,
-                    "latency_s": state.latency,
-                    "error_type": str(ErrorType.CANCELLED),
-                    "status": None,
-                    "retryable": False,
-                    "retry_after_s": None,
-                    "message": "cancelled while in flight",
-                    "provider_code": None,
-                    "provider_request_id": None,
-                    "rate_limits": {},
-                    "body_sent_s": body_sent[0] - sent_at if body_sent else None,
-                },
+                attempt_failed(
+                    n,
+                    state.latency,
+                    ErrorType.CANCELLED,
+                    "cancelled while in flight",
+                    body_sent_s=body_sent[0] - sent_at if body_sent else None,
+                ),
             )
             raise
         else:
@@ -593,10 +522,10 @@ class CallFlow:
         if state.stream:  # opened: `received` is emitted when the stream ends (_stream.py)
             state.holding = True
             state.sent_at = sent_at
-            self._observe(response.rate_limits, sent_at)
+            observe_headers(self._rpm, self._tpm, response.rate_limits, sent_at)
             return response
         self._received(call, model, n, state.latency, response, state.body_sent_s)
-        self._observe(response.rate_limits, sent_at)
+        observe_headers(self._rpm, self._tpm, response.rate_limits, sent_at)
         return response
 
     def _received(
@@ -610,117 +539,15 @@ class CallFlow:
         extra: StreamedFields | None = None,
     ) -> None:
         """Emit ``received`` for the answer of attempt ``n`` (``extra``: a stream's fields)."""
-        received: ReceivedPayload = {
-            "attempt": n,
-            "latency_s": latency,
-            "status": response.status,
-            "response_id": response.response_id,
-            "response_model": response.response_model,
-            "finish_reasons": response.finish_reasons,
-            "input_tokens": response.input_tokens,
-            "cached_tokens": response.cached_tokens,
-            "output_tokens": response.output_tokens,
-            "reasoning_tokens": response.reasoning_tokens,
-            "total_tokens": response.input_tokens + response.output_tokens,
-            "cost_usd": money(self._cost(model, response)),
-            "provider_request_id": response.provider_request_id,
-            "rate_limits": response.rate_limits,
-            "service_tier": response.service_tier,
-            "processing_s": response.processing_s,
-            "body_sent_s": body_sent_s,
-        }
-        if extra is not None:
-            received["streamed"] = extra["streamed"]
-            received["partial"] = extra["partial"]
-            received["usage_estimated"] = extra["usage_estimated"]
-            received["chunks"] = extra["chunks"]
-        if self.capture_content:
-            received["content"] = response.raw_content
-        call.emit(EventType.RECEIVED, received)
-
-    def _hold(self, state: CallState) -> Callable[[], Awaitable[None]] | None:
-        """Waits until the attempt's slots may be used, when a gate granted them ahead."""
-        not_before = max(
-            (r.not_before for r in (state.rpm_res, state.tpm_res) if r is not None),
-            default=-math.inf,
-        )
-        if not_before <= self._clock.now():
-            return None
-
-        async def hold() -> None:
-            await self._clock.sleep(not_before - self._clock.now())
-
-        return hold
-
-    def _arrived_by(self, state: CallState, by: float) -> None:
-        """The attempt's request reached the provider by ``by``: its slots' windows end then."""
-        if state.rpm_res is not None and self._rpm is not None:
-            self._rpm.mark_arrived(state.rpm_res, by)
-        if state.tpm_res is not None and self._tpm is not None:
-            self._tpm.mark_arrived(state.tpm_res, by)
-
-    def _observe(self, rate_limits: Mapping[str, str], as_of: float) -> None:
-        """The provider's view, made after ``as_of``: corrects the gates.
-
-        ``as_of`` is when the attempt was handed to the SDK, not when its body was written: the
-        hook reads the time *after* the write, and the provider may have answered before that,
-        so only the hand-off is certainly earlier than the provider's report.
-        """
-        if not rate_limits:
-            return
-        if self._rpm is not None:
-            self._rpm.observe_provider(
-                to_int(rate_limits.get("x-ratelimit-remaining-requests")),
-                parse_reset(rate_limits.get("x-ratelimit-reset-requests")),
-                as_of=as_of,
-                limit=to_int(rate_limits.get("x-ratelimit-limit-requests")),
-            )
-        if self._tpm is not None:
-            self._tpm.observe_provider(
-                to_int(rate_limits.get("x-ratelimit-remaining-tokens")),
-                parse_reset(rate_limits.get("x-ratelimit-reset-tokens")),
-                as_of=as_of,
-                limit=to_int(rate_limits.get("x-ratelimit-limit-tokens")),
-            )
+        cost = self._cost(model, response)
+        payload = received(n, latency, response, cost, body_sent_s, extra, self.capture_content)
+        call.emit(EventType.RECEIVED, payload)
 
     def _cost(self, model: str, response: ProviderResponse) -> Decimal | None:
-        """Priced by the model that answered, else by the model asked for; None if unpriced."""
-        priced_as = response.response_model
-        if not priced_as or self.prices.price(priced_as) is None:
-            priced_as = model
-        return self.prices.cost(
-            priced_as,
-            input_tokens=response.input_tokens,
-            cached_tokens=response.cached_tokens,
-            output_tokens=response.output_tokens,
-        )
+        return self.prices.answer_cost(model, response)
 
     def _give_back(self, call: CallStream, state: CallState, reason: str) -> None:
-        """Return the reservations the provider never counted.
-
-        Pending ones (never sent) always; sent ones only when no attempt reached the provider
-        (every connection was refused). Anything that may have arrived stays counted.
-        """
-        never_arrived = reason == "connection_refused" and not state.reached
-        held: tuple[tuple[Literal["rpm", "tpm"], AnyGate | None, GateReservation | None], ...] = (
-            ("rpm", self._rpm, state.rpm_res),
-            ("tpm", self._tpm, state.tpm_res),
-        )
-        for gate_name, gate, res in held:
-            if gate is None or res is None or res.done:
-                continue
-            if res.pending or never_arrived:
-                amount = res.amount
-                gate.release(res)
-                call.emit(
-                    EventType.UNMARKED,
-                    {
-                        "gate": gate_name,
-                        "attempt": max(state.attempts, 1),
-                        "amount": amount,
-                        "reason": reason,
-                    },
-                )
+        give_back(self._rpm, self._tpm, call, state, reason)
 
     def _complete(
         self,
@@ -752,25 +579,7 @@ class CallFlow:
             self._meter.on_tokens(self._clock.now(), usage.total_tokens)
         call.emit(
             EventType.COMPLETED,
-            {
-                "outcome": str(outcome),
-                "error_type": str(error_type) if error_type else None,
-                "error_message": message,
-                "attempts": state.attempts,
-                "input_tokens": usage.input_tokens,
-                "cached_tokens": usage.cached_tokens,
-                "output_tokens": usage.output_tokens,
-                "reasoning_tokens": usage.reasoning_tokens,
-                "total_tokens": usage.total_tokens,
-                "cost_usd": money(cost),
-                "model": (response.response_model if response else None) or model,
-                "response_id": response.response_id if response else None,
-                "rpm_wait_s": state.rpm_wait,
-                "tpm_wait_s": state.tpm_wait,
-                "semaphore_wait_s": state.sem_wait,
-                "latency_s": state.latency,
-                "total_s": total,
-            },
+            completed(outcome, error_type, message, state, usage, model, response, total),
         )
         result = GenerationResult(
             success=outcome is Outcome.SUCCEEDED,
@@ -802,22 +611,3 @@ class CallFlow:
                 "llm call failed", operation=op, error_type=str(error_type), attempts=state.attempts
             )
         return result
-
-
-def coerce_request(request: object) -> GenerationRequest:
-    """A GenerationRequest from what a caller passed (a request, a dict of its fields or a
-    prompt string); anything else raises TypeError naming the fix."""
-    if isinstance(request, GenerationRequest):
-        return request
-    if isinstance(request, Mapping):
-        return GenerationRequest(**request)
-    if isinstance(request, str):
-        return GenerationRequest(user_prompt=request)
-    return _reject(request)
-
-
-def _reject(request: object) -> GenerationRequest:
-    raise TypeError(
-        f"execute_generation got a {type(request).__name__}; pass a GenerationRequest, e.g. "
-        "GenerationRequest(user_prompt='...')"
-    )

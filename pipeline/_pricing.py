@@ -19,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from ._errors import ConfigurationError
+from ._provider_types import ProviderResponse
 
 __all__ = ["DEFAULT_PRICES", "ModelPrice", "PriceTable"]
 
@@ -108,6 +109,19 @@ class PriceTable:
             base = _DATED.sub("", model)
             found = self._prices.get(base)
         return found
+
+    def answer_cost(self, model: str, answer: ProviderResponse) -> Decimal | None:
+        """An answer's cost: priced by the model that answered, else by the model asked for;
+        None when neither has a price (unpriced, never $0)."""
+        priced_as = answer.response_model
+        if not priced_as or self.price(priced_as) is None:
+            priced_as = model
+        return self.cost(
+            priced_as,
+            input_tokens=answer.input_tokens,
+            cached_tokens=answer.cached_tokens,
+            output_tokens=answer.output_tokens,
+        )
 
     def cost(
         self, model: str, *, input_tokens: int, cached_tokens: int = 0, output_tokens: int = 0

@@ -34,11 +34,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.metadata
-import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -52,12 +50,12 @@ from ._chat_provider import builtin_provider
 from ._clock import LoopClock
 from ._errors import ConfigurationError, ServiceClosedError
 from ._events import default_instance
-from ._flow import AnyGate, CallFlow
+from ._flow import CallFlow
+from ._gate_steps import AnyGate, build_gates, warm_gates
 from ._gates import DEFAULT_ARRIVAL_GUARD_S
 from ._portal import call_on_loop
 from ._pricing import PriceTable
 from ._redact import register_secret
-from ._redis_gates import create_gate
 from ._retry import RetryPolicy
 from ._semaphore import FairSemaphore
 from ._settings import (
@@ -65,6 +63,8 @@ from ._settings import (
     RetrySettings,
     StoreSettings,
     check_number,
+    env_bool,
+    env_capture,
     limits_from_environment,
     merge,
 )
@@ -80,32 +80,6 @@ __all__ = ["BaseLLMService"]
 _log = get_logger(__name__)
 _DEFAULT_STORE = "sqlite+aiosqlite:///llmtrail.db"
 _UNSET: Any = object()
-
-
-def _env_bool(name: str) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigurationError(f"{name}={raw!r} is not a boolean: use 1 or 0, or unset it")
-
-
-_CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-
-
-def _env_capture() -> bool:
-    """The standard GenAI content-capture switch: ``true``/``false``, or the newer
-    ``SPAN_ONLY``/``SPAN_AND_EVENT`` (on) and ``NO_CONTENT``/``EVENT_ONLY`` (off for spans)."""
-    raw = os.environ.get(_CAPTURE_ENV, "").strip().lower()
-    if raw in ("", "false", "no_content", "event_only"):
-        return False
-    if raw in ("true", "span_only", "span_and_event"):
-        return True
-    raise ConfigurationError(
-        f"{_CAPTURE_ENV}={raw!r} is invalid: use true or false (or SPAN_ONLY, SPAN_AND_EVENT, "
-        "NO_CONTENT, EVENT_ONLY), or unset it"
-    )
 
 
 def _load_plugin(name: str) -> Callable[..., Any] | None:
@@ -242,7 +216,7 @@ class BaseLLMService:
         arrival_guard_s = lim.arrival_guard_s
         max_attempts = rs.max_attempts
         # None: the standard OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT decides.
-        self.capture_content = _env_capture() if capture_content is None else capture_content
+        self.capture_content = env_capture() if capture_content is None else capture_content
         self.default_max_output_tokens = default_max_output_tokens
         self.prices = price_table or PriceTable.default()
         self.instance = instance or default_instance()
@@ -266,28 +240,14 @@ class BaseLLMService:
         register_secret(secret)  # masked wherever it appears: events, logs, spans
         fingerprint = hashlib.sha256(secret.encode()).hexdigest()[:16]
         budget_key = f"{self._provider.name}:{model}:{fingerprint}"
-        scale = self.rpm_window_seconds / 60.0
-        self._rpm: AnyGate | None = None
-        self._tpm: AnyGate | None = None
-        for gate_name, limit in (("rpm", self.max_rpm), ("tpm", self.max_tpm)):
-            if not limit:
-                continue
-            gate = create_gate(
-                gate_name,
-                # The epsilon keeps 240 * 1 / 60 from flooring to 3 through float error.
-                math.floor(limit * scale + 1e-9),
-                self.rpm_window_seconds,
-                clock=self._clock,
-                send_guard_s=send_guard_s,
-                rate_limit_url=rate_limit_url,
-                key=budget_key,
-                fallback=rate_limit_fallback,
-                replicas=rate_limit_replicas,
-            )
-            if gate_name == "rpm":
-                self._rpm = gate
-            else:
-                self._tpm = gate
+        self._rpm, self._tpm = build_gates(
+            self.limits,
+            self._clock,
+            rate_limit_url=rate_limit_url,
+            key=budget_key,
+            fallback=rate_limit_fallback,
+            replicas=rate_limit_replicas,
+        )
         self._owns_provider = provider is None or isinstance(provider, str)
         self._sinks: list[EventSink] = list(sinks)
         store_url = self.store_settings.store_url
@@ -361,7 +321,7 @@ class BaseLLMService:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._portal: threading.Thread | None = None
-        self._own_loop = _env_bool("LLMTRAIL_OWN_LOOP") if own_loop is _UNSET else own_loop
+        self._own_loop = env_bool("LLMTRAIL_OWN_LOOP") if own_loop is _UNSET else own_loop
         if not isinstance(self._own_loop, bool):
             raise ConfigurationError(f"own_loop={own_loop!r} is invalid: use True or False")
         self._start_lock: asyncio.Lock | None = None
@@ -408,21 +368,10 @@ class BaseLLMService:
                     if instrument is not None and client is not None:
                         instrument(client)
             if self._warm_start and isinstance(self._store, UsageHistory):
-                await self._warm_gates(self._store)
+                window = self.rpm_window_seconds
+                if warmed := await warm_gates(self._rpm, self._tpm, window, self._store):
+                    _log.info("gates warmed from the store", sends=warmed)
             self._started = True
-
-    async def _warm_gates(self, history: UsageHistory) -> None:
-        if self._rpm is None and self._tpm is None:
-            return
-        now = datetime.now(UTC)
-        sends = await history.recent_sends(now - timedelta(seconds=self.rpm_window_seconds + 1))
-        ages = [((now - at).total_seconds(), tokens) for at, tokens in sends]
-        if self._rpm is not None:
-            self._rpm.preload((age, 1) for age, _ in ages)
-        if self._tpm is not None:
-            self._tpm.preload(ages)
-        if ages:
-            _log.info("gates warmed from the store", sends=len(ages))
 
     async def aclose(self) -> None:
         """Wait for calls in flight, flush every sink, close the provider and the sinks."""

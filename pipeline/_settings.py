@@ -26,6 +26,8 @@ from ._errors import ConfigurationError
 from ._gates import DEFAULT_ARRIVAL_GUARD_S
 
 __all__ = [
+    "env_bool",
+    "env_capture",
     "ENVIRONMENT",
     "Limits",
     "RetrySettings",
@@ -226,3 +228,30 @@ def merge(cls: type[_T], group: _T | None, keywords: Mapping[str, object]) -> _T
                 f"{getattr(group, name)!r}): pass it one way"
             )
     return replace(group, **chosen)  # type: ignore[type-var]
+
+
+def env_bool(name: str) -> bool:
+    """A boolean environment variable: 1/0, true/false, yes/no, on/off; unset is False."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean: use 1 or 0, or unset it")
+
+
+_CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+
+def env_capture() -> bool:
+    """The standard GenAI content-capture switch: ``true``/``false``, or the newer
+    ``SPAN_ONLY``/``SPAN_AND_EVENT`` (on) and ``NO_CONTENT``/``EVENT_ONLY`` (off for spans)."""
+    raw = os.environ.get(_CAPTURE_ENV, "").strip().lower()
+    if raw in ("", "false", "no_content", "event_only"):
+        return False
+    if raw in ("true", "span_only", "span_and_event"):
+        return True
+    raise ConfigurationError(
+        f"{_CAPTURE_ENV}={raw!r} is invalid: use true or false (or SPAN_ONLY, SPAN_AND_EVENT, "
+        "NO_CONTENT, EVENT_ONLY), or unset it"
+    )

@@ -48,10 +48,10 @@ from llmtrail._log import get_logger
 from ._call import CallState, CallStream, estimate_input_tokens, plain_traceback
 from ._errors import ErrorType
 from ._events import EventType, Outcome, StreamedFields
-from ._flow import CallFlow, coerce_request
+from ._flow import CallFlow
 from ._portal import call_on_loop
 from ._provider_types import ProviderError
-from ._types import GenerationRequest, GenerationResult
+from ._types import GenerationRequest, GenerationResult, coerce_request
 from .typing import ProviderStream
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ._errors import ErrorType
 
-__all__ = ["GenerationRequest", "GenerationResult", "Timings", "Usage"]
+__all__ = ["GenerationRequest", "GenerationResult", "Timings", "Usage", "coerce_request"]
 
 _ROLES = frozenset({"system", "developer", "user", "assistant"})
 _EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
@@ -191,3 +191,22 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
     rpm_at_start: int = 0
     tpm_at_start: int = 0
+
+
+def coerce_request(request: object) -> GenerationRequest:
+    """A GenerationRequest from what a caller passed (a request, a dict of its fields or a
+    prompt string); anything else raises TypeError naming the fix."""
+    if isinstance(request, GenerationRequest):
+        return request
+    if isinstance(request, Mapping):
+        return GenerationRequest(**request)
+    if isinstance(request, str):
+        return GenerationRequest(user_prompt=request)
+    return _reject(request)
+
+
+def _reject(request: object) -> GenerationRequest:
+    raise TypeError(
+        f"execute_generation got a {type(request).__name__}; pass a GenerationRequest, e.g. "
+        "GenerationRequest(user_prompt='...')"
+    )
