@@ -348,21 +348,10 @@ class Simulation:
                 return
             run, rpm, tpm, loop, sem = self.run, self.rpm, self.tpm, self.loop, self.sem
             cpu, max_attempts = self.cpu, self.settings.max_attempts
-            rpm_res = tpm_res = None
-            if rpm is not None:
-                rpm_res = await rpm.acquire(1)
-                if rpm_res.waited_s:
-                    run.rpm_wait[index] = rpm_res.waited_s
-            if tpm is not None:
-                try:
-                    tpm_res = await tpm.acquire(recorded.reserved_tokens)
-                except GateRequestTooLarge:
-                    if rpm is not None and rpm_res is not None:
-                        rpm.release(rpm_res)  # never sent: the service gives it back
-                    self._finish(index, "failed", str(ErrorType.TOO_LARGE))
-                    return
-                if tpm_res.waited_s:
-                    run.tpm_wait[index] = tpm_res.waited_s
+            admitted = await self._admit(index, recorded)
+            if admitted is None:
+                return
+            rpm_res, tpm_res = admitted
             answered = reached = False
             error: str | None = None
             for n, attempt in enumerate(attempts, start=1):
