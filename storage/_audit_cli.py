@@ -39,7 +39,6 @@ from ._engine import (
     create_engine,
     mask_url,
 )
-from ._migrate import check_schema, ensure_schema, head_revision
 from ._projections import (
     DEFAULT_BATCH_SIZE,
     PROJECTIONS,
@@ -194,6 +193,9 @@ def _db_message(exc: DBAPIError) -> str:
 
 
 async def _open_for_writing(url: str) -> AsyncEngine:
+    # Alembic (behind _migrate) loads when a command runs, not when the parser is built.
+    from ._migrate import ensure_schema
+
     engine = create_engine(url, must_exist=True)
     try:
         await ensure_schema(engine)
@@ -220,6 +222,8 @@ async def catch_up(url: str, command: str, *, apply: bool, required: bool = True
     projection lags. When catching up fails and it is not ``required`` (``sql`` as a
     read-only role), a warning says the tables may be stale and the command goes on.
     """
+    from ._migrate import check_schema
+
     if not apply:
         engine = create_engine(url, must_exist=True)
         try:
@@ -356,6 +360,8 @@ def _rebuild_command(args: argparse.Namespace) -> int:
 
 
 def _status_command(args: argparse.Namespace) -> int:
+    from ._migrate import check_schema, head_revision
+
     async def main() -> int:
         engine = create_engine(args.store, must_exist=True)
         try:

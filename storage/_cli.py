@@ -33,7 +33,6 @@ from llmtrail.pipeline import ConfigurationError, EventType
 from llmtrail.pipeline._output import Column, add_format_options, chosen_format, emit_rows
 
 from ._engine import STORE_URL_ENV, StoreError, mask_url, store_url_from_environment
-from ._migrate import create_reader_role, head_revision, migrate
 from ._reader import EventStore, IncompleteCall, StoredEvent
 
 __all__ = ["add_store_argument", "parse_time", "register", "run_command"]
@@ -178,6 +177,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _migrate_command(args: argparse.Namespace) -> int:
+    # Alembic loads when a migration runs, not when the parser is built (`llmtrail --help`).
+    from ._migrate import create_reader_role, head_revision, migrate
+
     async def main() -> int:
         before, after = await migrate(args.store, args.revision)
         if args.reader_role:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from llmtrail._lazy import lazy_names
 from llmtrail.pipeline._errors import require_extra
 
-from ._memory_store import InMemoryEventStore
 from ._sinks import RecordingSink
 
 if TYPE_CHECKING:
+    from ._memory_store import InMemoryEventStore
     from ._mock_server import (
         MockServer,
         MockServerConfig,
@@ -42,9 +42,13 @@ __all__ = [
 ]
 
 _SERVER_NAMES = frozenset(__all__) - {"InMemoryEventStore", "RecordingSink"}
+# The in-memory store reads back through the SQL store's StoredEvent (SQLAlchemy): on first use.
 
 
-_load = lazy_names(__name__, dict.fromkeys(_SERVER_NAMES, "._mock_server"))
+_load = lazy_names(
+    __name__,
+    {**dict.fromkeys(_SERVER_NAMES, "._mock_server"), "InMemoryEventStore": "._memory_store"},
+)
 
 
 def __getattr__(name: str) -> Any:
