@@ -16,9 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_quick_overhead_run_writes_figures_for_sdk_and_pipeline(tmp_path: Path) -> None:
     output = tmp_path / "RESULTS.md"
     env = {**os.environ, "LLMTRAIL_BENCH_TINY": "1"}

@@ -432,6 +432,7 @@ async def test_configure_without_arguments_exports_spans_and_metrics_with_one_re
     }
 
 
+@pytest.mark.slow
 async def test_a_dead_collector_never_holds_up_the_application(
     mock_server: Any,
     recorder: RecordingSink,

@@ -328,6 +328,7 @@ async def test_the_semaphore_is_held_until_the_stream_ends(
     assert result.success and len(mock_server.log) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", APIS)
 async def test_rpm_cap_holds_for_streamed_calls(
     mock_server_factory: Any, recorder: RecordingSink, api: str

@@ -31,7 +31,7 @@ from llmtrail.pipeline import BaseLLMService, GenerationRequest
 from llmtrail.testing._mock_server import MockServerConfig, running_in_thread
 from tests.reliability._support import by_call, sqlite_path, stored_events, stream_problems
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("_ack_worker.py")
 LLMTRAIL = Path(sys.executable).with_name("llmtrail")

@@ -55,6 +55,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 # ---------------------------------------------------------------- poison strings
 
 
+@pytest.mark.slow
 async def test_lone_surrogates_are_stored_replaced_and_usage_still_works(
     mock_server_factory: Any, store_url: str, recorder: RecordingSink
 ) -> None:

@@ -259,6 +259,7 @@ async def test_an_existing_store_and_its_wal_become_private(sqlite_url: str) -> 
                 assert file.stat().st_mode & 0o777 == 0o600, file.name
 
 
+@pytest.mark.slow
 def test_a_store_password_never_reaches_cli_output(pg_url: str, tmp_path: Path) -> None:
     tail = os.urandom(6).hex()
     # Percent-encoded (a URL that works; trust auth ignores the password), and unencoded (a

@@ -141,6 +141,7 @@ def sqlite_locked(path: Path) -> Iterator[None]:
         locker.close()
 
 
+@pytest.mark.slow
 async def test_a_store_that_cannot_commit_fails_calls_in_bounded_time_and_sends_nothing(
     mock_server_factory: Any, sqlite_url: str, recorder: RecordingSink
 ) -> None:

@@ -36,7 +36,7 @@ from llmtrail.storage._projections import run_projections
 from llmtrail.testing.fixtures import PG_ADMIN_DSN
 from tests.storage.projection_events import LogStore, sample_log
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 KEY = _PG_APPEND_LOCK_KEY
 
