@@ -27,7 +27,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmtrail.pipeline import Event, EventType
 
 from ._engine import StoreClosedError, create_engine, mask_url
-from ._migrate import check_schema
 from ._schema import events, stored_payload
 
 __all__ = ["EventStore", "IncompleteCall", "StoredEvent", "recent_sends"]
@@ -189,6 +188,10 @@ class EventStore:
     async def open(cls, url: str, *, busy_timeout_ms: int = 5_000) -> EventStore:
         """Open an existing store for reading; raise ``StoreConfigError`` if it does not exist
         and ``StoreSchemaError`` if it has no (known) schema."""
+        # Alembic (behind _migrate) loads when a store is opened, not when the CLI's parser
+        # imports this module.
+        from ._migrate import check_schema
+
         engine = create_engine(
             url,
             must_exist=True,

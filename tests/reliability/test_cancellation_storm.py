@@ -187,12 +187,21 @@ async def test_a_cancellation_storm_leaks_nothing_and_the_next_calls_get_full_ca
     # Each cancelled call ends with completed(cancelled); every other call succeeded.
     where: Counter[str] = Counter()
     timed_out = 0
+    late_cancellations = 0
     for request_id, outcome in outcomes.items():
         stream = by_request[request_id]
         done = completed(stream)
         if isinstance(outcome, asyncio.CancelledError | TimeoutError):
             timed_out += isinstance(outcome, TimeoutError)
-            assert (done["outcome"], done["error_type"]) == ("cancelled", "cancelled"), request_id
+            ended = (done["outcome"], done["error_type"])
+            if ended == ("succeeded", None):
+                # Write-ahead: the call had finished and was waiting for its `completed` to be
+                # committed when the cancellation landed. The cancellation goes on, as it must;
+                # the log keeps what happened: the provider answered (and billed) the call.
+                assert "received" in [e.type for e in stream], request_id
+                late_cancellations += 1
+                continue
+            assert ended == ("cancelled", "cancelled"), request_id
             where[landed_at(stream)] += 1
             types = [e.type for e in stream]
             if "sent" not in types:
@@ -211,6 +220,7 @@ async def test_a_cancellation_storm_leaks_nothing_and_the_next_calls_get_full_ca
             else:  # 500s on every attempt: rare, and the only failure allowed here
                 assert (done["outcome"], done["error_type"]) == ("failed", "server_error")
                 assert outcome.attempts == 3
+    assert late_cancellations <= 0.05 * STORM, late_cancellations
     assert sum(where.values()) >= 0.4 * STORM, where
     for point in ("rpm_gate", "tpm_gate", "semaphore", "in_flight"):
         assert where[point] >= 20, where
