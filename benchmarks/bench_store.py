@@ -50,26 +50,9 @@ YIELD_EVERY = 64  # events emitted between two yields to the loop, as by concurr
 async def record_templates(calls: int = 40) -> list[list[Any]]:
     """The event streams of ``calls`` real pipeline calls (gates on, so every type appears)."""
     from llmtrail.pipeline import BaseLLMService, Event, GenerationRequest
-    from llmtrail.testing._mock_server import MockServer, MockServerConfig
+    from llmtrail.testing import MockServer, MockServerConfig, RecordingSink
 
-    class Recorder:
-        def __init__(self) -> None:
-            self.events: list[Event] = []
-
-        def emit(self, event: Event) -> bool:
-            self.events.append(event)
-            return True
-
-        async def wait_for_room(self) -> None:
-            return None
-
-        async def flush(self) -> None:
-            return None
-
-        async def aclose(self) -> None:
-            return None
-
-    recorder = Recorder()
+    recorder = RecordingSink()
     # Three failed first attempts, so retries are part of the streams too.
     faults = MockServerConfig(fault_script=("http_500", "rate_limit_429", "http_503"))
     async with MockServer(faults) as server:
