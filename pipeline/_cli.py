@@ -379,9 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs it)."""
     name = "llmtrail"
     try:
-        _setup_logging()
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv)  # --help and usage errors exit here, before any setup
+        _setup_logging()
         func = getattr(args, "func", None)
         if func is None:
             parser.print_help()

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 from llmtrail._lazy import lazy_names
 
 if TYPE_CHECKING:
-    from ._engine import (
+    from ._base import (
         DEFAULT_STORE_URL,
+        PROJECTIONS,
         STORE_URL_ENV,
         StoreClosedError,
         StoreConfigError,
@@ -27,10 +28,10 @@ if TYPE_CHECKING:
         StoreError,
         StoreSchemaError,
         StoreUnavailableError,
-        create_engine,
         mask_url,
         store_url_from_environment,
     )
+    from ._engine import create_engine
     from ._migrate import (
         check_schema,
         ensure_schema,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
         migrate,
     )
     from ._projections import (
-        PROJECTIONS,
         ProjectionConflictError,
         ProjectionRunner,
         ProjectionStatus,
@@ -91,7 +91,7 @@ _LAZY = {
     "calls": "._projections",
     "check_schema": "._migrate",
     "create_engine": "._engine",
-    "DEFAULT_STORE_URL": "._engine",
+    "DEFAULT_STORE_URL": "._base",
     "ensure_schema": "._migrate",
     "events": "._schema",
     "EventStore": "._reader",
@@ -100,7 +100,7 @@ _LAZY = {
     "head_revision": "._migrate",
     "IncompleteCall": "._reader",
     "load_workload": "._workload_read",
-    "mask_url": "._engine",
+    "mask_url": "._base",
     "metadata": "._schema",
     "metrics_minute": "._projections",
     "migrate": "._migrate",
@@ -109,7 +109,7 @@ _LAZY = {
     "projection_status": "._projections",
     "ProjectionConflictError": "._projections",
     "ProjectionRunner": "._projections",
-    "PROJECTIONS": "._projections",
+    "PROJECTIONS": "._base",
     "ProjectionStatus": "._projections",
     "rebuild": "._projections",
     "recommend": "._replay_plan",
@@ -119,16 +119,16 @@ _LAZY = {
     "ReplaySettings": "._replay_model",
     "ReplayStalledError": "._replay",
     "run_projections": "._projections",
-    "STORE_URL_ENV": "._engine",
-    "store_url_from_environment": "._engine",
-    "StoreClosedError": "._engine",
-    "StoreConfigError": "._engine",
-    "StoreCorruptError": "._engine",
+    "STORE_URL_ENV": "._base",
+    "store_url_from_environment": "._base",
+    "StoreClosedError": "._base",
+    "StoreConfigError": "._base",
+    "StoreCorruptError": "._base",
     "stored_payload": "._schema",
     "StoredEvent": "._reader",
-    "StoreError": "._engine",
-    "StoreSchemaError": "._engine",
-    "StoreUnavailableError": "._engine",
+    "StoreError": "._base",
+    "StoreSchemaError": "._base",
+    "StoreUnavailableError": "._base",
     "sweep": "._replay_plan",
     "Tier": "._replay_plan",
     "UnknownProjectionError": "._projections",

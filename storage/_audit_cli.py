@@ -1,7 +1,9 @@
 """The audit commands: ``llmtrail projections run|rebuild|status``, ``usage`` and ``sql``.
 
 Invariants:
-- :func:`register` only adds parsers; nothing is opened until a command runs.
+- :func:`register` only adds parsers and imports nothing heavy: the commands themselves are
+  in :mod:`._audit_commands` (SQLAlchemy, the projections, the read-only runner), imported
+  when one runs, so building the ``llmtrail`` parser stays fast.
 - Exit codes: 0 ok, 1 failure (store unreachable, SQL error, timeout), 2 bad usage (bad option,
   bad URL, missing store, a statement ``sql`` refuses). Errors are one line on stderr, never a
   traceback.
@@ -18,46 +20,21 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import asyncio
-import functools
-import json
-import sys
-import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from decimal import Decimal
-from typing import Any
+import importlib
+from collections.abc import Callable
 
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from llmtrail.pipeline._output import add_format_options
 
-from llmtrail.pipeline._output import Column, add_format_options, chosen_format, emit_rows
-
-from ._cli import UsageError, add_store_argument, parse_time, run_command
-from ._engine import (
-    StoreConfigError,
-    StoreUnavailableError,
-    create_engine,
-    mask_url,
-)
-from ._projections import (
+from ._base import (
     DEFAULT_BATCH_SIZE,
-    PROJECTIONS,
-    REBUILD_BATCH_SIZE,
-    ProjectionRunner,
-    projection_status,
-    rebuild,
-    run_projections,
-)
-from ._readonly import (
     DEFAULT_MAX_ROWS,
     DEFAULT_TIMEOUT_S,
-    ReadOnlyLimits,
-    run_readonly_sql,
-    stop_on_signal,
+    PROJECTIONS,
+    REBUILD_BATCH_SIZE,
 )
-from ._usage import COUNTERS, UsageLine, check_by, usage_report
+from ._cli import add_store_argument
 
-__all__ = ["UsageLine", "register", "usage_report"]
+__all__ = ["add_catch_up_option", "register"]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -86,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--batch-size", metavar="N", type=int, default=DEFAULT_BATCH_SIZE, help="events per batch"
     )
     add_format_options(run, formats=("plain", "json"))
-    run.set_defaults(func=_run_command)
+    run.set_defaults(func=_later("_run_command"))
 
     rebuild_parser = actions.add_parser(
         "rebuild",
@@ -100,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--batch-size", metavar="N", type=int, default=REBUILD_BATCH_SIZE, help="events per batch"
     )
     add_format_options(rebuild_parser, formats=("plain", "json"))
-    rebuild_parser.set_defaults(func=_rebuild_command)
+    rebuild_parser.set_defaults(func=_later("_rebuild_command"))
 
     status = actions.add_parser(
         "status",
@@ -110,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_store_argument(status)
     add_format_options(status)
-    status.set_defaults(func=_status_command)
+    status.set_defaults(func=_later("_status_command"))
 
     usage = subparsers.add_parser(
         "usage",
@@ -129,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     usage.add_argument("--until", metavar="TIME", help="calls started before TIME")
     add_catch_up_option(usage)
     add_format_options(usage)
-    usage.set_defaults(func=_usage_command)
+    usage.set_defaults(func=_later("_usage_command"))
 
     sql = subparsers.add_parser(
         "sql",
@@ -162,47 +139,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="PostgreSQL: run even as a superuser or a role that reaches server files, "
         "programs or other sessions (default: refuse; see docs/sql.md for a reader role)",
     )
-    sql.set_defaults(func=_sql_command)
-
-
-# -- shared ------------------------------------------------------------------------------------
-
-
-def _guarded(name: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """:func:`run_command`, with SQLAlchemy's errors turned into one line too."""
-
-    async def wrapped() -> int:
-        try:
-            return await main()
-        except DBAPIError as exc:
-            raise StoreUnavailableError(_db_message(exc)) from None
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(str(exc).splitlines()[0]) from None
-
-    return run_command(name, wrapped)
-
-
-def _db_message(exc: DBAPIError) -> str:
-    """The database's own message, first line, without SQLAlchemy's decoration."""
-    orig = exc.orig if exc.orig is not None else exc
-    text = str(orig).strip() or type(orig).__name__
-    # asyncpg errors arrive wrapped as "<class '...'>: message".
-    if text.startswith("<class"):
-        text = text.split(">: ", 1)[-1]
-    return text.splitlines()[0]
-
-
-async def _open_for_writing(url: str) -> AsyncEngine:
-    # Alembic (behind _migrate) loads when a command runs, not when the parser is built.
-    from ._migrate import ensure_schema
-
-    engine = create_engine(url, must_exist=True)
-    try:
-        await ensure_schema(engine)
-    except BaseException:
-        await engine.dispose()
-        raise
-    return engine
+    sql.set_defaults(func=_later("_sql_command"))
 
 
 def add_catch_up_option(parser: argparse.ArgumentParser) -> None:
@@ -215,288 +152,13 @@ def add_catch_up_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def catch_up(url: str, command: str, *, apply: bool, required: bool = True) -> AsyncEngine:
-    """An engine on the store, its projections brought up to date first.
+def _later(name: str) -> Callable[[argparse.Namespace], int]:
+    """The command ``name`` of :mod:`._audit_commands`, imported when it runs."""
 
-    Without ``apply``, nothing is written: a note on stderr says how many events each
-    projection lags. When catching up fails and it is not ``required`` (``sql`` as a
-    read-only role), a warning says the tables may be stale and the command goes on.
-    """
-    from ._migrate import check_schema
-
-    if not apply:
-        engine = create_engine(url, must_exist=True)
-        try:
-            await check_schema(engine)
-            statuses = await projection_status(engine)
-        except BaseException:
-            await engine.dispose()
-            raise
-        behind = [s for s in statuses if s.lag]
-        text = (
-            "projections lag the event log: "
-            + ", ".join(f"{s.name} by {s.lag} events" for s in behind)
-            + " (leave out --no-catch-up, or run `llmtrail projections run`)"
-            if behind
-            else "projections are up to date with the event log"
+    def run(args: argparse.Namespace) -> int:
+        command: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module("._audit_commands", __package__), name
         )
-        print(f"llmtrail {command}: note: {text}", file=sys.stderr)
-        return engine
-    if required:
-        engine = await _open_for_writing(url)
-    else:
-        engine = create_engine(url, must_exist=True)
-    try:
-        await run_projections(engine)
-    except (SQLAlchemyError, StoreUnavailableError) as exc:
-        if required:
-            await engine.dispose()
-            raise
-        reason = _db_message(exc) if isinstance(exc, DBAPIError) else str(exc).splitlines()[0]
-        print(
-            f"llmtrail {command}: warning: could not bring the projections up to date, so "
-            f"calls, usage_daily and metrics_minute may lag the event log: {reason}",
-            file=sys.stderr,
-        )
-    except BaseException:
-        await engine.dispose()
-        raise
-    return engine
+        return command(args)
 
-
-def _projection_name(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    if value not in PROJECTIONS:
-        raise UsageError(f"unknown projection {value!r}: use one of {', '.join(PROJECTIONS)}")
-    return [value]
-
-
-def _batch_size(value: int) -> int:
-    if value < 1:
-        raise UsageError(f"--batch-size {value} is invalid: use an integer >= 1")
-    return value
-
-
-# -- projections ---------------------------------------------------------------------------------
-
-
-def _run_command(args: argparse.Namespace) -> int:
-    async def main() -> int:
-        names = _projection_name(args.name)
-        batch_size = _batch_size(args.batch_size)
-        if args.interval <= 0:
-            raise UsageError(f"--interval {args.interval:g} is invalid: use seconds > 0")
-        engine = await _open_for_writing(args.store)
-        try:
-            report = functools.partial(_print_applied, as_json=args.format == "json")
-            if not args.follow:
-                report(await run_projections(engine, names, batch_size))
-                return 0
-            runner = ProjectionRunner(engine, names, batch_size=batch_size)
-            print(
-                f"applying new events to {', '.join(runner.names)} every {args.interval:g}s; "
-                "^C to stop",
-                file=sys.stderr,
-            )
-            await runner.follow(asyncio.Event(), interval_s=args.interval, on_applied=report)
-            return 0
-        finally:
-            await engine.dispose()
-
-    return _guarded("projections run", main)
-
-
-def _print_applied(applied: Mapping[str, int], *, as_json: bool = False) -> None:
-    if as_json:
-        print(json.dumps({"applied": dict(applied)}))
-    else:
-        print(", ".join(f"{name}: {count} events applied" for name, count in applied.items()))
-    sys.stdout.flush()
-
-
-def _rebuild_command(args: argparse.Namespace) -> int:
-    async def main() -> int:
-        names = _projection_name(args.name)
-        batch_size = _batch_size(args.batch_size)
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        engine = await _open_for_writing(args.store)
-        try:
-            head = (await projection_status(engine))[0].head_position
-            console = Console(stderr=True)
-            started = time.perf_counter()
-            with Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-            ) as progress:
-                task = progress.add_task("replaying positions", total=max(head, 1))
-                applied = await rebuild(
-                    engine,
-                    names,
-                    batch_size,
-                    progress=lambda position: progress.update(task, completed=position),
-                )
-            elapsed = time.perf_counter() - started
-            count = max(applied.values(), default=0)
-            rate = count / elapsed if elapsed > 0 else 0.0
-            if args.format == "json":
-                print(json.dumps({"rebuilt": list(applied), "events": count, "elapsed_s": elapsed}))
-            else:
-                print(
-                    f"rebuilt {', '.join(applied)} from {count} events in {elapsed:.1f}s "
-                    f"({rate:,.0f} events/s)"
-                )
-            return 0
-        finally:
-            await engine.dispose()
-
-    return _guarded("projections rebuild", main)
-
-
-def _status_command(args: argparse.Namespace) -> int:
-    from ._migrate import check_schema, head_revision
-
-    async def main() -> int:
-        engine = create_engine(args.store, must_exist=True)
-        try:
-            revision = await check_schema(engine)
-            if revision != head_revision():
-                raise StoreConfigError(
-                    f"the store {mask_url(engine.url)!r} is at schema revision {revision!r}, "
-                    f"older than this llmtrail's {head_revision()!r}: run "
-                    "`llmtrail migrate --store URL`"
-                )
-            rows = [
-                {
-                    "name": s.name,
-                    "position": s.position,
-                    "head_position": s.head_position,
-                    "lag": s.lag,
-                    "updated_at": s.updated_at,
-                }
-                for s in await projection_status(engine)
-            ]
-        finally:
-            await engine.dispose()
-        columns = [
-            Column("name"),
-            Column("position", numeric=True, priority=2),
-            Column("head_position", numeric=True, priority=2),
-            Column("lag", numeric=True),
-            Column("updated_at", priority=1),
-        ]
-        emit_rows(
-            columns,
-            [list(r.values()) for r in rows],
-            chosen_format(args.format),
-            title="projections",
-        )
-        return 0
-
-    return _guarded("projections status", main)
-
-
-# -- usage ---------------------------------------------------------------------------------------
-
-
-_USAGE_PRIORITY = {
-    "calls": 0,
-    "failed": 1,
-    "unpriced_calls": 1,
-    "cost_usd": 0,
-    "succeeded": 2,
-    "input_tokens": 2,
-    "output_tokens": 2,
-    "cancelled": 3,
-    "interrupted": 3,
-    "cached_tokens": 4,
-    "reasoning_tokens": 4,
-}
-
-
-def _usage_command(args: argparse.Namespace) -> int:
-    async def main() -> int:
-        since = parse_time(args.since, option="--since") if args.since else None
-        until = parse_time(args.until, option="--until") if args.until else None
-        if since is not None and until is not None and since >= until:
-            raise UsageError(f"--since {args.since!r} is not before --until {args.until!r}")
-        check_by(args.by)
-        fmt = chosen_format(args.format)
-        engine = await catch_up(args.store, "usage", apply=args.catch_up)
-        try:
-            report = await usage_report(engine, args.by, since, until)
-        finally:
-            await engine.dispose()
-        header = [
-            "calls",
-            "succeeded",
-            "failed",
-            "cancelled",
-            "interrupted",
-            "unpriced_calls",
-            *COUNTERS,
-            "cost_usd",
-        ]
-        columns = [
-            Column(args.by),
-            *(Column(h, numeric=True, priority=_USAGE_PRIORITY[h]) for h in header),
-        ]
-        for_people = fmt in ("table", "plain")
-
-        def cells(line: UsageLine, key: str) -> list[Any]:
-            values = line.as_dict()
-            cost = values["cost_usd"]
-            if for_people and cost is None and line.calls:
-                cost = "unpriced"  # never a blank that reads as $0
-            return [key, *(values[h] for h in header[:-1]), cost]
-
-        rows = [cells(line, line.key) for line in report]
-        total = UsageLine(key="total")
-        for item in report:
-            total.add(item)
-        footer = cells(total, "total") if for_people and len(report) > 1 else None
-        notes = []
-        if total.unpriced_calls:
-            notes.append(
-                f"cost_usd leaves out {total.unpriced_calls} unpriced call"
-                f"{'s' if total.unpriced_calls != 1 else ''} (models without a known price; "
-                "add them to LLMTRAIL_PRICES_FILE, then `llmtrail projections rebuild`)"
-            )
-        emit_rows(columns, rows, fmt, title="usage", footer=footer, notes=notes)
-        return 0
-
-    return _guarded("usage", main)
-
-
-# -- sql -----------------------------------------------------------------------------------------
-
-
-def _sql_columns(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[Column]:
-    """Numbers right-aligned; text may wrap; the rightmost columns are hidden first."""
-    columns = []
-    for index, name in enumerate(header):
-        values = [row[index] for row in rows if row[index] is not None]
-        numeric = bool(values) and all(
-            isinstance(v, int | float | Decimal) and not isinstance(v, bool) for v in values
-        )
-        columns.append(Column(name, numeric=numeric, priority=index, wrap=not numeric))
-    return columns
-
-
-def _sql_command(args: argparse.Namespace) -> int:
-    async def main() -> int:
-        fmt = chosen_format(args.format)
-        await (await catch_up(args.store, "sql", apply=args.catch_up, required=False)).dispose()
-        limits = ReadOnlyLimits(args.timeout, args.max_rows, args.allow_privileged_role)
-        header, rows = await run_readonly_sql(args.store, args.statement, limits)
-        if header:
-            emit_rows(_sql_columns(header, rows), rows, fmt)
-        return 0
-
-    return _guarded("sql", lambda: stop_on_signal("sql", main()))
+    return run

@@ -27,13 +27,15 @@ import sys
 import textwrap
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtrail.pipeline import ConfigurationError, EventType
 from llmtrail.pipeline._output import Column, add_format_options, chosen_format, emit_rows
 
-from ._engine import STORE_URL_ENV, StoreError, mask_url, store_url_from_environment
-from ._reader import EventStore, IncompleteCall, StoredEvent
+from ._base import STORE_URL_ENV, StoreError, mask_url, store_url_from_environment
+
+if TYPE_CHECKING:  # the reader (SQLAlchemy) is imported when a command runs, not by the parser
+    from ._reader import EventStore, IncompleteCall, StoredEvent
 
 __all__ = ["add_store_argument", "parse_time", "register", "run_command"]
 
@@ -306,6 +308,8 @@ def _events_command(args: argparse.Namespace) -> int:
         filters = _filters(args)
         fmt = chosen_format(args.format, terminal="wrapped")
         printer = _Printer(fmt)
+        from ._reader import EventStore
+
         store = await EventStore.open(args.store)
         try:
             if args.incomplete:

@@ -33,8 +33,22 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from llmtrail.pipeline import ConfigurationError, LLMTrailError, require_extra
-from llmtrail.pipeline._redact import mask_url_password
+from llmtrail.pipeline import require_extra
+
+# The store's error types and URL defaults live in ._base (importable without SQLAlchemy);
+# they are names of this module too, as its callers have always imported them from here.
+from ._base import (
+    DEFAULT_STORE_URL,
+    STORE_URL_ENV,
+    StoreClosedError,
+    StoreConfigError,
+    StoreCorruptError,
+    StoreError,
+    StoreSchemaError,
+    StoreUnavailableError,
+    mask_url,
+    store_url_from_environment,
+)
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -54,8 +68,6 @@ __all__ = [
     "write_engine",
 ]
 
-DEFAULT_STORE_URL = "sqlite+aiosqlite:///llmtrail.db"
-STORE_URL_ENV = "LLMTRAIL_STORE_URL"
 DEFAULT_BUSY_TIMEOUT_MS = 5_000
 
 _FIX = "use sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db"
@@ -67,48 +79,6 @@ _AIOSQLITE_ARGUMENT_LINES = frozenset(
 )
 # Execution option that marks an engine's transactions as writes (see write_engine()).
 _WRITE_OPTION = "llmtrail_write"
-
-
-class StoreError(LLMTrailError):
-    """Base class of the event store's errors."""
-
-
-class StoreConfigError(StoreError, ConfigurationError):
-    """The store URL or a store option is invalid; the message names the value and the fix."""
-
-
-class StoreSchemaError(StoreError):
-    """The store's schema is missing or at a revision this llmtrail does not know."""
-
-
-class StoreCorruptError(StoreError):
-    """The store's file is damaged or belongs to another program: retrying cannot help.
-
-    Raised instead of being retried as an outage; the message names the file and the fix.
-    """
-
-
-class StoreUnavailableError(StoreError):
-    """The database cannot be reached or opened right now."""
-
-
-class StoreClosedError(StoreError, RuntimeError):
-    """The writer or reader was used after ``aclose()``."""
-
-
-def mask_url(url: str | URL) -> str:
-    """The URL with its password replaced by ``***``, safe for logs and error messages."""
-    if isinstance(url, URL):
-        # An unencoded "@" in the password leaves part of it in the parsed host: mask the
-        # rendered text up to the authority's last "@" too.
-        return mask_url_password(url.render_as_string(hide_password=True))
-    # A URL that does not parse may still hold a password: mask ``scheme://user:secret@``.
-    return mask_url_password(url)
-
-
-def store_url_from_environment(url: str | None = None) -> str:
-    """``url`` if given, else ``$LLMTRAIL_STORE_URL``, else the SQLite file ``llmtrail.db``."""
-    return url or os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
 
 
 def normalize_store_url(url: str | URL) -> URL:

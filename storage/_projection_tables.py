@@ -48,6 +48,7 @@ from sqlalchemy.types import TypeEngine, UserDefinedType
 
 from llmtrail.pipeline import PriceTable
 
+from ._base import PROJECTIONS
 from ._folds import (
     CALL_COLUMNS,
     COST_QUANTUM,
@@ -210,7 +211,6 @@ projection_checkpoints = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
-PROJECTIONS: tuple[str, ...] = ("calls", "usage_daily", "metrics_minute")
 TABLES: dict[str, Table] = {
     "calls": calls,
     "usage_daily": usage_daily,

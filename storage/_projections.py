@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmtrail.pipeline import ConfigurationError, PriceTable
 
+from ._base import DEFAULT_BATCH_SIZE, REBUILD_BATCH_SIZE
 from ._engine import StoreError, write_engine
 from ._folds import FoldEvent, paused_gc
 from ._projection_tables import (
@@ -69,12 +70,6 @@ __all__ = [
     "run_projections",
     "usage_daily",
 ]
-
-DEFAULT_BATCH_SIZE = 5000
-# A rebuild replays the whole log in ranges of this many events, one transaction each: big
-# enough that per-range queries cost little, small enough that SQLite's write lock is held for
-# well under a second (about 0.3 s per 100,000 events) and memory stays bounded.
-REBUILD_BATCH_SIZE = 100_000
 
 
 class UnknownProjectionError(ConfigurationError):

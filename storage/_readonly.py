@@ -49,6 +49,7 @@ from sqlalchemy.engine import URL
 
 from llmtrail.pipeline import ConfigurationError
 
+from ._base import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S
 from ._engine import StoreConfigError, StoreError, is_sqlite, mask_url, normalize_store_url
 
 __all__ = [
@@ -63,8 +64,6 @@ __all__ = [
     "stop_on_signal",
 ]
 
-DEFAULT_TIMEOUT_S: Final = 30.0
-DEFAULT_MAX_ROWS: Final = 1_000_000
 # A reader waiting for a lock holds its place in the lock queue, and everyone queued behind it
 # (a migration's ACCESS EXCLUSIVE, then every writer) waits too: give up on locks quickly.
 _LOCK_TIMEOUT_S: Final = 2.0

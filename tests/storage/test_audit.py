@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from llmtrail.pipeline._cli import build_parser
-from llmtrail.storage._audit_cli import usage_report
 from llmtrail.storage._projections import run_projections
 from llmtrail.storage._readonly import ReadOnlyLimits, run_readonly_sql
+from llmtrail.storage._usage import usage_report
 from tests.storage.projection_events import CallSpec, LogStore, call_events, sample_log
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "sql.md"

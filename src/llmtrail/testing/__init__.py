@@ -23,13 +23,9 @@ from ._sinks import RecordingSink
 
 if TYPE_CHECKING:
     from ._memory_store import InMemoryEventStore
-    from ._mock_server import (
-        MockServer,
-        MockServerConfig,
-        run_in_process,
-        running_in_process,
-        running_in_thread,
-    )
+    from ._mock_config import MockServerConfig
+    from ._mock_process import run_in_process, running_in_process, running_in_thread
+    from ._mock_server import MockServer
 
 __all__ = [
     "InMemoryEventStore",
@@ -47,7 +43,14 @@ _SERVER_NAMES = frozenset(__all__) - {"InMemoryEventStore", "RecordingSink"}
 
 _load = lazy_names(
     __name__,
-    {**dict.fromkeys(_SERVER_NAMES, "._mock_server"), "InMemoryEventStore": "._memory_store"},
+    {
+        "InMemoryEventStore": "._memory_store",
+        "MockServer": "._mock_server",
+        "MockServerConfig": "._mock_config",
+        "run_in_process": "._mock_process",
+        "running_in_process": "._mock_process",
+        "running_in_thread": "._mock_process",
+    },
 )
 
 

@@ -148,18 +148,18 @@ def run_in_process(
     port: int = 0,
     startup_timeout_s: float = 30.0,
 ) -> tuple[str, Callable[[], None]]:
-    """Start ``python -m llmtrail.testing._mock_server`` in a child process: ``(url, stop)``.
+    """Start ``python -m llmtrail.testing._mock_process`` in a child process: ``(url, stop)``.
 
     A benchmark's client then does not share a core with the server. ``stop()`` sends SIGTERM
     and waits (SIGKILL after 10 s); it is idempotent.
     """
-    # `python -m llmtrail.testing._mock_server`: importing `llmtrail` and `llmtrail.testing`
+    # `python -m llmtrail.testing._mock_process`: importing `llmtrail` and `llmtrail.testing`
     # is light (the OpenAI SDK is imported only when the request path is used), so the child
     # starts in well under a second.
     argv = [
         sys.executable,
         "-m",
-        "llmtrail.testing._mock_server",
+        "llmtrail.testing._mock_process",
         "--host",
         host,
         "--port",
@@ -176,7 +176,7 @@ def run_in_process(
         proc.stdout.close()
         raise RuntimeError(
             f"the mock server child process reported no URL within {startup_timeout_s}s "
-            f"(exit code {proc.returncode}); run `python -m llmtrail.testing._mock_server "
+            f"(exit code {proc.returncode}); run `python -m llmtrail.testing._mock_process "
             f"{' '.join(argv[3:])}` to see why"
         )
 
@@ -227,3 +227,16 @@ def running_in_thread(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         loop.close()
+
+
+def _main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmtrail.testing._mock_process",
+        description="A local OpenAI-compatible server (/v1/responses, /v1/chat/completions).",
+    )
+    add_arguments(parser)
+    return run_from_args(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

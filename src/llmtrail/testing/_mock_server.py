@@ -43,14 +43,12 @@ only to a request that passed auth, validation, quota and the rate window.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
 import math
 import random
 import statistics
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -58,8 +56,6 @@ from typing import Any, Self
 
 from aiohttp import web
 
-# A relative import even when run_in_process starts this file: its bootstrap registers a bare
-# `pipeline` package (no __init__, so no openai SDK) for this module and its sibling.
 from ._mock_config import (
     _FAULT_RATE_FIELDS,
     _QUOTA_MESSAGE,
@@ -99,9 +95,9 @@ __all__ = [
     "LogRecord",
     "MockServer",
     "MockServerConfig",
-    "add_arguments",
     "format_duration",
     "max_arrivals_in_window",
+    "add_arguments",
     "run_from_args",
     "run_in_process",
     "running_in_process",
@@ -593,7 +589,7 @@ class MockServer:
         return web.json_response(self._config.to_dict())
 
 
-# The ways to run it, re-exported here (they import MockServer lazily: no import cycle).
+# The ways to run it, importable from here too (they import MockServer when run: no cycle).
 from ._mock_process import (  # noqa: E402
     add_arguments,
     run_from_args,
@@ -602,16 +598,3 @@ from ._mock_process import (  # noqa: E402
     running_in_thread,
     serve,
 )
-
-
-def _main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llmtrail.testing._mock_server",
-        description="A local OpenAI-compatible server (POST /v1/responses).",
-    )
-    add_arguments(parser)
-    return run_from_args(parser.parse_args())
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
