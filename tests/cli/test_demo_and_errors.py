@@ -1,4 +1,4 @@
-"""Issue 18.4, 18.5, 18.9: the demo explains failures and rates; every command fails in one line."""
+"""The demo explains failures and rates; every command fails in one line."""
 
 from __future__ import annotations
 

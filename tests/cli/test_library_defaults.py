@@ -1,4 +1,4 @@
-"""Issue 18.6: with no max_rpm / max_tpm there is no gate, and stats() says so."""
+"""With no max_rpm / max_tpm there is no gate, and stats() says so."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 18.1: the library prints nothing and configures no logging; the application decides."""
+"""The library prints nothing and configures no logging; the application decides."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 18.10 and 18.11: the README's API examples run as written; the documented commands."""
+"""The README's API examples run as written; the documented commands."""
 
 from __future__ import annotations
 

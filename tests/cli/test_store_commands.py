@@ -1,4 +1,4 @@
-"""Issue 18.2, 18.3, 18.5, 18.7, 18.8: ``sql``, ``usage``, ``events`` and ``projections`` on a
+"""``sql``, ``usage``, ``events`` and ``projections`` on a
 store the demo filled, through pipes, on a terminal and at 80 columns."""
 
 from __future__ import annotations
