@@ -6,12 +6,11 @@
 - :class:`Clock` is the time source of the gates, the semaphore and the retry waits.
 - :class:`Provider` performs one HTTP attempt against an LLM API, plain or streamed
   (:class:`ProviderStream`).
-- :class:`GateBackend` is a rate gate (in-process by default, Redis for many processes).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -26,10 +25,8 @@ __all__ = [
     "Clock",
     "DurableSink",
     "EventSink",
-    "GateBackend",
     "Provider",
     "ProviderStream",
-    "Reservation",
     "TimerHandle",
     "UsageHistory",
 ]
@@ -159,61 +156,3 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-class Reservation(Protocol):
-    amount: int
-    waited_s: float
-    waiters_ahead: int
-    not_before: float
-
-    @property
-    def pending(self) -> bool: ...
-
-    @property
-    def done(self) -> bool: ...
-
-
-class GateBackend(Protocol):
-    """A rate gate: ``capacity`` units per sliding ``window_s``.
-
-    ``acquire`` is one atomic check-and-reserve, FIFO among waiters, cancellation-safe: a
-    cancelled waiter leaves nothing behind. A reservation is *pending* (it never expires)
-    until :meth:`mark_sent`; a sent one ends one window after the earliest bound on its arrival
-    (:meth:`mark_arrived`: body written + ``arrival_guard_s``; :meth:`mark_done`: the answer).
-    :meth:`release` gives it back when the provider never counted it, :meth:`reconcile`
-    corrects its amount.
-    """
-
-    capacity: int
-    window_s: float
-    lead_s: float
-
-    async def acquire(self, amount: int) -> Reservation: ...
-
-    def mark_sent(self, reservation: Reservation) -> None: ...
-
-    def mark_arrived(self, reservation: Reservation, by: float) -> None: ...
-
-    def mark_done(self, reservation: Reservation, *, unanswered_guard_s: float = 0.0) -> None: ...
-
-    def release(self, reservation: Reservation) -> None: ...
-
-    def reconcile(self, reservation: Reservation, actual: int) -> None: ...
-
-    def observe_provider(
-        self,
-        remaining: int | None,
-        reset_s: float | None,
-        *,
-        as_of: float | None = None,
-        limit: int | None = None,
-    ) -> None: ...
-
-    def preload(self, sent_ages: Iterable[tuple[float, int]], *, guard_s: float = 1.0) -> int: ...
-
-    def used(self) -> int: ...
-
-    def waiting(self) -> int: ...
-
-    def reserved(self) -> int: ...
