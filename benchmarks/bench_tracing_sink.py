@@ -15,8 +15,9 @@ service emits them: one attempt, no waits -> 2 spans; a 429 then success -> 4 sp
 - + metrics: emit only, with the GenAI histograms recorded too;
 - the HTTP span: CPU per request of the SDK's httpx2 client, instrumented the way the sink
   does it (opentelemetry-instrumentation-httpx as shipped) against plain, over an in-memory
-  transport that answers with OpenAI's usual 20 response headers (no network, so the figure
-  is the instrumentation's own cost; the span is encoded until flushed).
+  transport, with the request headers the openai SDK sends (18) and OpenAI's usual 20 response
+  headers (the instrumentation normalises all of them on every request; no network, so the
+  figure is the instrumentation's own cost; the span is encoded until flushed).
 
 Invariants: no network beyond 127.0.0.1; medians of interleaved rounds; CPU time, not wall
 time; the receiver process's CPU is not counted. A calibration figure (``sum(range(1000))``)
@@ -171,6 +172,20 @@ _RESPONSE_HEADERS = [
 ]  # fmt: skip
 
 
+# What the openai SDK sends with each request (as the pipeline's provider sends it): the
+# instrumentation reads every request header too (httpx2 adds host, accept-encoding,
+# connection and content-length).
+_REQUEST_HEADERS = {
+    "authorization": "Bearer sk-x", "accept": "application/json",
+    "content-type": "application/json", "user-agent": "AsyncOpenAI/Python 3.60.0",
+    "x-stainless-lang": "python", "x-stainless-package-version": "3.60.0",
+    "x-stainless-os": "Linux", "x-stainless-arch": "x64", "x-stainless-runtime": "CPython",
+    "x-stainless-runtime-version": "3.11.7", "x-stainless-async": "async:asyncio",
+    "x-stainless-retry-count": "0", "x-stainless-read-timeout": "600",
+    "x-client-request-id": "call:1",
+}  # fmt: skip
+
+
 def _http_requests(n: int, instrumented: bool) -> float:
     """CPU microseconds per request of an httpx2 client (the process, until flushed)."""
     import httpx2
@@ -184,10 +199,9 @@ def _http_requests(n: int, instrumented: bool) -> float:
         async with httpx2.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             if sink is not None:
                 sink.instrument_http_client(client)
-            headers = {"authorization": "Bearer sk-x", "x-client-request-id": "call:1"}
             started = time.process_time()
             for _ in range(n):
-                await client.post("/v1/responses", content=b"{}", headers=headers)
+                await client.post("/v1/responses", content=b"{}", headers=_REQUEST_HEADERS)
             if sink is not None and sink.tracer_provider is not None:
                 sink.tracer_provider.force_flush()
             elapsed = time.process_time() - started

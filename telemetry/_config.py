@@ -88,21 +88,27 @@ def service_resource(service_name: str | None, instance: str | None = None) -> R
 
 
 def _protocol(explicit: str | None, signal: str) -> str:
-    protocol = (
-        explicit
-        or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
+    """The OTLP protocol asked for (argument, then variables, then http/protobuf); a clear
+    :class:`ConfigurationError` naming what asked for it when it is unknown or not installed."""
+    asked_by = "protocol="
+    protocol = explicit
+    if protocol is None:
+        for name in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            if os.environ.get(name):
+                protocol, asked_by = os.environ[name], f"{name}="
+                break
+    protocol = (protocol or "http/protobuf").strip()
     if protocol not in _PROTOCOLS:
         raise ConfigurationError(
-            f"OTLP protocol {protocol!r} is unsupported: use 'http/protobuf' (default) or 'grpc'"
+            f"OTLP protocol {asked_by}{protocol!r} is unsupported: use 'http/protobuf' "
+            "(default) or 'grpc'"
         )
     grpc_module = "opentelemetry.exporter.otlp.proto.grpc"
     if protocol == "grpc" and importlib.util.find_spec(grpc_module) is None:
         raise ConfigurationError(
-            "OTLP protocol 'grpc' needs the gRPC exporter: pip install "
-            "opentelemetry-exporter-otlp-proto-grpc, or use protocol='http/protobuf'"
+            f"OTLP protocol {asked_by}'grpc' needs the gRPC exporter, which is not installed: "
+            f"pip install opentelemetry-exporter-otlp-proto-grpc, or set {asked_by}"
+            "'http/protobuf'"
         )
     return protocol
 
@@ -135,15 +141,10 @@ def otlp_span_exporter(
 
 def _otlp_metric_exporter(endpoint: str | None, protocol: str | None) -> MetricExporter:
     protocol = _protocol(protocol, "METRICS")
+    from ._metric_export import OutageAwareMetricExporter, grpc_metric_exporter
+
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # type: ignore[import-not-found, unused-ignore]
-            OTLPMetricExporter as GrpcMetricExporter,
-        )
-
-        metric_exporter: MetricExporter = GrpcMetricExporter(endpoint=endpoint)
-        return metric_exporter
-    from ._metric_export import OutageAwareMetricExporter
-
+        return grpc_metric_exporter(endpoint, _where(endpoint, "METRICS"))
     url = _signal_url(endpoint, "/v1/metrics", protocol) if endpoint else None
     return OutageAwareMetricExporter(endpoint=url, where=_where(endpoint, "METRICS"))
 

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from operator import attrgetter
 from typing import Any
 
 from opentelemetry import trace
@@ -180,13 +181,23 @@ def _output_parts(content: Any, finish_reasons: Any) -> str:
     return json.dumps([message], ensure_ascii=False, default=str)
 
 
+_SEQ = attrgetter("seq")
+
+# The call span's attributes that are the same on every call, built once.
+_CALL_CONSTANTS: Attributes = {
+    A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
+    A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
+    A.OPENAI_API_TYPE: A.API_TYPE_RESPONSES,
+}
+
+
 def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     """The span tree of one completed call: the CLIENT call span first, then its children.
 
     Raises :class:`IncompleteCallError` when the stream lacks ``trace_created`` or
     ``completed`` (a call still in flight, or one whose process died).
     """
-    stream = sorted(events, key=lambda e: e.seq)
+    stream = sorted(events, key=_SEQ)
     if not stream or stream[0].type is not EventType.TRACE_CREATED:
         call_id = stream[0].call_id if stream else "?"
         raise IncompleteCallError(
@@ -204,10 +215,7 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     capture = bool(start.get("capture_content"))
 
     model = start.get("model") or end.get("model") or "unknown"
-    attrs: Attributes = {}
-    _put(attrs, A.GEN_AI_OPERATION_NAME, A.OPERATION_CHAT)
-    _put(attrs, A.GEN_AI_PROVIDER_NAME, A.PROVIDER_OPENAI)
-    _put(attrs, A.OPENAI_API_TYPE, A.API_TYPE_RESPONSES)
+    attrs: Attributes = dict(_CALL_CONSTANTS)
     _put(attrs, A.GEN_AI_REQUEST_MODEL, model)
     _put(attrs, A.GEN_AI_OUTPUT_TYPE, start.get("output_type"))
     # A response chained on an earlier one continues that conversation.
@@ -392,6 +400,9 @@ _PRESET_IDS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.Contex
 )
 
 
+_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+
+
 class _PresetIdGenerator(IdGenerator):
     """Hands out the preset ids while :func:`record_spans` runs, else defers to ``fallback``."""
 
@@ -428,23 +439,7 @@ def llmtrail_tracer(provider: TracerProvider) -> Tracer:
     return tracer
 
 
-def _start(
-    tracer: Tracer,
-    plan: SpanPlan,
-    trace_id: int,
-    parent: trace.Span | None,
-) -> trace.Span:
-    if parent is not None:
-        context = trace.set_span_in_context(parent)
-    elif plan.parent_id:
-        caller = SpanContext(
-            trace_id, int(plan.parent_id, 16), is_remote=False, trace_flags=trace.TraceFlags(1)
-        )
-        context = trace.set_span_in_context(NonRecordingSpan(caller))
-    else:
-        # An empty context, not None: None would make whatever span is current in the
-        # emitting task the parent, and the rebuilt tree would differ from the live one.
-        context = Context()
+def _start(tracer: Tracer, plan: SpanPlan, trace_id: int, context: Context) -> trace.Span:
     token = _PRESET_IDS.set((trace_id, int(plan.span_id, 16)))
     try:
         span = tracer.start_span(
@@ -470,10 +465,20 @@ def record_spans(tracer: Tracer, trace_id: str, plans: Sequence[SpanPlan]) -> in
         return 0
     trace_int = int(trace_id, 16)
     root_plan, *child_plans = plans
-    root = _start(tracer, root_plan, trace_int, None)
+    if root_plan.parent_id:
+        caller = SpanContext(
+            trace_int, int(root_plan.parent_id, 16), is_remote=False, trace_flags=_SAMPLED
+        )
+        context = trace.set_span_in_context(NonRecordingSpan(caller))
+    else:
+        # An empty context, not None: None would make whatever span is current in the
+        # emitting task the parent, and the rebuilt tree would differ from the live one.
+        context = Context()
+    root = _start(tracer, root_plan, trace_int, context)
     # Children are parented on the real call span, so a sampler that dropped the call drops
     # its children too (ParentBased), instead of exporting orphans.
+    under_root = trace.set_span_in_context(root)
     for plan in child_plans:
-        _start(tracer, plan, trace_int, root).end(end_time=plan.end_ns)
+        _start(tracer, plan, trace_int, under_root).end(end_time=plan.end_ns)
     root.end(end_time=root_plan.end_ns)
     return len(plans) if root.get_span_context().trace_flags.sampled else 0

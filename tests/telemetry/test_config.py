@@ -243,3 +243,59 @@ async def test_spans_and_metrics_share_one_instance_unless_the_variables_name_on
     sink = tracing_sink_from_environment()
     assert sink is not None
     assert sink.resource_attributes["service.version"] == "2.1"
+
+
+def test_grpc_asked_by_the_environment_names_the_variable_and_the_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None:
+        pytest.skip("the gRPC exporter is installed here")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(ConfigurationError) as raised:
+        tracing_sink_from_environment()
+    message = str(raised.value)
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL='grpc'" in message
+    assert "pip install opentelemetry-exporter-otlp-proto-grpc" in message
+    assert "\n" not in message
+
+
+async def test_grpc_collector_down_is_one_warning_for_spans_and_metrics(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+    import socket
+
+    import structlog
+
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
+    from llmtrail.telemetry._outage import outages
+
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    # The metric reader's own thread exports too (not only flush and close): every 100 ms.
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
+    outages.forget()
+    caplog.set_level(logging.DEBUG)
+    with structlog.testing.capture_logs() as logs:
+        telemetry.configure(endpoint=endpoint, timeout_s=0.5)
+        for _ in range(2):  # two services, each flushing its calls to the dead collector
+            sink = tracing_sink_from_environment()
+            assert sink is not None
+            assert isinstance(sink.meter_provider, MeterProvider)
+            for event in streams.success().events:
+                sink.emit(event)
+            await sink.flush()
+            await asyncio.sleep(1.0)  # periodic exports from the reader's thread meanwhile
+            await sink.aclose()
+        telemetry.reset()
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1, warnings
+    assert endpoint in warnings[0]["event"]
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry.exporter")]
