@@ -25,7 +25,6 @@ Invariants:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -103,13 +102,15 @@ def _protocol(explicit: str | None, signal: str) -> str:
             f"OTLP protocol {asked_by}{protocol!r} is unsupported: use 'http/protobuf' "
             "(default) or 'grpc'"
         )
-    grpc_module = "opentelemetry.exporter.otlp.proto.grpc"
-    if protocol == "grpc" and importlib.util.find_spec(grpc_module) is None:
-        raise ConfigurationError(
-            f"OTLP protocol {asked_by}'grpc' needs the gRPC exporter, which is not installed: "
-            f"pip install opentelemetry-exporter-otlp-proto-grpc, or set {asked_by}"
-            "'http/protobuf'"
-        )
+    if protocol == "grpc":
+        try:  # imported now rather than found: an import blocked in sys.modules counts as absent
+            import opentelemetry.exporter.otlp.proto.grpc  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        except ImportError:
+            raise ConfigurationError(
+                f"OTLP protocol {asked_by}'grpc' needs the gRPC exporter, which is not "
+                f"installed: pip install opentelemetry-exporter-otlp-proto-grpc, or set "
+                f"{asked_by}'http/protobuf'"
+            ) from None
     return protocol
 
 

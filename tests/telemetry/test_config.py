@@ -192,10 +192,10 @@ async def test_a_global_sdk_provider_is_kept_and_not_shut_down(
 
 
 def test_grpc_without_its_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
+    import sys
 
-    if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None:
-        pytest.skip("the gRPC exporter is installed here")
+    # None in sys.modules makes its import fail as if the package were not installed.
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc", None)
     with pytest.raises(ConfigurationError, match="opentelemetry-exporter-otlp-proto-grpc"):
         telemetry.configure(endpoint="http://127.0.0.1:4317", protocol="grpc")
 
@@ -248,10 +248,9 @@ async def test_spans_and_metrics_share_one_instance_unless_the_variables_name_on
 def test_grpc_asked_by_the_environment_names_the_variable_and_the_package(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import importlib.util
+    import sys
 
-    if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None:
-        pytest.skip("the gRPC exporter is installed here")
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc", None)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
     with pytest.raises(ConfigurationError) as raised:
