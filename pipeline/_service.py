@@ -263,7 +263,10 @@ class BaseLLMService:
                     "llmtrail, or pass store_url=None to turn persistence off"
                 )
             self._store = factory(
-                store_url, instance=self.instance, max_queue=self.store_settings.max_event_queue
+                store_url,
+                instance=self.instance,
+                max_queue=self.store_settings.max_event_queue,
+                store_timeout_s=self.store_timeout_s,
             )
             self._sinks.append(self._store)
         if tracing is not False:
@@ -374,7 +377,16 @@ class BaseLLMService:
             self._started = True
 
     async def aclose(self) -> None:
-        """Wait for calls in flight, flush every sink, close the provider and the sinks."""
+        """Wait for calls in flight, flush every sink, close the provider and the sinks.
+
+        The event store gets at most ``store_timeout_s`` to commit what it holds (plus, on
+        SQLite, the busy timeout of the statement in flight); past it the store's events not
+        yet written are reported in one error line (how many, and why) and dropped, and
+        ``aclose()`` returns with nothing left running. With ``durability="write_ahead"``
+        those are events of calls already refused with ``store_unavailable`` (never sent,
+        nothing billed) and ``completed`` events that were not committed in time (each such
+        call logged a warning when its result was returned).
+        """
         if self._closed:
             return
         if self._own_loop and self._portal is not None:
@@ -392,7 +404,10 @@ class BaseLLMService:
             await self._idle.wait()
         try:
             for sink in self._sinks:
-                await sink.flush()
+                # The store's aclose() writes what it holds, within store_timeout_s: flushing
+                # it first would wait (and report) twice during an outage.
+                if sink is not self._store:
+                    await sink.flush()
         finally:
             for sink in self._sinks:
                 await sink.aclose()
@@ -404,7 +419,12 @@ class BaseLLMService:
                     await closer()
 
     async def flush(self) -> None:
-        """Return once every event emitted so far is durable in every sink."""
+        """Return once every event emitted so far is durable in every sink.
+
+        The event store is waited for at most ``store_timeout_s``: past it one warning line
+        says how many events are not stored yet and why, and ``flush()`` returns; those
+        events stay queued and are written when the store is back.
+        """
         if self._own_loop and self._portal is not None and (own := self._elsewhere()):
             await call_on_loop(own, self.flush())
             return
