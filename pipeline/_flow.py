@@ -422,9 +422,9 @@ class CallFlow:
         """One HTTP attempt, holding its RPM slot and a semaphore permit."""
         clock = self._clock
         rpm, tpm = self._rpm, self._tpm
-        state.attempts = n
         call.emit(EventType.SENT, {"attempt": n})
         await call.sent_durable(n)  # write-ahead: raises ProviderError if not committed
+        state.attempts = n  # requests that left: a refused `sent` is not one
         sent_at = clock.now()
         if state.rpm_res is not None and rpm is not None:
             rpm.mark_sent(state.rpm_res)
