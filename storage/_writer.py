@@ -486,20 +486,24 @@ class EventWriter:
                     finished, write = write, None
                     finished.result()  # an error the writer gives up on ends the drain
                     self._notify()
+                if buffer and (ahead is None or ahead.size < batch_size):
+                    if ahead is None:
+                        ahead = Batch()
+                    self._serialise(ahead, min(_SLICE, batch_size - ahead.size))
+                    if write is not None:
+                        # Serialise while the database writes the previous batch (in its
+                        # own thread on SQLite, its own process on PostgreSQL), one slice
+                        # per loop turn so that the loop stays responsive. Waiting for the
+                        # write to finish first would leave the database idle meanwhile.
+                        await asyncio.sleep(0)
+                        continue
                 if write is None and ahead is not None:
+                    # The events emitted up to now (e.g. by the calls the last commit woke)
+                    # are in it: a write-ahead call waits for one commit, not two.
                     # A batch in flight stays counted in `pending` until it commits.
                     write = asyncio.ensure_future(self._write(ahead))
                     write.add_done_callback(self._wake_up)
                     ahead = None
-                if buffer and (ahead is None or ahead.size < batch_size):
-                    # Serialise while the database writes the previous batch (in its own
-                    # thread on SQLite, its own process on PostgreSQL), one slice per loop
-                    # turn so that the loop stays responsive. Waiting for the write to
-                    # finish first would leave the database idle meanwhile.
-                    if ahead is None:
-                        ahead = Batch()
-                    self._serialise(ahead, min(_SLICE, batch_size - ahead.size))
-                    await asyncio.sleep(0)
                     continue
                 if write is None:
                     if ahead is None and self._closed:
