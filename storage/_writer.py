@@ -529,9 +529,9 @@ class EventWriter:
             await _cancelled(write)
             self._failure = exc
             if isinstance(exc, StoreCorruptError):  # one clear line; no traceback to read
-                _log.error(str(exc), store=self._shown_url, unwritten=self.pending)
+                _log.error(str(exc), store=self._shown_url, unstored=self.pending)
             else:
-                _log.exception("event writer failed", store=self._shown_url, unwritten=self.pending)
+                _log.exception("event writer failed", store=self._shown_url, unstored=self.pending)
             self._notify()
             self._fail_durable()
             raise
