@@ -100,6 +100,7 @@ class CallStream:
         "trace_flags",
         "store",
         "store_timeout_s",
+        "sent_at",
     )
 
     def __init__(
@@ -122,6 +123,7 @@ class CallStream:
         self.trace_flags = SAMPLED
         self.store = store
         self.store_timeout_s = store_timeout_s
+        self.sent_at: datetime | None = None  # the last `sent` event's occurred_at
 
     # One overload per event type: an emitter that misses or misspells a field fails mypy.
     @overload
@@ -153,11 +155,17 @@ class CallStream:
     @overload
     def emit(self, type_: Literal[EventType.COMPLETED], payload: CompletedPayload) -> None: ...
     def emit(self, type_: EventType, payload: Payload) -> None:
+        at = datetime.now(UTC)
+        if type_ is EventType.SENT:
+            self.sent_at = at
+        self._emit_at(type_, payload, at)
+
+    def _emit_at(self, type_: EventType, payload: Payload, at: datetime) -> None:
         event = Event(
             self.call_id,
             self.seq,
             type_,
-            datetime.now(UTC),
+            at,
             self.trace_id,
             self.span_id,
             storable(cast(dict[str, Any], payload)),
@@ -237,22 +245,23 @@ class CallStream:
             )
 
     def _not_sent(self, attempt: int, error_type: ErrorType, message: str) -> None:
-        self.emit(
-            EventType.ATTEMPT_FAILED,
-            {
-                "attempt": attempt,
-                "latency_s": 0.0,
-                "error_type": str(error_type),
-                "status": None,
-                "retryable": False,
-                "retry_after_s": None,
-                "message": message,
-                "provider_code": None,
-                "provider_request_id": None,
-                "rate_limits": {},
-                "body_sent_s": None,  # never sent
-            },
-        )
+        # At its `sent`'s instant, with latency 0: the attempt failed before it left, and
+        # a projection that takes the `sent` back does so in the minute it counted it.
+        payload: AttemptFailedPayload = {
+            "attempt": attempt,
+            "not_sent": True,
+            "latency_s": 0.0,
+            "error_type": str(error_type),
+            "status": None,
+            "retryable": False,
+            "retry_after_s": None,
+            "message": message,
+            "provider_code": None,
+            "provider_request_id": None,
+            "rate_limits": {},
+            "body_sent_s": None,  # never sent
+        }
+        self._emit_at(EventType.ATTEMPT_FAILED, payload, self.sent_at or datetime.now(UTC))
 
 
 async def wait_for_room(backlog: set[EventSink], timeout_s: float) -> str | None:

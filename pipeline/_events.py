@@ -132,8 +132,9 @@ class SemaphoreAcquiredPayload(TypedDict):
 class SentPayload(TypedDict):
     """``occurred_at`` is when the attempt was handed to the SDK. With write-ahead it is
     committed before the request leaves; if it cannot be (``store_unavailable``) or the call
-    is cancelled meanwhile, the next event is an ``attempt_failed`` with that error type and
-    ``latency_s`` 0: the request never left."""
+    is cancelled meanwhile, the next event is an ``attempt_failed`` with that error type,
+    ``not_sent`` true, ``latency_s`` 0 and this event's ``occurred_at``: the request never
+    left."""
 
     attempt: int
 
@@ -189,7 +190,12 @@ class ReceivedPayload(_ReceivedFields, total=False):
 
 
 class AttemptFailedPayload(TypedDict):
+    """``not_sent``: the attempt never left (write-ahead: its ``sent`` was not committed in
+    time, or the call was cancelled meanwhile); the event then carries its ``sent``'s
+    ``occurred_at`` and ``latency_s`` 0, and no projection counts that ``sent`` as a request."""
+
     attempt: int
+    not_sent: bool
     body_sent_s: float | None  # as in ``received``
     latency_s: float | None
     error_type: str

@@ -188,7 +188,7 @@ class CallFlow:
         t0: float,
     ) -> None:
         """Give back what the provider never counted; complete the call as cancelled."""
-        self._give_back(call, state, "cancelled")
+        give_back(self._rpm, self._tpm, call, state, "cancelled")
         self._complete(
             call,
             state,
@@ -331,10 +331,10 @@ class CallFlow:
         error_type: ErrorType,
         message: str,
         t0: float,
-        give_back: str = "not_sent",
+        reason: str = "not_sent",
     ) -> GenerationResult:
         """Return what the provider never counted, then complete the call as failed."""
-        self._give_back(call, state, give_back)
+        give_back(self._rpm, self._tpm, call, state, reason)
         return self._complete(
             call, state, request, op, model, None, error_type, message, t0, Outcome.FAILED
         )
@@ -377,21 +377,11 @@ class CallFlow:
         rpm = self._rpm
         if n > 1:
             waited = 0.0
-            ahead = 0
             if rpm is not None:
                 state.rpm_res = await rpm.acquire(1)
-                waited, ahead = state.rpm_res.waited_s, state.rpm_res.waiters_ahead
+                waited = state.rpm_res.waited_s
                 state.rpm_wait += waited
-            call.emit(
-                EventType.GATE_WAIT,
-                {
-                    "gate": "rpm",
-                    "attempt": n,
-                    "amount": 1,
-                    "waited_s": waited,
-                    "waiters_ahead": ahead,
-                },
-            )
+            call.emit(EventType.GATE_WAIT, gate_wait("rpm", n, 1, waited, state.rpm_res))
         # The permit is taken per attempt, after the attempt's RPM slot, and never held while
         # waiting at a gate or in a retry's backoff: a retry that waited for an RPM slot while
         # holding a permit could deadlock against calls holding (pending) slots while queued
@@ -422,9 +412,9 @@ class CallFlow:
         """One HTTP attempt, holding its RPM slot and a semaphore permit."""
         clock = self._clock
         rpm, tpm = self._rpm, self._tpm
-        state.attempts = n
         call.emit(EventType.SENT, {"attempt": n})
         await call.sent_durable(n)  # write-ahead: raises ProviderError if not committed
+        state.attempts = n  # requests that left: a refused `sent` is not one
         sent_at = clock.now()
         if state.rpm_res is not None and rpm is not None:
             rpm.mark_sent(state.rpm_res)
@@ -539,15 +529,9 @@ class CallFlow:
         extra: StreamedFields | None = None,
     ) -> None:
         """Emit ``received`` for the answer of attempt ``n`` (``extra``: a stream's fields)."""
-        cost = self._cost(model, response)
+        cost = self.prices.answer_cost(model, response)
         payload = received(n, latency, response, cost, body_sent_s, extra, self.capture_content)
         call.emit(EventType.RECEIVED, payload)
-
-    def _cost(self, model: str, response: ProviderResponse) -> Decimal | None:
-        return self.prices.answer_cost(model, response)
-
-    def _give_back(self, call: CallStream, state: CallState, reason: str) -> None:
-        give_back(self._rpm, self._tpm, call, state, reason)
 
     def _complete(
         self,
@@ -568,7 +552,7 @@ class CallFlow:
         usage = Usage()
         cost: Decimal | None = None
         if response is not None:
-            cost = self._cost(model, response)
+            cost = self.prices.answer_cost(model, response)
             usage = Usage(
                 response.input_tokens,
                 response.cached_tokens,

@@ -118,9 +118,11 @@ def attempt_failed(
     rate_limits: dict[str, str] | None = None,
     body_sent_s: float | None = None,
 ) -> AttemptFailedPayload:
-    """``attempt_failed`` for attempt ``attempt`` (``body_sent_s``: None if never written)."""
+    """``attempt_failed`` for attempt ``attempt`` (``body_sent_s``: None if never written),
+    which left (a not-sent attempt's event is built by ``CallStream``)."""
     return {
         "attempt": attempt,
+        "not_sent": False,
         "latency_s": latency_s,
         "error_type": str(error_type),
         "status": status,

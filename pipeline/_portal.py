@@ -1,4 +1,12 @@
-"""Awaiting, from one event loop, a coroutine that runs on another loop's thread.
+"""The loop a service lives on, its private loop thread, and awaiting across loops.
+
+:class:`LoopHost` is which event loop owns a service (its gates, semaphore, sinks): the loop
+it was started on, or a private loop thread when it is used synchronously (or with
+``own_loop=True``). Sync methods run their coroutine on that loop from any thread
+(:meth:`LoopHost.run_sync`); calling one from the loop's own thread is refused (it would
+deadlock). :meth:`LoopHost.stop` stops and joins the private thread, and closes its loop.
+
+:func:`call_on_loop` awaits, from one event loop, a coroutine that runs on another loop's thread.
 
 Used by ``BaseLLMService(own_loop=True)``: the calls run on the service's private loop thread,
 and the application's loop only waits for their results, so the CPU the calls cost (the SDK's
@@ -28,7 +36,9 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["call_on_loop"]
+from ._errors import ServiceClosedError
+
+__all__ = ["LoopHost", "call_on_loop"]
 
 T = TypeVar("T")
 
@@ -125,3 +135,68 @@ async def call_on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any
             except BaseException:
                 break  # the task ended otherwise; the caller is cancelled all the same
         raise
+
+
+class LoopHost:
+    """The event loop a service lives on, and the private thread running it, if any."""
+
+    __slots__ = ("owner", "loop", "thread")
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner  # the service's class name, for error messages
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+
+    def ensure(self, started: bool) -> asyncio.AbstractEventLoop:
+        """The service's loop; a new private loop thread if it has none yet (``started``:
+        the service was started on a loop, which must then still run)."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed() and (loop.is_running() or self.thread):
+            return loop
+        if started:
+            raise ServiceClosedError(
+                f"the event loop {self.owner} was started on has stopped; create the "
+                "service inside the loop you call it from, or use it only synchronously"
+            )
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="llmtrail-loop", daemon=True)
+        self.thread.start()
+        ready.wait()
+        self.loop = loop
+        return loop
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], started: bool) -> T:
+        """Run ``coro`` on the service's loop and block this thread until it is done."""
+        loop = self.ensure(started)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coro.close()
+            raise RuntimeError(
+                "a sync method of the service was called from its own event loop thread, which "
+                "would deadlock; use `await service.execute_generation_async(...)` there"
+            )
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        """Stop and join the private loop thread, if there is one, and close its loop."""
+        loop = self.loop
+        if self.thread is not None and loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            self.thread.join()
+            loop.close()
+            self.thread = None

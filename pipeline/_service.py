@@ -20,22 +20,21 @@ Invariants:
 - Every HTTP attempt holds an RPM slot whose window starts when it is sent. A reservation the
   provider never counted is returned with an ``unmarked`` event.
 - The semaphore permit is released in ``finally``; gates clean up cancelled waiters themselves.
-- One event loop owns the gates. The sync ``execute_generation`` runs the same coroutine on that
-  loop from any thread (a private loop thread when the service is used synchronously only), so
-  gates, semaphore, metrics and the store are literally shared.
-- ``own_loop=True`` makes that private loop thread the owner from the start: every call, the
-  sinks and the HTTP client run there, and ``execute_generation_async`` awaits the call from
-  the caller's loop (:func:`call_on_loop`: caller's contextvars kept, cancellation waits for
-  the call's own cleanup). The caller's loop then only pays a hand-off per call.
+- One event loop owns the gates (``_portal.LoopHost``). The sync ``execute_generation`` runs
+  the same coroutine on it from any thread (a private loop thread when the service is used
+  synchronously only), so gates, semaphore, metrics and the store are literally shared.
+- ``own_loop=True`` makes that private loop thread the owner from the start: calls, sinks and
+  the HTTP client run there, and ``execute_generation_async`` awaits each call from the
+  caller's loop (:func:`call_on_loop`), which then only pays a hand-off per call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import importlib.metadata
 import os
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -53,7 +52,7 @@ from ._events import default_instance
 from ._flow import CallFlow
 from ._gate_steps import AnyGate, build_gates, warm_gates
 from ._gates import DEFAULT_ARRIVAL_GUARD_S
-from ._portal import call_on_loop
+from ._portal import LoopHost, call_on_loop
 from ._pricing import PriceTable
 from ._redact import register_secret
 from ._retry import RetryPolicy
@@ -263,7 +262,10 @@ class BaseLLMService:
                     "llmtrail, or pass store_url=None to turn persistence off"
                 )
             self._store = factory(
-                store_url, instance=self.instance, max_queue=self.store_settings.max_event_queue
+                store_url,
+                instance=self.instance,
+                max_queue=self.store_settings.max_event_queue,
+                store_timeout_s=self.store_timeout_s,
             )
             self._sinks.append(self._store)
         if tracing is not False:
@@ -319,8 +321,7 @@ class BaseLLMService:
             resource=self._resource,
             arrival_guard_s=float(arrival_guard_s),
         )
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._portal: threading.Thread | None = None
+        self._host = LoopHost(type(self).__name__)
         self._own_loop = env_bool("LLMTRAIL_OWN_LOOP") if own_loop is _UNSET else own_loop
         if not isinstance(self._own_loop, bool):
             raise ConfigurationError(f"own_loop={own_loop!r} is invalid: use True or False")
@@ -336,7 +337,7 @@ class BaseLLMService:
         """The service's own loop when the caller runs on another one (``own_loop``)."""
         if not self._own_loop:
             return None
-        loop = self._ensure_loop()
+        loop = self._host.ensure(self._started)
         return None if asyncio.get_running_loop() is loop else loop
 
     async def start(self) -> None:
@@ -354,7 +355,7 @@ class BaseLLMService:
                 return
             if self._closed:
                 raise ServiceClosedError(f"{type(self).__name__} is closed; create a new one")
-            self._loop = loop
+            self._host.loop = loop
             self._idle = asyncio.Event()
             self._idle.set()
             for sink in self._sinks:
@@ -374,14 +375,21 @@ class BaseLLMService:
             self._started = True
 
     async def aclose(self) -> None:
-        """Wait for calls in flight, flush every sink, close the provider and the sinks."""
+        """Wait for calls in flight, flush every sink, close the provider and the sinks.
+
+        The store gets at most ``store_timeout_s`` (plus, on SQLite, the busy timeout of the
+        statement in flight); past it one error line says how many events it drops and why,
+        and nothing is left running. With write-ahead those are the events of calls refused
+        with ``store_unavailable`` (never sent: nothing billed) and ``completed`` events not
+        committed in time (each such call logged a warning when its result was returned).
+        """
         if self._closed:
             return
-        if self._own_loop and self._portal is not None:
+        if self._own_loop and self._host.thread is not None:
             own = self._elsewhere()
             if own is not None:
                 await call_on_loop(own, self.aclose())
-                await asyncio.to_thread(self._stop_portal)
+                await asyncio.to_thread(self._host.stop)
                 return
         self._closed = True
         if self._active:
@@ -392,7 +400,9 @@ class BaseLLMService:
             await self._idle.wait()
         try:
             for sink in self._sinks:
-                await sink.flush()
+                # The store's aclose() writes what it holds: a flush first would wait twice.
+                if sink is not self._store:
+                    await sink.flush()
         finally:
             for sink in self._sinks:
                 await sink.aclose()
@@ -404,8 +414,10 @@ class BaseLLMService:
                     await closer()
 
     async def flush(self) -> None:
-        """Return once every event emitted so far is durable in every sink."""
-        if self._own_loop and self._portal is not None and (own := self._elsewhere()):
+        """Return once every event emitted so far is durable in every sink; the store is
+        waited for at most ``store_timeout_s``, then one warning line says how many events
+        are not stored yet and why (they stay queued, written when the store is back)."""
+        if self._own_loop and self._host.thread is not None and (own := self._elsewhere()):
             await call_on_loop(own, self.flush())
             return
         for sink in self._sinks:
@@ -437,63 +449,16 @@ class BaseLLMService:
 
     def close(self) -> None:
         """Sync ``aclose()``; stops the private loop thread if there is one."""
-        if self._loop is None or self._loop.is_closed():
+        if self._host.loop is None or self._host.loop.is_closed():
             self._closed = True
             return
         self._run_sync(self.aclose())
-        self._stop_portal()
-
-    def _stop_portal(self) -> None:
-        loop = self._loop
-        if self._portal is not None and loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            self._portal.join()
-            loop.close()
-            self._portal = None
+        self._host.stop()
 
     # -- the sync path ------------------------------------------------------------------
 
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is not None and not loop.is_closed() and (loop.is_running() or self._portal):
-            return loop
-        if self._started:
-            raise ServiceClosedError(
-                f"the event loop {type(self).__name__} was started on has stopped; create the "
-                "service inside the loop you call it from, or use it only synchronously"
-            )
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._portal = threading.Thread(target=run, name="llmtrail-loop", daemon=True)
-        self._portal.start()
-        ready.wait()
-        self._loop = loop
-        return loop
-
-    def _run_sync(self, coro: Any) -> Any:
-        loop = self._ensure_loop()
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            coro.close()
-            raise RuntimeError(
-                "a sync method of the service was called from its own event loop thread, which "
-                "would deadlock; use `await service.execute_generation_async(...)` there"
-            )
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
+    def _run_sync(self, coro: Any) -> Any:  # the sync methods, and pipeline/_stream.py
+        return self._host.run_sync(coro, self._started)
 
     def execute_generation(
         self, request: GenerationRequest, operation_name: str | None = None
@@ -597,7 +562,7 @@ class BaseLLMService:
         try:
             return self._clock.now()
         except RuntimeError:  # called from a thread without the loop: read the loop's time
-            loop = self._loop
+            loop = self._host.loop
             return loop.time() if loop is not None else 0.0
 
     def stats(self) -> ServiceStats:
@@ -610,7 +575,7 @@ class BaseLLMService:
             waiting_tpm=self._tpm.waiting() if self._tpm else 0,
             waiting_semaphore=self._semaphore.waiting(),
             reserved_tokens=self._tpm.reserved() if self._tpm else 0,
-            usage={op: _copy_usage(u) for op, u in self._usage.items()},
+            usage={op: dataclasses.replace(u) for op, u in self._usage.items()},
             max_rpm=self.max_rpm or None,
             max_tpm=self.max_tpm or None,
             max_concurrent_requests=self.max_concurrent_requests,
@@ -632,18 +597,3 @@ class BaseLLMService:
     @property
     def provider(self) -> Provider:
         return self._provider
-
-
-def _copy_usage(usage: OperationUsage) -> OperationUsage:
-    return OperationUsage(
-        usage.calls,
-        usage.succeeded,
-        usage.failed,
-        usage.cancelled,
-        usage.input_tokens,
-        usage.cached_tokens,
-        usage.output_tokens,
-        usage.reasoning_tokens,
-        usage.cost_usd,
-        usage.unpriced_calls,
-    )

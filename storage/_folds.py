@@ -19,6 +19,9 @@ Invariants:
   ``calls - succeeded - failed - cancelled`` is the number still open or interrupted.
 - ``metrics_minute`` files each event under the UTC minute of its ``occurred_at``; a wait is
   filed under the minute it ended.
+- A request counts (``metrics_minute.requests_sent``, ``calls.attempts``) only if it left: an
+  ``attempt_failed`` with ``not_sent`` (write-ahead refused, or cancelled, before the request
+  left) takes its ``sent`` back, in the same minute (it carries the ``sent``'s time).
 """
 
 from __future__ import annotations
@@ -265,6 +268,8 @@ def apply_calls(
                 row.latency_s = float(latency)
             if payload.get("error_type") == "rate_limited":
                 row.rate_limited += 1
+            if payload.get("not_sent"):  # its `sent` never left: not an attempt
+                row.attempts -= 1
         row.last_position = event.position
     return {event.call_id for event in events}
 
@@ -473,6 +478,8 @@ def apply_metrics(
             row.errors += 1
             if payload.get("error_type") == "rate_limited":
                 row.rate_limited += 1
+            if payload.get("not_sent"):  # its `sent`, same instant, never left
+                row.requests_sent -= 1
         elif kind == "gate_wait":
             gate = payload.get("gate")
             if gate == "rpm":

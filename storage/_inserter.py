@@ -71,6 +71,8 @@ class BatchInserter:
         self.rejected = 0
         self.failed_attempts = 0  # batch attempts that failed and were retried
         self.outage_since: float | None = None
+        self.last_error: str | None = None  # why the store failed, during an outage
+        self.writing_since: float | None = None  # a batch in flight since (monotonic)
         self._writes: AsyncEngine | None = None
         self._postgresql = False
         self._insert: Any = None
@@ -104,6 +106,26 @@ class BatchInserter:
 
     async def write(self, batch: Batch) -> None:
         """Commit ``batch``; return once every row is written or refused (and logged)."""
+        self.writing_since = time.monotonic()
+        try:
+            await self._write(batch)
+        finally:
+            self.writing_since = None
+
+    def why_unstored(self) -> str:
+        """Why events are not committed yet, for the line that reports them."""
+        if self.outage_since is not None:
+            waited = time.monotonic() - self.outage_since
+            return f"the store has been failing for {waited:.1f}s: {self.last_error}"
+        if self.writing_since is not None:
+            waited = time.monotonic() - self.writing_since
+            return (
+                f"the store has not committed the batch in flight for {waited:.1f}s "
+                "(is it locked by another connection, or not answering?)"
+            )
+        return "the writer stopped before writing them"
+
+    async def _write(self, batch: Batch) -> None:
         try:
             if batch.events:
                 await self._attempt(batch.data())
@@ -146,6 +168,7 @@ class BatchInserter:
                 queued=self._queued(),
             )
             self.outage_since = None
+            self.last_error = None
 
     async def aclose(self) -> None:
         """Give back the connection held between batches (before the engine is disposed)."""
@@ -199,9 +222,10 @@ class BatchInserter:
             return
         self.outage_since = time.monotonic()
         exc = state.outcome.exception() if state.outcome is not None else None
+        self.last_error = describe(exc) if exc is not None else "unknown"
         _log.warning(
             "event store unavailable; retrying with backoff, events are kept in memory",
             store=self._shown_url,
-            error=describe(exc) if exc is not None else "unknown",
+            error=self.last_error,
             queued=self._queued(),
         )

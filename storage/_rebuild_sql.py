@@ -15,7 +15,8 @@ exactly the rows the Python folds give for the same events, by splitting the wor
   from the folds' left fold in the last bit. One narrow query returns the metric events in
   position order and Python adds them, in that order, onto the stored ``metrics_minute`` rows
   and onto each call, exactly as the folds do; it also counts each call's ``sent`` events and
-  rate-limited failures.
+  rate-limited failures (less the ``sent`` events an ``attempt_failed`` with ``not_sent``
+  takes back: a request that never left).
 - **Every other call** (it started before the range, or its stream is unusual) goes through
   the Python folds themselves, on its events in the range.
 
@@ -58,6 +59,8 @@ from ._schema import events
 __all__ = ["RangeRead", "apply_range", "read_range"]
 
 _FINAL_OUTCOMES = frozenset({"succeeded", "failed", "cancelled"})
+# The tag of an `attempt_failed` with `not_sent` (no error_type has a space).
+_NOT_SENT = "not sent"
 _IN_CHUNK = 2000
 
 
@@ -128,10 +131,13 @@ def _metric_events_sql(dialect: str) -> str:
         f"coalesce({f('total_tokens', 'bigint')}, "
         f"coalesce({f('input_tokens', 'bigint')}, 0) + coalesce({f('output_tokens', 'bigint')}, 0))"
     )
+    not_sent = f"{f('not_sent')} = " + ("1" if dialect == "sqlite" else "'true'")
     # `type || ''` keeps SQLite from choosing the index on type over the position range.
     return f"""
 SELECT call_id, type, {minute},
-    CASE type WHEN 'gate_wait' THEN {f("gate")} WHEN 'attempt_failed' THEN {f("error_type")} END,
+    CASE WHEN type = 'gate_wait' THEN {f("gate")}
+         WHEN type = 'attempt_failed' AND {not_sent} THEN '{_NOT_SENT}'
+         WHEN type = 'attempt_failed' THEN {f("error_type")} END,
     CASE WHEN type IN ('gate_wait', 'semaphore_acquired') THEN {f("waited_s", "float8")}
          WHEN type IN ('received', 'attempt_failed') THEN {f("latency_s", "float8")} END,
     CASE WHEN type = 'received' THEN {tokens} END
@@ -234,6 +240,9 @@ def _fold_metric_events(
             if tag == "rate_limited":
                 row.rate_limited += 1
                 call[5] += 1
+            elif tag == _NOT_SENT:  # its `sent` (same instant) never left
+                row.requests_sent -= 1
+                call[4] -= 1
             if value is not None:
                 call[3] = float(value)
     return touched

@@ -14,6 +14,11 @@ Invariants:
   timer while events are queued.
 - Batches commit in queue order, so ``flush()``/``aclose()`` can return as soon as as many
   events have been committed as had been emitted when they were called.
+- ``flush()`` and ``aclose()`` wait for the store at most ``store_timeout_s`` (then, on
+  SQLite, at most the busy timeout of the statement in flight). Past it each logs one line
+  with how many events are not stored and why; ``flush()`` leaves them queued (written when
+  the store is back), ``aclose()`` drops them and stops the drain task, the batch in flight
+  and the writer's connections all the same.
 - :meth:`durable` is the write-ahead seam: a future done once everything emitted so far is
   committed. One batch resolves the futures of every call it holds (group commit), so a call
   pays about one commit latency, never one commit per event; ``emit()`` itself never waits.
@@ -34,7 +39,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -108,12 +112,20 @@ class EventWriter:
         batch_size: int = 5_000,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         max_backoff_s: float = 5.0,
+        store_timeout_s: float = 10.0,
     ) -> None:
         for name, value, low in (("max_queue", max_queue, 1), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise StoreConfigError(f"{name}={value!r} is invalid: use an int >= {low}")
         if not (isinstance(max_backoff_s, int | float) and max_backoff_s > 0):
             raise StoreConfigError(f"max_backoff_s={max_backoff_s!r} is invalid: use seconds > 0")
+        if isinstance(store_timeout_s, bool) or not (
+            isinstance(store_timeout_s, int | float) and store_timeout_s > 0
+        ):
+            raise StoreConfigError(
+                f"store_timeout_s={store_timeout_s!r} is invalid: use seconds > 0"
+            )
+        self._timeout_s = float(store_timeout_s)
         self._url = normalize_store_url(url)  # validates now: no I/O, no loop needed
         self._shown_url = mask_url(self._url)
         self._instance = instance if instance is not None else default_instance()
@@ -292,9 +304,25 @@ class EventWriter:
 
     async def flush(self) -> None:
         """Return once every event emitted before this call is committed; at once when the
-        store is damaged (reported once already: nothing more can ever be written)."""
-        with contextlib.suppress(StoreCorruptError):
-            await self._committed()
+        store is damaged (reported once already: nothing more can ever be written).
+
+        Bounded by ``store_timeout_s``: past it, one warning line says how many events are not
+        stored yet and why, and ``flush()`` returns. Those events stay queued and are written
+        when the store is back (``aclose()`` gives them one more ``store_timeout_s``).
+        """
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._committed()
+        except StoreCorruptError:
+            pass
+        except TimeoutError:
+            _log.warning(
+                f"event store flush gave up after store_timeout_s={self._timeout_s}s: "
+                f"{self.pending} events not stored yet, kept queued; "
+                f"{self._inserter.why_unstored()}",
+                store=self._shown_url,
+                unstored=self.pending,
+            )
 
     async def _committed(self) -> None:
         if self._loop is None:
@@ -391,9 +419,14 @@ class EventWriter:
     async def aclose(self) -> None:
         """Write everything emitted so far, stop the drain task, dispose the engine.
 
-        Idempotent; ``emit()`` raises from the moment it starts. If the caller cancels it
-        (e.g. a timeout during an outage), the events not yet written are reported in one
-        error line and the writer closes anyway.
+        Idempotent; ``emit()`` raises from the moment it starts. The wait for the store is
+        bounded by ``store_timeout_s`` (plus, on SQLite, the busy timeout of the statement in
+        flight): past it, or if the caller cancels it, the events not yet written are reported
+        in one error line (how many, and why) and the writer closes anyway, with no task,
+        thread or connection left behind. With write-ahead calls those events belong to calls
+        the application already saw fail with ``store_unavailable`` (never sent: nothing
+        billed) and to ``completed`` events that had not been committed in time (each such
+        call logged a warning when it returned).
         """
         if self._loop is not None and asyncio.get_running_loop() is not self._loop:
             return await self._on_own_loop(self.aclose)
@@ -412,9 +445,13 @@ class EventWriter:
                 self._idle = False
                 self._wake.set()
                 try:
-                    # The drain task writes what is queued and returns. Cancelling us
-                    # cancels it too: that is how a caller gives up during an outage.
-                    await self._task
+                    # The drain task writes what is queued and returns. Cancelling us (or
+                    # the timeout) cancels it too: that is how a close gives up during an
+                    # outage, and the drain task reports what it leaves unwritten.
+                    async with asyncio.timeout(self._timeout_s):
+                        await self._task
+                except TimeoutError:
+                    pass
                 except asyncio.CancelledError:
                     raise
                 except StoreCorruptError:
@@ -449,20 +486,24 @@ class EventWriter:
                     finished, write = write, None
                     finished.result()  # an error the writer gives up on ends the drain
                     self._notify()
+                if buffer and (ahead is None or ahead.size < batch_size):
+                    if ahead is None:
+                        ahead = Batch()
+                    self._serialise(ahead, min(_SLICE, batch_size - ahead.size))
+                    if write is not None:
+                        # Serialise while the database writes the previous batch (in its
+                        # own thread on SQLite, its own process on PostgreSQL), one slice
+                        # per loop turn so that the loop stays responsive. Waiting for the
+                        # write to finish first would leave the database idle meanwhile.
+                        await asyncio.sleep(0)
+                        continue
                 if write is None and ahead is not None:
+                    # The events emitted up to now (e.g. by the calls the last commit woke)
+                    # are in it: a write-ahead call waits for one commit, not two.
                     # A batch in flight stays counted in `pending` until it commits.
                     write = asyncio.ensure_future(self._write(ahead))
                     write.add_done_callback(self._wake_up)
                     ahead = None
-                if buffer and (ahead is None or ahead.size < batch_size):
-                    # Serialise while the database writes the previous batch (in its own
-                    # thread on SQLite, its own process on PostgreSQL), one slice per loop
-                    # turn so that the loop stays responsive. Waiting for the write to
-                    # finish first would leave the database idle meanwhile.
-                    if ahead is None:
-                        ahead = Batch()
-                    self._serialise(ahead, min(_SLICE, batch_size - ahead.size))
-                    await asyncio.sleep(0)
                     continue
                 if write is None:
                     if ahead is None and self._closed:
@@ -474,22 +515,23 @@ class EventWriter:
                 wake.clear()
                 await wake.wait()
         except asyncio.CancelledError:
+            why = self._inserter.why_unstored()  # before the batch in flight is given up
             await _cancelled(write)
             self._fail_durable()
             if self.pending:
                 _log.error(
-                    "event writer stopped before writing all events",
+                    f"event writer closed with {self.pending} events not stored: {why}",
                     store=self._shown_url,
-                    unwritten=self.pending,
+                    unstored=self.pending,
                 )
             raise
         except BaseException as exc:
             await _cancelled(write)
             self._failure = exc
             if isinstance(exc, StoreCorruptError):  # one clear line; no traceback to read
-                _log.error(str(exc), store=self._shown_url, unwritten=self.pending)
+                _log.error(str(exc), store=self._shown_url, unstored=self.pending)
             else:
-                _log.exception("event writer failed", store=self._shown_url, unwritten=self.pending)
+                _log.exception("event writer failed", store=self._shown_url, unstored=self.pending)
             self._notify()
             self._fail_durable()
             raise

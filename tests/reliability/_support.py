@@ -10,10 +10,11 @@ reader, so that a bug in the reader cannot hide a bug in the writer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,31 @@ def assert_store_equals_emitted(stored: list[Row], emitted: list[Event]) -> None
     want = {e.event_id: (e.call_id, e.seq, str(e.type)) for e in emitted}
     got = {r.event_id: (r.call_id, r.seq, r.type) for r in stored}
     assert got == want
+
+
+@contextlib.asynccontextmanager
+async def store_locked(url: str) -> AsyncIterator[Any]:
+    """Another connection holds the lock the writer needs (SQLite's write lock, PostgreSQL's
+    ``events`` table with the server answering); yields a function true while it holds it."""
+    if url.startswith("sqlite"):
+        locker = sqlite3.connect(sqlite_path(url), timeout=30, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield lambda: locker.in_transaction
+        finally:
+            locker.rollback()
+            locker.close()
+        return
+    import asyncpg
+
+    connection = await asyncpg.connect(
+        urlsplit(url.replace("postgresql+asyncpg", "postgresql", 1)).geturl()
+    )
+    transaction = connection.transaction()
+    await transaction.start()
+    await connection.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield lambda: connection.is_in_transaction()
+    finally:
+        await transaction.rollback()
+        await connection.close()

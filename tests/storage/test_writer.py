@@ -79,7 +79,16 @@ def test_building_the_sink_creates_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad", [{"max_queue": 0}, {"batch_size": 0}, {"max_queue": True}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_queue": 0},
+        {"batch_size": 0},
+        {"max_queue": True},
+        {"store_timeout_s": 0},
+        {"store_timeout_s": True},
+    ],
+)
 def test_bad_writer_options_are_refused(sqlite_url: str, bad: dict[str, Any]) -> None:
     with pytest.raises(StoreConfigError, match=next(iter(bad))):
         open_store_sink(sqlite_url, **bad)
@@ -448,9 +457,32 @@ async def test_aclose_given_up_during_an_outage_reports_the_unwritten_events(
                 async with asyncio.timeout(0.2):
                     await writer.aclose()
     errors = [line for line in logs if line["log_level"] == "error"]
-    assert errors and errors[-1]["unwritten"] == len(events)
+    assert errors and errors[-1]["unstored"] == len(events)
     with pytest.raises(StoreClosedError):
         writer.emit(events[0])
+
+
+async def test_flush_and_aclose_give_up_after_store_timeout_s_with_one_line_each(
+    sqlite_url: str,
+) -> None:
+    writer = await started_writer(
+        sqlite_url, busy_timeout_ms=20, max_backoff_s=0.05, store_timeout_s=0.3
+    )
+    events = call_events("stuck")
+    with capture_logs() as logs:
+        async with write_lock_held(sqlite_url):
+            for event in events:
+                writer.emit(event)
+            async with asyncio.timeout(30):  # a hang guard: the writer's own bound is 0.3 s
+                await writer.flush()
+                assert writer.pending == len(events)  # kept queued
+                await writer.aclose()
+    lines = [line for line in logs if line["log_level"] in ("warning", "error")]
+    flushed, closed = lines[-2:]
+    assert flushed["event"].startswith("event store flush gave up after store_timeout_s=0.3s")
+    assert flushed["unstored"] == closed["unstored"] == len(events)
+    assert closed["event"].startswith(f"event writer closed with {len(events)} events not stored")
+    assert "database is locked" in closed["event"]  # why: the store's own error
 
 
 async def test_recent_sends_needs_a_started_writer(sqlite_url: str) -> None:
