@@ -20,46 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
-
 from llmtrail.pipeline import Event
-
-
-def _store_sink_available() -> bool:
-    try:
-        from llmtrail import storage
-    except ImportError:
-        return False
-    return callable(getattr(storage, "open_store_sink", None))
-
-
-STORE_READY = _store_sink_available()
-needs_store = pytest.mark.skipif(
-    not STORE_READY, reason="storage.open_store_sink (issue 3) has not landed yet"
-)
-
-
-def cli_commands() -> frozenset[str]:
-    """The ``llmtrail`` commands registered right now (plugins may not have landed yet)."""
-    import argparse
-    import contextlib
-    import io
-
-    from llmtrail.pipeline._cli import build_parser
-
-    with contextlib.redirect_stderr(io.StringIO()):  # "commands from ... unavailable" warnings
-        parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return frozenset(action.choices)
-    return frozenset()
-
-
-def needs_commands(*names: str) -> pytest.MarkDecorator:
-    missing = sorted(set(names) - cli_commands())
-    return pytest.mark.skipif(
-        bool(missing), reason=f"`llmtrail {' / '.join(missing)}` not registered yet (issues 3, 5)"
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,8 +35,6 @@ from tests.reliability._support import (
     assert_store_equals_emitted,
     assert_streams_complete,
     completed,
-    needs_commands,
-    needs_store,
     stored_events,
 )
 
@@ -135,7 +133,6 @@ def test_a_bad_limit_in_the_environment_raises_a_configuration_error_naming_the_
     assert "LLMTRAIL_MAX_RPM" in one_line(str(caught.value))
 
 
-@needs_store
 @pytest.mark.parametrize(
     "url",
     ["not a url", "mysql://root@127.0.0.1/llmtrail", "postgresql+asyncpg://postgres@127.0.0.1"],
@@ -168,7 +165,6 @@ async def bogus_revision_store(tmp_path: Path) -> str:
     return url
 
 
-@needs_store
 async def test_a_file_that_is_not_a_database_is_refused_with_one_line(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{garbage_file(tmp_path)}"
     with pytest.raises(LLMTrailError) as caught:
@@ -177,7 +173,6 @@ async def test_a_file_that_is_not_a_database_is_refused_with_one_line(tmp_path: 
     assert "notes.db" in one_line(str(caught.value))
 
 
-@needs_store
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
 async def test_an_unreadable_database_file_is_refused_with_one_line(tmp_path: Path) -> None:
     path = tmp_path / "locked.db"
@@ -191,7 +186,6 @@ async def test_an_unreadable_database_file_is_refused_with_one_line(tmp_path: Pa
     assert "locked.db" in one_line(str(caught.value))
 
 
-@needs_store
 async def test_a_store_at_an_unknown_schema_revision_is_refused_with_one_line(
     tmp_path: Path,
 ) -> None:
@@ -297,7 +291,6 @@ def test_the_demo_answers_bad_limits_with_exit_code_2_naming_the_option(
     )
 
 
-@needs_commands("events")
 def test_the_cli_refuses_unusable_stores_with_an_exit_code_and_one_error_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -315,7 +308,6 @@ def test_the_cli_refuses_unusable_stores_with_an_exit_code_and_one_error_line(
     )
 
 
-@needs_commands("usage", "projections")
 def test_the_audit_commands_refuse_unusable_stores_with_an_exit_code_and_one_error_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -25,7 +25,6 @@ import pytest
 from llmtrail.pipeline import BaseLLMService, Event, EventType, GenerationRequest
 from tests.conftest import RecordingSink
 from tests.reliability._support import (
-    STORE_READY,
     assert_store_equals_emitted,
     assert_streams_complete,
     completed,
@@ -110,7 +109,7 @@ async def test_a_cancellation_storm_leaks_nothing_and_the_next_calls_get_full_ca
     service = BaseLLMService(
         base_url=f"{server.url}/v1",
         api_key="sk-test-cancellation-storm",
-        store_url=sqlite_url if STORE_READY else None,
+        store_url=sqlite_url,
         sinks=[recorder, storm_sink],
         tracing=False,
         max_rpm=int(RPM_PER_WINDOW * 60 / WINDOW_S),
@@ -250,5 +249,4 @@ async def test_a_cancellation_storm_leaks_nothing_and_the_next_calls_get_full_ca
     ]
     assert max(in_flight) == CONCURRENCY  # every permit came back
 
-    if STORE_READY:
-        assert_store_equals_emitted(await stored_events(sqlite_url), recorder.events)
+    assert_store_equals_emitted(await stored_events(sqlite_url), recorder.events)

@@ -21,11 +21,10 @@ from tests.reliability._support import (
     assert_store_equals_emitted,
     assert_streams_complete,
     completed,
-    needs_store,
     stored_events,
 )
 
-pytestmark = [pytest.mark.timeout(240), needs_store]
+pytestmark = pytest.mark.timeout(240)
 
 # 10,000 took 102 s here (56 s CPU, 2 shared cores): over the suite's budget, so 2,000 by default;
 # LLMTRAIL_RELIABILITY_LOAD_CALLS=10000 runs the full figure.

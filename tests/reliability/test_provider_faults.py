@@ -22,7 +22,6 @@ from structlog.testing import capture_logs
 from llmtrail.pipeline import BaseLLMService, GenerationRequest
 from tests.conftest import RecordingSink
 from tests.reliability._support import (
-    STORE_READY,
     assert_store_equals_emitted,
     assert_streams_complete,
     completed,
@@ -66,7 +65,7 @@ async def test_every_call_under_seeded_faults_ends_once_and_matches_the_server_l
     service = BaseLLMService(
         base_url=f"{server.url}/v1",
         api_key="sk-test-provider-faults",
-        store_url=sqlite_url if STORE_READY else None,
+        store_url=sqlite_url,
         sinks=[recorder],
         tracing=False,
         # Gates present (so reservations are exercised) but never binding; the long window
@@ -176,13 +175,10 @@ async def test_every_call_under_seeded_faults_ends_once_and_matches_the_server_l
             expected_tpm += created["reserved_tokens"]
     assert tpm_used == expected_tpm
 
-    if STORE_READY:
-        stored = await stored_events(sqlite_url)
-        assert_store_equals_emitted(stored, recorder.events)
-        stored_sent = sorted(
-            f"{r.call_id}:{r.payload['attempt']}" for r in stored if r.type == "sent"
-        )
-        assert stored_sent == sorted(r.client_request_id for r in log)
+    stored = await stored_events(sqlite_url)
+    assert_store_equals_emitted(stored, recorder.events)
+    stored_sent = sorted(f"{r.call_id}:{r.payload['attempt']}" for r in stored if r.type == "sent")
+    assert stored_sent == sorted(r.client_request_id for r in log)
 
 
 async def test_provider_headers_showing_less_room_than_the_gate_do_not_fail_calls(

@@ -21,11 +21,11 @@ from llmtrail.pipeline import GenerationRequest
 from llmtrail.storage import create_engine
 from llmtrail.storage._projections import rebuild, run_projections
 from tests.conftest import RecordingSink
-from tests.reliability._support import needs_store, store_locked
+from tests.reliability._support import store_locked
 from tests.reliability.test_store_outage import STORE_TIMEOUT_S, service_for
 from tests.storage.projection_events import snapshot
 
-pytestmark = [pytest.mark.timeout(120), needs_store]
+pytestmark = pytest.mark.timeout(120)
 
 
 async def test_requests_that_never_left_are_not_counted_as_sent_by_either_fold(

@@ -38,9 +38,9 @@ from llmtrail.pipeline._provider import OpenAIResponsesProvider
 from llmtrail.pipeline._redact import MASK, redact_text, redact_value, register_secret
 from llmtrail.storage._engine import mask_url
 from tests.conftest import RecordingSink
-from tests.reliability._support import needs_store, sqlite_path
+from tests.reliability._support import sqlite_path
 
-pytestmark = [pytest.mark.timeout(300), needs_store]
+pytestmark = pytest.mark.timeout(300)
 _MAIN = "import sys; from llmtrail.pipeline._cli import main; sys.exit(main(sys.argv[1:]))"
 
 # echo_credentials: a 400 whose body echoes the Authorization and X-Custom-Token headers.

@@ -34,12 +34,11 @@ from tests.conftest import RecordingSink
 from tests.reliability._support import (
     assert_store_equals_emitted,
     assert_streams_complete,
-    needs_store,
     sqlite_path,
     stored_events,
 )
 
-pytestmark = [pytest.mark.timeout(150), needs_store]
+pytestmark = pytest.mark.timeout(150)
 
 LOCK_S = 6.0  # longer than the writer's busy timeout (5 s), so the writer really sees the lock
 UNAVAILABLE = "event store unavailable"
