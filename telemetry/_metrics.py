@@ -106,6 +106,7 @@ class GenAIMetrics:
             start.get("server_address"),
             start.get("server_port"),
             None if outcome == "succeeded" else str(end.get("error_type") or outcome),
+            start.get("api"),
         )
         attrs = self._attrs.get(key)
         if attrs is None:
@@ -154,9 +155,9 @@ def _time_per_chunk(
 
 
 _Attrs = dict[str, AttributeValue]
-_AttrKey = tuple[Any, Any, Any, Any, Any, str | None]
+_AttrKey = tuple[Any, Any, Any, Any, Any, str | None, Any]
 
-# Distinct (model, response model, tier, server, error type) combinations kept precomputed.
+# Distinct (model, response model, tier, server, error type, API) combinations kept precomputed.
 _MAX_ATTRIBUTE_SETS = 1024
 
 
@@ -167,12 +168,13 @@ def _attribute_sets(
     address: Any,
     port: Any,
     error_type: str | None,
+    api: Any,
 ) -> tuple[_Attrs, _Attrs, _Attrs]:
     """The duration's, the input tokens' and the output tokens' attributes for one call shape."""
     attrs: _Attrs = {
         A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
         A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
-        A.OPENAI_API_TYPE: A.API_TYPE_RESPONSES,
+        A.OPENAI_API_TYPE: A.api_type(api),
     }
     if isinstance(model, str):
         attrs[A.GEN_AI_REQUEST_MODEL] = model

@@ -207,7 +207,7 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     attrs: Attributes = {}
     _put(attrs, A.GEN_AI_OPERATION_NAME, A.OPERATION_CHAT)
     _put(attrs, A.GEN_AI_PROVIDER_NAME, A.PROVIDER_OPENAI)
-    _put(attrs, A.OPENAI_API_TYPE, A.API_TYPE_RESPONSES)
+    _put(attrs, A.OPENAI_API_TYPE, A.api_type(start.get("api")))
     _put(attrs, A.GEN_AI_REQUEST_MODEL, model)
     _put(attrs, A.GEN_AI_OUTPUT_TYPE, start.get("output_type"))
     # A response chained on an earlier one continues that conversation.

@@ -383,6 +383,8 @@ async def test_a_streamed_call_span_carries_time_to_first_chunk(
     call_span, attempt = plan_call_spans(events)
     first = payload(events, "first_token")
     assert call_span.attributes[A.GEN_AI_REQUEST_STREAM] is True
+    api_type = "chat_completions" if api == "openai-chat" else "responses"
+    assert call_span.attributes[A.OPENAI_API_TYPE] == api_type
     assert call_span.attributes[A.GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] == first["call_ttft_s"]
     assert call_span.attributes[A.GEN_AI_USAGE_OUTPUT_TOKENS] == result.usage.output_tokens
     assert [e.name for e in attempt.events] == [A.EVENT_FIRST_TOKEN]

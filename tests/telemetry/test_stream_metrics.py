@@ -17,6 +17,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as G
+from opentelemetry.semconv._incubating.attributes import openai_attributes as O
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as M
 from opentelemetry.semconv.attributes import error_attributes, server_attributes
 
@@ -115,6 +116,9 @@ async def test_time_per_output_chunk_follows_the_convention_for_streamed_calls_o
     assert sum(p.sum for p in points) == pytest.approx(sum(expected))
     # The server pauses after every text delta: no chunk after the first comes sooner.
     assert min(p.min for p in points) >= INTERVAL_S
+    # One point per API, each with its two streams.
+    by_api = {dict(p.attributes or {})[O.OPENAI_API_TYPE]: p.count for p in points}
+    assert by_api == {"responses": 2, "chat_completions": 2}
     for point in points:
         assert list(point.explicit_bounds) == DURATION_BUCKETS
         attrs = dict(point.attributes or {})
