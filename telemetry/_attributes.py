@@ -41,6 +41,7 @@ from opentelemetry.semconv._incubating.attributes.openai_attributes import (
 )
 from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
     GEN_AI_CLIENT_OPERATION_DURATION,
+    GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK,
     GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK,
     GEN_AI_CLIENT_TOKEN_USAGE,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "EVENT_RETRY_SCHEDULED",
     "EVENT_UNMARKED",
     "GEN_AI_CLIENT_OPERATION_DURATION",
+    "GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK",
     "GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK",
     "GEN_AI_CLIENT_TOKEN_USAGE",
     "GEN_AI_CONVERSATION_ID",
@@ -116,7 +118,9 @@ __all__ = [
     "OPENAI_RESPONSE_SERVICE_TIER",
     "OPERATION_CHAT",
     "OUTPUT_TYPE_JSON",
+    "API_TYPE_CHAT_COMPLETIONS",
     "API_TYPE_RESPONSES",
+    "api_type",
     "PROVIDER_OPENAI",
     "SERVER_ADDRESS",
     "SERVER_PORT",
@@ -144,6 +148,7 @@ SCHEMA_URL: Final = Schemas.V1_41_1.value
 OPERATION_CHAT: Final = "chat"
 PROVIDER_OPENAI: Final = "openai"
 API_TYPE_RESPONSES: Final = "responses"
+API_TYPE_CHAT_COMPLETIONS: Final = "chat_completions"
 OUTPUT_TYPE_JSON: Final = "json"
 TOKEN_TYPE_INPUT: Final = "input"
 TOKEN_TYPE_OUTPUT: Final = "output"
@@ -224,3 +229,9 @@ OPERATION_DURATION_BUCKETS: Final[tuple[float, ...]] = (
     40.96,
     81.92,
 )
+
+
+def api_type(api: object) -> str:
+    """``openai.api.type`` of a call whose ``trace_created`` says ``api`` ("chat" or
+    "responses"; absent on calls recorded before the Chat Completions provider)."""
+    return API_TYPE_CHAT_COMPLETIONS if api == "chat" else API_TYPE_RESPONSES

@@ -8,6 +8,12 @@ Invariants:
 - ``gen_ai.client.operation.time_to_first_chunk`` (s) gets one measurement per streamed call
   that received a text delta: ``first_token.call_ttft_s``, from the call's start like the
   duration, with the duration's attributes.
+- ``gen_ai.client.operation.time_per_output_chunk`` (s) gets one measurement per streamed call
+  that received two text deltas or more, with the same attributes: the mean time per chunk
+  after the first, ``(received.latency_s - first_token.ttft_s) / (chunks - 1)`` (both from the
+  attempt's send: the first delta to the stream's end, over the deltas after the first). The
+  convention records each chunk's own gap; the events carry no per-chunk times, so one mean
+  per call stands for them (its count is calls, not chunks).
 - The histograms use the explicit bucket boundaries of the GenAI semantic conventions.
 - Attributes are the convention's low-cardinality ones only (operation, provider, OpenAI API
   type and response service tier, models, server); never call ids or metadata. Their dicts
@@ -61,6 +67,14 @@ class GenAIMetrics:
             description="Time to receive the first chunk in a streaming operation.",
             explicit_bucket_boundaries_advisory=A.OPERATION_DURATION_BUCKETS,
         )
+        self._per_chunk = meter.create_histogram(
+            A.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK,
+            unit="s",
+            description="Time per output chunk, recorded for each chunk received after the first "
+            "one, measured as the time elapsed from the end of the previous chunk to the end of "
+            "the current chunk.",
+            explicit_bucket_boundaries_advisory=A.OPERATION_DURATION_BUCKETS,
+        )
         # Attribute dicts per call shape, built once: the SDK only reads them.
         self._attrs: dict[_AttrKey, tuple[_Attrs, _Attrs, _Attrs]] = {}
 
@@ -92,6 +106,7 @@ class GenAIMetrics:
             start.get("server_address"),
             start.get("server_port"),
             None if outcome == "succeeded" else str(end.get("error_type") or outcome),
+            start.get("api"),
         )
         attrs = self._attrs.get(key)
         if attrs is None:
@@ -107,6 +122,9 @@ class GenAIMetrics:
         ttft = first_token.get("call_ttft_s") if first_token is not None else None
         if isinstance(ttft, int | float) and ttft >= 0:
             self._ttft.record(float(ttft), duration_attrs)
+        per_chunk = _time_per_chunk(first_token, received)
+        if per_chunk is not None:
+            self._per_chunk.record(per_chunk, duration_attrs)
         if received is None:
             return
         value = end.get("input_tokens")
@@ -117,10 +135,29 @@ class GenAIMetrics:
             self._token_usage.record(value, output_attrs)
 
 
-_Attrs = dict[str, AttributeValue]
-_AttrKey = tuple[Any, Any, Any, Any, Any, str | None]
+def _time_per_chunk(
+    first_token: dict[str, Any] | None, received: dict[str, Any] | None
+) -> float | None:
+    """A stream's mean time per output chunk after the first, or None when it had fewer than
+    two chunks or its events lack a figure."""
+    if first_token is None or received is None:
+        return None
+    chunks, latency, ttft = (
+        received.get("chunks"),
+        received.get("latency_s"),
+        first_token.get("ttft_s"),
+    )
+    if not isinstance(chunks, int) or chunks < 2:
+        return None
+    if not isinstance(latency, int | float) or not isinstance(ttft, int | float):
+        return None
+    return max(0.0, float(latency) - float(ttft)) / (chunks - 1)
 
-# Distinct (model, response model, tier, server, error type) combinations kept precomputed.
+
+_Attrs = dict[str, AttributeValue]
+_AttrKey = tuple[Any, Any, Any, Any, Any, str | None, Any]
+
+# Distinct (model, response model, tier, server, error type, API) combinations kept precomputed.
 _MAX_ATTRIBUTE_SETS = 1024
 
 
@@ -131,12 +168,13 @@ def _attribute_sets(
     address: Any,
     port: Any,
     error_type: str | None,
+    api: Any,
 ) -> tuple[_Attrs, _Attrs, _Attrs]:
     """The duration's, the input tokens' and the output tokens' attributes for one call shape."""
     attrs: _Attrs = {
         A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
         A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
-        A.OPENAI_API_TYPE: A.API_TYPE_RESPONSES,
+        A.OPENAI_API_TYPE: A.api_type(api),
     }
     if isinstance(model, str):
         attrs[A.GEN_AI_REQUEST_MODEL] = model

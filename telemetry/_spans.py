@@ -187,7 +187,6 @@ _SEQ = attrgetter("seq")
 _CALL_CONSTANTS: Attributes = {
     A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
     A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
-    A.OPENAI_API_TYPE: A.API_TYPE_RESPONSES,
 }
 
 
@@ -216,6 +215,7 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
 
     model = start.get("model") or end.get("model") or "unknown"
     attrs: Attributes = dict(_CALL_CONSTANTS)
+    attrs[A.OPENAI_API_TYPE] = A.api_type(start.get("api"))
     _put(attrs, A.GEN_AI_REQUEST_MODEL, model)
     _put(attrs, A.GEN_AI_OUTPUT_TYPE, start.get("output_type"))
     # A response chained on an earlier one continues that conversation.
