@@ -27,15 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmtrail.pipeline import Event, EventType
 
 from ._schema import events
-from ._workload import (
-    FIELDS,
-    EmptyWorkloadError,
-    Workload,
-    WorkloadBuilder,
-    epoch_of,
-    paused_gc,
-    pick,
-)
+from ._workload import EmptyWorkloadError, Workload, epoch_of, paused_gc
+from ._workload_build import FIELDS, WorkloadBuilder, pick
 
 __all__ = ["extract_workload", "load_workload"]
 
