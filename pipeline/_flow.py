@@ -437,6 +437,8 @@ class CallFlow:
         def on_body_sent() -> None:
             # The body is written: the request reaches the provider within the guard.
             body_sent.append(clock.now())
+            if len(body_sent) > 1:  # the second report: the answer's headers were read
+                return
             if not self._hook_seen:  # it holds requests too: gates may grant ahead now
                 self._hook_seen = True
                 for gate in (rpm, tpm):
@@ -474,6 +476,7 @@ class CallFlow:
                     provider_request_id=exc.provider_request_id,
                     rate_limits=exc.rate_limits,
                     body_sent_s=body_sent[0] - sent_at if body_sent else None,
+                    first_byte_s=body_sent[1] - sent_at if len(body_sent) > 1 else None,
                 ),
             )
             observe_headers(self._rpm, self._tpm, exc.rate_limits, sent_at)
@@ -500,6 +503,7 @@ class CallFlow:
                     ErrorType.CANCELLED,
                     "cancelled while in flight",
                     body_sent_s=body_sent[0] - sent_at if body_sent else None,
+                    first_byte_s=body_sent[1] - sent_at if len(body_sent) > 1 else None,
                 ),
             )
             raise
@@ -519,12 +523,13 @@ class CallFlow:
         state.reached = True
         state.latency = clock.now() - sent_at
         state.body_sent_s = body_sent[0] - sent_at if body_sent else None
+        state.first_byte_s = body_sent[1] - sent_at if len(body_sent) > 1 else None
         if state.stream:  # opened: `received` is emitted when the stream ends (_stream.py)
             state.holding = True
             state.sent_at = sent_at
             observe_headers(self._rpm, self._tpm, response.rate_limits, sent_at)
             return response
-        self._received(call, model, n, state.latency, response, state.body_sent_s)
+        self._received(call, model, n, state.latency, response, state)
         observe_headers(self._rpm, self._tpm, response.rate_limits, sent_at)
         return response
 
@@ -535,12 +540,21 @@ class CallFlow:
         n: int,
         latency: float,
         response: ProviderResponse,
-        body_sent_s: float | None,
+        state: CallState,
         extra: StreamedFields | None = None,
     ) -> None:
         """Emit ``received`` for the answer of attempt ``n`` (``extra``: a stream's fields)."""
         cost = self._cost(model, response)
-        payload = received(n, latency, response, cost, body_sent_s, extra, self.capture_content)
+        payload = received(
+            n,
+            latency,
+            response,
+            cost,
+            state.body_sent_s,
+            state.first_byte_s,
+            extra,
+            self.capture_content,
+        )
         call.emit(EventType.RECEIVED, payload)
 
     def _cost(self, model: str, response: ProviderResponse) -> Decimal | None:

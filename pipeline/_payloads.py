@@ -117,8 +117,10 @@ def attempt_failed(
     provider_request_id: str | None = None,
     rate_limits: dict[str, str] | None = None,
     body_sent_s: float | None = None,
+    first_byte_s: float | None = None,
 ) -> AttemptFailedPayload:
-    """``attempt_failed`` for attempt ``attempt`` (``body_sent_s``: None if never written)."""
+    """``attempt_failed`` for attempt ``attempt`` (``body_sent_s``: None if never written,
+    ``first_byte_s``: None if no answer's headers were read)."""
     return {
         "attempt": attempt,
         "latency_s": latency_s,
@@ -131,6 +133,7 @@ def attempt_failed(
         "provider_request_id": provider_request_id,
         "rate_limits": dict(rate_limits or {}),
         "body_sent_s": body_sent_s,
+        "first_byte_s": first_byte_s,
     }
 
 
@@ -140,6 +143,7 @@ def received(
     response: ProviderResponse,
     cost: Decimal | None,
     body_sent_s: float | None,
+    first_byte_s: float | None,
     extra: StreamedFields | None,
     capture_content: bool,
 ) -> ReceivedPayload:
@@ -162,6 +166,7 @@ def received(
         "service_tier": response.service_tier,
         "processing_s": response.processing_s,
         "body_sent_s": body_sent_s,
+        "first_byte_s": first_byte_s,
     }
     if extra is not None:
         payload["streamed"] = extra["streamed"]

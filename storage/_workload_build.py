@@ -126,7 +126,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "response_model",
         "processing_s",
         *_LIMIT_HEADERS,
+        "streamed",
         "body_sent_s",
+        "first_byte_s",
     ),
     str(EventType.ATTEMPT_FAILED): (
         "attempt",
@@ -139,6 +141,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "rate_limits.x-ratelimit-remaining-tokens",
         *_LIMIT_HEADERS,
         "body_sent_s",
+        "first_byte_s",
     ),
     str(EventType.RETRY_SCHEDULED): ("attempt", "wait_s"),
     str(EventType.UNMARKED): ("gate", "attempt", "reason"),
@@ -239,6 +242,13 @@ class WorkloadBuilder:
             if values[8] is not None or values[9] is not None:
                 state(*values[8:11])
             latency = latency or 0.0
+            streamed, sent, first_byte = values[-3:]
+            if sent is None:  # no send-time hook: the provider's header, if it said
+                provider = processing
+            elif streamed:  # the stream lasts as long as the provider writes it
+                provider = max(latency - sent, 0.0)
+            else:
+                provider = processing if first_byte is None else max(first_byte - sent, 0.0)
             result = _Result(
                 attempt or 1,
                 at - latency,
@@ -251,8 +261,8 @@ class WorkloadBuilder:
                 out or 0,
                 reasoning or 0,
                 rmodel,
-                processing,
-                body_sent_s=values[-1],
+                provider,
+                body_sent_s=sent,
             )
             if call_id in first:
                 add(call_id, result)
@@ -264,6 +274,7 @@ class WorkloadBuilder:
             attempt, latency, error, retry_after, status, retryable, left_r, left_t = values[:8]
             if values[8] is not None or values[9] is not None:
                 self._state(*values[8:11])
+            sent, first_byte = values[-2:]
             self._add_result(
                 call_id,
                 _Result(
@@ -278,10 +289,10 @@ class WorkloadBuilder:
                     0,
                     0,
                     None,
-                    None,
+                    None if sent is None or first_byte is None else max(first_byte - sent, 0.0),
                     (_number(left_r), _number(left_t)),
                     retryable is not False,
-                    values[-1],
+                    sent,
                 ),
             )
 

@@ -40,6 +40,7 @@ ADDED_SINCE_PREVIOUS_LAYOUT = frozenset(
         "api",
         "processing_s",
         "body_sent_s",
+        "first_byte_s",
     }
 )
 

@@ -49,7 +49,8 @@ class Recording:
     ) -> str:
         """One call arriving ``at`` seconds after T0. ``attempts``: dicts with ``latency``
         and optionally ``error`` (+ ``status``, ``retry_after``, ``wait``, ``refused``),
-        ``headers`` (the x-ratelimit-* headers) and ``processing`` (the provider's time)."""
+        ``headers`` (the x-ratelimit-* headers), ``processing`` (the provider's time),
+        ``body_sent`` and ``first_byte`` (the send-time hook's) and ``streamed``."""
         call_id = f"call{self._n:04d}"
         self._n += 1
         seq = iter(range(100))
@@ -102,7 +103,11 @@ class Recording:
                     "reasoning_tokens": 0,
                     "rate_limits": attempt.get("headers", {}),
                     "processing_s": attempt.get("processing"),
+                    "body_sent_s": attempt.get("body_sent"),
+                    "first_byte_s": attempt.get("first_byte"),
                 }
+                if attempt.get("streamed"):
+                    answer["streamed"] = True
                 emit(EventType.RECEIVED, t, answer)
                 break
             emit(
@@ -116,6 +121,8 @@ class Recording:
                     "retry_after_s": attempt.get("retry_after"),
                     "retryable": attempt.get("retryable", True),
                     "rate_limits": attempt.get("headers", {}),
+                    "body_sent_s": attempt.get("body_sent"),
+                    "first_byte_s": attempt.get("first_byte"),
                 },
             )
             if attempt.get("refused"):

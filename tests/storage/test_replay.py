@@ -92,6 +92,37 @@ def test_an_empty_range_raises_empty_workload_error() -> None:
         rec.workload(since=T0 + timedelta(hours=1))
 
 
+async def test_provider_time_is_first_byte_minus_body_sent_else_the_providers_header(
+    store_url: str,
+) -> None:
+    rec = Recording()
+    hook = {"body_sent": 0.004, "first_byte": 0.254}
+    rec.call(0.0, [{"latency": 0.3, "processing": 0.2, **hook}])  # the hook's figure wins
+    rec.call(0.1, [{"latency": 0.3, "processing": 0.2}])  # no hook: the header's
+    rec.call(0.2, [{"latency": 0.3}])  # neither: None (a replay takes the latency)
+    rec.call(0.3, [{"latency": 0.3, "processing": 0.2, "body_sent": 0.004}])  # an older row
+    rec.call(0.4, [{"latency": 2.0, "processing": 0.05, "streamed": True, **hook}])
+    rec.call(
+        0.5,
+        [
+            {"latency": 0.3, "error": "server_error", "status": 500, "wait": 0.1, **hook},
+            {"latency": 0.3, "error": "timeout", "body_sent": 0.004, "wait": 0.1},
+            {"latency": 0.3},
+        ],
+    )
+    await write(store_url, rec.events)
+    for workload in (rec.workload(), await load(store_url)):
+        provider = [[a.provider_s for a in c.attempts] for c in workload.calls]
+        assert provider == [
+            [pytest.approx(0.25)],
+            [0.2],
+            [None],
+            [0.2],
+            [pytest.approx(1.996)],  # a stream's provider time runs to its end
+            [pytest.approx(0.25), None, None],  # an answered failure has one too
+        ]
+
+
 async def test_the_store_reader_extracts_what_the_event_reader_does(store_url: str) -> None:
     rec = Recording(max_rpm=120, max_tpm=90_000, window_s=2.0)
     stated = {
