@@ -28,9 +28,12 @@ from typing import Any
 
 from llmtrail.storage._replay import replay_async
 from llmtrail.storage._replay_figures import Figures, recorded_figures
-from llmtrail.storage._replay_model import ReplaySettings, provider_defaults
+from llmtrail.storage._replay_model import (
+    ReplaySettings,
+    calibrated_client_cpu,
+    provider_defaults,
+)
 from llmtrail.storage._replay_plan import recommend, sweep
-from llmtrail.storage._replay_sim import calibrated_client_cpu
 from llmtrail.storage._workload import Workload
 
 from ._harness import mock_server, server_reset

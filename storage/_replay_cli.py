@@ -278,7 +278,7 @@ def _tier(value: str) -> Tier:
 
 def _settings(args: argparse.Namespace, workload: Workload) -> tuple[ReplaySettings, list[str]]:
     """The replay's settings from the recording and the options, and notes on choices made."""
-    from ._replay_sim import calibrated_client_cpu
+    from ._replay_model import calibrated_client_cpu
 
     notes: list[str] = []
     overrides: dict[str, Any] = {

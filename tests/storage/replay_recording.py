@@ -46,11 +46,14 @@ class Recording:
         reserved: int | None = None,
         error_type: str | None = None,
         unsent: bool = False,
+        rpm_wait: float = 0.0,
     ) -> str:
         """One call arriving ``at`` seconds after T0. ``attempts``: dicts with ``latency``
         and optionally ``error`` (+ ``status``, ``retry_after``, ``wait``, ``refused``),
         ``headers`` (the x-ratelimit-* headers), ``processing`` (the provider's time),
-        ``body_sent`` and ``first_byte`` (the send-time hook's) and ``streamed``."""
+        ``body_sent`` and ``first_byte`` (the send-time hook's) and ``streamed``; ``rpm_wait``:
+        the call's recorded wait at the RPM gate (its time is included in the call's, not
+        added)."""
         call_id = f"call{self._n:04d}"
         self._n += 1
         seq = iter(range(100))
@@ -149,7 +152,7 @@ class Recording:
                 "attempts": len(attempts),
                 "model": answer["response_model"] if answer else model,
                 "total_s": t - at,
-                "rpm_wait_s": 0.0,
+                "rpm_wait_s": rpm_wait,
                 "tpm_wait_s": 0.0,
                 "semaphore_wait_s": 0.0,
             },

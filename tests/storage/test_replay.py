@@ -22,10 +22,10 @@ from llmtrail.storage._replay_model import (
     FaultModel,
     ProviderModel,
     ReplaySettings,
+    calibrated_client_cpu,
     provider_defaults,
     scaled_calls,
 )
-from llmtrail.storage._replay_sim import calibrated_client_cpu
 from llmtrail.storage._workload import EmptyWorkloadError, ProviderLimits
 
 from .replay_recording import T0, Recording, burst, load, write
@@ -459,6 +459,27 @@ def test_the_provider_model_turns_on_when_the_gate_is_looser_than_the_stated_lim
     assert (
         len(notes) == 1 and "states no provider limit" in notes[0] and "--provider-rpm" in notes[0]
     )
+
+
+def test_time_a_gate_held_a_request_at_the_wire_is_neither_replayed_nor_client_cpu() -> None:
+    # Every call: 2 ms to write its body, 0.1 s of provider, 4 ms to read the answer. Half of
+    # them waited at the RPM gate, which granted ahead and held them 50 ms at the wire: that
+    # hold is in their recorded latency (it counts from `sent`), before the body's write.
+    def recording(held: float) -> Recording:
+        rec = Recording()
+        for i in range(100):
+            hold = held if i % 2 else 0.0
+            attempt = {"body_sent": 0.002 + hold, "first_byte": 0.102 + hold}
+            rec.call(i * 0.01, [{"latency": 0.106 + hold, **attempt}], rpm_wait=hold)
+        return rec
+
+    plain, held = recording(0.0).workload(), recording(0.05).workload()
+    # (Within 2%: the last call finishes 50 ms later, so the recorded rate is a little lower.)
+    assert calibrated_client_cpu(held) == pytest.approx(calibrated_client_cpu(plain), rel=0.02)
+    # Replayed without a gate, nothing holds them: every call takes 0.106 s.
+    for workload in (plain, held):
+        figures = replay(workload, ReplaySettings.recorded(workload)).figures
+        assert figures.total_latency_s["p99"] == pytest.approx(0.106)
 
 
 def test_client_cpu_is_calibrated_and_queues_one_attempt_at_a_time() -> None:
