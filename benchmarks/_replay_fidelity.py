@@ -79,6 +79,15 @@ SCENARIOS = [
         rate=250.0,
         server={"latency_s": 0.03},
     ),
+    # The same, recorded at high concurrency (the client congested) and moved to 4 permits.
+    Scenario(
+        "client_bound_concurrency_40_to_4",
+        {**W1, "max_concurrent_requests": 40},
+        {**W1, "max_concurrent_requests": 4},
+        calls=600,
+        rate=250.0,
+        server={"latency_s": 0.03},
+    ),
     Scenario(
         "max_attempts_1_to_3",
         {**W1, "max_attempts": 1},
@@ -195,7 +204,9 @@ async def run_scenario(scenario: Scenario, tmp: Path, **replay_extra: Any) -> di
     }
 
 
-TARGET_P95_S = 2.0
+# Between the p95s of neighbouring settings (about 2.0 s at 1,800 RPM and 2.9 s at 1,500), not
+# on one of them: a target a real run meets or misses by milliseconds tests the noise.
+TARGET_P95_S = 2.5
 
 
 async def target_scenario(tmp: Path) -> dict[str, Any]:

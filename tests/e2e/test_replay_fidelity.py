@@ -265,7 +265,7 @@ async def test_gate_off_prediction_matches_a_real_run_against_an_enforcing_provi
         ("failed", predicted.failed, real.failed),
         ("p95", predicted.total_latency_s["p95"], real.total_latency_s["p95"]),
     ):
-        assert _close(sim, rec, 0.15), f"{name}: predicted {sim:.3f}, real run {rec:.3f}"
+        assert _close(sim, rec, 0.10), f"{name}: predicted {sim:.3f}, real run {rec:.3f}"
 
 
 @pytest.mark.slow
@@ -286,17 +286,24 @@ async def test_more_attempts_prediction_matches_a_real_run_with_injected_faults(
     once = recorded_figures(a)
     assert 10 <= once.failed <= 45, once.failures_by_type
     predicted = (await replay_async(a, ReplaySettings.recorded(a, max_attempts=3))).figures
-    b = await _record(
-        server.url, tmp_path / "b.db", arrivals, reset=server, may_fail=True, max_attempts=3, **w1
-    )
-    real = recorded_figures(b)
+    # The faster of two real runs (the machine is shared: another process only slows a run).
+    runs = []
+    for i in range(2):
+        b = await _record(
+            server.url,
+            tmp_path / f"b{i}.db",
+            arrivals,
+            reset=server,
+            may_fail=True,
+            max_attempts=3,
+            **w1,
+        )
+        runs.append(recorded_figures(b))
+    real = min(runs, key=lambda f: f.total_latency_s["mean"])
     # Each attempt fails with p ~ 0.08, so three in a row are rare: far fewer failures.
     assert predicted.failed <= once.failed / 4 and real.failed <= once.failed / 4
     assert _close(predicted.requests, real.requests, 0.05)
-    # The p95 falls among the retried calls, whose backoff is a random draw in both runs, and
-    # two real runs on a shared machine differ by more than the model does (the benchmark
-    # compares the faster of two runs): a loose bound here.
-    assert _close(predicted.total_latency_s["p95"], real.total_latency_s["p95"], 0.25)
+    assert _close(predicted.total_latency_s["p95"], real.total_latency_s["p95"], 0.10)
 
 
 @pytest.mark.slow
