@@ -545,16 +545,8 @@ class CallFlow:
     ) -> None:
         """Emit ``received`` for the answer of attempt ``n`` (``extra``: a stream's fields)."""
         cost = self._cost(model, response)
-        payload = received(
-            n,
-            latency,
-            response,
-            cost,
-            state.body_sent_s,
-            state.first_byte_s,
-            extra,
-            self.capture_content,
-        )
+        sent, first = state.body_sent_s, state.first_byte_s
+        payload = received(n, latency, response, cost, sent, first, extra, self.capture_content)
         call.emit(EventType.RECEIVED, payload)
 
     def _cost(self, model: str, response: ProviderResponse) -> Decimal | None:
