@@ -71,9 +71,10 @@ class ReplaySettings:
     provider_window_s: float = 60.0
     provider_429_latency_s: float = 0.005
     provider_counts_rejected: bool = True
-    # None: an attempt takes its recorded latency (provider + the client's time as recorded);
-    # a number: the provider's own time plus this much client CPU per attempt, served one call
-    # at a time (one event loop), so that a busier client queues for it.
+    # None: an attempt takes its recorded latency (provider + the client's time as recorded),
+    # after the recorded write-ahead of its `sent` event; a number: the provider's own time
+    # plus this much client CPU per attempt (which stands for both), served one call at a time
+    # (one event loop), so that a busier client queues for it.
     client_cpu_s: float | None = None
     # Retries and errors: "recorded" replays each call's attempts as they happened; "modelled"
     # draws each attempt's outcome from the provider model and the FaultModel. None: modelled
@@ -465,8 +466,9 @@ def calibrated_client_cpu(workload: Workload) -> float | None:
     """The client's CPU time per attempt, from the recording; None when no provider time was
     recorded.
 
-    What the client adds to an attempt (recorded latency, less any time a gate held it at the
-    wire, minus the provider's own time) is its CPU time c plus the time it queued behind other
+    What the client adds to an attempt (the write-ahead of its ``sent`` event, and its recorded
+    latency less any time a gate held it at the wire minus the provider's own time) is its CPU
+    time c plus the time it queued behind other
     attempts' CPU work on its one event loop. Taking the attempts as arriving at the recorded
     rate (attempts per second, from the first arrival to the last answer) at a single server
     of service time c, the M/D/1 mean wait gives the mean of what was added:
@@ -478,7 +480,8 @@ def calibrated_client_cpu(workload: Workload) -> float | None:
         held = pre_write if waited_at_a_gate(c) else None
         for a in c.attempts:
             if a.error_type is None and a.provider_s is not None:
-                overheads.append(max(attempt_time(a, False, held) - a.provider_s, 0.0))
+                added = attempt_time(a, False, held) - a.provider_s + a.pre_send_s
+                overheads.append(max(added, 0.0))
     if not overheads:
         return None
     mean = statistics.fmean(overheads)

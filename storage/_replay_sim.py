@@ -4,7 +4,8 @@ Every call goes through the production :class:`~pipeline.SlidingWindowGate` (RPM
 :class:`~pipeline.FairSemaphore`, through their public methods, on a
 :class:`~pipeline.VirtualTimeLoop`, in the service's order (``pipeline/_flow.py``): RPM gate
 reserves 1 -> TPM gate reserves the recorded ``reserved_tokens`` -> per attempt: [a new RPM
-slot for a retry] -> a semaphore permit -> ``mark_sent`` on both reservations -> the attempt's
+slot for a retry] -> a semaphore permit -> the write-ahead of its ``sent`` event (as recorded,
+without ``client_cpu_s``) -> ``mark_sent`` on both reservations -> the attempt's
 time -> ``mark_done`` (the windows end one window after the answer, or ``unanswered_guard_s``
 later without an HTTP answer) -> the permit released -> the retry wait (no permit held) -> ...
 -> TPM reconciled to ``input + (max_output_tokens or output)`` for an answered call, or the
@@ -22,9 +23,10 @@ Two ways to decide attempts (``ReplaySettings.modelled_errors``):
   decides every retry and its wait (retry-after first, else jittered backoff). A call whose
   every attempt failed, 429s included, fails with the last error.
 
-An attempt's time is its recorded latency (``client_cpu_s=None``), or the provider's own time
-plus ``client_cpu_s`` of client CPU served one attempt at a time (one event loop), so that a
-busier client queues for it. Either way without the time a gate held it at the wire in the
+An attempt's time is its recorded latency after its recorded ``pre_send_s``
+(``client_cpu_s=None``), or the provider's own time plus ``client_cpu_s`` of client CPU (which
+stands for both) served one attempt at a time (one event loop), so that a busier client queues
+for it. Either way without the time a gate held it at the wire in the
 recording (:func:`~storage._replay_model.attempt_time`): the replay's gates hold it themselves.
 
 Invariants:
@@ -372,6 +374,8 @@ class Simulation:
                     rpm_res = await self._permit(index, n, rpm_res)
                 # The permit is held for the attempt only, as the service's _attempt does.
                 try:
+                    if attempt.pre_send_s and cpu is None:
+                        await self._wait(attempt.pre_send_s)
                     await self._send(rpm_res, tpm_res, attempt.body_sent_s is not None)
                     if cpu is not None:
                         await self._client_cpu()
@@ -452,6 +456,7 @@ class Simulation:
             provider, clock, run, faults = self.provider, self.clock, self.run, self.faults
             cpu = self.cpu is not None
             answer = next((a for a in recorded.attempts if a.error_type is None), None)
+            pre_send = 0.0 if cpu else recorded.attempts[0].pre_send_s
             charge = recorded.tpm_counted
             answered = reached = False
             error: str | None = None
@@ -461,6 +466,8 @@ class Simulation:
                 rpm_res = await self._permit(index, n, rpm_res)
                 retry_wait: float | None = None
                 try:
+                    if pre_send:
+                        await self._wait(pre_send)
                     await self._send(rpm_res, tpm_res, self.hooked)
                     if cpu:
                         await self._client_cpu()

@@ -72,6 +72,9 @@ class RecordedAttempt(NamedTuple):
     # From ``sent`` to the request body written (the send-time hook), if recorded: the gates
     # start the slot's window at most arrival_guard_s after it, as the service does.
     body_sent_s: float | None = None
+    # From the ``sent`` event to ``sent`` itself (the write-ahead commit of that event): the
+    # attempt holds its permit, and its latency has not started yet.
+    pre_send_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ Invariants:
   headers); else the provider's ``openai-processing-ms``; else None (a replay then takes the
   recorded latency). A streamed answer's provider time runs to the end of the stream (the
   provider sends its chunks as it writes them): its latency minus ``body_sent_s``.
-- An attempt's send time is its answer's (or failure's) time minus its measured latency, so
-  ``sent`` events need not be read at all.
+- An attempt's send time is its answer's (or failure's) time minus its measured latency; its
+  ``sent`` event comes before that, by the write-ahead commit of the event (``pre_send_s``).
 - A 429 is a limit 429 when its remaining-requests/-tokens headers showed no room for the
   request, or it carried none (see :class:`~storage._workload.RecordedAttempt`).
 """
@@ -143,6 +143,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "body_sent_s",
         "first_byte_s",
     ),
+    str(EventType.SENT): ("attempt",),
     str(EventType.RETRY_SCHEDULED): ("attempt", "wait_s"),
     str(EventType.UNMARKED): ("gate", "attempt", "reason"),
     str(EventType.COMPLETED): (
@@ -185,6 +186,8 @@ class WorkloadBuilder:
         self._created: dict[str, _Created] = {}
         self._result: dict[str, _Result] = {}  # the first result seen
         self._results_more: dict[str, list[_Result]] = {}  # further results
+        self._sent: dict[str, float] = {}  # the first attempt's `sent` event
+        self._sent_more: dict[tuple[str, int], float] = {}  # retries'
         self._waits: dict[tuple[str, int], float] = {}
         self._unreached: set[tuple[str, int]] = set()
         self._done: dict[str, _Done] = {}
@@ -193,6 +196,7 @@ class WorkloadBuilder:
             str(EventType.TRACE_CREATED): self._on_created,
             str(EventType.RECEIVED): self._on_received,
             str(EventType.ATTEMPT_FAILED): self._on_failed,
+            str(EventType.SENT): self._on_sent,
             str(EventType.RETRY_SCHEDULED): self._on_retry,
             str(EventType.UNMARKED): self._on_unmarked,
             str(EventType.COMPLETED): self._on_completed,
@@ -296,6 +300,21 @@ class WorkloadBuilder:
                 ),
             )
 
+    def _on_sent(self, rows: Iterable[Row]) -> None:
+        sent, more = self._sent, self._sent_more
+        for call_id, at, (attempt,) in rows:
+            if attempt in (1, None):
+                sent[call_id] = at
+            else:
+                more[call_id, attempt] = at
+
+    def _pre_send(self, call_id: str, result: _Result) -> float:
+        """From the attempt's ``sent`` event to its send (0.0 when the event was not read), to
+        the microsecond: the store's timestamps are no finer."""
+        n = result.attempt
+        at = self._sent.get(call_id) if n == 1 else self._sent_more.get((call_id, n))
+        return 0.0 if at is None or at >= result.sent_at else round(result.sent_at - at, 6)
+
     def _on_retry(self, rows: Iterable[Row]) -> None:
         for call_id, _, (attempt, wait) in rows:
             self._waits[call_id, attempt or 1] = wait or 0.0
@@ -380,6 +399,7 @@ class WorkloadBuilder:
                     r.provider_s,
                     r.status,
                     body_sent_s=r.body_sent_s,
+                    pre_send_s=self._pre_send(call_id, r),
                 ),
             )
         else:
@@ -397,6 +417,7 @@ class WorkloadBuilder:
                         r.status == 429 and r.error_type == _RATE_LIMITED and _no_room(r, counted),
                         r.retryable,
                         r.body_sent_s,
+                        self._pre_send(call_id, r),
                     )
                     for r in results
                 ]

@@ -70,6 +70,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 _TYPES = (
     EventType.TRACE_CREATED,
+    EventType.SENT,
     EventType.RECEIVED,
     EventType.ATTEMPT_FAILED,
     EventType.RETRY_SCHEDULED,

@@ -51,7 +51,8 @@ class Recording:
         """One call arriving ``at`` seconds after T0. ``attempts``: dicts with ``latency``
         and optionally ``error`` (+ ``status``, ``retry_after``, ``wait``, ``refused``),
         ``headers`` (the x-ratelimit-* headers), ``processing`` (the provider's time),
-        ``body_sent`` and ``first_byte`` (the send-time hook's) and ``streamed``; ``rpm_wait``:
+        ``body_sent`` and ``first_byte`` (the send-time hook's), ``streamed`` and ``pre_send``
+        (from the ``sent`` event to the send: its write-ahead); ``rpm_wait``:
         the call's recorded wait at the RPM gate (its time is included in the call's, not
         added)."""
         call_id = f"call{self._n:04d}"
@@ -91,6 +92,7 @@ class Recording:
         answer: dict[str, Any] | None = None
         for n, attempt in enumerate(attempts, start=1):
             emit(EventType.SENT, t, {"attempt": n})
+            t += attempt.get("pre_send", 0.0)  # the write-ahead of `sent`
             latency = attempt.get("latency", 1.0)
             t += latency
             error = attempt.get("error")

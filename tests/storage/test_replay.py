@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from llmtrail.pipeline import Event, EventType, PriceTable
-from llmtrail.storage._replay import replay
+from llmtrail.storage._replay import replay, replay_async
 from llmtrail.storage._replay_figures import recorded_figures
 from llmtrail.storage._replay_model import (
     FaultModel,
@@ -459,6 +459,27 @@ def test_the_provider_model_turns_on_when_the_gate_is_looser_than_the_stated_lim
     assert (
         len(notes) == 1 and "states no provider limit" in notes[0] and "--provider-rpm" in notes[0]
     )
+
+
+async def test_the_write_ahead_of_sent_holds_the_permit_and_counts_as_client_time(
+    store_url: str,
+) -> None:
+    # One permit, ten calls at once: each waits 10 ms for its `sent` event to be committed
+    # (holding the permit) before its 0.1 s attempt starts.
+    rec = Recording(max_concurrent_requests=1)
+    for _ in range(10):
+        rec.call(0.0, [{"latency": 0.1, "processing": 0.1, "pre_send": 0.01}])
+    await write(store_url, rec.events)
+    for workload in (rec.workload(), await load(store_url)):
+        assert [c.attempts[0].pre_send_s for c in workload.calls] == [pytest.approx(0.01)] * 10
+        figures = (await replay_async(workload, ReplaySettings.recorded(workload))).figures
+        assert figures.makespan_s == pytest.approx(1.1)
+    # The client's time includes it: 10 ms per attempt (of CPU and queueing, M/D/1), at 10
+    # attempts in the recorded 0.11 s.
+    c = calibrated_client_cpu(workload)
+    rate = 10 / 0.11
+    assert c is not None
+    assert c + rate * c * c / (2 * (1 - rate * c)) == pytest.approx(0.01, rel=1e-4)
 
 
 def test_time_a_gate_held_a_request_at_the_wire_is_neither_replayed_nor_client_cpu() -> None:
