@@ -28,9 +28,12 @@ from typing import Any
 
 from llmtrail.storage._replay import replay_async
 from llmtrail.storage._replay_figures import Figures, recorded_figures
-from llmtrail.storage._replay_model import ReplaySettings, provider_defaults
+from llmtrail.storage._replay_model import (
+    ReplaySettings,
+    calibrated_client_cpu,
+    provider_defaults,
+)
 from llmtrail.storage._replay_plan import recommend, sweep
-from llmtrail.storage._replay_sim import calibrated_client_cpu
 from llmtrail.storage._workload import Workload
 
 from ._harness import mock_server, server_reset
@@ -72,6 +75,15 @@ SCENARIOS = [
         "client_bound_concurrency_4_to_40",
         {**W1, "max_concurrent_requests": 4},
         {**W1, "max_concurrent_requests": 40},
+        calls=600,
+        rate=250.0,
+        server={"latency_s": 0.03},
+    ),
+    # The same, recorded at high concurrency (the client congested) and moved to 4 permits.
+    Scenario(
+        "client_bound_concurrency_40_to_4",
+        {**W1, "max_concurrent_requests": 40},
+        {**W1, "max_concurrent_requests": 4},
         calls=600,
         rate=250.0,
         server={"latency_s": 0.03},
@@ -192,7 +204,9 @@ async def run_scenario(scenario: Scenario, tmp: Path, **replay_extra: Any) -> di
     }
 
 
-TARGET_P95_S = 2.0
+# Between the p95s of neighbouring settings (about 2.0 s at 1,800 RPM and 2.9 s at 1,500), not
+# on one of them: a target a real run meets or misses by milliseconds tests the noise.
+TARGET_P95_S = 2.5
 
 
 async def target_scenario(tmp: Path) -> dict[str, Any]:

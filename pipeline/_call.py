@@ -260,6 +260,7 @@ class CallStream:
             "provider_request_id": None,
             "rate_limits": {},
             "body_sent_s": None,  # never sent
+            "first_byte_s": None,
         }
         self._emit_at(EventType.ATTEMPT_FAILED, payload, self.sent_at or datetime.now(UTC))
 
@@ -305,6 +306,7 @@ class CallState:
         "holding",
         "sent_at",
         "body_sent_s",
+        "first_byte_s",
     )
 
     def __init__(self) -> None:
@@ -323,6 +325,7 @@ class CallState:
         self.sent_at = 0.0  # when the open stream's attempt was sent
         # The last answered attempt's time from `sent` to its body written (send-time hook).
         self.body_sent_s: float | None = None
+        self.first_byte_s: float | None = None  # ... and to its answer's headers read
 
 
 def money(value: Decimal | None) -> str | None:

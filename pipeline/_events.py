@@ -167,6 +167,9 @@ class _ReceivedFields(TypedDict):
     # Seconds from ``sent`` until the transport wrote the request body (None without the
     # send-time hook): the start of the slot's window is body written + arrival_guard_s.
     body_sent_s: float | None
+    # Seconds from ``sent`` until the answer's headers were read (its first bytes; None without
+    # the hook): the provider's time on the attempt is first_byte_s - body_sent_s.
+    first_byte_s: float | None
 
 
 class StreamedFields(TypedDict):
@@ -197,6 +200,7 @@ class AttemptFailedPayload(TypedDict):
     attempt: int
     not_sent: bool
     body_sent_s: float | None  # as in ``received``
+    first_byte_s: float | None  # as in ``received`` (None: no answer's headers were read)
     latency_s: float | None
     error_type: str
     status: int | None

@@ -49,7 +49,7 @@ from ._gates import (
     GRANT_LEAD_S,
     GateRequestTooLarge,
 )
-from ._payloads import attempt_failed, completed, gate_wait, received, trace_created
+from ._payloads import attempt_failed, completed, gate_wait, received, trace_created, unmarked
 from ._pricing import PriceTable
 from ._provider_types import ProviderError, ProviderResponse
 from ._redact import redact_text
@@ -427,6 +427,8 @@ class CallFlow:
         def on_body_sent() -> None:
             # The body is written: the request reaches the provider within the guard.
             body_sent.append(clock.now())
+            if len(body_sent) > 1:  # the second report: the answer's headers were read
+                return
             if not self._hook_seen:  # it holds requests too: gates may grant ahead now
                 self._hook_seen = True
                 for gate in (rpm, tpm):
@@ -464,20 +466,13 @@ class CallFlow:
                     provider_request_id=exc.provider_request_id,
                     rate_limits=exc.rate_limits,
                     body_sent_s=body_sent[0] - sent_at if body_sent else None,
+                    first_byte_s=body_sent[1] - sent_at if len(body_sent) > 1 else None,
                 ),
             )
             observe_headers(self._rpm, self._tpm, exc.rate_limits, sent_at)
             if not exc.reached_provider and state.rpm_res is not None and rpm is not None:
                 rpm.release(state.rpm_res)
-                call.emit(
-                    EventType.UNMARKED,
-                    {
-                        "gate": "rpm",
-                        "attempt": n,
-                        "amount": 1,
-                        "reason": "connection_refused",
-                    },
-                )
+                call.emit(EventType.UNMARKED, unmarked("rpm", n, 1, "connection_refused"))
             raise
         except asyncio.CancelledError:
             state.latency = clock.now() - sent_at
@@ -490,6 +485,7 @@ class CallFlow:
                     ErrorType.CANCELLED,
                     "cancelled while in flight",
                     body_sent_s=body_sent[0] - sent_at if body_sent else None,
+                    first_byte_s=body_sent[1] - sent_at if len(body_sent) > 1 else None,
                 ),
             )
             raise
@@ -509,12 +505,13 @@ class CallFlow:
         state.reached = True
         state.latency = clock.now() - sent_at
         state.body_sent_s = body_sent[0] - sent_at if body_sent else None
+        state.first_byte_s = body_sent[1] - sent_at if len(body_sent) > 1 else None
         if state.stream:  # opened: `received` is emitted when the stream ends (_stream.py)
             state.holding = True
             state.sent_at = sent_at
             observe_headers(self._rpm, self._tpm, response.rate_limits, sent_at)
             return response
-        self._received(call, model, n, state.latency, response, state.body_sent_s)
+        self._received(call, model, n, state.latency, response, state)
         observe_headers(self._rpm, self._tpm, response.rate_limits, sent_at)
         return response
 
@@ -525,12 +522,13 @@ class CallFlow:
         n: int,
         latency: float,
         response: ProviderResponse,
-        body_sent_s: float | None,
+        state: CallState,
         extra: StreamedFields | None = None,
     ) -> None:
         """Emit ``received`` for the answer of attempt ``n`` (``extra``: a stream's fields)."""
         cost = self.prices.answer_cost(model, response)
-        payload = received(n, latency, response, cost, body_sent_s, extra, self.capture_content)
+        sent, first = state.body_sent_s, state.first_byte_s
+        payload = received(n, latency, response, cost, sent, first, extra, self.capture_content)
         call.emit(EventType.RECEIVED, payload)
 
     def _complete(

@@ -20,6 +20,7 @@ from typing import Literal
 from ._call import CallState, CallStream, to_int
 from ._events import EventType
 from ._gates import GateReservation, SlidingWindowGate, parse_reset
+from ._payloads import unmarked
 from ._redis_gates import RedisSlidingWindowGate, create_gate
 from ._settings import Limits
 from .typing import Clock, UsageHistory
@@ -107,15 +108,8 @@ def give_back(
         if res.pending or never_arrived:
             amount = res.amount
             gate.release(res)
-            call.emit(
-                EventType.UNMARKED,
-                {
-                    "gate": gate_name,
-                    "attempt": max(state.attempts, 1),
-                    "amount": amount,
-                    "reason": reason,
-                },
-            )
+            attempt = max(state.attempts, 1)
+            call.emit(EventType.UNMARKED, unmarked(gate_name, attempt, amount, reason))
 
 
 def build_gates(

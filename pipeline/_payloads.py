@@ -25,6 +25,7 @@ from ._events import (
     ReceivedPayload,
     StreamedFields,
     TraceCreatedPayload,
+    UnmarkedPayload,
 )
 from ._gates import GateReservation
 from ._provider_types import ProviderResponse
@@ -104,6 +105,13 @@ def gate_wait(
     }
 
 
+def unmarked(
+    gate: Literal["rpm", "tpm"], attempt: int, amount: int, reason: str
+) -> UnmarkedPayload:
+    """``unmarked``: ``amount`` units of ``gate`` given back; ``reason``: why."""
+    return {"gate": gate, "attempt": attempt, "amount": amount, "reason": reason}
+
+
 def attempt_failed(
     attempt: int,
     latency_s: float | None,
@@ -117,9 +125,11 @@ def attempt_failed(
     provider_request_id: str | None = None,
     rate_limits: dict[str, str] | None = None,
     body_sent_s: float | None = None,
+    first_byte_s: float | None = None,
 ) -> AttemptFailedPayload:
-    """``attempt_failed`` for attempt ``attempt`` (``body_sent_s``: None if never written),
-    which left (a not-sent attempt's event is built by ``CallStream``)."""
+    """``attempt_failed`` for attempt ``attempt``, which left (``body_sent_s``: None if never
+    written, ``first_byte_s``: None if no answer's headers were read; a not-sent attempt's
+    event is built by ``CallStream``)."""
     return {
         "attempt": attempt,
         "not_sent": False,
@@ -133,6 +143,7 @@ def attempt_failed(
         "provider_request_id": provider_request_id,
         "rate_limits": dict(rate_limits or {}),
         "body_sent_s": body_sent_s,
+        "first_byte_s": first_byte_s,
     }
 
 
@@ -142,6 +153,7 @@ def received(
     response: ProviderResponse,
     cost: Decimal | None,
     body_sent_s: float | None,
+    first_byte_s: float | None,
     extra: StreamedFields | None,
     capture_content: bool,
 ) -> ReceivedPayload:
@@ -164,6 +176,7 @@ def received(
         "service_tier": response.service_tier,
         "processing_s": response.processing_s,
         "body_sent_s": body_sent_s,
+        "first_byte_s": first_byte_s,
     }
     if extra is not None:
         payload["streamed"] = extra["streamed"]

@@ -105,7 +105,7 @@ def _finish(
         "usage_estimated": estimated,
         "chunks": opened.chunks,
     }
-    flow._received(call, model, opened.attempt, state.latency, response, state.body_sent_s, extra)
+    flow._received(call, model, opened.attempt, state.latency, response, state, extra)
     tpm = flow._tpm
     if state.tpm_res is not None and tpm is not None:
         counted = response.input_tokens + (request.max_output_tokens or response.output_tokens)

@@ -15,7 +15,7 @@ What is replayed:
   limit the provider stated in the recording.
 - **Client time.** ``client_cpu_s=None`` replays recorded latencies (provider + client time as
   recorded); a number replays the provider's own time plus that much client CPU per attempt,
-  queued on one event loop (:func:`~storage._replay_sim.calibrated_client_cpu` estimates it).
+  queued on one event loop (:func:`~storage._replay_model.calibrated_client_cpu` estimates it).
 - **Traffic scale k.** ``compress``: the same calls, arrival times divided by k (k x the rate,
   1/k the span). ``resample`` (seeded): round(k x N) calls over the same span; each new call
   draws u ~ U(0, 1), arrives at the linearly interpolated empirical arrival quantile u (so the

@@ -278,7 +278,7 @@ def _tier(value: str) -> Tier:
 
 def _settings(args: argparse.Namespace, workload: Workload) -> tuple[ReplaySettings, list[str]]:
     """The replay's settings from the recording and the options, and notes on choices made."""
-    from ._replay_sim import calibrated_client_cpu
+    from ._replay_model import calibrated_client_cpu
 
     notes: list[str] = []
     overrides: dict[str, Any] = {
@@ -312,8 +312,9 @@ def _settings(args: argparse.Namespace, workload: Workload) -> tuple[ReplaySetti
         cpu = calibrated_client_cpu(workload)
         if cpu is None:
             notes.append(
-                "--client-cpu auto: the recording has no provider time (no "
-                "openai-processing-ms), so recorded latencies are replayed as they were"
+                "--client-cpu auto: the recording has no provider time (no answer's first "
+                "byte after its request was written, no openai-processing-ms), so recorded "
+                "latencies are replayed as they were"
             )
         else:
             notes.append(

@@ -11,6 +11,9 @@ Invariants:
 - :class:`FaultModel` is the provider's other errors as recorded: the share of the attempts that
   reached it which failed, by kind (error type, status), each with its recorded latency and
   retry-after. Limit 429s are not faults when the provider model decides them.
+- An attempt's replayed time (:func:`attempt_time`) never counts the time a gate held it at
+  the wire in the recording: the replay's gates hold it themselves. The client's CPU per
+  attempt (:func:`calibrated_client_cpu`) is calibrated on the same times.
 - :func:`scaled_calls` is deterministic: compression has no randomness, resampling draws from
   ``random.Random(seed)``; so are the fault draws of a replay (``seed``).
 """
@@ -26,7 +29,7 @@ from typing import Any, NamedTuple
 
 from llmtrail.pipeline import ConfigurationError, FairSemaphore, RetryPolicy
 
-from ._workload import RecordedCall, Workload
+from ._workload import RecordedAttempt, RecordedCall, Workload
 
 __all__ = [
     "KNOBS",
@@ -34,8 +37,12 @@ __all__ = [
     "FaultModel",
     "ProviderModel",
     "ReplaySettings",
+    "attempt_time",
+    "calibrated_client_cpu",
     "provider_defaults",
     "scaled_calls",
+    "usual_pre_write",
+    "waited_at_a_gate",
 ]
 
 _SCALE_METHODS = ("compress", "resample")
@@ -64,9 +71,10 @@ class ReplaySettings:
     provider_window_s: float = 60.0
     provider_429_latency_s: float = 0.005
     provider_counts_rejected: bool = True
-    # None: an attempt takes its recorded latency (provider + the client's time as recorded);
-    # a number: the provider's own time plus this much client CPU per attempt, served one call
-    # at a time (one event loop), so that a busier client queues for it.
+    # None: an attempt takes its recorded latency (provider + the client's time as recorded),
+    # after the recorded write-ahead of its `sent` event; a number: the provider's own time
+    # plus this much client CPU per attempt (which stands for both), served one call at a time
+    # (one event loop), so that a busier client queues for it.
     client_cpu_s: float | None = None
     # Retries and errors: "recorded" replays each call's attempts as they happened; "modelled"
     # draws each attempt's outcome from the provider model and the FaultModel. None: modelled
@@ -415,3 +423,71 @@ def scaled_calls(workload: Workload, settings: ReplaySettings) -> list[tuple[flo
             picked.append((calls[j].arrival_s, calls[j]))
     picked.sort(key=lambda item: item[0])
     return picked
+
+
+def attempt_time(
+    attempt: RecordedAttempt, client_cpu: bool, pre_write_s: float | None = None
+) -> float:
+    """The provider's part of an attempt: its own time when client CPU is modelled separately
+    and recorded, else the recorded latency. The recorded latency counts from ``sent``, so it
+    includes the time a gate that granted ahead held the request at the wire; the replay holds
+    it itself (``Simulation._send``). With ``pre_write_s`` (the client's usual time to write a
+    body, given for calls that waited at a gate), what its body took beyond that is taken out."""
+    if client_cpu and attempt.provider_s is not None:
+        return attempt.provider_s
+    sent = attempt.body_sent_s
+    if pre_write_s is not None and sent is not None and sent > pre_write_s:
+        return attempt.latency_s - (sent - pre_write_s)
+    return attempt.latency_s
+
+
+def waited_at_a_gate(call: RecordedCall) -> bool:
+    """Did the call wait at a gate (and so may have been held at the wire)?"""
+    return bool(call.rpm_wait_s or call.tpm_wait_s or call.retry_gate_waits)
+
+
+def usual_pre_write(workload: Workload) -> float | None:
+    """The client's usual time from ``sent`` to the body written when no gate held it: the
+    median over the first attempts of calls that waited at no gate (else the shortest of all);
+    None when the recording had no send-time hook."""
+    free, every = [], []
+    for c in workload.calls:
+        sent = c.attempts[0].body_sent_s if c.attempts else None
+        if sent is not None:
+            every.append(sent)
+            if not waited_at_a_gate(c):
+                free.append(sent)
+    if free:
+        return statistics.median(free)
+    return min(every) if every else None
+
+
+def calibrated_client_cpu(workload: Workload) -> float | None:
+    """The client's CPU time per attempt, from the recording; None when no provider time was
+    recorded.
+
+    What the client adds to an attempt (the write-ahead of its ``sent`` event, and its recorded
+    latency less any time a gate held it at the wire minus the provider's own time) is its CPU
+    time c plus the time it queued behind other
+    attempts' CPU work on its one event loop. Taking the attempts as arriving at the recorded
+    rate (attempts per second, from the first arrival to the last answer) at a single server
+    of service time c, the M/D/1 mean wait gives the mean of what was added:
+    W = c + rate x c^2 / (2 (1 - rate x c)); c is the root of that quadratic.
+    """
+    overheads: list[float] = []
+    pre_write = usual_pre_write(workload)
+    for c in workload.calls:
+        held = pre_write if waited_at_a_gate(c) else None
+        for a in c.attempts:
+            if a.error_type is None and a.provider_s is not None:
+                added = attempt_time(a, False, held) - a.provider_s + a.pre_send_s
+                overheads.append(max(added, 0.0))
+    if not overheads:
+        return None
+    mean = statistics.fmean(overheads)
+    span = max(max(c.finished_s for c in workload.calls), 1e-9)
+    rate = len(overheads) / span
+    if rate * mean < 1e-9:
+        return mean
+    b = 2.0 + 2.0 * mean * rate
+    return (b - math.sqrt(b * b - 8.0 * rate * mean)) / (2.0 * rate)

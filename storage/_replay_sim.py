@@ -4,7 +4,8 @@ Every call goes through the production :class:`~pipeline.SlidingWindowGate` (RPM
 :class:`~pipeline.FairSemaphore`, through their public methods, on a
 :class:`~pipeline.VirtualTimeLoop`, in the service's order (``pipeline/_flow.py``): RPM gate
 reserves 1 -> TPM gate reserves the recorded ``reserved_tokens`` -> per attempt: [a new RPM
-slot for a retry] -> a semaphore permit -> ``mark_sent`` on both reservations -> the attempt's
+slot for a retry] -> a semaphore permit -> the write-ahead of its ``sent`` event (as recorded,
+without ``client_cpu_s``) -> ``mark_sent`` on both reservations -> the attempt's
 time -> ``mark_done`` (the windows end one window after the answer, or ``unanswered_guard_s``
 later without an HTTP answer) -> the permit released -> the retry wait (no permit held) -> ...
 -> TPM reconciled to ``input + (max_output_tokens or output)`` for an answered call, or the
@@ -22,9 +23,11 @@ Two ways to decide attempts (``ReplaySettings.modelled_errors``):
   decides every retry and its wait (retry-after first, else jittered backoff). A call whose
   every attempt failed, 429s included, fails with the last error.
 
-An attempt's time is its recorded latency (``client_cpu_s=None``), or the provider's own time
-plus ``client_cpu_s`` of client CPU served one attempt at a time (one event loop), so that a
-busier client queues for it.
+An attempt's time is its recorded latency after its recorded ``pre_send_s``
+(``client_cpu_s=None``), or the provider's own time plus ``client_cpu_s`` of client CPU (which
+stands for both) served one attempt at a time (one event loop), so that a busier client queues
+for it. Either way without the time a gate held it at the wire in the
+recording (:func:`~storage._replay_model.attempt_time`): the replay's gates hold it themselves.
 
 Invariants:
 - Nothing sleeps for real; a replay is deterministic given the workload and the settings (the
@@ -38,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import statistics
 from collections.abc import Callable
 
 from tenacity import RetryCallState
@@ -56,10 +58,17 @@ from llmtrail.pipeline import (
 from llmtrail.pipeline._gates import GRANT_LEAD_S
 
 from ._replay_figures import Run
-from ._replay_model import FaultModel, ProviderModel, ReplaySettings
-from ._workload import RecordedAttempt, RecordedCall, Workload
+from ._replay_model import (
+    FaultModel,
+    ProviderModel,
+    ReplaySettings,
+    attempt_time,
+    usual_pre_write,
+    waited_at_a_gate,
+)
+from ._workload import RecordedCall, Workload
 
-__all__ = ["Simulation", "attempt_time", "calibrated_client_cpu"]
+__all__ = ["Simulation"]
 
 _RATE_LIMITED = str(ErrorType.RATE_LIMITED)
 
@@ -74,14 +83,6 @@ class _BoundClock(LoopClock):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.now = loop.time  # type: ignore[method-assign]
         self.call_at = loop.call_at  # type: ignore[method-assign]
-
-
-def attempt_time(attempt: RecordedAttempt, client_cpu: bool) -> float:
-    """The provider's part of an attempt: its own time when client CPU is modelled separately
-    and the provider said it, else the recorded latency."""
-    if client_cpu and attempt.provider_s is not None:
-        return attempt.provider_s
-    return attempt.latency_s
 
 
 def _error_type(name: str) -> ErrorType:
@@ -131,10 +132,11 @@ class Simulation:
         self.cpu = settings.client_cpu_s
         self.cpu_free = 0.0
         self.rng = random.Random(settings.seed)
+        self.pre_write = usual_pre_write(workload)
         if self.modelled:
             self.faults = FaultModel(workload, limit_429s=self.provider is None)
             self.answer_times = [
-                attempt_time(a, self.cpu is not None)
+                attempt_time(a, self.cpu is not None, self._pre_write(c))
                 for c in workload.calls
                 for a in c.attempts
                 if a.error_type is None
@@ -320,6 +322,10 @@ class Simulation:
             if res.pending or not reached:
                 gate.release(res)
 
+    def _pre_write(self, recorded: RecordedCall) -> float | None:
+        """``pre_write`` for a call that waited at a gate (and so may have been held)."""
+        return self.pre_write if waited_at_a_gate(recorded) else None
+
     async def _wait(self, seconds: float) -> None:
         """A bare future on a timer (asyncio.sleep does more)."""
         loop = self.loop
@@ -348,6 +354,8 @@ class Simulation:
                 return
             run, rpm, tpm, loop, sem = self.run, self.rpm, self.tpm, self.loop, self.sem
             cpu, max_attempts = self.cpu, self.settings.max_attempts
+            pre_write = self._pre_write(recorded)
+            gated = pre_write is not None
             admitted = await self._admit(index, recorded)
             if admitted is None:
                 return
@@ -366,10 +374,14 @@ class Simulation:
                     rpm_res = await self._permit(index, n, rpm_res)
                 # The permit is held for the attempt only, as the service's _attempt does.
                 try:
+                    if attempt.pre_send_s and cpu is None:
+                        await self._wait(attempt.pre_send_s)
                     await self._send(rpm_res, tpm_res, attempt.body_sent_s is not None)
                     if cpu is not None:
                         await self._client_cpu()
                         seconds = attempt_time(attempt, True)
+                    elif gated:
+                        seconds = attempt_time(attempt, False, pre_write)
                     else:
                         seconds = attempt.latency_s
                     future = loop.create_future()
@@ -444,6 +456,7 @@ class Simulation:
             provider, clock, run, faults = self.provider, self.clock, self.run, self.faults
             cpu = self.cpu is not None
             answer = next((a for a in recorded.attempts if a.error_type is None), None)
+            pre_send = 0.0 if cpu else recorded.attempts[0].pre_send_s
             charge = recorded.tpm_counted
             answered = reached = False
             error: str | None = None
@@ -453,6 +466,8 @@ class Simulation:
                 rpm_res = await self._permit(index, n, rpm_res)
                 retry_wait: float | None = None
                 try:
+                    if pre_send:
+                        await self._wait(pre_send)
                     await self._send(rpm_res, tpm_res, self.hooked)
                     if cpu:
                         await self._client_cpu()
@@ -480,7 +495,7 @@ class Simulation:
                         if provider is not None:
                             provider.count(now, charge)
                         seconds = (
-                            attempt_time(answer, cpu)
+                            attempt_time(answer, cpu, self._pre_write(recorded))
                             if answer is not None
                             else self.rng.choice(self.answer_times)
                         )
@@ -553,30 +568,3 @@ class Simulation:
                     f"{gate.waiting():,} calls waiting"
                 )
         return "; ".join(lines)
-
-
-def calibrated_client_cpu(workload: Workload) -> float | None:
-    """The client's CPU time per attempt, from the recording; None when the provider never
-    stated its own time.
-
-    What the client adds to an attempt (recorded latency minus the provider's own time) is its
-    CPU time c plus the time it queued behind other attempts' CPU work on its one event loop.
-    Taking the attempts as arriving at the recorded rate (attempts per second, from the first
-    arrival to the last answer) at a single server of service time c, the M/D/1 mean wait gives
-    the mean of what was added:
-    W = c + rate x c^2 / (2 (1 - rate x c)); c is the root of that quadratic.
-    """
-    overheads: list[float] = []
-    for c in workload.calls:
-        for a in c.attempts:
-            if a.error_type is None and a.provider_s is not None:
-                overheads.append(max(a.latency_s - a.provider_s, 0.0))
-    if not overheads:
-        return None
-    mean = statistics.fmean(overheads)
-    span = max(max(c.finished_s for c in workload.calls), 1e-9)
-    rate = len(overheads) / span
-    if rate * mean < 1e-9:
-        return mean
-    b = 2.0 + 2.0 * mean * rate
-    return (b - math.sqrt(b * b - 8.0 * rate * mean)) / (2.0 * rate)

@@ -27,15 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmtrail.pipeline import Event, EventType
 
 from ._schema import events
-from ._workload import (
-    FIELDS,
-    EmptyWorkloadError,
-    Workload,
-    WorkloadBuilder,
-    epoch_of,
-    paused_gc,
-    pick,
-)
+from ._workload import EmptyWorkloadError, Workload, epoch_of, paused_gc
+from ._workload_build import FIELDS, WorkloadBuilder, pick
 
 __all__ = ["extract_workload", "load_workload"]
 
@@ -77,6 +70,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 _TYPES = (
     EventType.TRACE_CREATED,
+    EventType.SENT,
     EventType.RECEIVED,
     EventType.ATTEMPT_FAILED,
     EventType.RETRY_SCHEDULED,

@@ -25,8 +25,8 @@ from llmtrail.storage._replay_figures import recorded_figures
 from llmtrail.storage._replay_model import ReplaySettings, provider_defaults
 from llmtrail.storage._replay_plan import recommend, sweep
 from llmtrail.storage._workload import Workload
-from llmtrail.storage._workload_read import load_workload
-from llmtrail.testing import MockServer
+from llmtrail.storage._workload_read import extract_workload, load_workload
+from llmtrail.testing import MockServer, RecordingSink
 from llmtrail.testing.fixtures import MockServerFactory
 
 
@@ -80,6 +80,45 @@ async def _record(
         return await load_workload(reader.engine, since=since)
     finally:
         await reader.aclose()
+
+
+async def test_each_attempt_records_when_its_answers_first_bytes_came(
+    mock_server_factory: MockServerFactory, recorder: RecordingSink
+) -> None:
+    # The server holds every answer 0.2 s (a stream's head comes at once, the rest after 0.2 s);
+    # its first arrival gets a 500 (retried).
+    server = await mock_server_factory(latency_s=0.2, fault_script=("http_500",))
+    async with BaseLLMService(
+        "gpt-4o-mini",
+        base_url=f"{server.url}/v1",
+        api_key="sk-test",
+        store_url=None,
+        tracing=False,
+        sinks=[recorder],
+        retry_backoff_base_s=0.01,
+    ) as service:
+        plain = await service.execute_generation_async(GenerationRequest(user_prompt="hi"))
+        stream = service.execute_generation_stream(GenerationRequest(user_prompt="hi"))
+        async with stream:
+            async for _ in stream:
+                pass
+    assert plain.success
+    failed = [e.payload for e in recorder.events if str(e.type) == "attempt_failed"]
+    answers = [e.payload for e in recorder.events if str(e.type) == "received"]
+    (first_token,) = [e.payload for e in recorder.events if str(e.type) == "first_token"]
+    assert [p["status"] for p in failed] == [500] and len(answers) == 2
+    for p in [*failed, *answers]:  # sent, body written, headers read, answer: in that order
+        assert 0 <= p["body_sent_s"] < p["first_byte_s"] <= p["latency_s"]
+    assert all(p["first_byte_s"] - p["body_sent_s"] >= 0.2 for p in (failed[0], answers[0]))
+    # A stream's headers come before its first chunk, which waited the 0.2 s.
+    assert answers[1]["first_byte_s"] < 0.2 <= first_token["ttft_s"] - answers[1]["body_sent_s"]
+
+    # The workload takes the provider's time from them (a stream's: to the end of the stream).
+    calls = extract_workload(recorder.events).calls
+    (a_500, a_200), (a_stream,) = (c.attempts for c in calls)
+    for attempt, p in ((a_500, failed[0]), (a_200, answers[0])):
+        assert attempt.provider_s == pytest.approx(p["first_byte_s"] - p["body_sent_s"])
+    assert a_stream.provider_s == pytest.approx(answers[1]["latency_s"] - answers[1]["body_sent_s"])
 
 
 def _close(simulated: float, recorded: float, tolerance: float) -> bool:
@@ -226,7 +265,7 @@ async def test_gate_off_prediction_matches_a_real_run_against_an_enforcing_provi
         ("failed", predicted.failed, real.failed),
         ("p95", predicted.total_latency_s["p95"], real.total_latency_s["p95"]),
     ):
-        assert _close(sim, rec, 0.15), f"{name}: predicted {sim:.3f}, real run {rec:.3f}"
+        assert _close(sim, rec, 0.10), f"{name}: predicted {sim:.3f}, real run {rec:.3f}"
 
 
 @pytest.mark.slow
@@ -247,17 +286,27 @@ async def test_more_attempts_prediction_matches_a_real_run_with_injected_faults(
     once = recorded_figures(a)
     assert 10 <= once.failed <= 45, once.failures_by_type
     predicted = (await replay_async(a, ReplaySettings.recorded(a, max_attempts=3))).figures
-    b = await _record(
-        server.url, tmp_path / "b.db", arrivals, reset=server, may_fail=True, max_attempts=3, **w1
-    )
-    real = recorded_figures(b)
+    # The faster of two real runs (the machine is shared: another process only slows a run).
+    runs = []
+    for i in range(2):
+        b = await _record(
+            server.url,
+            tmp_path / f"b{i}.db",
+            arrivals,
+            reset=server,
+            may_fail=True,
+            max_attempts=3,
+            **w1,
+        )
+        runs.append(recorded_figures(b))
+    real = min(runs, key=lambda f: f.total_latency_s["mean"])
     # Each attempt fails with p ~ 0.08, so three in a row are rare: far fewer failures.
     assert predicted.failed <= once.failed / 4 and real.failed <= once.failed / 4
     assert _close(predicted.requests, real.requests, 0.05)
-    # The p95 falls among the retried calls, whose backoff is a random draw in both runs, and
-    # two real runs on a shared machine differ by more than the model does (the benchmark
-    # compares the faster of two runs): a loose bound here.
-    assert _close(predicted.total_latency_s["p95"], real.total_latency_s["p95"], 0.25)
+    # The p95 falls among the retried calls (8% of them retry), whose backoff is a random draw
+    # in both runs: over four benchmark runs the prediction was -13% to +8% of the faster real
+    # run, so 15% here (the benchmark reports the figure).
+    assert _close(predicted.total_latency_s["p95"], real.total_latency_s["p95"], 0.15)
 
 
 @pytest.mark.slow

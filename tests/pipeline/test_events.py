@@ -41,6 +41,7 @@ ADDED_SINCE_PREVIOUS_LAYOUT = frozenset(
         "processing_s",
         "body_sent_s",
         "not_sent",
+        "first_byte_s",
     }
 )
 

@@ -46,10 +46,15 @@ class Recording:
         reserved: int | None = None,
         error_type: str | None = None,
         unsent: bool = False,
+        rpm_wait: float = 0.0,
     ) -> str:
         """One call arriving ``at`` seconds after T0. ``attempts``: dicts with ``latency``
         and optionally ``error`` (+ ``status``, ``retry_after``, ``wait``, ``refused``),
-        ``headers`` (the x-ratelimit-* headers) and ``processing`` (the provider's time)."""
+        ``headers`` (the x-ratelimit-* headers), ``processing`` (the provider's time),
+        ``body_sent`` and ``first_byte`` (the send-time hook's), ``streamed`` and ``pre_send``
+        (from the ``sent`` event to the send: its write-ahead); ``rpm_wait``:
+        the call's recorded wait at the RPM gate (its time is included in the call's, not
+        added)."""
         call_id = f"call{self._n:04d}"
         self._n += 1
         seq = iter(range(100))
@@ -87,6 +92,7 @@ class Recording:
         answer: dict[str, Any] | None = None
         for n, attempt in enumerate(attempts, start=1):
             emit(EventType.SENT, t, {"attempt": n})
+            t += attempt.get("pre_send", 0.0)  # the write-ahead of `sent`
             latency = attempt.get("latency", 1.0)
             t += latency
             error = attempt.get("error")
@@ -102,7 +108,11 @@ class Recording:
                     "reasoning_tokens": 0,
                     "rate_limits": attempt.get("headers", {}),
                     "processing_s": attempt.get("processing"),
+                    "body_sent_s": attempt.get("body_sent"),
+                    "first_byte_s": attempt.get("first_byte"),
                 }
+                if attempt.get("streamed"):
+                    answer["streamed"] = True
                 emit(EventType.RECEIVED, t, answer)
                 break
             emit(
@@ -116,6 +126,8 @@ class Recording:
                     "retry_after_s": attempt.get("retry_after"),
                     "retryable": attempt.get("retryable", True),
                     "rate_limits": attempt.get("headers", {}),
+                    "body_sent_s": attempt.get("body_sent"),
+                    "first_byte_s": attempt.get("first_byte"),
                 },
             )
             if attempt.get("refused"):
@@ -142,7 +154,7 @@ class Recording:
                 "attempts": len(attempts),
                 "model": answer["response_model"] if answer else model,
                 "total_s": t - at,
-                "rpm_wait_s": 0.0,
+                "rpm_wait_s": rpm_wait,
                 "tpm_wait_s": 0.0,
                 "semaphore_wait_s": 0.0,
             },

@@ -16,16 +16,16 @@ from typing import Any
 import pytest
 
 from llmtrail.pipeline import Event, EventType, PriceTable
-from llmtrail.storage._replay import replay
+from llmtrail.storage._replay import replay, replay_async
 from llmtrail.storage._replay_figures import recorded_figures
 from llmtrail.storage._replay_model import (
     FaultModel,
     ProviderModel,
     ReplaySettings,
+    calibrated_client_cpu,
     provider_defaults,
     scaled_calls,
 )
-from llmtrail.storage._replay_sim import calibrated_client_cpu
 from llmtrail.storage._workload import EmptyWorkloadError, ProviderLimits
 
 from .replay_recording import T0, Recording, burst, load, write
@@ -90,6 +90,37 @@ def test_an_empty_range_raises_empty_workload_error() -> None:
     rec.call(0.0)
     with pytest.raises(EmptyWorkloadError, match="no completed call"):
         rec.workload(since=T0 + timedelta(hours=1))
+
+
+async def test_provider_time_is_first_byte_minus_body_sent_else_the_providers_header(
+    store_url: str,
+) -> None:
+    rec = Recording()
+    hook = {"body_sent": 0.004, "first_byte": 0.254}
+    rec.call(0.0, [{"latency": 0.3, "processing": 0.2, **hook}])  # the hook's figure wins
+    rec.call(0.1, [{"latency": 0.3, "processing": 0.2}])  # no hook: the header's
+    rec.call(0.2, [{"latency": 0.3}])  # neither: None (a replay takes the latency)
+    rec.call(0.3, [{"latency": 0.3, "processing": 0.2, "body_sent": 0.004}])  # an older row
+    rec.call(0.4, [{"latency": 2.0, "processing": 0.05, "streamed": True, **hook}])
+    rec.call(
+        0.5,
+        [
+            {"latency": 0.3, "error": "server_error", "status": 500, "wait": 0.1, **hook},
+            {"latency": 0.3, "error": "timeout", "body_sent": 0.004, "wait": 0.1},
+            {"latency": 0.3},
+        ],
+    )
+    await write(store_url, rec.events)
+    for workload in (rec.workload(), await load(store_url)):
+        provider = [[a.provider_s for a in c.attempts] for c in workload.calls]
+        assert provider == [
+            [pytest.approx(0.25)],
+            [0.2],
+            [None],
+            [0.2],
+            [pytest.approx(1.996)],  # a stream's provider time runs to its end
+            [pytest.approx(0.25), None, None],  # an answered failure has one too
+        ]
 
 
 async def test_the_store_reader_extracts_what_the_event_reader_does(store_url: str) -> None:
@@ -428,6 +459,48 @@ def test_the_provider_model_turns_on_when_the_gate_is_looser_than_the_stated_lim
     assert (
         len(notes) == 1 and "states no provider limit" in notes[0] and "--provider-rpm" in notes[0]
     )
+
+
+async def test_the_write_ahead_of_sent_holds_the_permit_and_counts_as_client_time(
+    store_url: str,
+) -> None:
+    # One permit, ten calls at once: each waits 10 ms for its `sent` event to be committed
+    # (holding the permit) before its 0.1 s attempt starts.
+    rec = Recording(max_concurrent_requests=1)
+    for _ in range(10):
+        rec.call(0.0, [{"latency": 0.1, "processing": 0.1, "pre_send": 0.01}])
+    await write(store_url, rec.events)
+    for workload in (rec.workload(), await load(store_url)):
+        assert [c.attempts[0].pre_send_s for c in workload.calls] == [pytest.approx(0.01)] * 10
+        figures = (await replay_async(workload, ReplaySettings.recorded(workload))).figures
+        assert figures.makespan_s == pytest.approx(1.1)
+    # The client's time includes it: 10 ms per attempt (of CPU and queueing, M/D/1), at 10
+    # attempts in the recorded 0.11 s.
+    c = calibrated_client_cpu(workload)
+    rate = 10 / 0.11
+    assert c is not None
+    assert c + rate * c * c / (2 * (1 - rate * c)) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_time_a_gate_held_a_request_at_the_wire_is_neither_replayed_nor_client_cpu() -> None:
+    # Every call: 2 ms to write its body, 0.1 s of provider, 4 ms to read the answer. Half of
+    # them waited at the RPM gate, which granted ahead and held them 50 ms at the wire: that
+    # hold is in their recorded latency (it counts from `sent`), before the body's write.
+    def recording(held: float) -> Recording:
+        rec = Recording()
+        for i in range(100):
+            hold = held if i % 2 else 0.0
+            attempt = {"body_sent": 0.002 + hold, "first_byte": 0.102 + hold}
+            rec.call(i * 0.01, [{"latency": 0.106 + hold, **attempt}], rpm_wait=hold)
+        return rec
+
+    plain, held = recording(0.0).workload(), recording(0.05).workload()
+    # (Within 2%: the last call finishes 50 ms later, so the recorded rate is a little lower.)
+    assert calibrated_client_cpu(held) == pytest.approx(calibrated_client_cpu(plain), rel=0.02)
+    # Replayed without a gate, nothing holds them: every call takes 0.106 s.
+    for workload in (plain, held):
+        figures = replay(workload, ReplaySettings.recorded(workload)).figures
+        assert figures.total_latency_s["p99"] == pytest.approx(0.106)
 
 
 def test_client_cpu_is_calibrated_and_queues_one_attempt_at_a_time() -> None:
