@@ -55,7 +55,7 @@ def test_quick_overhead_run_writes_figures_for_sdk_and_pipeline(tmp_path: Path) 
     assert re.search(verdict, pipeline), pipeline
     for variant in ("pipeline + SQLite store", "pipeline + OTLP tracing"):
         assert re.search(verdict, rows[f"{variant}: throughput"]), rows[f"{variant}: throughput"]
-    # Issue 21's figures: CPU per traced call against the bare SDK's, and the dead collector.
+    # Tracing's figures: CPU per traced call against the bare SDK's, and the dead collector.
     cpu = rows["pipeline + OTLP tracing: client CPU per call"]
     assert re.search(r"\| <= 1\.25x bare SDK \| (PASS|MISS) \|$", cpu), cpu
     down = rows["pipeline + OTLP tracing, collector down: calls/s vs collector up"]
