@@ -78,7 +78,7 @@ class _Tally:
             if kind is EventType.ATTEMPT_FAILED:
                 self.counts[f"failed:{payload.get('error_type')}"] += 1
             sent = self._sent.pop((event.call_id, payload.get("attempt", 1)), None)
-            if sent is not None and payload.get("error_type") != "store_unavailable":
+            if sent is not None and not payload.get("not_sent"):  # it left: it counts
                 self.sent_at.append(sent + (payload.get("body_sent_s") or 0.0))
         elif kind is EventType.RETRY_SCHEDULED:
             self.counts["retries"] += 1

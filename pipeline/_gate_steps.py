@@ -28,6 +28,7 @@ from .typing import Clock, UsageHistory
 __all__ = [
     "AnyGate",
     "build_gates",
+    "gate_capacity",
     "give_back",
     "hold_for",
     "mark_arrived",
@@ -112,6 +113,12 @@ def give_back(
             call.emit(EventType.UNMARKED, unmarked(gate_name, attempt, amount, reason))
 
 
+def gate_capacity(limit_per_minute: int, window_s: float) -> int:
+    """A gate's capacity per sliding window: ``limit x window / 60``, floored."""
+    # The epsilon keeps 240 * 1 / 60 from flooring to 3 through float error.
+    return math.floor(limit_per_minute * window_s / 60.0 + 1e-9)
+
+
 def build_gates(
     limits: Limits,
     clock: Clock,
@@ -123,14 +130,12 @@ def build_gates(
 ) -> tuple[AnyGate | None, AnyGate | None]:
     """The RPM and TPM gates of ``limits`` (None where there is no limit): capacity per window
     = limit x window / 60, in process or shared through Redis at ``rate_limit_url``."""
-    scale = limits.rpm_window_seconds / 60.0
     gates: list[AnyGate | None] = []
     for name, limit in (("rpm", limits.max_rpm), ("tpm", limits.max_tpm)):
         gates.append(
             create_gate(
                 name,
-                # The epsilon keeps 240 * 1 / 60 from flooring to 3 through float error.
-                math.floor(limit * scale + 1e-9),
+                gate_capacity(limit, limits.rpm_window_seconds),
                 float(limits.rpm_window_seconds),
                 clock=clock,
                 send_guard_s=limits.send_guard_s,

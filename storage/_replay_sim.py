@@ -55,6 +55,7 @@ from llmtrail.pipeline import (
     RetryPolicy,
     SlidingWindowGate,
 )
+from llmtrail.pipeline._gate_steps import gate_capacity
 from llmtrail.pipeline._gates import GRANT_LEAD_S
 
 from ._replay_figures import Run
@@ -145,32 +146,18 @@ class Simulation:
         self.next = 0
         self.on_progress: Callable[[int, int], None] | None = None
         self.step = max(n // 50, 1)
-        scale = settings.window_s / 60.0
         self.loop = loop
         self.clock = _BoundClock(loop)
-        # The gates are built as BaseLLMService builds them: capacity = limit x window / 60.
-        self.rpm = (
-            SlidingWindowGate(
-                "rpm",
-                math.floor(settings.max_rpm * scale + 1e-9),
-                settings.window_s,
-                clock=self.clock,
-                send_guard_s=settings.send_guard_s,
-            )
-            if settings.max_rpm
-            else None
-        )
-        self.tpm = (
-            SlidingWindowGate(
-                "tpm",
-                math.floor(settings.max_tpm * scale + 1e-9),
-                settings.window_s,
-                clock=self.clock,
-                send_guard_s=settings.send_guard_s,
-            )
-            if settings.max_tpm
-            else None
-        )
+
+        # The gates are built as BaseLLMService builds them (the same capacity rule).
+        def new_gate(name: str, limit: int | None) -> SlidingWindowGate | None:
+            if not limit:
+                return None
+            capacity = gate_capacity(limit, settings.window_s)
+            window, guard = settings.window_s, settings.send_guard_s
+            return SlidingWindowGate(name, capacity, window, clock=self.clock, send_guard_s=guard)
+
+        self.rpm, self.tpm = new_gate("rpm", settings.max_rpm), new_gate("tpm", settings.max_tpm)
         # A recording made with the send-time hook had gates that grant ahead and requests
         # held at the wire until their slots' time (the service's rule): replay that too.
         self.hooked = any(
