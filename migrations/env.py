@@ -18,7 +18,8 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from llmtrail.storage._engine import create_engine, normalize_store_url, store_url_from_environment
+from llmtrail.storage._base import store_url_from_environment
+from llmtrail.storage._engine import create_engine, normalize_store_url
 from llmtrail.storage._engine import write_engine as _write_engine
 from llmtrail.storage._schema import metadata
 

@@ -21,13 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmtrail.pipeline._output import Column, chosen_format, emit_rows
 
+from ._base import StoreConfigError, StoreUnavailableError, mask_url
 from ._cli import UsageError, parse_time, run_command
-from ._engine import (
-    StoreConfigError,
-    StoreUnavailableError,
-    create_engine,
-    mask_url,
-)
+from ._engine import create_engine
 from ._projections import (
     PROJECTIONS,
     ProjectionRunner,

@@ -35,38 +35,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from llmtrail.pipeline import require_extra
 
-# The store's error types and URL defaults live in ._base (importable without SQLAlchemy);
-# they are names of this module too, as its callers have always imported them from here.
 from ._base import (
-    DEFAULT_STORE_URL,
     STORE_URL_ENV,
-    StoreClosedError,
     StoreConfigError,
-    StoreCorruptError,
-    StoreError,
-    StoreSchemaError,
-    StoreUnavailableError,
     mask_url,
-    store_url_from_environment,
 )
 
-__all__ = [
-    "DEFAULT_STORE_URL",
-    "STORE_URL_ENV",
-    "StoreClosedError",
-    "StoreConfigError",
-    "StoreCorruptError",
-    "StoreError",
-    "StoreSchemaError",
-    "StoreUnavailableError",
-    "create_engine",
-    "is_postgresql",
-    "is_sqlite",
-    "mask_url",
-    "normalize_store_url",
-    "store_url_from_environment",
-    "write_engine",
-]
+__all__ = ["create_engine", "is_postgresql", "is_sqlite", "normalize_store_url", "write_engine"]
 
 DEFAULT_BUSY_TIMEOUT_MS = 5_000
 

@@ -5,7 +5,7 @@ Invariants:
   themselves: retrying the same rows would fail forever, so they are written one by one and
   the refused one is counted and logged.
 - A *damaged or foreign store* (SQLite's ``SQLITE_CORRUPT`` / ``SQLITE_NOTADB``) is not an
-  outage either: it becomes :class:`~storage._engine.StoreCorruptError`, whose message names
+  outage either: it becomes :class:`~storage._base.StoreCorruptError`, whose message names
   the file and what to do, and is never retried.
 - Anything else from the driver or the network is *transient* (locked, unreachable,
   restarting) and is retried with backoff.
@@ -18,7 +18,8 @@ import sqlite3
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from ._engine import StoreCorruptError, is_sqlite, mask_url
+from ._base import StoreCorruptError, mask_url
+from ._engine import is_sqlite
 
 __all__ = ["as_corruption", "describe", "is_refusal", "is_transient"]
 

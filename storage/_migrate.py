@@ -37,18 +37,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmtrail import migrations
 from llmtrail._log import get_logger
 
-from ._engine import (
+from ._base import (
     StoreConfigError,
     StoreCorruptError,
     StoreError,
     StoreSchemaError,
     StoreUnavailableError,
-    create_engine,
-    is_postgresql,
-    is_sqlite,
     mask_url,
-    write_engine,
 )
+from ._engine import create_engine, is_postgresql, is_sqlite, write_engine
 from ._failures import as_corruption
 
 __all__ = [

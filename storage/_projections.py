@@ -35,8 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmtrail.pipeline import ConfigurationError, PriceTable
 
-from ._base import DEFAULT_BATCH_SIZE, REBUILD_BATCH_SIZE
-from ._engine import StoreError, write_engine
+from ._base import DEFAULT_BATCH_SIZE, REBUILD_BATCH_SIZE, StoreError
+from ._engine import write_engine
 from ._folds import FoldEvent, paused_gc
 from ._projection_tables import (
     APPLY,

@@ -26,7 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmtrail.pipeline import Event, EventType
 
-from ._engine import StoreClosedError, create_engine, mask_url
+from ._base import StoreClosedError, mask_url
+from ._engine import create_engine
 from ._schema import events, stored_payload
 
 __all__ = ["EventStore", "IncompleteCall", "StoredEvent", "recent_sends"]

@@ -49,8 +49,8 @@ from sqlalchemy.engine import URL
 
 from llmtrail.pipeline import ConfigurationError
 
-from ._base import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S
-from ._engine import StoreConfigError, StoreError, is_sqlite, mask_url, normalize_store_url
+from ._base import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, StoreConfigError, StoreError, mask_url
+from ._engine import is_sqlite, normalize_store_url
 
 __all__ = [
     "DEFAULT_MAX_ROWS",

@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL
 
 from llmtrail._log import get_logger
 
-from ._engine import StoreError, StoreUnavailableError, mask_url
+from ._base import StoreError, StoreUnavailableError, mask_url
 from ._readonly import (
     _LOCK_TIMEOUT_S,
     _PG_REFUSED,

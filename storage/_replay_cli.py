@@ -408,7 +408,7 @@ def _tiers(args: argparse.Namespace) -> list[Tier]:
 
 
 def _replay_command(args: argparse.Namespace) -> int:
-    from ._engine import StoreError
+    from ._base import StoreError
     from ._replay import ReplayStalledError, replay
     from ._replay_figures import recorded_figures
     from ._replay_plan import recommend, sweep

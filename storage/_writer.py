@@ -51,16 +51,8 @@ from llmtrail._log import get_logger
 from llmtrail.pipeline import Event
 from llmtrail.pipeline._events import default_instance
 
-from ._engine import (
-    DEFAULT_BUSY_TIMEOUT_MS,
-    StoreClosedError,
-    StoreConfigError,
-    StoreCorruptError,
-    StoreError,
-    create_engine,
-    mask_url,
-    normalize_store_url,
-)
+from ._base import StoreClosedError, StoreConfigError, StoreCorruptError, StoreError, mask_url
+from ._engine import DEFAULT_BUSY_TIMEOUT_MS, create_engine, normalize_store_url
 from ._failures import describe
 from ._inserter import BatchInserter
 from ._migrate import ensure_schema

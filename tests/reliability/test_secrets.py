@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url
 from llmtrail.pipeline import BaseLLMService, GenerationRequest
 from llmtrail.pipeline._provider import OpenAIResponsesProvider
 from llmtrail.pipeline._redact import MASK, redact_text, redact_value, register_secret
-from llmtrail.storage._engine import mask_url
+from llmtrail.storage._base import mask_url
 from tests.conftest import RecordingSink
 from tests.reliability._support import sqlite_path
 
