@@ -93,7 +93,7 @@ class CallFlow:
         usage: dict[str, OperationUsage],
         limits: dict[str, Any],
         unanswered_guard_s: float,
-        trace_http: bool,
+        tracing: Any | None,
         resource: dict[str, str] | None,
         arrival_guard_s: float = DEFAULT_ARRIVAL_GUARD_S,
     ) -> None:
@@ -112,7 +112,7 @@ class CallFlow:
         self._usage = usage
         self._limits = limits
         self._unanswered_guard_s = unanswered_guard_s
-        self._trace_http = trace_http  # a sink wants an HTTP span per attempt
+        self._tracing = tracing  # the tracing sink: an HTTP span per attempt, sampled per call
         self._resource = resource  # the spans' service name, version and instance, if traced
         self._arrival_guard_s = arrival_guard_s
         self._hook_seen = False  # the send-time hook reported a write: gates may grant ahead
@@ -301,7 +301,8 @@ class CallFlow:
             parent_span_id=f"{parent.span_id:016x}" if parent.is_valid else None,
         )
         call.emit(EventType.TRACE_CREATED, created)
-
+        if (sample := getattr(self._tracing, "sample_call", None)) is not None:
+            call.trace_flags = sample(call.call_id, call.trace_id, parent, model)
         rpm, tpm = self._rpm, self._tpm
         try:
             if rpm is not None:
@@ -438,7 +439,7 @@ class CallFlow:
 
         send_trace = set_body_sent_callback(on_body_sent, hold_for(self._clock, state))
         # The HTTP span (the httpx instrumentation's) nests under the attempt's span.
-        token = call.enter_attempt_span(n) if self._trace_http else None
+        token = call.enter_attempt_span(n) if self._tracing is not None else None
         try:
             invoke: Any = self._provider.open_stream if state.stream else self._provider.invoke
             response: ProviderResponse = await invoke(

@@ -273,7 +273,8 @@ class BaseLLMService:
             sink = factory(force=bool(tracing)) if factory is not None else None
             if sink is not None:
                 self._sinks.append(sink)
-        self._trace_http = any(hasattr(s, "instrument_http_client") for s in self._sinks)
+        # The sink that traces: an HTTP span per attempt, and sampling when a call starts.
+        self._tracing = next((s for s in self._sinks if hasattr(s, "instrument_http_client")), None)
         # The service the spans belong to (name, version, instance), stored with each call.
         self._resource: dict[str, str] | None = next(
             (r for s in self._sinks if (r := getattr(s, "resource_attributes", None))), None
@@ -317,7 +318,7 @@ class BaseLLMService:
             usage=self._usage,
             limits=self._limits,
             unanswered_guard_s=self._unanswered_guard_s,
-            trace_http=self._trace_http,
+            tracing=self._tracing,
             resource=self._resource,
             arrival_guard_s=float(arrival_guard_s),
         )
@@ -362,7 +363,7 @@ class BaseLLMService:
                 start = getattr(sink, "start", None)
                 if start is not None:
                     await start()
-            if self._trace_http:
+            if self._tracing is not None:
                 client = getattr(self._provider, "http_client", None)
                 for sink in self._sinks:
                     instrument = getattr(sink, "instrument_http_client", None)

@@ -16,6 +16,12 @@ Invariants:
   on a daemon thread that is left to finish (or to die with the process) when time is up, and
   once one overran, later ones do not wait behind it. The exporters' per-batch log lines are
   muted there; the sink says once per outage that the collector is not taking telemetry.
+- Sampling is decided when a call starts (:meth:`TracingSink.sample_call`, as a live span's
+  would be): the pipeline marks the attempts' context with the decision, so an HTTP span
+  exists exactly for the calls whose tree is recorded (no orphan), and a call sampled out
+  costs no span building at all. Its GenAI metrics are recorded all the same: metrics are
+  never sampled. The tree of a sampled call is recorded at its end through the same sampler;
+  the SDK's samplers decide from the trace id and parent alone, so the two agree.
 - ``instrument_http_client`` instruments one httpx2 client (the SDK's) with the same tracer
   provider, so its CLIENT span nests under the attempt span the pipeline makes current.
 - ``resource_attributes`` names the service the spans belong to (service name, version and
@@ -35,6 +41,9 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.trace import Tracer, TracerProvider
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import set_span_in_context as span_in_context
 
 from llmtrail._log import get_logger
 from llmtrail.pipeline import Event, EventType
@@ -179,6 +188,7 @@ class TracingSink:
         # emit() may run on several threads (the sync API); one lock guards the buffer.
         self._lock = threading.Lock()
         self._pending: OrderedDict[str, list[Event]] = OrderedDict()
+        self._unsampled: set[str] = set()  # calls the sampler dropped when they started
         self._closed = False
         self._overrun: threading.Thread | None = None  # a flush still running past its wait
 
@@ -195,15 +205,19 @@ class TracingSink:
         if self._closed:
             return True
         dropped: str | None = None
+        sampled = True
         with self._lock:
             buffered = self._pending.get(event.call_id)
             if buffered is None:
                 buffered = self._pending[event.call_id] = []
                 if len(self._pending) > self._max_pending:
                     dropped, _ = self._pending.popitem(last=False)
+                    self._unsampled.discard(dropped)
             buffered.append(event)
             if event.type is EventType.COMPLETED:
                 del self._pending[event.call_id]
+                sampled = event.call_id not in self._unsampled
+                self._unsampled.discard(event.call_id)
             else:
                 buffered = None
         if dropped is not None:
@@ -213,8 +227,32 @@ class TracingSink:
                 max_pending_calls=self._max_pending,
             )
         if buffered is not None:
-            self._finish(buffered)
+            self._finish(buffered, sampled)
         return True
+
+    def sample_call(
+        self, call_id: str, trace_id: str, parent: SpanContext, model: str
+    ) -> TraceFlags:
+        """The sampler's decision for a call that is starting (``parent``: the caller's span
+        context, invalid when there is none), as the flags its attempts' context carries."""
+        if self.tracer_provider is None:
+            return TraceFlags(TraceFlags.SAMPLED)
+        result = self.tracer_provider.sampler.should_sample(
+            span_in_context(NonRecordingSpan(parent)) if parent.is_valid else None,
+            int(trace_id, 16),
+            f"{A.OPERATION_CHAT} {model}",
+            SpanKind.CLIENT,
+            {
+                A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
+                A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
+                A.GEN_AI_REQUEST_MODEL: model,
+            },
+        )
+        if result.decision is Decision.RECORD_AND_SAMPLE:
+            return TraceFlags(TraceFlags.SAMPLED)
+        with self._lock:
+            self._unsampled.add(call_id)
+        return TraceFlags(TraceFlags.DEFAULT)
 
     async def wait_for_room(self) -> None:
         return None
@@ -228,6 +266,7 @@ class TracingSink:
         self._closed = True
         with self._lock:
             self._pending.clear()
+            self._unsampled.clear()
         await self._bounded(self._shutdown, "close")
 
     async def _bounded(self, work: Callable[[], object], what: str) -> None:
@@ -258,9 +297,9 @@ class TracingSink:
             instrument_client(client, self.tracer_provider)
 
     # --- internals ---------------------------------------------------------------------------
-    def _finish(self, events: list[Event]) -> None:
+    def _finish(self, events: list[Event], sampled: bool) -> None:
         try:
-            if self._tracer is not None:
+            if self._tracer is not None and sampled:
                 record_spans(self._tracer, events[0].trace_id, plan_call_spans(events))
             if self._metrics is not None:
                 self._metrics.record_call(events)
