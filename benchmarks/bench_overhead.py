@@ -11,6 +11,10 @@ Variants, interleaved in every round:
 - pipeline with the SQLite store (write-ahead, the default): throughput >= 85% of the bare SDK's;
 - pipeline with OTLP tracing, batch-exported to a local receiver: CPU per
   call <= 1.25x the bare SDK's, throughput >= 75% of it;
+- the same with 10% of calls sampled (``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, the
+  SDK's own sampler, read from the environment as an application would set it): reported, to
+  show what the sampling lever costs per call (a call sampled out builds no span; its GenAI
+  metrics and the instrumentation's pre-span work remain);
 - the same with the collector down (a closed port): calls/s >= 95% of the collector-up run
   and how long the service's flush + close took (bounded by the 2 s default);
 - the bare SDK traced by OpenLLMetry (``opentelemetry-instrumentation-openai``, spans and
@@ -43,6 +47,7 @@ import asyncio
 import importlib.metadata
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -51,6 +56,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from ._harness import (
     API_KEY,
@@ -76,6 +82,7 @@ STORE = "pipeline + SQLite store"
 TRACING = "pipeline + OTLP tracing"
 TRACED = "pipeline + SQLite store + OTLP tracing"
 DEAD = "pipeline + OTLP tracing, collector down"
+SAMPLED = "pipeline + OTLP tracing, 10% sampled"
 PEER = "bare SDK + OpenLLMetry tracing"
 BARE_CHILD = "bare SDK, child process"
 RAW_SDK = "SDK request path, hand-read answer"
@@ -340,12 +347,22 @@ async def _main(quick: bool) -> dict[str, Any]:
             finally:
                 collector_up()
 
+        async def sampled() -> dict[str, float]:
+            ratio = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}
+            try:
+                with mock.patch.dict(os.environ, ratio | {"OTEL_TRACES_SAMPLER_ARG": "0.1"}):
+                    collector_up()  # a new provider reads the sampler from the environment
+                return await _pipeline(url, n, warmup, None, True)
+            finally:
+                collector_up()
+
         variants: list[tuple[str, Callable[[], Awaitable[dict[str, float]]]]] = [
             (CAPACITY, lambda: _raw_capacity(url, 2 * n, warmup)),
             (BARE, bare),
             (RAW_SDK, lambda: _sdk(url, n, warmup, _post)),
             (NO_SINKS, lambda: _pipeline(url, n, warmup, None, False)),
             (TRACING, traced(store=False)),
+            (SAMPLED, sampled),
             (DEAD, collector_down),
         ]
         if peer:
@@ -400,6 +417,7 @@ async def _main(quick: bool) -> dict[str, Any]:
         STORE: Target(">=", 0.85, "ratio", ">= 85% of bare SDK"),
         TRACING: Target(">=", 0.75, "ratio", ">= 75% of bare SDK"),
         TRACED: None,
+        SAMPLED: None,
         DEAD: None,
         BARE_CHILD: None,
         PEER: None,
@@ -407,7 +425,7 @@ async def _main(quick: bool) -> dict[str, Any]:
     cpu_targets: dict[str, Target | None] = {
         TRACING: Target("<=", 1.25, "ratio", "<= 1.25x bare SDK"),
     }
-    for name in (RAW_SDK, NO_SINKS, STORE, TRACING, TRACED, DEAD, BARE_CHILD, PEER):
+    for name in (RAW_SDK, NO_SINKS, STORE, TRACING, SAMPLED, TRACED, DEAD, BARE_CHILD, PEER):
         if name not in results:
             continue
         runs_ = results[name]
