@@ -57,8 +57,10 @@ class DurableSink(EventSink, Protocol):
     """An :class:`EventSink` that commits events (the store writer), for write-ahead calls."""
 
     def durable(self) -> asyncio.Future[None]:
-        """A future done once everything emitted so far (on the sink's loop) is committed;
-        it fails when the sink can never commit it. ``emit`` stays non-blocking."""
+        """A new future, done once everything emitted so far (on the sink's loop) is
+        committed; it fails when the sink can never commit it. It is the caller's own: the
+        caller cancels it when it stops waiting, and that leaves the events queued. ``emit``
+        stays non-blocking."""
         ...
 
 
