@@ -235,8 +235,8 @@ class TracingSink:
     ) -> TraceFlags:
         """The sampler's decision for a call that is starting (``parent``: the caller's span
         context, invalid when there is none), as the flags its attempts' context carries."""
-        if self.tracer_provider is None:
-            return TraceFlags(TraceFlags.SAMPLED)
+        if self.tracer_provider is None:  # metrics only: the caller's decision stands
+            return parent.trace_flags if parent.is_valid else TraceFlags(TraceFlags.SAMPLED)
         result = self.tracer_provider.sampler.should_sample(
             span_in_context(NonRecordingSpan(parent)) if parent.is_valid else None,
             int(trace_id, 16),

@@ -21,10 +21,17 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+)
 
 from llmtrail import telemetry
 from llmtrail.pipeline import BaseLLMService, GenerationRequest, GenerationResult
+from llmtrail.telemetry import TracingSink
 
 KEY = "sk-test-sampling-0123456789"
 CALLS = 40
@@ -138,3 +145,15 @@ async def test_a_caller_s_unsampled_trace_records_no_span_but_counts_the_call(
     assert all(int(r.trace_id, 16) == caller.trace_id for r in results)
     assert [s.name for s in spans] == []
     assert counted == 3
+
+
+async def test_a_metrics_only_sink_keeps_the_caller_s_decision() -> None:
+    meters = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
+    sink = TracingSink(meter_provider=meters)
+    unsampled = SpanContext(
+        0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT)
+    )
+    assert not sink.sample_call("c1", f"{0xABC:032x}", unsampled, "m").sampled
+    assert sink.sample_call("c2", f"{0xABC:032x}", INVALID_SPAN_CONTEXT, "m").sampled
+    await sink.aclose()
+    meters.shutdown()
