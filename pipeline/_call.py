@@ -107,20 +107,22 @@ class CallStream:
         self,
         sinks: Sequence[EventSink],
         instance: str,
-        parent_trace: int | None,
+        parent: otel_trace.SpanContext,
         backlog: set[EventSink],
         store: DurableSink | None = None,
         store_timeout_s: float = 10.0,
     ) -> None:
         self.call_id = new_event_id()  # time-ordered, like event ids: cheap to index
+        parent_trace = parent.trace_id if parent.is_valid else None
         self.trace_id = f"{parent_trace or random.getrandbits(128) or 1:032x}"
         self.span_id = f"{random.getrandbits(64) or 1:016x}"
         self.seq = 0
         self.sinks = sinks
         self.instance = storable_text(instance)
         self.backlog = backlog
-        # A caller's unsampled trace stays unsampled, so no orphan HTTP span is exported.
-        self.trace_flags = SAMPLED
+        # A caller's unsampled trace stays unsampled, so no orphan HTTP span is exported (the
+        # tracing sink's sampler, when there is one, decides instead: BaseLLMService).
+        self.trace_flags = parent.trace_flags if parent.is_valid else SAMPLED
         self.store = store
         self.store_timeout_s = store_timeout_s
         self.sent_at: datetime | None = None  # the last `sent` event's occurred_at
@@ -214,10 +216,16 @@ class CallStream:
                 async with asyncio.timeout(self.store_timeout_s):
                     await future
             except TimeoutError:
-                return (
-                    f"the event store did not commit within store_timeout_s="
-                    f"{self.store_timeout_s}s (is it down or locked?)"
-                )
+                if not future.done() or future.cancelled():  # else it committed just in time
+                    return (
+                        f"the event store did not commit within store_timeout_s="
+                        f"{self.store_timeout_s}s (is it down or locked?)"
+                    )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # the caller's: it goes through
+                    raise
+                # else the future was cancelled by its store: reported below as stopped
             except Exception:  # the store's own error, read from the future below
                 pass
         error = None if future.cancelled() else future.exception()
