@@ -112,7 +112,7 @@ class CallFlow:
         self._usage = usage
         self._limits = limits
         self._unanswered_guard_s = unanswered_guard_s
-        self._tracing = tracing  # the tracing sink: an HTTP span per attempt, sampled per call
+        self._tracing = tracing  # the tracing sink, which wants an HTTP span per attempt
         self._resource = resource  # the spans' service name, version and instance, if traced
         self._arrival_guard_s = arrival_guard_s
         self._hook_seen = False  # the send-time hook reported a write: gates may grant ahead
@@ -301,8 +301,7 @@ class CallFlow:
             parent_span_id=f"{parent.span_id:016x}" if parent.is_valid else None,
         )
         call.emit(EventType.TRACE_CREATED, created)
-        if (sample := getattr(self._tracing, "sample_call", None)) is not None:
-            call.trace_flags = sample(call.call_id, call.trace_id, parent, model)
+
         rpm, tpm = self._rpm, self._tpm
         try:
             if rpm is not None:

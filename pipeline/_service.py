@@ -156,9 +156,8 @@ class BaseLLMService:
                 f"model={model!r} is invalid: name a model, e.g. 'gpt-4o-mini'"
             )
         self.model = model
-        # Every numeric setting is validated here, once (pipeline/_settings.py); a group passed
-        # as an object and the keywords of its fields combine (a field set both ways differently
-        # is an error).
+        # Every number is validated here, once (pipeline/_settings.py); a group object and its
+        # fields' keywords combine (a field set both ways differently is an error).
         counted = {
             name: value
             for name, value in (
@@ -233,8 +232,7 @@ class BaseLLMService:
         if rate_limit_url is _UNSET:
             rate_limit_url = os.environ.get("LLMTRAIL_RATE_LIMIT_URL") or None
         self.rate_limit_url = rate_limit_url
-        # The budget belongs to the API key, so the shared gates are keyed by a fingerprint of
-        # it (never the key itself), the provider and the model.
+        # The budget is the API key's: shared gates are keyed by its fingerprint, provider, model.
         secret = api_key or os.environ.get("OPENAI_API_KEY") or ""
         register_secret(secret)  # masked wherever it appears: events, logs, spans
         fingerprint = hashlib.sha256(secret.encode()).hexdigest()[:16]
@@ -273,7 +271,7 @@ class BaseLLMService:
             sink = factory(force=bool(tracing)) if factory is not None else None
             if sink is not None:
                 self._sinks.append(sink)
-        # The sink that traces: an HTTP span per attempt, and sampling when a call starts.
+        # The sink that traces: an HTTP span per attempt; it samples each call as it opens.
         self._tracing = next((s for s in self._sinks if hasattr(s, "instrument_http_client")), None)
         # The service the spans belong to (name, version, instance), stored with each call.
         self._resource: dict[str, str] | None = next(
@@ -300,8 +298,7 @@ class BaseLLMService:
         self._meter = RateMeter()
         self._backlog: set[EventSink] = set()
         self._usage: dict[str, OperationUsage] = {}
-        # The request path is composed, not inherited: a subclass's business methods cannot
-        # shadow a step of the call flow by accident.
+        # Composed, not inherited: a subclass's business methods cannot shadow a flow step.
         self._flow = CallFlow(
             model=self.model,
             request_timeout_s=self.request_timeout_s,
@@ -479,9 +476,11 @@ class BaseLLMService:
             return await call_on_loop(own, self._execute(request, operation_name, parent))
         return await self._execute(request, operation_name, parent)
 
-    async def _open_call(self, parent: otel_trace.SpanContext) -> tuple[CallStream, str | None]:
-        """Admit one call (closed check, start, backpressure) and count it as active; with
-        why it is refused (the event store could not take it in time), or None."""
+    async def _open_call(
+        self, parent: otel_trace.SpanContext, request: Any
+    ) -> tuple[CallStream, str | None]:
+        """Admit one call (closed check, start, backpressure), sampled as its span would be,
+        and count it as active; with why it is refused (the store could not take it), or None."""
         if self._closed:
             raise ServiceClosedError(f"{type(self).__name__} is closed; create a new one")
         if not self._started:
@@ -491,13 +490,14 @@ class BaseLLMService:
         call = CallStream(
             [s for s in self._sinks if s not in backlog] if refused else self._sinks,
             self.instance,
-            parent.trace_id if parent.is_valid else None,
+            parent,
             backlog,
             None if refused else self._write_ahead,
             self.store_timeout_s,
         )
-        if parent.is_valid:
-            call.trace_flags = parent.trace_flags
+        if (sample := getattr(self._tracing, "sample_call", None)) is not None:
+            model = getattr(request, "model", None) or self.model
+            call.trace_flags = sample(call.call_id, call.trace_id, parent, model)
         self._active += 1
         if self._idle is not None:
             self._idle.clear()
@@ -511,7 +511,7 @@ class BaseLLMService:
     async def _execute(
         self, request: Any, operation_name: str | None, parent: otel_trace.SpanContext
     ) -> GenerationResult:
-        call, refused = await self._open_call(parent)
+        call, refused = await self._open_call(parent, request)
         # Every log line of the call carries its ids. bind/reset directly: the generator-based
         # bound_contextvars() was the largest single cost of ours per call (profiled).
         tokens = structlog.contextvars.bind_contextvars(

@@ -130,7 +130,7 @@ async def _call_stream(
 ) -> AsyncIterator[StreamItem]:
     """One streamed call, on the service's loop: deltas, then its result."""
     flow: CallFlow = service._flow
-    call, refused = await service._open_call(parent)
+    call, refused = await service._open_call(parent, request)
     clock = flow._clock
     t0 = clock.now()
     state = CallState()

@@ -39,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.trace import Tracer, TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision
@@ -235,19 +236,26 @@ class TracingSink:
     ) -> TraceFlags:
         """The sampler's decision for a call that is starting (``parent``: the caller's span
         context, invalid when there is none), as the flags its attempts' context carries."""
-        if self.tracer_provider is None:  # metrics only: the caller's decision stands
-            return parent.trace_flags if parent.is_valid else TraceFlags(TraceFlags.SAMPLED)
-        result = self.tracer_provider.sampler.should_sample(
-            span_in_context(NonRecordingSpan(parent)) if parent.is_valid else None,
-            int(trace_id, 16),
-            f"{A.OPERATION_CHAT} {model}",
-            SpanKind.CLIENT,
-            {
-                A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
-                A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
-                A.GEN_AI_REQUEST_MODEL: model,
-            },
-        )
+        kept = parent.trace_flags if parent.is_valid else TraceFlags(TraceFlags.SAMPLED)
+        if self.tracer_provider is None or self._closed:  # no spans: the caller's decision
+            return kept
+        try:
+            result = self.tracer_provider.sampler.should_sample(
+                span_in_context(NonRecordingSpan(parent)) if parent.is_valid else Context(),
+                int(trace_id, 16),
+                f"{A.OPERATION_CHAT} {model}",
+                SpanKind.CLIENT,
+                {
+                    A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
+                    A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
+                    A.GEN_AI_REQUEST_MODEL: model,
+                },
+            )
+        except Exception:
+            # Tracing is an observer: a broken sampler must not fail the call. The tree is
+            # recorded at the call's end through the same sampler, which reports it there.
+            _log.exception("tracing sink's sampler failed", call_id=call_id)
+            return kept
         if result.decision is Decision.RECORD_AND_SAMPLE:
             return TraceFlags(TraceFlags.SAMPLED)
         with self._lock:
@@ -299,10 +307,10 @@ class TracingSink:
     # --- internals ---------------------------------------------------------------------------
     def _finish(self, events: list[Event], sampled: bool) -> None:
         try:
+            if self._metrics is not None:  # first: a call whose tree fails is still counted
+                self._metrics.record_call(events)
             if self._tracer is not None and sampled:
                 record_spans(self._tracer, events[0].trace_id, plan_call_spans(events))
-            if self._metrics is not None:
-                self._metrics.record_call(events)
         except Exception:
             # Tracing is an observer: it must never fail the call it observes. The events
             # stay in the store, so `llmtrail traces export` can still rebuild the tree.

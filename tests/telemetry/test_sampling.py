@@ -147,6 +147,43 @@ async def test_a_caller_s_unsampled_trace_records_no_span_but_counts_the_call(
     assert counted == 3
 
 
+async def test_a_call_refused_as_invalid_in_an_unsampled_trace_records_no_span(
+    mock_server: Any,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.configure(tracer_provider=provider)
+    caller = SpanContext(0x5B8A, 0x0515, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT))
+    token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(caller)))
+    try:
+        async with BaseLLMService(
+            "gpt-4o-mini", base_url=f"{mock_server.url}/v1", api_key=KEY, store_url=None
+        ) as service:
+            result = await service.execute_generation_async({"user_prompt": 42}, "sampling")
+    finally:
+        otel_context.detach(token)
+    assert not result.success and result.error_type == "validation"
+    assert exporter.get_finished_spans() == ()
+    provider.shutdown()
+
+
+class _Broken(Sampler):
+    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("sampler bug")
+
+    def get_description(self) -> str:
+        return "broken"
+
+
+async def test_a_broken_sampler_ends_calls_as_results_not_exceptions(mock_server: Any) -> None:
+    results, spans, counted = await _traced_calls(mock_server, _Broken(), 2)
+    # The httpx instrumentation asks the sampler too, so each request fails there; the calls
+    # still end as results, and are counted.
+    assert [(r.success, r.error_type) for r in results] == [(False, "internal")] * 2
+    assert spans == [] and counted == 2
+
+
 async def test_a_metrics_only_sink_keeps_the_caller_s_decision() -> None:
     meters = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
     sink = TracingSink(meter_provider=meters)
