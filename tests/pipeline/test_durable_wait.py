@@ -1,8 +1,9 @@
 """The write-ahead wait of one call (``CallStream.durable``): bounded by ``store_timeout_s``,
 and never confusing the caller's cancellation with the store's answer.
 
-The store here is a minimal :class:`~llmtrail.pipeline.typing.DurableSink` whose futures the
-test resolves, fails or cancels itself, so each outcome happens exactly when the test says.
+The store here is a :class:`~llmtrail.testing.RecordingSink` made a ``DurableSink`` whose
+futures the test resolves, fails or cancels itself, so each outcome happens exactly when the
+test says.
 The real writer and real outages are in tests/reliability (store outage, kill, close).
 """
 
@@ -14,31 +15,21 @@ import time
 import pytest
 from opentelemetry.trace import INVALID_SPAN_CONTEXT
 
-from llmtrail.pipeline import Event, ProviderError
+from llmtrail.pipeline import ProviderError
 from llmtrail.pipeline._call import CallStream
 from llmtrail.pipeline._errors import ErrorType
 from llmtrail.storage import StoreError
+from llmtrail.testing import RecordingSink
 
 TIMEOUT_S = 0.2
 
 
-class _Store:
+class _Store(RecordingSink):
     """Hands out a new future per ``durable()``, as the protocol asks, and keeps them."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.futures: list[asyncio.Future[None]] = []
-
-    def emit(self, event: Event) -> bool:
-        return True
-
-    async def wait_for_room(self) -> None:
-        return None
-
-    async def flush(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
     def durable(self) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
