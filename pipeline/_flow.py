@@ -93,7 +93,7 @@ class CallFlow:
         usage: dict[str, OperationUsage],
         limits: dict[str, Any],
         unanswered_guard_s: float,
-        tracing: Any | None,
+        trace_http: bool,
         resource: dict[str, str] | None,
         arrival_guard_s: float = DEFAULT_ARRIVAL_GUARD_S,
     ) -> None:
@@ -112,7 +112,7 @@ class CallFlow:
         self._usage = usage
         self._limits = limits
         self._unanswered_guard_s = unanswered_guard_s
-        self._tracing = tracing  # the tracing sink, which wants an HTTP span per attempt
+        self._trace_http = trace_http  # a sink wants an HTTP span per attempt
         self._resource = resource  # the spans' service name, version and instance, if traced
         self._arrival_guard_s = arrival_guard_s
         self._hook_seen = False  # the send-time hook reported a write: gates may grant ahead
@@ -438,7 +438,7 @@ class CallFlow:
 
         send_trace = set_body_sent_callback(on_body_sent, hold_for(self._clock, state))
         # The HTTP span (the httpx instrumentation's) nests under the attempt's span.
-        token = call.enter_attempt_span(n) if self._tracing is not None else None
+        token = call.enter_attempt_span(n) if self._trace_http else None
         try:
             invoke: Any = self._provider.open_stream if state.stream else self._provider.invoke
             response: ProviderResponse = await invoke(

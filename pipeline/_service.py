@@ -315,7 +315,7 @@ class BaseLLMService:
             usage=self._usage,
             limits=self._limits,
             unanswered_guard_s=self._unanswered_guard_s,
-            tracing=self._tracing,
+            trace_http=self._tracing is not None,
             resource=self._resource,
             arrival_guard_s=float(arrival_guard_s),
         )

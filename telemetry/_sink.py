@@ -53,7 +53,13 @@ from . import _attributes as A
 from ._httpx import instrument_client
 from ._metrics import GenAIMetrics
 from ._outage import exporter_logs_muted, outages
-from ._spans import llmtrail_tracer, plan_call_spans, record_spans
+from ._spans import (
+    CALL_CONSTANTS,
+    call_span_name,
+    llmtrail_tracer,
+    plan_call_spans,
+    record_spans,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -243,13 +249,9 @@ class TracingSink:
             result = self.tracer_provider.sampler.should_sample(
                 span_in_context(NonRecordingSpan(parent)) if parent.is_valid else Context(),
                 int(trace_id, 16),
-                f"{A.OPERATION_CHAT} {model}",
+                call_span_name(model),
                 SpanKind.CLIENT,
-                {
-                    A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
-                    A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
-                    A.GEN_AI_REQUEST_MODEL: model,
-                },
+                {**CALL_CONSTANTS, A.GEN_AI_REQUEST_MODEL: model},
             )
         except Exception:
             # Tracing is an observer: a broken sampler must not fail the call. The tree is

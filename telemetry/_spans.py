@@ -50,9 +50,11 @@ from ._metrics import scope_version
 from ._redact import redact_text
 
 __all__ = [
+    "CALL_CONSTANTS",
     "IncompleteCallError",
     "SpanEvent",
     "SpanPlan",
+    "call_span_name",
     "child_key",
     "llmtrail_tracer",
     "plan_call_spans",
@@ -184,10 +186,15 @@ def _output_parts(content: Any, finish_reasons: Any) -> str:
 _SEQ = attrgetter("seq")
 
 # The call span's attributes that are the same on every call, built once.
-_CALL_CONSTANTS: Attributes = {
+CALL_CONSTANTS: Attributes = {
     A.GEN_AI_OPERATION_NAME: A.OPERATION_CHAT,
     A.GEN_AI_PROVIDER_NAME: A.PROVIDER_OPENAI,
 }
+
+
+def call_span_name(model: Any) -> str:
+    """The call span's name, per the GenAI conventions: ``chat {model}``."""
+    return f"{A.OPERATION_CHAT} {model}"
 
 
 def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
@@ -214,7 +221,7 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
     capture = bool(start.get("capture_content"))
 
     model = start.get("model") or end.get("model") or "unknown"
-    attrs: Attributes = dict(_CALL_CONSTANTS)
+    attrs: Attributes = dict(CALL_CONSTANTS)
     attrs[A.OPENAI_API_TYPE] = A.api_type(start.get("api"))
     _put(attrs, A.GEN_AI_REQUEST_MODEL, model)
     _put(attrs, A.GEN_AI_OUTPUT_TYPE, start.get("output_type"))
@@ -240,7 +247,7 @@ def plan_call_spans(events: Iterable[Event]) -> list[SpanPlan]:
         attrs[A.GEN_AI_SYSTEM_INSTRUCTIONS] = _instruction_parts(start["instructions"])
 
     call = SpanPlan(
-        name=f"{A.OPERATION_CHAT} {model}",
+        name=call_span_name(model),
         span_id=call_span_id,
         parent_id=start.get("parent_span_id") or None,
         kind=SpanKind.CLIENT,
