@@ -34,7 +34,7 @@ from ._base import (
 )
 from ._cli import add_store_argument
 
-__all__ = ["add_catch_up_option", "register"]
+__all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

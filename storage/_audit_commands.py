@@ -21,11 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmtrail.pipeline._output import Column, chosen_format, emit_rows
 
-from ._base import StoreConfigError, StoreUnavailableError, mask_url
+from ._base import PROJECTIONS, StoreConfigError, StoreUnavailableError, mask_url
 from ._cli import UsageError, parse_time, run_command
 from ._engine import create_engine
 from ._projections import (
-    PROJECTIONS,
     ProjectionRunner,
     projection_status,
     rebuild,
@@ -38,7 +37,7 @@ from ._readonly import (
 )
 from ._usage import COUNTERS, UsageLine, check_by, usage_report
 
-__all__ = ["catch_up"]
+__all__: list[str] = []
 
 
 # -- shared ------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ from sqlalchemy.types import TypeEngine, UserDefinedType
 
 from llmtrail.pipeline import PriceTable
 
-from ._base import PROJECTIONS
 from ._folds import (
     CALL_COLUMNS,
     COST_QUANTUM,
@@ -71,7 +70,6 @@ from ._schema import UTCDateTime, events, metadata
 __all__ = [
     "APPLY",
     "EVENT_COLUMNS",
-    "PROJECTIONS",
     "TABLES",
     "Money",
     "calls",

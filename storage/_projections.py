@@ -35,13 +35,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmtrail.pipeline import ConfigurationError, PriceTable
 
-from ._base import DEFAULT_BATCH_SIZE, REBUILD_BATCH_SIZE, StoreError
+from ._base import DEFAULT_BATCH_SIZE, PROJECTIONS, REBUILD_BATCH_SIZE, StoreError
 from ._engine import write_engine
 from ._folds import FoldEvent, paused_gc
 from ._projection_tables import (
     APPLY,
     EVENT_COLUMNS,
-    PROJECTIONS,
     TABLES,
     Money,
     calls,
@@ -54,8 +53,6 @@ from ._rebuild_sql import RangeRead, apply_range, read_range
 from ._schema import events
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE",
-    "REBUILD_BATCH_SIZE",
     "PROJECTIONS",
     "Money",
     "ProjectionConflictError",

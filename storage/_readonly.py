@@ -53,8 +53,6 @@ from ._base import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT_S, StoreConfigError, StoreE
 from ._engine import is_sqlite, normalize_store_url
 
 __all__ = [
-    "DEFAULT_MAX_ROWS",
-    "DEFAULT_TIMEOUT_S",
     "HARMLESS_VOLATILE",
     "PRIVILEGED_ROLES",
     "QueryTimeoutError",

@@ -44,10 +44,11 @@ from llmtrail.pipeline import (
     VirtualTimeLoop,
 )
 
+from ._folds import paused_gc
 from ._replay_figures import Figures, Run, figures
 from ._replay_model import ReplaySettings, scaled_calls
 from ._replay_sim import Simulation
-from ._workload import Workload, paused_gc
+from ._workload import Workload
 
 __all__ = ["Replay", "ReplayStalledError", "replay", "replay_async"]
 

@@ -342,7 +342,6 @@ class Simulation:
             run, rpm, tpm, loop, sem = self.run, self.rpm, self.tpm, self.loop, self.sem
             cpu, max_attempts = self.cpu, self.settings.max_attempts
             pre_write = self._pre_write(recorded)
-            gated = pre_write is not None
             admitted = await self._admit(index, recorded)
             if admitted is None:
                 return
@@ -367,10 +366,8 @@ class Simulation:
                     if cpu is not None:
                         await self._client_cpu()
                         seconds = attempt_time(attempt, True)
-                    elif gated:
+                    else:  # the recorded latency, less any hold at the wire (attempt_time)
                         seconds = attempt_time(attempt, False, pre_write)
-                    else:
-                        seconds = attempt.latency_s
                     future = loop.create_future()
                     loop.call_at(loop.time() + seconds, future.set_result, None)
                     await future
@@ -444,6 +441,7 @@ class Simulation:
             cpu = self.cpu is not None
             answer = next((a for a in recorded.attempts if a.error_type is None), None)
             pre_send = 0.0 if cpu else recorded.attempts[0].pre_send_s
+            pre_write = self._pre_write(recorded)
             charge = recorded.tpm_counted
             answered = reached = False
             error: str | None = None
@@ -482,7 +480,7 @@ class Simulation:
                         if provider is not None:
                             provider.count(now, charge)
                         seconds = (
-                            attempt_time(answer, cpu, self._pre_write(recorded))
+                            attempt_time(answer, cpu, pre_write)
                             if answer is not None
                             else self.rng.choice(self.answer_times)
                         )

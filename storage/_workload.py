@@ -33,9 +33,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -50,7 +47,6 @@ __all__ = [
     "RecordedSettings",
     "Workload",
     "epoch_of",
-    "paused_gc",
 ]
 
 
@@ -151,25 +147,6 @@ class Workload:
 
 
 _EPOCH = datetime(1970, 1, 1)
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """No cyclic garbage collection during a bulk extraction or a replay.
-
-    Each query's 100,000 rows, and a replay's tasks and futures, outlive the young
-    generations, and every full collection they trigger scans the whole heap (an interpreter
-    with SQLAlchemy, OpenAI's SDK and numpy loaded): measured, that tripled the time of
-    extraction. What is built here is freed by reference counting (no cycles), so nothing is
-    left for the collector; it resumes, as it was, on exit.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def epoch_of(value: Any) -> float:

@@ -26,8 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmtrail.pipeline import Event, EventType
 
+from ._folds import paused_gc
 from ._schema import events
-from ._workload import EmptyWorkloadError, Workload, epoch_of, paused_gc
+from ._workload import EmptyWorkloadError, Workload, epoch_of
 from ._workload_build import FIELDS, WorkloadBuilder, pick
 
 __all__ = ["extract_workload", "load_workload"]
