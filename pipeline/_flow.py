@@ -422,21 +422,23 @@ class CallFlow:
             tpm.mark_sent(state.tpm_res)
         self._meter.on_send(sent_at)
         answered = False
-        body_sent: list[float] = []
+        state.body_sent_s = state.first_byte_s = None  # this attempt's, from the send-time hook
 
         def on_body_sent() -> None:
             # The body is written: the request reaches the provider within the guard.
-            body_sent.append(clock.now())
-            if len(body_sent) > 1:  # the second report: the answer's headers were read
-                return
+            now = clock.now()
+            state.body_sent_s = now - sent_at
             if not self._hook_seen:  # it holds requests too: gates may grant ahead now
                 self._hook_seen = True
                 for gate in (rpm, tpm):
                     if gate is not None:
                         gate.lead_s = GRANT_LEAD_S
-            mark_arrived(self._rpm, self._tpm, state, body_sent[0] + self._arrival_guard_s)
+            mark_arrived(self._rpm, self._tpm, state, now + self._arrival_guard_s)
 
-        send_trace = set_body_sent_callback(on_body_sent, hold_for(self._clock, state))
+        def on_headers() -> None:  # the answer's headers were read: the provider's part ends
+            state.first_byte_s = clock.now() - sent_at
+
+        send_trace = set_body_sent_callback(on_body_sent, hold_for(self._clock, state), on_headers)
         # The HTTP span (the httpx instrumentation's) nests under the attempt's span.
         token = call.enter_attempt_span(n) if self._trace_http else None
         try:
@@ -465,8 +467,8 @@ class CallFlow:
                     provider_code=exc.provider_code,
                     provider_request_id=exc.provider_request_id,
                     rate_limits=exc.rate_limits,
-                    body_sent_s=body_sent[0] - sent_at if body_sent else None,
-                    first_byte_s=body_sent[1] - sent_at if len(body_sent) > 1 else None,
+                    body_sent_s=state.body_sent_s,
+                    first_byte_s=state.first_byte_s,
                 ),
             )
             observe_headers(self._rpm, self._tpm, exc.rate_limits, sent_at)
@@ -484,8 +486,8 @@ class CallFlow:
                     state.latency,
                     ErrorType.CANCELLED,
                     "cancelled while in flight",
-                    body_sent_s=body_sent[0] - sent_at if body_sent else None,
-                    first_byte_s=body_sent[1] - sent_at if len(body_sent) > 1 else None,
+                    body_sent_s=state.body_sent_s,
+                    first_byte_s=state.first_byte_s,
                 ),
             )
             raise
@@ -504,8 +506,6 @@ class CallFlow:
             reset_body_sent_callback(send_trace)
         state.reached = True
         state.latency = clock.now() - sent_at
-        state.body_sent_s = body_sent[0] - sent_at if body_sent else None
-        state.first_byte_s = body_sent[1] - sent_at if len(body_sent) > 1 else None
         if state.stream:  # opened: `received` is emitted when the stream ends (_stream.py)
             state.holding = True
             state.sent_at = sent_at

@@ -6,8 +6,8 @@ a request made after :func:`set_body_sent_callback` (the call flow sets one per 
 sets the request's ``trace`` extension, and httpcore calls it with
 ``http11.send_request_body.complete`` (or ``http2.``) right after the last byte of the body was
 handed to the OS, and with ``receive_response_headers.complete`` once the answer's headers were
-read (its first bytes: the provider's time on the request ends there). The callback runs, in the
-attempt's own task, at each of the two: first for the body, then for the headers.
+read (its first bytes: the provider's time on the request ends there). The callbacks run in the
+attempt's own task: the body's, then the headers' (when one is given).
 
 Invariants:
 - The callback fires *after* the bytes were written, never before: whatever the event loop did
@@ -40,18 +40,20 @@ _HEADERS_START = ".send_request_headers.started"  # before the request's first b
 _ANSWER_HEADERS = ".receive_response_headers.complete"  # the answer's headers were read
 
 Hold = Callable[[], Awaitable[None]]
-_Attempt = tuple[Callable[[], None], Hold | None]
+_Attempt = tuple[Callable[[], None], Hold | None, Callable[[], None] | None]
 _attempt: ContextVar[_Attempt | None] = ContextVar("llmtrail_send_time", default=None)
 
 
 def set_body_sent_callback(
-    callback: Callable[[], None], hold: Hold | None = None
+    callback: Callable[[], None],
+    hold: Hold | None = None,
+    on_headers: Callable[[], None] | None = None,
 ) -> Token[_Attempt | None]:
     """From now on in this context, requests call ``callback()`` once their body was written and
-    once more when their answer's headers were read, and first await ``hold()`` (if given) right
-    before their first byte is written: a grant made ahead of time is kept there. Undo with
-    :func:`reset_body_sent_callback` (in a ``finally``)."""
-    return _attempt.set((callback, hold))
+    ``on_headers()`` (if given) when their answer's headers were read, and first await
+    ``hold()`` (if given) right before their first byte is written: a grant made ahead of time
+    is kept there. Undo with :func:`reset_body_sent_callback` (in a ``finally``)."""
+    return _attempt.set((callback, hold, on_headers))
 
 
 def reset_body_sent_callback(token: Token[_Attempt | None]) -> None:
@@ -64,7 +66,7 @@ async def attach_send_trace(request: httpx2.Request) -> None:
     attempt = _attempt.get()
     if attempt is None:
         return
-    callback, hold = attempt
+    callback, hold, on_headers = attempt
     prior: Callable[[str, dict[str, Any]], Awaitable[None]] | None = request.extensions.get("trace")
 
     written = False
@@ -77,8 +79,8 @@ async def attach_send_trace(request: httpx2.Request) -> None:
             if not written:  # once, even should a body be written again
                 written = True
                 callback()
-        elif written and name.endswith(_ANSWER_HEADERS):
-            callback()
+        elif written and on_headers is not None and name.endswith(_ANSWER_HEADERS):
+            on_headers()
         elif hold is not None and name.endswith(_HEADERS_START):
             await hold()
 
